@@ -1,0 +1,3 @@
+from keyspace.cli.main import main
+
+main()

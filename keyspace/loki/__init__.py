@@ -1,0 +1,20 @@
+"""Loki sparse attention inside transformers models, and the baselines it is compared with.
+
+- `sparse_attention(model, SparseSettings(...))`: masked mode, for perplexity over whole windows.
+- `LokiCache` + `loki_decoding(model, cache)`: decode mode, real sparse decoding via the kernels.
+- `METHODS`: loki, full, exact-topk, h2o, pcaattn, sparq, streaming; one selection function each.
+"""
+
+from keyspace.loki.masked import K_MODES, SparseSettings, row_budgets, sparse_attention
+from keyspace.loki.registry import use_attention
+from keyspace.loki.selection import METHODS, LayerInputs
+
+__all__ = [
+    "K_MODES",
+    "METHODS",
+    "LayerInputs",
+    "SparseSettings",
+    "row_budgets",
+    "sparse_attention",
+    "use_attention",
+]

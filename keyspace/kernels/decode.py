@@ -1,0 +1,119 @@
+"""One Loki decode step: low-rank scores, exact top-k, exact attention over the kept rows.
+
+Three stages, four launches (scores, radix select, split-K attention, reduce); see
+`lowrank_scores.py`, `select.py` and `sparse_attention.py` for each kernel and its bytes.
+
+Bytes moved per step (es = element size, k = k_top, Hsel = Hkv with group_select, else Hq):
+    k_low once:              B·Hkv·S·d·es
+    scores, write + passes:  B·Hsel·S·4·(1 + passes)   (passes mostly from L2)
+    selected rows:           B·Hsel·k·2·D·es
+against 2·B·Hkv·S·D·es for dense attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from keyspace.kernels._checks import check_cache, check_k_top, check_seqlens, use_triton
+from keyspace.kernels.lowrank_scores import _lowrank_scores_triton, lowrank_scores_reference
+from keyspace.kernels.select import _select_topk_triton, select_topk_reference
+from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
+
+
+def _loki_decode_triton(
+    q: torch.Tensor,
+    k_low: torch.Tensor,
+    k_rest: torch.Tensor,
+    v: torch.Tensor,
+    k_top: int,
+    scale: float,
+    group_select: bool,
+    seqlens: torch.Tensor | None,
+) -> torch.Tensor:
+    """The three Triton stages back to back; no host synchronisation (CUDA-graph safe)."""
+    scores = _lowrank_scores_triton(q, k_low, group_select, seqlens)  # [B, Hsel, S] fp32
+    idx = _select_topk_triton(scores, k_top, seqlens)  # [B, Hsel, k] int32
+    return _sparse_attention_triton(q, k_low, k_rest, v, idx, scale)  # [B, Hq, D]
+
+
+def loki_decode(
+    q: torch.Tensor,
+    k_low: torch.Tensor,
+    k_rest: torch.Tensor,
+    v: torch.Tensor,
+    k_top: int,
+    scale: float | None = None,
+    group_select: bool = False,
+    seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Loki sparse attention for one decode step.
+
+    Args:
+        q: (batch, q_heads, head_dim), the query already rotated into the PCA basis.
+        k_low: (batch, kv_heads, seq, d), the first d PCA components of the cached keys.
+        k_rest: (batch, kv_heads, seq, head_dim - d), the remaining components (width 0 at d=D).
+        v: (batch, kv_heads, seq, head_dim), the values.
+        k_top: tokens kept per query head (per KV group with group_select), in [1, seq].
+        scale: softmax scale, default 1/sqrt(head_dim).
+        group_select: under GQA, sum each group's low-rank scores and select one index set per
+            KV head, so each selected row is read once for the group.
+        seqlens: (batch,) valid length per sequence, each in [1, seq]; None means all seq.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+
+    Returns:
+        (batch, q_heads, head_dim) in q's dtype. At k_top = seq this is dense attention.
+    """
+    batch, _, _, seq, _, head_dim = check_cache(q, k_low, k_rest, v)
+    check_k_top(k_top, seq)
+    check_seqlens(seqlens, batch, seq, q.device)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not use_triton(backend, q, k_low, k_rest, v):
+        return loki_decode_reference(q, k_low, k_rest, v, k_top, scale, group_select, seqlens)
+    q, k_low, k_rest, v = (t.contiguous() for t in (q, k_low, k_rest, v))
+    return _loki_decode_triton(q, k_low, k_rest, v, k_top, scale, group_select, seqlens)
+
+
+def loki_decode_reference(
+    q: torch.Tensor,
+    k_low: torch.Tensor,
+    k_rest: torch.Tensor,
+    v: torch.Tensor,
+    k_top: int,
+    scale: float | None = None,
+    group_select: bool = False,
+    seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch fp32 Loki decode step with the signature of `loki_decode`."""
+    batch, _, _, seq, _, head_dim = check_cache(q, k_low, k_rest, v)
+    check_k_top(k_top, seq)
+    check_seqlens(seqlens, batch, seq, q.device)
+    scores = lowrank_scores_reference(q, k_low, group_select, seqlens)  # [B, Hsel, S]
+    idx = select_topk_reference(scores, k_top, seqlens)  # [B, Hsel, k]
+    return sparse_attention_reference(q, k_low, k_rest, v, idx, scale)
+
+
+def dense_attention_reference(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """fp32 dense decode attention, the oracle for k_top = S.
+
+    q (batch, q_heads, D), keys and v (batch, kv_heads, seq, D) -> (batch, q_heads, D) fp32.
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads, seq = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    keys = keys.float().repeat_interleave(group, dim=1)  # [B, Hq, S, D]
+    values = v.float().repeat_interleave(group, dim=1)
+    logits = torch.einsum("bhd,bhsd->bhs", q.float(), keys) * scale  # [B, Hq, S]
+    if seqlens is not None:
+        past_end = torch.arange(seq, device=q.device)[None, :] >= seqlens[:, None]
+        logits = logits.masked_fill(past_end[:, None, :], float("-inf"))
+    return torch.einsum("bhs,bhsd->bhd", torch.softmax(logits, dim=-1), values)

@@ -1,0 +1,171 @@
+"""Low-rank scores: `q[:, :, :d] · k_lowᵀ` for every cached token, in fp32.
+
+One program owns a tile of BLOCK_S tokens of one (batch, KV head) and scores it for all G query
+heads of that KV head at once, so each KV head's `k_low` is read exactly once (GQA included).
+With `group_select` the G scores are summed and one row per KV head is written.
+
+Bytes moved: reads B·Hkv·S·d·es of `k_low` (es = element size) plus the queries; writes
+B·Hsel·S·4 bytes of fp32 scores (Hsel = Hkv with group_select, else Hq). Positions at or past
+`seqlens[b]` are written as -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from keyspace.kernels._checks import check_cache, check_seqlens, selected_heads, use_triton
+
+# A tile of 256 tokens × d=32 fp16 is 16 KB: enough bytes in flight per program on an H100.
+BLOCK_S = 256
+NUM_WARPS = 4
+
+
+@triton.jit
+def _lowrank_scores_kernel(
+    q_ptr,  # (B, Hq, D) strided; the first D_LOW columns are read
+    k_low_ptr,  # (B, Hkv, S, D_LOW) contiguous
+    seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
+    out_ptr,  # (B, Hsel, S) fp32 contiguous
+    S,
+    stride_qb,
+    stride_qh,
+    Q_HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    D_LOW: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    GROUP_SUM: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    GROUP: tl.constexpr = Q_HEADS // KV_HEADS
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // KV_HEADS
+    h_kv = pid_bh % KV_HEADS
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < D_LOW
+
+    # q_low: [BLOCK_H, BLOCK_D], the G query heads of this KV head (rows past G are zero).
+    q_rows = q_ptr + b * stride_qb + (h_kv * GROUP + offs_h)[:, None] * stride_qh
+    q_low = tl.load(q_rows + offs_d[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+
+    # k_tile: [BLOCK_S, BLOCK_D], contiguous rows of k_low.
+    k_base = k_low_ptr + pid_bh.to(tl.int64) * S * D_LOW
+    k_tile = tl.load(
+        k_base + offs_s[:, None] * D_LOW + offs_d[None, :],
+        mask=(offs_s[:, None] < S) & d_mask[None, :],
+        other=0.0,
+    )
+    scores = tl.dot(q_low, tl.trans(k_tile), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_S]
+
+    length = S
+    if HAS_SEQLENS:
+        length = tl.minimum(tl.load(seqlens_ptr + b).to(tl.int32), S)
+    valid = offs_s < length
+
+    if GROUP_SUM:
+        row = tl.sum(tl.where(h_mask[:, None], scores, 0.0), axis=0)  # [BLOCK_S]
+        row = tl.where(valid, row, float("-inf"))
+        out_row = out_ptr + pid_bh.to(tl.int64) * S
+        tl.store(out_row + offs_s, row, mask=offs_s < S)
+    else:
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        rows = (b * Q_HEADS + h_kv * GROUP + offs_h).to(tl.int64) * S
+        tl.store(
+            out_ptr + rows[:, None] + offs_s[None, :],
+            scores,
+            mask=h_mask[:, None] & (offs_s[None, :] < S),
+        )
+
+
+def _lowrank_scores_triton(
+    q: torch.Tensor, k_low: torch.Tensor, group_select: bool, seqlens: torch.Tensor | None
+) -> torch.Tensor:
+    """Launch the score kernel. q (B, Hq, >=d) with unit last stride; k_low (B, Hkv, S, d)."""
+    assert q.dtype == k_low.dtype and q.stride(-1) == 1
+    assert k_low.is_contiguous()
+    batch, q_heads, _ = q.shape
+    _, kv_heads, seq, d = k_low.shape
+    assert q_heads % kv_heads == 0 and q.shape[2] >= d
+    out_heads = selected_heads(q_heads, kv_heads, group_select)
+    out = torch.empty((batch, out_heads, seq), device=q.device, dtype=torch.float32)
+    group = q_heads // kv_heads
+    grid = (batch * kv_heads, triton.cdiv(seq, BLOCK_S))
+    _lowrank_scores_kernel[grid](
+        q,
+        k_low,
+        seqlens if seqlens is not None else out,
+        out,
+        seq,
+        q.stride(0),
+        q.stride(1),
+        Q_HEADS=q_heads,
+        KV_HEADS=kv_heads,
+        D_LOW=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),  # tl.dot needs K >= 16
+        BLOCK_H=max(16, triton.next_power_of_2(group)),  # and M >= 16
+        BLOCK_S=BLOCK_S,
+        GROUP_SUM=group_select and group > 1,
+        HAS_SEQLENS=seqlens is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def lowrank_scores(
+    q: torch.Tensor,
+    k_low: torch.Tensor,
+    group_select: bool = False,
+    seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Score every cached token with the first d PCA components.
+
+    Args:
+        q: (batch, q_heads, head_dim) or (batch, q_heads, d); only the first d columns are read.
+        k_low: (batch, kv_heads, seq, d), the first d PCA components of the keys.
+        group_select: sum the scores of each KV head's query heads into one row.
+        seqlens: (batch,) valid length per sequence; positions past it score -inf.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+
+    Returns:
+        (batch, kv_heads if group_select else q_heads, seq) float32 scores.
+    """
+    batch, _, _, seq, d, _ = check_cache(q, k_low, None, None)
+    check_seqlens(seqlens, batch, seq, q.device)
+    if not use_triton(backend, q, k_low):
+        return lowrank_scores_reference(q, k_low, group_select, seqlens)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return _lowrank_scores_triton(q, k_low.contiguous(), group_select, seqlens)
+
+
+def lowrank_scores_reference(
+    q: torch.Tensor,
+    k_low: torch.Tensor,
+    group_select: bool = False,
+    seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch fp32 version of `lowrank_scores`, same arguments and result."""
+    batch, q_heads, _ = q.shape
+    _, kv_heads, seq, d = k_low.shape
+    group = q_heads // kv_heads
+    q_low = q[..., :d].float().reshape(batch, kv_heads, group, d)  # [B, Hkv, G, d]
+    scores = torch.einsum("bhgd,bhsd->bhgs", q_low, k_low.float())  # [B, Hkv, G, S]
+    if group_select:
+        scores = scores.sum(dim=2)  # [B, Hkv, S]
+    else:
+        scores = scores.reshape(batch, q_heads, seq)
+    if seqlens is not None:
+        past_end = torch.arange(seq, device=q.device)[None, :] >= seqlens[:, None]  # [B, S]
+        scores = scores.masked_fill(past_end[:, None, :], float("-inf"))
+    return scores

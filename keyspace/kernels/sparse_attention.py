@@ -1,0 +1,301 @@
+"""Exact attention over selected cache rows, split-K over the index list (flash-decoding).
+
+Stage 1: a program owns one index set (one query head, or one KV group with group_select) and one
+chunk of its indices. It gathers the chosen rows of k_low [.., d], k_rest [.., D-d] and v [.., D],
+scores them over all D dims for every query head that shares the set (tl.dot, fp32 accumulate),
+and runs an online softmax. It writes an unnormalised partial (acc, max, sum) per query head.
+Stage 2 merges the partials of each query head and normalises.
+
+Bytes moved: Hsel·k rows of (d + (D-d) + D)·es bytes, i.e. 2·D·es per row; with group_select
+each chosen row is read once for all G query heads of its group. The partials cost
+B·Hq·splits·(D+2)·4 bytes, written once and read once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from keyspace.kernels._checks import check_cache, use_triton
+
+BLOCK_N = 64  # selected rows per inner step: 64 × 2·D·es = 32 KB at D=128 fp16
+NUM_WARPS = 4
+NUM_STAGES = 2
+PROGRAMS_PER_SM = 4  # split-K target: enough programs to keep every SM streaming
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sparse_attention_split_kernel(
+    q_ptr,  # (B, Hq, D) contiguous
+    k_low_ptr,  # (B, Hkv, S, D_LOW) contiguous
+    k_rest_ptr,  # (B, Hkv, S, D - D_LOW) contiguous
+    v_ptr,  # (B, Hkv, S, D) contiguous
+    idx_ptr,  # (B, Hsel, K_TOP) int32 contiguous, -1 = unused slot
+    part_acc_ptr,  # (B, Hq, SPLITS, D) fp32
+    part_ml_ptr,  # (B, Hq, SPLITS, 2) fp32: running max (log2 units) and sum
+    S,
+    K_TOP,
+    rows_per_split,
+    qk_scale,  # softmax scale · log2(e)
+    Q_HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    SEL_HEADS: tl.constexpr,
+    SPLITS: tl.constexpr,
+    D: tl.constexpr,
+    D_LOW: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_DL: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    D_REST: tl.constexpr = D - D_LOW
+    HEADS_PER_SET: tl.constexpr = Q_HEADS // SEL_HEADS  # G with group_select, else 1
+    SETS_PER_KV: tl.constexpr = SEL_HEADS // KV_HEADS  # 1 with group_select, else G
+    pid_set = tl.program_id(0)  # b * SEL_HEADS + set
+    pid_split = tl.program_id(1)
+    b = pid_set // SEL_HEADS
+    h_set = pid_set % SEL_HEADS
+    h_kv = h_set // SETS_PER_KV
+    kv_row0 = (b * KV_HEADS + h_kv).to(tl.int64) * S
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < HEADS_PER_SET
+    q_heads = b * Q_HEADS + h_set * HEADS_PER_SET + offs_h  # [BLOCK_H]
+    offs_dl = tl.arange(0, BLOCK_DL)
+    offs_dr = tl.arange(0, BLOCK_DR)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_rows = q_ptr + q_heads[:, None] * D
+    q_low = tl.load(
+        q_rows + offs_dl[None, :],
+        mask=h_mask[:, None] & (offs_dl[None, :] < D_LOW),
+        other=0.0,
+    )
+    if D_REST > 0:
+        q_rest = tl.load(
+            q_rows + D_LOW + offs_dr[None, :],
+            mask=h_mask[:, None] & (offs_dr[None, :] < D_REST),
+            other=0.0,
+        )
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    start = pid_split * rows_per_split
+    end = tl.minimum(start + rows_per_split, K_TOP)
+    idx_row = idx_ptr + pid_set.to(tl.int64) * K_TOP
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        tok = tl.load(idx_row + offs_n, mask=offs_n < end, other=-1)  # [BLOCK_N]
+        valid = tok >= 0
+        rows = kv_row0 + tl.where(valid, tok, 0)
+        k_low = tl.load(
+            k_low_ptr + rows[:, None] * D_LOW + offs_dl[None, :],
+            mask=valid[:, None] & (offs_dl[None, :] < D_LOW),
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_DL]
+        s = tl.dot(q_low, tl.trans(k_low), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        if D_REST > 0:
+            k_rest = tl.load(
+                k_rest_ptr + rows[:, None] * D_REST + offs_dr[None, :],
+                mask=valid[:, None] & (offs_dr[None, :] < D_REST),
+                other=0.0,
+            )  # [BLOCK_N, BLOCK_DR]
+            s += tl.dot(q_rest, tl.trans(k_rest), input_precision=DOT_PRECISION)
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of only unused slots
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + rows[:, None] * D + offs_dv[None, :],
+            mask=valid[:, None] & (offs_dv[None, :] < D),
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_DV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    part_rows = q_heads.to(tl.int64) * SPLITS + pid_split  # [BLOCK_H]
+    tl.store(
+        part_acc_ptr + part_rows[:, None] * D + offs_dv[None, :],
+        acc,
+        mask=h_mask[:, None] & (offs_dv[None, :] < D),
+    )
+    tl.store(part_ml_ptr + part_rows * 2, m_i, mask=h_mask)
+    tl.store(part_ml_ptr + part_rows * 2 + 1, l_i, mask=h_mask)
+
+
+@triton.jit
+def _sparse_attention_reduce_kernel(
+    part_acc_ptr,  # (B, Hq, SPLITS, D) fp32
+    part_ml_ptr,  # (B, Hq, SPLITS, 2) fp32
+    out_ptr,  # (B, Hq, D) in the query dtype
+    SPLITS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # b * Hq + h
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_DV)
+    s_mask = offs_s < SPLITS
+    ml = part_ml_ptr + (row * SPLITS + offs_s) * 2
+    m = tl.load(ml, mask=s_mask, other=float("-inf"))
+    sums = tl.load(ml + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # nothing selected: output zeros
+    w = tl.exp2(m - m_max)  # [BLOCK_SPLITS]
+    acc = tl.load(
+        part_acc_ptr + (row * SPLITS + offs_s)[:, None] * D + offs_d[None, :],
+        mask=s_mask[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    total = tl.sum(acc * w[:, None], 0)  # [BLOCK_DV]
+    denom = tl.sum(sums * w, 0)
+    out = total / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+def _num_splits(k_top: int, n_sets: int, device: torch.device) -> int:
+    """Split-K so that about PROGRAMS_PER_SM programs run per SM (one chunk per set on CPU)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(n_sets, 1))
+    return max(1, min(wanted, triton.cdiv(k_top, BLOCK_N)))
+
+
+def _sparse_attention_triton(
+    q: torch.Tensor,
+    k_low: torch.Tensor,
+    k_rest: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Launch split + reduce. idx (B, Hsel, k) int32 with Hsel = Hq (per head) or Hkv (group)."""
+    for t in (q, k_low, k_rest, v, idx):
+        assert t.is_contiguous()
+    assert q.dtype == k_low.dtype == k_rest.dtype == v.dtype and idx.dtype == torch.int32
+    batch, q_heads, head_dim = q.shape
+    _, kv_heads, seq, d = k_low.shape
+    sel_heads, k_top = idx.shape[1], idx.shape[2]
+    assert sel_heads in (q_heads, kv_heads) and idx.shape[0] == batch
+    splits = num_splits or _num_splits(k_top, batch * sel_heads, q.device)
+    rows_per_split = triton.cdiv(triton.cdiv(k_top, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(k_top, rows_per_split)
+    part_acc = torch.empty((batch, q_heads, splits, head_dim), device=q.device, dtype=torch.float32)
+    part_ml = torch.empty((batch, q_heads, splits, 2), device=q.device, dtype=torch.float32)
+    heads_per_set = q_heads // sel_heads
+    _sparse_attention_split_kernel[(batch * sel_heads, splits)](
+        q,
+        k_low,
+        k_rest,
+        v,
+        idx,
+        part_acc,
+        part_ml,
+        seq,
+        k_top,
+        rows_per_split,
+        scale * LOG2E,
+        Q_HEADS=q_heads,
+        KV_HEADS=kv_heads,
+        SEL_HEADS=sel_heads,
+        SPLITS=splits,
+        D=head_dim,
+        D_LOW=d,
+        BLOCK_H=max(16, triton.next_power_of_2(heads_per_set)),  # tl.dot needs M >= 16
+        BLOCK_DL=max(16, triton.next_power_of_2(d)),
+        BLOCK_DR=max(16, triton.next_power_of_2(max(head_dim - d, 1))),
+        BLOCK_DV=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_N=BLOCK_N,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
+    )
+    out = torch.empty_like(q)
+    _sparse_attention_reduce_kernel[(batch * q_heads,)](
+        part_acc,
+        part_ml,
+        out,
+        SPLITS=splits,
+        D=head_dim,
+        BLOCK_SPLITS=triton.next_power_of_2(splits),
+        BLOCK_DV=max(16, triton.next_power_of_2(head_dim)),
+    )
+    return out
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k_low: torch.Tensor,
+    k_rest: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact softmax attention of each query head over its selected cache rows.
+
+    Args:
+        q: (batch, q_heads, head_dim), in the PCA basis.
+        k_low: (batch, kv_heads, seq, d).
+        k_rest: (batch, kv_heads, seq, head_dim - d).
+        v: (batch, kv_heads, seq, head_dim).
+        idx: (batch, q_heads, k) positions per query head, or (batch, kv_heads, k) shared by
+            each KV group; -1 marks an unused slot.
+        scale: softmax scale, default 1/sqrt(head_dim).
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+
+    Returns:
+        (batch, q_heads, head_dim) in q's dtype.
+    """
+    batch, q_heads, kv_heads, seq, _, head_dim = check_cache(q, k_low, k_rest, v)
+    if idx.dim() != 3 or idx.shape[0] != batch or idx.shape[1] not in (q_heads, kv_heads):
+        raise ValueError(
+            f"idx must be (batch, q_heads or kv_heads, k) = ({batch}, {q_heads} or {kv_heads}, k),"
+            f" got {tuple(idx.shape)}"
+        )
+    if idx.dtype.is_floating_point or idx.shape[2] < 1:
+        raise ValueError("idx must be a non-empty integer tensor of positions")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not use_triton(backend, q, k_low, k_rest, v, idx):
+        return sparse_attention_reference(q, k_low, k_rest, v, idx, scale)
+    tensors = [t.contiguous() for t in (q, k_low, k_rest, v)]
+    return _sparse_attention_triton(*tensors, idx.to(torch.int32).contiguous(), scale)
+
+
+def sparse_attention_reference(
+    q: torch.Tensor,
+    k_low: torch.Tensor,
+    k_rest: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain-torch fp32 version of `sparse_attention`, same arguments and result."""
+    q_heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k_low.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    keys = torch.cat([k_low, k_rest], dim=-1).float()  # [B, Hkv, S, D]
+    group = q_heads // kv_heads
+    # One index row per query head: [B, Hq, k].
+    idx = idx.long() if idx.shape[1] == q_heads else idx.long().repeat_interleave(group, dim=1)
+    valid = idx >= 0
+    safe = idx.clamp(min=0)
+    kv_of_head = torch.arange(q_heads, device=q.device) // group  # [Hq]
+    k_sel = keys[:, kv_of_head].gather(2, safe[..., None].expand(-1, -1, -1, head_dim))
+    v_sel = v.float()[:, kv_of_head].gather(2, safe[..., None].expand(-1, -1, -1, head_dim))
+    logits = torch.einsum("bhd,bhkd->bhk", q.float(), k_sel) * scale  # [B, Hq, k]
+    logits = logits.masked_fill(~valid, float("-inf"))
+    weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with nothing selected -> 0
+    out = torch.einsum("bhk,bhkd->bhd", weights, v_sel)
+    return out.to(q.dtype)

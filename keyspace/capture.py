@@ -1,0 +1,135 @@
+"""Key capture: a context manager that streams pre- and post-RoPE keys out of a model.
+
+Pre-RoPE keys come from a forward hook on the key projection (sliced out of fused
+projections, after `k_norm` where the model has one). Post-RoPE keys come from an attention
+function registered with transformers' `AttentionInterface`: it records `key_states`
+(batch, kv_heads, seq, head_dim), before any repeat to query heads, and delegates to the
+model's own attention implementation. Everything is undone on exit, also when the body raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from keyspace.errors import KeyspaceError
+
+# on_keys(kind, layer, keys) with keys: (batch, seq, kv_heads, head_dim)
+KeysCallback = Callable[[str, int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where an architecture's pre-RoPE keys live inside its attention module."""
+
+    pre_module: str  # attribute of the attention module whose output holds the keys
+    layout: str  # "kv" (B,T,Hkv*D), "heads" (B,T,Hkv,D), "phi3_qkv", "neox_qkv"
+
+
+ARCHITECTURES = {
+    "llama": ArchSpec("k_proj", "kv"),
+    "mistral": ArchSpec("k_proj", "kv"),
+    "qwen2": ArchSpec("k_proj", "kv"),
+    "qwen3": ArchSpec("k_norm", "heads"),
+    "phi3": ArchSpec("qkv_proj", "phi3_qkv"),
+    "gpt_neox": ArchSpec("query_key_value", "neox_qkv"),
+}
+
+
+def arch_spec(config: Any) -> ArchSpec:
+    model_type = getattr(config, "model_type", type(config).__name__)
+    if model_type not in ARCHITECTURES:
+        raise KeyspaceError(
+            f"architecture {model_type} is not supported.",
+            f"Supported: {', '.join(sorted(ARCHITECTURES))}.",
+        )
+    return ARCHITECTURES[model_type]
+
+
+def head_geometry(config: Any) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) from a transformers config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+def attention_modules(model: Any, spec: ArchSpec) -> list[Any]:
+    """Attention modules in layer order (those with a `layer_idx` and the pre-RoPE submodule)."""
+    found = {}
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and isinstance(
+            getattr(module, spec.pre_module, None), torch.nn.Module
+        ):
+            found[module.layer_idx] = module
+    return [found[i] for i in sorted(found)]
+
+
+def _pre_keys(
+    output: torch.Tensor, layout: str, heads: int, kv_heads: int, head_dim: int
+) -> torch.Tensor:
+    """Slice pre-RoPE keys (batch, seq, kv_heads, head_dim) out of the hooked module's output."""
+    batch, seq = output.shape[:2]
+    if layout == "heads":
+        return output
+    if layout == "kv":
+        return output.view(batch, seq, kv_heads, head_dim)
+    if layout == "phi3_qkv":
+        start = heads * head_dim
+        return output[..., start : start + kv_heads * head_dim].reshape(
+            batch, seq, kv_heads, head_dim
+        )
+    # gpt_neox: per head [q | k | v] of head_dim each
+    return output.view(batch, seq, heads, 3 * head_dim)[..., head_dim : 2 * head_dim]
+
+
+def _delegate(model: Any, implementation: str, module: Any) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation in (None, "eager"):
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+@contextlib.contextmanager
+def capture_keys(model: Any, on_keys: KeysCallback) -> Iterator[None]:
+    """Call `on_keys(kind, layer, keys)` for every forward inside the block; restore the model after."""
+    from transformers.modeling_utils import AttentionInterface
+
+    spec = arch_spec(model.config)
+    heads, kv_heads, head_dim = head_geometry(model.config)
+    modules = attention_modules(model, spec)
+    original = model.config._attn_implementation
+    name = f"keyspace_capture_{uuid.uuid4().hex[:8]}"
+
+    def post_hook(
+        module: Any, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        on_keys("post", module.layer_idx, key.transpose(1, 2))  # key: (B, Hkv, T, D)
+        return _delegate(model, original, module)(module, query, key, *args, **kwargs)
+
+    def pre_hook(layer: int) -> Callable:
+        def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+            on_keys("pre", layer, _pre_keys(output, spec.layout, heads, kv_heads, head_dim))
+
+        return hook
+
+    handles = []
+    try:
+        for layer, module in enumerate(modules):
+            handles.append(getattr(module, spec.pre_module).register_forward_hook(pre_hook(layer)))
+        AttentionInterface.register(name, post_hook)
+        model.set_attn_implementation(name)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if model.config._attn_implementation != original:
+            model.set_attn_implementation(original)
+        AttentionInterface._global_mapping.pop(name, None)

@@ -1,0 +1,194 @@
+"""Corpora to token windows.
+
+A dataset spec is `wikitext` (HF datasets, wikitext-2-raw-v1), `pydoc` (CPython's
+`pydoc_data.topics`, always offline), a `.txt` file, or a folder of `.txt` / `.jsonl`
+(field `text`) / `.parquet` (column `text`) files. Windowing is documented in docs/data.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keyspace.errors import KeyspaceError
+
+DOC_SEPARATOR = "\n\n"
+WIKITEXT_LOCAL_ENV = "KEYSPACE_WIKITEXT_DIR"
+WIKITEXT_SPLIT_FILES = {
+    "validation": "valid.txt",
+    "valid": "valid.txt",
+    "test": "test.txt",
+    "train": "train.txt",
+}
+
+
+@dataclass
+class Corpus:
+    """Raw documents plus where they came from."""
+
+    documents: list[str]
+    source: str
+
+    @property
+    def text(self) -> str:
+        return DOC_SEPARATOR.join(d for d in self.documents if d.strip())
+
+
+def _pydoc_corpus() -> Corpus:
+    from pydoc_data.topics import topics
+
+    return Corpus([topics[name] for name in sorted(topics)], "pydoc_data.topics")
+
+
+def _local_wikitext_dirs() -> list[Path]:
+    candidates = []
+    if os.environ.get(WIKITEXT_LOCAL_ENV):
+        candidates.append(Path(os.environ[WIKITEXT_LOCAL_ENV]))
+    candidates.append(Path.cwd().parent / "shared" / "data" / "wikitext-2")
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2")
+    return candidates
+
+
+def _wikitext_corpus(split: str) -> Corpus:
+    """HF datasets first; if the hub is unreachable, a local WikiText-2 copy; else a clear error."""
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+        return Corpus(["".join(ds["text"])], f"hf:wikitext/wikitext-2-raw-v1/{split}")
+    except Exception as err:  # datasets raises ConnectionError, ValueError, FileNotFoundError...
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    name = WIKITEXT_SPLIT_FILES.get(split)
+    for folder in _local_wikitext_dirs():
+        if name and (folder / name).is_file():
+            print(f"wikitext: hub unreachable; using local copy {folder / name}", file=sys.stderr)
+            return Corpus([(folder / name).read_text()], f"file:{(folder / name).resolve()}")
+    raise KeyspaceError(
+        f"could not load wikitext ({split}) from the Hugging Face hub: {reason}",
+        f"Pass a local file, e.g. --dataset ../shared/data/wikitext-2/valid.txt, or set {WIKITEXT_LOCAL_ENV}.",
+    )
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise KeyspaceError(
+                f"{path}:{line_no} is not a JSON object with a 'text' field.",
+                'Each line needs {"text": ...}.',
+            ) from None
+    return docs
+
+
+def _read_parquet(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "text" not in table.column_names:
+        raise KeyspaceError(
+            f"{path} has no 'text' column.", f"Columns: {', '.join(table.column_names)}."
+        )
+    return [t for t in table.column("text").to_pylist() if t]
+
+
+def _folder_corpus(folder: Path) -> Corpus:
+    readers = {".txt": lambda p: [p.read_text()], ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+    files = sorted(p for p in folder.iterdir() if p.suffix in readers)
+    if not files:
+        raise KeyspaceError(
+            f"folder {folder} holds no .txt, .jsonl or .parquet files.",
+            "Point --dataset at text files.",
+        )
+    docs = [doc for p in files for doc in readers[p.suffix](p)]
+    return Corpus(docs, f"folder:{folder.resolve()}")
+
+
+def load_corpus(spec: str, split: str = "validation") -> Corpus:
+    if spec == "pydoc":
+        return _pydoc_corpus()
+    if spec == "wikitext":
+        return _wikitext_corpus(split)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _folder_corpus(path)
+    if path.is_file():
+        if path.suffix in (".jsonl", ".parquet"):
+            return Corpus(
+                _read_jsonl(path) if path.suffix == ".jsonl" else _read_parquet(path),
+                f"file:{path.resolve()}",
+            )
+        return Corpus([path.read_text(errors="replace")], f"file:{path.resolve()}")
+    raise KeyspaceError(
+        f"dataset {spec!r} not found.",
+        "Use `wikitext`, `pydoc`, a .txt file, or a folder of .txt/.jsonl/.parquet files.",
+    )
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+@dataclass
+class TokenWindows:
+    """windows: (n_windows, window) int64 token ids; plus provenance for the manifest."""
+
+    windows: Any
+    source: str
+    corpus_sha256: str
+    corpus_tokens: int
+    bos: bool
+
+
+def tokenize_windows(
+    spec: str, tokenizer: Any, window: int, max_tokens: int | None, split: str = "validation"
+) -> TokenWindows:
+    """Split a corpus into non-overlapping windows of `window` tokens (docs/data.md)."""
+    import torch
+
+    if window <= 1:
+        raise KeyspaceError(f"--window must be at least 2, got {window}.", "Try --window 1024.")
+    corpus = load_corpus(spec, split)
+    text = corpus.text
+    if not text.strip():
+        raise KeyspaceError(f"dataset {spec!r} is empty.", "Give a corpus with text in it.")
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = _adds_bos(tokenizer)
+    body = window - 1 if bos else window
+    n_windows = len(ids) // body
+    if max_tokens is not None:
+        n_windows = min(n_windows, max_tokens // window)
+    if n_windows < 1:
+        have = (
+            f"{len(ids)} tokens"
+            if max_tokens is None or max_tokens >= window
+            else f"--max-tokens {max_tokens}"
+        )
+        raise KeyspaceError(
+            f"dataset {spec!r} gives {have}, fewer than one window of {window}.",
+            "Lower --window, raise --max-tokens, or give more text.",
+        )
+    chunks = torch.tensor(ids[: n_windows * body], dtype=torch.long).view(n_windows, body)
+    if bos:
+        chunks = torch.cat(
+            [torch.full((n_windows, 1), tokenizer.bos_token_id, dtype=torch.long), chunks], dim=1
+        )
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return TokenWindows(chunks, corpus.source, digest, len(ids), bos)
+
+
+def load_token_windows(
+    spec: str, tokenizer: Any, window: int, max_tokens: int | None, split: str = "validation"
+) -> Any:
+    """(n_windows, window) int64 token ids."""
+    return tokenize_windows(spec, tokenizer, window, max_tokens, split).windows

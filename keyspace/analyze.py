@@ -1,0 +1,404 @@
+"""The analyze stage: per (kind, layer, KV head) PCA of keys from the float64 running moments.
+
+No second pass over the keys: the covariance is `outer/n - mean meanᵀ` (centered, the default,
+as in the paper and sklearn) or the raw second moment `outer/n` (`centered=False`, the energy that
+Loki's raw dot-product scores see). Eigendecomposition is `torch.linalg.eigh` in float64.
+
+Rank at τ is the smallest r whose cumulative explained-variance ratio is ≥ τ. A cumulative ratio
+exactly equal to τ counts. Cumulative sums carry float rounding of a few ulp (0.7 + 0.2 is
+0.8999999999999999 in float64), so a cumulative ratio within `RANK_TOLERANCE` below τ counts too.
+
+Writes `<run>/ranks.json` and `<run>/calibration.safetensors` (docs/run-format.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from keyspace.calibration import Calibration
+from keyspace.errors import KeyspaceError
+from keyspace.store import KINDS, MOMENTS, Moments, RunFolder, write_json_atomic
+
+DEFAULT_THRESHOLDS = (0.9,)
+# The threshold the Loki stage reads (`auto:0.9`); always written to ranks.json.
+REQUIRED_THRESHOLD = 0.9
+# Absolute slack on cumulative ratios in [0, 1]: far above float64 rounding of a 128-term
+# cumulative sum (~1e-14), far below any variance a head could meaningfully carry.
+RANK_TOLERANCE = 1e-10
+RANKS_FILE = "ranks.json"
+CALIBRATION_FILE = "calibration.safetensors"
+RANKS_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """What to compute: thresholds τ in (0, 1] and centered (covariance) vs raw second moment."""
+
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    centered: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.thresholds:
+            raise KeyspaceError("no threshold given.", "Pass e.g. --threshold 0.9 or 0.8,0.9,0.95.")
+        for tau in self.thresholds:
+            if not (isinstance(tau, (int, float)) and math.isfinite(tau) and 0.0 < tau <= 1.0):
+                raise KeyspaceError(
+                    f"threshold {tau!r} is outside (0, 1].",
+                    "Thresholds are explained-variance fractions, e.g. 0.9 for 90%.",
+                )
+        ordered = tuple(sorted(set(float(t) for t in self.thresholds)))
+        object.__setattr__(self, "thresholds", ordered)
+
+    @property
+    def written_thresholds(self) -> tuple[float, ...]:
+        """Thresholds stored in ranks.json: the requested ones plus 0.9, which validate reads."""
+        return tuple(sorted(set(self.thresholds) | {REQUIRED_THRESHOLD}))
+
+
+def parse_thresholds(text: str) -> tuple[float, ...]:
+    """Parse "0.8,0.9,0.95" into floats; a bad item raises KeyspaceError."""
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise KeyspaceError(
+                f"threshold {item!r} is not a number.",
+                "Use a comma-separated list such as 0.8,0.9,0.95.",
+            ) from None
+    return AnalyzeConfig(tuple(values)).thresholds
+
+
+def threshold_key(tau: float) -> str:
+    """The JSON key of a threshold: shortest round-trip repr, e.g. 0.9 -> "0.9", 1 -> "1.0"."""
+    return repr(float(tau))
+
+
+@dataclass
+class PCA:
+    """PCA bases of one kind, components sorted by descending eigenvalue.
+
+    mean:        (layers, kv_heads, head_dim)            zero when uncentered
+    components:  (layers, kv_heads, head_dim, head_dim)  row i = i-th principal direction
+    eigenvalues: (layers, kv_heads, head_dim)            descending, clamped at 0
+    """
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    eigenvalues: torch.Tensor
+
+    def __post_init__(self) -> None:
+        layers, heads, dim = self.mean.shape
+        if self.components.shape != (layers, heads, dim, dim) or self.eigenvalues.shape != (
+            layers,
+            heads,
+            dim,
+        ):
+            raise ValueError("PCA shapes disagree")
+
+    @property
+    def explained_variance_ratio(self) -> torch.Tensor:
+        """(layers, kv_heads, head_dim); all zeros for a head with no variance."""
+        total = self.eigenvalues.sum(dim=-1, keepdim=True)
+        return torch.where(
+            total > 0,
+            self.eigenvalues / total.clamp_min(1e-300),
+            torch.zeros_like(self.eigenvalues),
+        )
+
+
+def second_moment(moments: Moments, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (L, H, D), matrix (L, H, D, D)) in float64.
+
+    Centered: the unbiased covariance, `(outer - n mean meanᵀ) / (n - 1)`, as sklearn's
+    `explained_variance_`. Uncentered: `outer / n` and a zero mean.
+    """
+    n = moments.count.clamp_min(1.0).view(-1, 1, 1)  # (L, 1, 1)
+    if not centered:
+        return torch.zeros_like(moments.sum), moments.outer / n.unsqueeze(-1)
+    mean = moments.sum / n  # (L, H, D)
+    scatter = moments.outer - n.unsqueeze(-1) * mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    matrix = scatter / (n - 1).clamp_min(1.0).unsqueeze(-1)
+    return mean, 0.5 * (matrix + matrix.transpose(-1, -2))
+
+
+def pca_from_moments(moments: Moments, centered: bool = True) -> PCA:
+    """Eigendecomposition of each (layer, head) covariance, descending, with a fixed sign.
+
+    The sign of each component makes its largest-magnitude entry positive, so bases are
+    reproducible across runs and platforms.
+    """
+    mean, matrix = second_moment(moments, centered)
+    eigenvalues, vectors = torch.linalg.eigh(matrix)  # ascending; vectors: columns
+    eigenvalues = eigenvalues.flip(-1).clamp_min(0.0)
+    components = vectors.flip(-1).transpose(-1, -2).contiguous()  # (L, H, D, D) rows
+    pivot = components.abs().argmax(dim=-1, keepdim=True)
+    signs = torch.sign(torch.gather(components, -1, pivot))
+    components = components * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return PCA(mean, components, eigenvalues)
+
+
+def rank_at(ratios: torch.Tensor, tau: float, tolerance: float = RANK_TOLERANCE) -> torch.Tensor:
+    """Smallest r with cumulative ratio ≥ τ (within `tolerance`); ratios (..., D) -> ranks (...,) int64.
+
+    A head with no variance (all ratios zero) gets rank 0.
+    """
+    cumulative = ratios.to(torch.float64).cumsum(dim=-1)
+    below = (cumulative < tau - tolerance).sum(dim=-1)
+    ranks = (below + 1).clamp_max(ratios.shape[-1])
+    return torch.where(cumulative[..., -1] > 0, ranks, torch.zeros_like(ranks))
+
+
+@dataclass
+class RankSummary:
+    """Statistics of rank@τ over all (layer, head) of one kind."""
+
+    mean: float
+    median: float
+    min: int
+    max: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        if self.head_dim <= 0 or self.min > self.max:
+            raise ValueError("RankSummary needs head_dim > 0 and min <= max")
+
+    @classmethod
+    def of(cls, ranks: torch.Tensor, head_dim: int) -> RankSummary:
+        """ranks: (layers, kv_heads) int."""
+        flat = ranks.flatten().to(torch.float64)
+        median = float(flat.quantile(0.5))  # the midpoint for an even count, as numpy
+        return cls(float(flat.mean()), median, int(flat.min()), int(flat.max()), head_dim)
+
+    def to_json(self) -> dict:
+        d = self.head_dim
+        return {
+            "mean": self.mean,
+            "median": self.median,
+            "min": self.min,
+            "max": self.max,
+            "mean_fraction": self.mean / d,
+            "median_fraction": self.median / d,
+            "min_fraction": self.min / d,
+            "max_fraction": self.max / d,
+        }
+
+
+@dataclass
+class KindAnalysis:
+    """PCA, ratios and ranks of one kind. ranks[τ]: (layers, kv_heads) int64."""
+
+    pca: PCA
+    ranks: dict[float, torch.Tensor]
+    summary: dict[float, RankSummary]
+
+    @property
+    def explained_variance_ratio(self) -> torch.Tensor:
+        return self.pca.explained_variance_ratio
+
+
+@dataclass
+class Analysis:
+    """Everything `analyze` computed for one run; `kinds` maps "pre"/"post" to its KindAnalysis."""
+
+    run: Path
+    model_identity: str
+    corpus: str
+    tokens: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    config: AnalyzeConfig
+    kinds: dict[str, KindAnalysis]
+    moments_sha256: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for kind, ka in self.kinds.items():
+            if ka.pca.mean.shape != (self.num_layers, self.num_kv_heads, self.head_dim):
+                raise ValueError(f"{kind}: PCA shape does not match the run's shape")
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return self.config.written_thresholds
+
+
+def analyze_kind(moments: Moments, config: AnalyzeConfig) -> KindAnalysis:
+    """PCA, ranks and summaries of one kind's moments."""
+    pca = pca_from_moments(moments, centered=config.centered)
+    ratios = pca.explained_variance_ratio
+    head_dim = ratios.shape[-1]
+    ranks = {tau: rank_at(ratios, tau) for tau in config.written_thresholds}
+    summary = {tau: RankSummary.of(r, head_dim) for tau, r in ranks.items()}
+    return KindAnalysis(pca, ranks, summary)
+
+
+def token_warnings(tokens: int, head_dim: int, run: Path) -> list[str]:
+    """Refuse fewer tokens than head_dim (a rank-deficient covariance); warn below 10 × head_dim."""
+    if tokens < head_dim:
+        raise KeyspaceError(
+            f"run {run} has {tokens} tokens, fewer than head_dim={head_dim}: the PCA would be rank-deficient.",
+            f"Collect at least {10 * head_dim} tokens (--max-tokens).",
+        )
+    if tokens < 10 * head_dim:
+        return [
+            f"run {run} has only {tokens} tokens (< 10 × head_dim = {10 * head_dim}); ranks may be unstable."
+        ]
+    return []
+
+
+def corpus_label(manifest: dict) -> str:
+    dataset = manifest.get("dataset") or {}
+    spec = str(dataset.get("spec", "?"))
+    split = dataset.get("split")
+    return f"{spec} ({split})" if split else spec
+
+
+def analyze_run(run_path: str | Path, config: AnalyzeConfig | None = None) -> Analysis:
+    """Analyze a complete run folder from its moments. Pure: writes nothing (see `write_analysis`)."""
+    config = config or AnalyzeConfig()
+    run = RunFolder.open(run_path).require_complete()
+    layers, heads, head_dim = run.shape
+    kinds: dict[str, KindAnalysis] = {}
+    counts = []
+    for kind in KINDS:
+        moments = run.moments(kind)
+        if tuple(moments.sum.shape) != (layers, heads, head_dim):
+            raise KeyspaceError(
+                f"{kind} moments in {run.path} have shape {tuple(moments.sum.shape)}, manifest says {(layers, heads, head_dim)}.",
+                "The run folder is inconsistent; re-collect it.",
+            )
+        counts.append(int(moments.count.min()))
+        kinds[kind] = analyze_kind(moments, config)
+    tokens = min(counts)
+    warnings = token_warnings(tokens, head_dim, run.path)
+    return Analysis(
+        run=run.path,
+        model_identity=run.model_identity,
+        corpus=corpus_label(run.manifest),
+        tokens=tokens,
+        num_layers=layers,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        config=config,
+        kinds=kinds,
+        moments_sha256=file_sha256(run.path / MOMENTS),
+        warnings=warnings,
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ranks_json(analysis: Analysis) -> dict:
+    """The ranks.json document (docs/run-format.md)."""
+    from keyspace import __version__
+
+    doc: dict = {
+        "format_version": RANKS_FORMAT_VERSION,
+        "keyspace_version": __version__,
+        "model_identity": analysis.model_identity,
+        "corpus": analysis.corpus,
+        "tokens": analysis.tokens,
+        "head_dim": analysis.head_dim,
+        "num_layers": analysis.num_layers,
+        "num_kv_heads": analysis.num_kv_heads,
+        "thresholds": list(analysis.thresholds),
+        "centered": analysis.config.centered,
+        "rank_tolerance": RANK_TOLERANCE,
+        "moments_sha256": analysis.moments_sha256,
+    }
+    for kind, ka in analysis.kinds.items():
+        doc[kind] = {
+            "rank_at": {threshold_key(t): r.tolist() for t, r in ka.ranks.items()},
+            "summary": {threshold_key(t): s.to_json() for t, s in ka.summary.items()},
+            "explained_variance_ratio": ka.explained_variance_ratio.tolist(),
+        }
+    return doc
+
+
+def calibration_of(analysis: Analysis) -> Calibration:
+    """The calibration file contents: float32 mean, components, eigenvalues per kind."""
+    from keyspace import __version__
+
+    kinds = analysis.kinds
+    return Calibration(
+        mean={k: ka.pca.mean.float() for k, ka in kinds.items()},
+        components={k: ka.pca.components.float() for k, ka in kinds.items()},
+        eigenvalues={k: ka.pca.eigenvalues.float() for k, ka in kinds.items()},
+        metadata={
+            "model_identity": analysis.model_identity,
+            "centered": "true" if analysis.config.centered else "false",
+            "tokens": str(analysis.tokens),
+            "keyspace_version": __version__,
+        },
+    )
+
+
+def write_analysis(analysis: Analysis) -> tuple[Path, Path]:
+    """Write ranks.json and calibration.safetensors into the run folder, atomically."""
+    ranks_path = analysis.run / RANKS_FILE
+    calibration_path = analysis.run / CALIBRATION_FILE
+    try:
+        calibration_of(analysis).save(calibration_path)
+        write_json_atomic(ranks_path, ranks_json(analysis))
+    except OSError as err:
+        raise KeyspaceError(
+            f"cannot write the analysis into {analysis.run} ({err.strerror}).",
+            "Make the run folder writable, or copy it somewhere writable.",
+        ) from None
+    return ranks_path, calibration_path
+
+
+def read_ranks(run_path: str | Path) -> dict | None:
+    """ranks.json of a run, or None when absent or unreadable."""
+    path = Path(run_path) / RANKS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_current(run_path: str | Path, config: AnalyzeConfig) -> bool:
+    """True when the run's ranks.json and calibration match its moments and `config`."""
+    run_path = Path(run_path)
+    doc = read_ranks(run_path)
+    if doc is None or not (run_path / CALIBRATION_FILE).is_file():
+        return False
+    written = {threshold_key(t) for t in config.written_thresholds}
+    return (
+        doc.get("format_version") == RANKS_FORMAT_VERSION
+        and doc.get("centered") == config.centered
+        and written <= set(doc.get("pre", {}).get("rank_at", {}))
+        and doc.get("moments_sha256") == file_sha256(run_path / MOMENTS)
+    )
+
+
+def analyze_and_write(run_path: str | Path, config: AnalyzeConfig | None = None) -> Analysis:
+    """analyze_run + write_analysis: what `keyspace analyze` does."""
+    analysis = analyze_run(run_path, config)
+    write_analysis(analysis)
+    return analysis
+
+
+def summary_json(analysis: Analysis) -> dict:
+    """Compact machine summary: identity, shapes, and per kind the ranks and their statistics."""
+    doc = ranks_json(analysis)
+    for kind in analysis.kinds:
+        doc[kind] = {
+            key: value for key, value in doc[kind].items() if key != "explained_variance_ratio"
+        }
+    doc["run"] = str(analysis.run)
+    return doc

@@ -100,6 +100,7 @@ def _delegate(model: Any, implementation: str, module: Any) -> Callable:
 @contextlib.contextmanager
 def capture_keys(model: Any, on_keys: KeysCallback) -> Iterator[None]:
     """Call `on_keys(kind, layer, keys)` for every forward inside the block; restore the model after."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
     spec = arch_spec(model.config)
@@ -125,6 +126,8 @@ def capture_keys(model: Any, on_keys: KeysCallback) -> Iterator[None]:
         for layer, module in enumerate(modules):
             handles.append(getattr(module, spec.pre_module).register_forward_hook(pre_hook(layer)))
         AttentionInterface.register(name, post_hook)
+        # The model builds its mask by implementation name: give ours the original's mask builder.
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original or "eager"])
         model.set_attn_implementation(name)
         yield
     finally:
@@ -133,3 +136,4 @@ def capture_keys(model: Any, on_keys: KeysCallback) -> Iterator[None]:
         if model.config._attn_implementation != original:
             model.set_attn_implementation(original)
         AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)

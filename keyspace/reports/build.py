@@ -240,19 +240,17 @@ def head_selection(ranks: np.ndarray, ratios: np.ndarray) -> list[figures.HeadCu
     ranks: (layers, heads) rank@0.9; ratios: (layers, heads, head_dim).
     """
     layers = ranks.shape[0]
-    picks: list[tuple[str, int, int]] = []
+    picks: dict[tuple[int, int], list[str]] = {}
     for layer in sorted({0, layers // 2, layers - 1}):
         head = int(np.argsort(ranks[layer], kind="stable")[(ranks.shape[1] - 1) // 2])
-        picks.append(("", layer, head))
-    low = np.unravel_index(int(np.argmin(ranks)), ranks.shape)
-    high = np.unravel_index(int(np.argmax(ranks)), ranks.shape)
-    picks += [("lowest ", int(low[0]), int(low[1])), ("highest ", int(high[0]), int(high[1]))]
-    seen, curves = set(), []
-    for prefix, layer, head in picks:
-        if (layer, head) in seen:
-            continue
-        seen.add((layer, head))
-        label = f"{prefix}L{layer} h{head} (rank {int(ranks[layer, head])})"
+        picks.setdefault((layer, head), [])
+    for role, flat in (("lowest", np.argmin(ranks)), ("highest", np.argmax(ranks))):
+        layer, head = np.unravel_index(int(flat), ranks.shape)
+        picks.setdefault((int(layer), int(head)), []).append(role)
+    curves = []
+    for (layer, head), roles in picks.items():
+        label = f"L{layer} h{head}: rank {int(ranks[layer, head])}"
+        label += f" ({', '.join(roles)})" if roles else ""
         curves.append(figures.HeadCurve(label, ratios[layer, head]))
     return curves
 

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 KIND_COLORS = {"pre": "#1f77b4", "post": "#d62728"}
 KIND_TITLES = {"pre": "pre-RoPE", "post": "post-RoPE"}
@@ -103,6 +104,7 @@ def per_layer_ranks(ranks: dict[str, np.ndarray], head_dim: int, tau: float, tit
             alpha=0.18,
             label=f"{KIND_TITLES.get(kind, kind)} min–max",
         )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel(f"rank@{tau:g} (of {head_dim})")
     ax.set_ylim(0, head_dim)

@@ -1,0 +1,213 @@
+"""The validate report: perplexity table, Pareto plot, recall vs rank@90. Data (validate.json) in, files out."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+PARETO_PNG = "validate_pareto.png"
+RECALL_PNG = "validate_recall_vs_rank.png"
+LAYER_PNG = "validate_recall_per_layer.png"
+REPORT_HTML = "validate.html"
+
+
+def _figure(width: float = 6.4, height: float = 4.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(width, height))
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _row_label(row: dict) -> str:
+    parts = [row["method"]]
+    if row["d"]:
+        parts.append(f"d={row['d']}")
+    if row["k"]:
+        parts.append(f"k={row['k']:g}")
+    return " ".join(parts)
+
+
+def pareto_plot(doc: dict, path: Path) -> Path:
+    """Perplexity against the share of KV bytes read, one marker style per k-mode, one colour per method."""
+    plt, fig, ax = _figure()
+    methods = sorted({r["method"] for r in doc["results"]})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    markers = {None: "*", "window": "o", "row": "s"}
+    for row in doc["results"]:
+        ax.scatter(
+            row["kv_bytes_fraction"],
+            row["ppl"],
+            color=colours[row["method"]],
+            marker=markers[row["k_mode"]],
+            s=40,
+        )
+        ax.annotate(
+            _row_label(row),
+            (row["kv_bytes_fraction"], row["ppl"]),
+            fontsize=6,
+            xytext=(3, 2),
+            textcoords="offset points",
+        )
+    for method in methods:
+        ax.scatter([], [], color=colours[method], label=method)
+    for mode, marker in markers.items():
+        ax.scatter([], [], color="grey", marker=marker, label=f"k-mode {mode or 'n/a'}")
+    ax.set_xlabel("share of dense KV bytes read per decode step")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title("Accuracy vs memory traffic")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(plt, fig, path)
+
+
+def recall_vs_rank_plot(doc: dict, path: Path) -> Path:
+    """Attention-mass recall of each (layer, query head) against its rank@90, one colour per (d, k)."""
+    plt, fig, ax = _figure()
+    for entry in doc["recall"]:
+        if entry["rank"] is None:
+            continue
+        ranks = [r for row in entry["rank"] for r in row]
+        mass = [m for row in entry["mass_recall"] for m in row]
+        rho = entry["spearman_rank_vs_mass"]["rho"]
+        rho_text = "n/a" if rho is None else f"{rho:+.2f}"
+        ax.scatter(
+            ranks,
+            mass,
+            s=14,
+            alpha=0.7,
+            label=f"d={entry['d']} k={entry['k']:g} (Spearman ρ {rho_text})",
+        )
+    ax.set_xlabel(f"head's rank at 90% explained variance ({doc['rotary']}-RoPE keys)")
+    ax.set_ylabel("attention-mass recall of Loki's selection")
+    ax.set_title("Lower-rank heads keep more of the attention mass")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def recall_per_layer_plot(doc: dict, path: Path) -> Path:
+    plt, fig, ax = _figure()
+    for entry in doc["recall"]:
+        per_layer = entry["per_layer"]
+        label = f"d={entry['d']} k={entry['k']:g}"
+        ax.plot(per_layer["mass_recall"], marker="o", ms=3, label=f"mass recall, {label}")
+        ax.plot(per_layer["topk_recall"], marker="x", ms=3, ls="--", label=f"top-k recall, {label}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("recall (mean over query heads)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def perplexity_rows(doc: dict) -> list[list[str]]:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    return [
+        [
+            r["method"],
+            r["d"] or "-",
+            fmt(r["k"], "g"),
+            r["k_mode"] or "-",
+            f"{r['ppl']:.3f}",
+            f"{r['kv_bytes_fraction']:.3f}",
+            r["tokens"],
+        ]
+        for r in sorted(doc["results"], key=lambda r: (r["k_mode"] or "", r["k"] or 1.0, r["ppl"]))
+    ]
+
+
+def _extras(doc: dict) -> str:
+    parts = []
+    if doc["decode"]:
+        rows = [
+            [
+                e["method"],
+                e["d"],
+                e["k"],
+                e["prompts"],
+                e["tokens"],
+                f"{e['token_agreement']:.3f}",
+                f"{e['nll_sparse']:.3f}",
+                f"{e['nll_dense']:.3f}",
+            ]
+            for e in doc["decode"]
+        ]
+        parts.append(
+            "<h2>Real decoding (LokiCache)</h2>"
+            + _table(
+                [
+                    "method",
+                    "d",
+                    "k",
+                    "prompts",
+                    "tokens",
+                    "token agreement",
+                    "NLL sparse",
+                    "NLL dense",
+                ],
+                rows,
+            )
+        )
+    if doc["passkey"]:
+        rows = [[e["method"], e["length"], f"{e['correct']}/{e['count']}"] for e in doc["passkey"]]
+        parts.append("<h2>Passkey retrieval</h2>" + _table(["method", "length", "correct"], rows))
+    return "".join(parts)
+
+
+TEMPLATE = """<!doctype html><html><head><meta charset="utf-8"><title>keyspace validate</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
+<h1>Loki validation: {model}</h1>
+<p>Evaluated on {dataset} ({split}), {windows} windows of {window} tokens; {rotary}-RoPE PCA basis; k-modes: {k_modes}.</p>
+<h2>Perplexity at an equal token budget</h2>{table}
+<h2>Pareto: perplexity vs KV bytes read</h2><img src="{pareto}">
+<h2>Dimensionality → accuracy</h2><img src="{recall}"><img src="{layers}">
+{extras}
+</body></html>
+"""
+
+
+def write_validate_report(doc: dict, out: str | Path) -> list[Path]:
+    """Write the PNGs and validate.html into `out`; return their paths."""
+    out = Path(out)
+    pngs = [
+        pareto_plot(doc, out / PARETO_PNG),
+        recall_vs_rank_plot(doc, out / RECALL_PNG),
+        recall_per_layer_plot(doc, out / LAYER_PNG),
+    ]
+    page = TEMPLATE.format(
+        model=html.escape(doc["model"]["spec"]),
+        dataset=html.escape(doc["dataset"]["spec"]),
+        split=html.escape(doc["dataset"]["split"]),
+        windows=doc["dataset"]["windows"],
+        window=doc["dataset"]["window"],
+        rotary=doc["rotary"],
+        k_modes=", ".join(doc["k_modes"]),
+        table=_table(
+            ["method", "d", "k", "k-mode", "perplexity", "KV bytes", "tokens"], perplexity_rows(doc)
+        ),
+        pareto=PARETO_PNG,
+        recall=RECALL_PNG,
+        layers=LAYER_PNG,
+        extras=_extras(doc),
+    )
+    (out / REPORT_HTML).write_text(page)
+    return [out / REPORT_HTML, *pngs]

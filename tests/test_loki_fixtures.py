@@ -45,3 +45,81 @@ def test_random_bases_are_orthonormal():
     basis = random_bases(2, 2)
     eye = torch.eye(HEAD_DIM).expand_as(basis)
     torch.testing.assert_close(basis @ basis.transpose(-1, -2), eye, atol=1e-5, rtol=0)
+
+
+WORDS = (
+    [f"w{i}" for i in range(100)]
+    + [str(i) for i in range(10)]
+    + ["the", "key", "is", "what", "?", "."]
+)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over WORDS plus <unk>, <s>, </s>; no download needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def write_text_corpus(path, words: int = 3000, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, 100, (words,), generator=gen).tolist()
+    path.write_text(" ".join(f"w{i}" for i in picks) + "\n")
+    return path
+
+
+def synthetic_model_run(
+    root, identity: str | None = None, with_ranks: bool = True, with_calibration: bool = True
+):
+    """A complete run folder for a tiny random Llama saved under root/model; returns the run path.
+
+    The calibration holds random orthonormal bases; ranks.json has rank_at 0.9 for pre and post.
+    """
+    import json
+
+    from keyspace.calibration import Calibration
+    from keyspace.models import load_model
+
+    model_dir, run = root / "model", root / "run"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    identity = identity or load_model(str(model_dir)).identity
+    run.mkdir(parents=True)
+    layers, kv_heads = 2, 2
+    manifest = {
+        "keyspace_version": "0.1.0",
+        "model": {"spec": str(model_dir), "identity": identity},
+        "dataset": {"spec": "synthetic", "split": "validation"},
+        "dtype": "float32",
+        "window": 64,
+        "tokens": 512,
+        "num_layers": layers,
+        "num_kv_heads": kv_heads,
+        "num_heads": 4,
+        "head_dim": HEAD_DIM,
+        "shards": [],
+        "state": "complete",
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    if with_calibration:
+        eigen = torch.linspace(2.0, 0.1, HEAD_DIM).expand(layers, kv_heads, HEAD_DIM).contiguous()
+        kinds = ("pre", "post")
+        Calibration(
+            mean={k: torch.zeros(layers, kv_heads, HEAD_DIM) for k in kinds},
+            components={k: random_bases(layers, kv_heads, seed=i) for i, k in enumerate(kinds)},
+            eigenvalues={k: eigen.clone() for k in kinds},
+            metadata={"model_identity": identity},
+        ).save(run / "calibration.safetensors")
+    if with_ranks:
+        ranks = {"thresholds": [0.9], "head_dim": HEAD_DIM}
+        for offset, kind in enumerate(("pre", "post")):
+            ranks[kind] = {"rank_at": {"0.9": [[3 + offset, 6], [9, 12 + offset]]}}
+        (run / "ranks.json").write_text(json.dumps(ranks))
+    write_text_corpus(root / "corpus.txt")
+    return run

@@ -159,6 +159,21 @@ class Method:
     uses_basis: bool
 
 
+def kv_bytes_fraction(method: str, d: float | None, k: float | None, head_dim: int) -> float:
+    """Share of a dense decode step's KV bytes (2·S·D) that `method` reads: Loki reads S·d + 2·k·S·D."""
+    full_dim, d, k = float(head_dim), float(d or 0.0), float(k or 1.0)
+    reads = {
+        "full": 2 * full_dim,
+        "loki": d + 2 * k * full_dim,
+        "sparq": d + 2 * k * full_dim,
+        "exact-topk": full_dim + k * full_dim,
+        "pcaattn": d + full_dim,
+        "h2o": 2 * k * full_dim,
+        "streaming": 2 * k * full_dim,
+    }
+    return reads[method] / (2 * full_dim)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (

@@ -1,0 +1,91 @@
+"""validate's result records, and the small statistics computed on them (no model code here)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+VALIDATE_JSON = "validate.json"
+
+
+@dataclass
+class ResultRow:
+    """One perplexity measurement; `d` and `k`/`k_mode` are None for methods that do not use them."""
+
+    method: str
+    d: str | None
+    d_mean: float | None
+    k: float | None
+    k_mode: str | None
+    ppl: float
+    nll: float
+    tokens: int
+    predicted_tokens: int
+    kv_bytes_fraction: float
+    seconds: float
+
+
+@dataclass
+class ValidateResult:
+    """All of validate's measurements; `to_json` is the validate.json document."""
+
+    header: dict
+    results: list[ResultRow]
+    recall: list[dict] = field(default_factory=list)
+    decode: list[dict] = field(default_factory=list)
+    passkey: list[dict] = field(default_factory=list)
+    speed: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            **self.header,
+            "results": [asdict(r) for r in self.results],
+            "recall": self.recall,
+            "decode": self.decode,
+            "passkey": self.passkey,
+            "speed": self.speed,
+        }
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Spearman's ρ and its p-value over matching entries; None where either side is constant."""
+    from scipy.stats import spearmanr
+
+    a, b = x.flatten().double().numpy(), y.flatten().double().numpy()
+    if a.std() == 0 or b.std() == 0:
+        return {"rho": None, "p": None, "n": int(a.size)}
+    rho, p = spearmanr(a, b)
+    return {"rho": float(rho), "p": float(p), "n": int(a.size)}
+
+
+def speed_ceilings(rows: list[ResultRow]) -> dict:
+    """The analytic share of KV bytes read, (d + 2·k·D) / (2·D) for Loki: a ceiling, even on CPU."""
+    return {
+        "analytic": [
+            {
+                "method": r.method,
+                "d": r.d,
+                "k": r.k,
+                "kv_bytes_fraction": r.kv_bytes_fraction,
+                "max_speedup": 1 / r.kv_bytes_fraction,
+            }
+            for r in rows
+        ],
+        "measured": None,
+    }
+
+
+def write_outputs(doc: dict, out: str | Path) -> list[Path]:
+    """validate.json, then the HTML + PNG report beside it; returns the paths written."""
+    import json
+
+    from keyspace.reports.validate_report import write_validate_report
+    from keyspace.store import atomic_path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / VALIDATE_JSON) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    return [out / VALIDATE_JSON, *write_validate_report(doc, out)]

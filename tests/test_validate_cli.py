@@ -1,0 +1,193 @@
+"""`keyspace validate` end to end on a synthetic run: a tiny random Llama, random bases, ranks.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_loki_fixtures import HEAD_DIM, synthetic_model_run
+from typer.testing import CliRunner
+
+from keyspace.cli.main import app
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("validate")
+    return root, synthetic_model_run(root)
+
+
+def invoke(root, run, *args):
+    base = [
+        "validate",
+        "--run",
+        str(run),
+        "--dataset",
+        str(root / "corpus.txt"),
+        "--window",
+        "64",
+        "--max-tokens",
+        "128",
+    ]
+    return CliRunner().invoke(app, [*base, *args])
+
+
+def test_sweep_writes_validate_json_and_report(synthetic):
+    root, run = synthetic
+    out = root / "out"
+    result = invoke(
+        root,
+        run,
+        "--d",
+        "4,auto:0.9",
+        "--k",
+        "0.25",
+        "--k-mode",
+        "window,row",
+        "--decode-prompts",
+        "0",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc == json.loads((out / "validate.json").read_text())
+    assert {
+        "validate.html",
+        "validate_pareto.png",
+        "validate_recall_vs_rank.png",
+        "validate_recall_per_layer.png",
+    } <= {p.name for p in out.iterdir()}
+    rows = doc["results"]
+    assert {r["method"] for r in rows} == {
+        "loki",
+        "full",
+        "exact-topk",
+        "h2o",
+        "pcaattn",
+        "sparq",
+        "streaming",
+    }
+    # loki and sparq: 2 d × 2 modes; exact-topk, h2o, streaming: 2 modes; pcaattn: 2 d; full: 1
+    assert len(rows) == 4 + 4 + 2 + 2 + 2 + 2 + 1
+    assert all(r["tokens"] == 128 and r["predicted_tokens"] == 126 for r in rows)
+    assert doc["k_modes"] == ["window", "row"]
+    loki = next(r for r in rows if r["method"] == "loki" and r["d"] == "4")
+    assert loki["kv_bytes_fraction"] == pytest.approx((4 + 2 * 0.25 * HEAD_DIM) / (2 * HEAD_DIM))
+    assert {r["d_mean"] for r in rows if r["d"] == "auto:0.9"} == {
+        (4 + 6 + 9 + 13) / 4
+    }  # post ranks
+    recall = doc["recall"]
+    assert [(e["d"], e["k"]) for e in recall] == [("4", 0.25), ("auto:0.9", 0.25)]
+    for entry in recall:
+        assert len(entry["mass_recall"]) == 2 and len(entry["mass_recall"][0]) == 4
+        assert all(0.0 <= m <= 1.0 for row in entry["mass_recall"] for m in row)
+        assert entry["rank"] == [
+            [4, 4, 6, 6],
+            [9, 9, 13, 13],
+        ]  # each query head gets its KV head's rank
+        assert -1.0 <= entry["spearman_rank_vs_mass"]["rho"] <= 1.0
+    html = (out / "validate.html").read_text()
+    assert "exact-topk" in html and "validate_pareto.png" in html
+
+
+def test_full_rank_k1_matches_full_perplexity(synthetic):
+    root, run = synthetic
+    result = invoke(
+        root,
+        run,
+        "--d",
+        str(HEAD_DIM),
+        "--k",
+        "1.0",
+        "--methods",
+        "loki,full,exact-topk",
+        "--decode-prompts",
+        "0",
+        "--out",
+        str(root / "o2"),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r["ppl"] for r in json.loads(result.stdout)["results"]}
+    assert rows["loki"] == pytest.approx(rows["full"], rel=1e-4)
+    assert rows["exact-topk"] == pytest.approx(rows["full"], rel=1e-4)
+    recall = json.loads(result.stdout)["recall"][0]
+    assert (
+        recall["rows"] == 0 and recall["mass_recall"][0][0] == 1.0
+    )  # k=1 keeps every row's whole context
+
+
+def test_table_output_without_json(synthetic):
+    root, run = synthetic
+    result = invoke(
+        root,
+        run,
+        "--d",
+        "4",
+        "--methods",
+        "loki,full",
+        "--decode-prompts",
+        "0",
+        "--out",
+        str(root / "o3"),
+    )
+    assert result.exit_code == 0, result.output
+    assert "loki" in result.stdout and "Spearman" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--d", "17"], "outside [1, head_dim=16]"),
+        (["--d", "0"], "outside [1, head_dim=16]"),
+        (["--d", "x"], "not an integer or auto"),
+        (["--k", "0"], "outside (0, 1]"),
+        (["--k", "1.5"], "outside (0, 1]"),
+        (["--d", "auto:0.8"], "no post ranks at τ=0.8"),
+        (["--methods", "loki,magic"], "unknown --methods value 'magic'"),
+        (["--k-mode", "column"], "unknown --k-mode value"),
+        (["--rotary", "mid"], "--rotary must be pre or post"),
+    ],
+)
+def test_bad_input_is_one_error_line_with_exit_code_2(synthetic, args, message):
+    root, run = synthetic
+    result = invoke(root, run, *args)
+    assert result.exit_code == 2, result.output
+    assert (
+        result.stderr.startswith("Error: ")
+        and message in result.stderr
+        and "Hint: " in result.stderr
+    )
+    assert "Traceback" not in result.output
+
+
+def test_run_without_calibration_or_ranks_or_with_another_models_calibration(tmp_path):
+    bare = synthetic_model_run(tmp_path / "a", with_calibration=False, with_ranks=False)
+    result = invoke(tmp_path / "a", bare)
+    assert result.exit_code == 2 and "keyspace analyze" in result.stderr
+    other = synthetic_model_run(tmp_path / "b", identity="weights:someone-else", with_ranks=False)
+    result = invoke(tmp_path / "b", other, "--d", "auto:0.9")
+    assert result.exit_code == 2 and "needs ranks.json" in result.stderr
+    result = invoke(tmp_path / "b", other, "--d", "4")
+    assert (
+        result.exit_code == 2
+        and "weights:someone-else" in result.stderr
+        and "Hint:" in result.stderr
+    )
+
+
+def test_calibration_identity_must_match_the_run(synthetic, tmp_path):
+    import shutil
+
+    from keyspace.calibration import load_calibration
+
+    root, run = synthetic
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    calibration = load_calibration(copy / "calibration.safetensors")
+    calibration.metadata["model_identity"] = "gguf:another-model"
+    calibration.save(copy / "calibration.safetensors")
+    result = invoke(root, copy, "--d", "4")
+    assert result.exit_code == 2 and "calibrated on gguf:another-model" in result.stderr

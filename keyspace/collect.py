@@ -395,7 +395,7 @@ ProgressFn = Callable[[int, int], None]  # (windows done, windows total) for thi
 
 def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> CollectResult:
     """Collect keys per CollectConfig into cfg.out; see the module docstring for crash safety."""
-    from keyspace.data import tokenize_windows
+    from keyspace.data import load_corpus, tokenize_windows
     from keyspace.models import load_model
 
     dist = Dist.from_env()
@@ -403,8 +403,9 @@ def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> Collec
     cfg.out.mkdir(parents=True, exist_ok=True)
     with FolderLock(cfg.out, dist.rank):
         device = _resolve_device(cfg.device)
+        corpus = load_corpus(cfg.dataset, cfg.split)  # before the model: bad data fails fast
         loaded = load_model(cfg.model, cfg.dtype, device)
-        tw = tokenize_windows(cfg.dataset, loaded.tokenizer, cfg.window, cfg.max_tokens, cfg.split)
+        tw = tokenize_windows(corpus, loaded.tokenizer, cfg.window, cfg.max_tokens)
         manifest = _base_manifest(cfg, loaded, tw, dist, device)
         if existing is not None:
             _check_resume(existing, manifest)

@@ -114,6 +114,14 @@ def _folder_corpus(folder: Path) -> Corpus:
 
 
 def load_corpus(spec: str, split: str = "validation") -> Corpus:
+    """Load a corpus; refuses an empty one."""
+    corpus = _load_corpus(spec, split)
+    if not corpus.text.strip():
+        raise KeyspaceError(f"dataset {spec!r} is empty.", "Give a corpus with text in it.")
+    return corpus
+
+
+def _load_corpus(spec: str, split: str) -> Corpus:
     if spec == "pydoc":
         return _pydoc_corpus()
     if spec == "wikitext":
@@ -151,17 +159,20 @@ class TokenWindows:
 
 
 def tokenize_windows(
-    spec: str, tokenizer: Any, window: int, max_tokens: int | None, split: str = "validation"
+    spec: str | Corpus,
+    tokenizer: Any,
+    window: int,
+    max_tokens: int | None,
+    split: str = "validation",
 ) -> TokenWindows:
-    """Split a corpus into non-overlapping windows of `window` tokens (docs/data.md)."""
+    """Split a corpus (a spec, or one already loaded) into non-overlapping windows (docs/data.md)."""
     import torch
 
     if window <= 1:
         raise KeyspaceError(f"--window must be at least 2, got {window}.", "Try --window 1024.")
-    corpus = load_corpus(spec, split)
+    corpus = spec if isinstance(spec, Corpus) else load_corpus(spec, split)
+    spec = corpus.source if isinstance(spec, Corpus) else spec
     text = corpus.text
-    if not text.strip():
-        raise KeyspaceError(f"dataset {spec!r} is empty.", "Give a corpus with text in it.")
     ids = tokenizer(text, add_special_tokens=False).input_ids
     bos = _adds_bos(tokenizer)
     body = window - 1 if bos else window

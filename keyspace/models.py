@@ -177,6 +177,10 @@ def _torch_dtype(dtype: str) -> Any:
 
 def _from_folder(folder: Path | str, dtype: Any, device: str, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)

@@ -1,0 +1,332 @@
+"""collect: run folder contents, exact moments, resume, locking, bad input, crash safety."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import save_tiny_model, write_corpus
+from typer.testing import CliRunner
+
+from keyspace.cli.main import app
+from keyspace.collect import CollectConfig, collect
+from keyspace.errors import KeyspaceError
+from keyspace.store import RunFolder, load_moments
+
+WINDOW = 32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
+
+
+def _cfg(model_dir, corpus, out, **kw):
+    args = dict(
+        model=str(model_dir),
+        dataset=str(corpus),
+        out=out,
+        window=WINDOW,
+        max_tokens=WINDOW * 10,
+        keep_keys="all",
+        shard_windows=3,
+    )
+    return CollectConfig(**{**args, **kw})
+
+
+def _moments_tensors(run: Path) -> dict:
+    return load_file(str(run / "moments.safetensors"))
+
+
+def test_run_folder_and_exact_moments(model_dir, corpus, tmp_path):
+    result = collect(_cfg(model_dir, corpus, tmp_path / "run"))
+    run = RunFolder.open(result.out).require_complete()
+    m = run.manifest
+    assert (m["num_layers"], m["num_kv_heads"], m["head_dim"], m["tokens"]) == (
+        2,
+        2,
+        16,
+        10 * WINDOW,
+    )
+    assert m["model"]["source"] == "folder" and m["model"]["architecture"] == "llama"
+    for kind in ("pre", "post"):
+        moments = run.moments(kind)
+        for layer in range(2):
+            keys, positions, windows = run.kept_keys(kind, layer)
+            assert keys.shape == (10 * WINDOW, 2, 16)
+            assert sorted(zip(windows.tolist(), positions.tolist(), strict=True)) == [
+                (w, p) for w in range(10) for p in range(WINDOW)
+            ]
+            x = keys.double()
+            torch.testing.assert_close(
+                moments.count[layer], torch.tensor(10.0 * WINDOW, dtype=torch.float64)
+            )
+            torch.testing.assert_close(moments.sum[layer], x.sum(0), rtol=1e-12, atol=1e-9)
+            torch.testing.assert_close(
+                moments.outer[layer], torch.einsum("thi,thj->hij", x, x), rtol=1e-12, atol=1e-9
+            )
+    from keyspace.store import sha256_file
+
+    for shard in m["shards"]:
+        assert sha256_file(result.out / shard["path"]) == shard["sha256"]
+
+
+def test_keep_keys_sample_and_none(model_dir, corpus, tmp_path):
+    sampled = collect(_cfg(model_dir, corpus, tmp_path / "s", keep_keys="50"))
+    keys, positions, windows = RunFolder.open(sampled.out).kept_keys("post", 1)
+    assert keys.shape[0] == 50
+    assert len(set(zip(windows.tolist(), positions.tolist(), strict=True))) == 50
+    none = collect(_cfg(model_dir, corpus, tmp_path / "n", keep_keys="none"))
+    run = RunFolder.open(none.out)
+    assert not run.has_kept_keys and run.is_complete
+    torch.testing.assert_close(
+        run.moments("pre").outer, RunFolder.open(sampled.out).moments("pre").outer
+    )
+    with pytest.raises(KeyspaceError, match="kept no"):
+        run.kept_keys("pre", 0)
+
+
+def test_resume_after_interrupt_is_identical(model_dir, corpus, tmp_path, monkeypatch):
+    whole = collect(_cfg(model_dir, corpus, tmp_path / "whole"))
+    import keyspace.collect as mod
+
+    calls = {"n": 0}
+    real_commit = mod._commit_chunk
+
+    def failing_commit(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_commit(*args)
+
+    monkeypatch.setattr(mod, "_commit_chunk", failing_commit)
+    with pytest.raises(KeyspaceError, match="disk is full") as err:
+        collect(_cfg(model_dir, corpus, tmp_path / "cut"))
+    assert "--resume" in err.value.hint
+    assert RunFolder.open(tmp_path / "cut").manifest["state"] == "partial"
+    monkeypatch.setattr(mod, "_commit_chunk", real_commit)
+    resumed = collect(_cfg(model_dir, corpus, tmp_path / "cut", resume=True))
+    assert resumed.resumed_windows == 3 and resumed.state == "complete"
+    _assert_same_run(whole.out, resumed.out)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ma, mb = _moments_tensors(a), _moments_tensors(b)
+    assert ma.keys() == mb.keys()
+    for name in ma:
+        assert torch.equal(ma[name], mb[name]), name
+    sa = {s["path"]: s["sha256"] for s in RunFolder.open(a).manifest["shards"]}
+    sb = {s["path"]: s["sha256"] for s in RunFolder.open(b).manifest["shards"]}
+    assert sa == sb
+
+
+def test_existing_run_needs_resume_and_same_model(model_dir, corpus, tmp_path):
+    collect(_cfg(model_dir, corpus, tmp_path / "run"))
+    with pytest.raises(KeyspaceError, match="already holds a run"):
+        collect(_cfg(model_dir, corpus, tmp_path / "run"))
+    again = collect(_cfg(model_dir, corpus, tmp_path / "run", resume=True))
+    assert again.state == "complete" and again.resumed_windows == 10
+    other = save_tiny_model(tmp_path / "other-model", seed=1)
+    with pytest.raises(KeyspaceError, match="different model"):
+        collect(_cfg(other, corpus, tmp_path / "run", resume=True))
+    with pytest.raises(KeyspaceError, match="arguments differ"):
+        collect(_cfg(model_dir, corpus, tmp_path / "run", resume=True, window=16))
+
+
+def test_corrupt_shard_is_refused_on_resume(model_dir, corpus, tmp_path, monkeypatch):
+    import keyspace.collect as mod
+
+    real_commit = mod._commit_chunk
+    calls = {"n": 0}
+
+    def stop_after_first(*args):
+        real_commit(*args)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(mod, "_commit_chunk", stop_after_first)
+    with pytest.raises(KeyspaceError, match="resumable"):
+        collect(_cfg(model_dir, corpus, tmp_path / "run"))
+    monkeypatch.setattr(mod, "_commit_chunk", real_commit)
+    shard = next((tmp_path / "run" / "keys").rglob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncate
+    with pytest.raises(KeyspaceError, match="corrupt"):
+        collect(_cfg(model_dir, corpus, tmp_path / "run", resume=True))
+    assert RunFolder.open(tmp_path / "run").manifest["state"] == "partial"
+
+
+def test_second_collector_is_refused(model_dir, corpus, tmp_path):
+    from keyspace.collect import FolderLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with FolderLock(out, 0), pytest.raises(KeyspaceError, match="another collector"):
+        collect(_cfg(model_dir, corpus, out))
+
+
+def test_bad_inputs(model_dir, corpus, tmp_path):
+    with pytest.raises(KeyspaceError, match="window"):
+        _cfg(model_dir, corpus, tmp_path / "a", window=1)
+    with pytest.raises(KeyspaceError, match="unknown model"):
+        collect(_cfg("no-such-alias", corpus, tmp_path / "b"))
+    with pytest.raises(KeyspaceError, match="does not exist"):
+        collect(_cfg(str(tmp_path / "missing.gguf"), corpus, tmp_path / "c"))
+    with pytest.raises(KeyspaceError, match="not found"):
+        collect(_cfg(model_dir, tmp_path / "nope.txt", tmp_path / "d"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(KeyspaceError, match="empty"):
+        collect(_cfg(model_dir, empty, tmp_path / "e"))
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    with pytest.raises(KeyspaceError, match="fewer than one window"):
+        collect(_cfg(model_dir, short, tmp_path / "f"))
+    for folder in "bcdef":
+        assert not (tmp_path / folder / "manifest.json").exists()
+
+
+def test_cli_errors_are_one_line_exit_2(model_dir, corpus, tmp_path):
+    runner = CliRunner()
+    cases = [
+        ["--model", "nope", "--dataset", str(corpus)],
+        ["--model", str(model_dir), "--dataset", str(corpus), "--window", "1"],
+        ["--model", str(model_dir), "--dataset", str(corpus), "--keep-keys", "some"],
+        ["--model", str(model_dir), "--dataset", str(tmp_path / "missing")],
+    ]
+    for args in cases:
+        result = runner.invoke(app, ["collect", "--out", str(tmp_path / "x"), *args])
+        assert result.exit_code == 2, (args, result.output)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and "Hint:" in lines[0], (
+            result.stderr
+        )
+
+
+def test_cli_json_summary(model_dir, corpus, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "collect",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(corpus),
+            "--out",
+            str(tmp_path / "r"),
+            "--window",
+            "32",
+            "--max-tokens",
+            "64",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["state"] == "complete" and summary["tokens"] == 64
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "keyspace", "collect", *args]
+
+
+def test_sigkill_then_resume_is_bit_identical(model_dir, corpus, tmp_path):
+    big = write_corpus(tmp_path / "big.txt", repeats=6)
+    args = [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(big),
+        "--window",
+        "32",
+        "--max-tokens",
+        "all",
+        "--keep-keys",
+        "all",
+        "--shard-windows",
+        "1",
+    ]
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, capture_output=True)
+    n_windows = RunFolder.open(tmp_path / "whole").manifest["num_windows"]
+    assert n_windows >= 20
+    proc = subprocess.Popen(
+        _cli(*args, "--out", str(tmp_path / "killed")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    progress = tmp_path / "killed" / "progress" / "rank0.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["chunks_done"] >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "collector finished before it could be killed"
+    assert RunFolder.open(tmp_path / "killed").manifest["state"] == "partial"
+    subprocess.run(
+        _cli(*args, "--out", str(tmp_path / "killed"), "--resume"), check=True, capture_output=True
+    )
+    _assert_same_run(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_torchrun_two_ranks_match_one_process(model_dir, corpus, tmp_path):
+    args = [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(corpus),
+        "--window",
+        "32",
+        "--max-tokens",
+        str(WINDOW * 9),
+        "--keep-keys",
+        "all",
+        "--shard-windows",
+        "2",
+    ]
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "one")), check=True, capture_output=True)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "keyspace",
+        "collect",
+        *args,
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (
+        load_moments(tmp_path / "one" / "moments.safetensors"),
+        load_moments(tmp_path / "two" / "moments.safetensors"),
+    )
+    for kind in ("pre", "post"):
+        assert torch.equal(one[kind].count, two[kind].count)
+        torch.testing.assert_close(two[kind].sum, one[kind].sum, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(two[kind].outer, one[kind].outer, rtol=1e-12, atol=1e-12)
+    manifest = RunFolder.open(tmp_path / "two").require_complete().manifest
+    assert manifest["world_size"] == 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}
+    keys_one = RunFolder.open(tmp_path / "one").kept_keys("post", 1)
+    keys_two = RunFolder.open(tmp_path / "two").kept_keys("post", 1)
+    order_one = torch.argsort(keys_one[2] * 1000 + keys_one[1])
+    order_two = torch.argsort(keys_two[2] * 1000 + keys_two[1])
+    torch.testing.assert_close(keys_two[0][order_two], keys_one[0][order_one])

@@ -31,8 +31,13 @@ class Calibration:
         for kind in self.components:
             comps = self.components[kind]
             if comps.dim() != 4 or comps.shape[-1] != comps.shape[-2]:
-                raise ValueError(f"{kind}.components must be (layers, kv_heads, D, D), got {tuple(comps.shape)}")
-            if self.mean[kind].shape != comps.shape[:3] or self.eigenvalues[kind].shape != comps.shape[:3]:
+                raise ValueError(
+                    f"{kind}.components must be (layers, kv_heads, D, D), got {tuple(comps.shape)}"
+                )
+            if (
+                self.mean[kind].shape != comps.shape[:3]
+                or self.eigenvalues[kind].shape != comps.shape[:3]
+            ):
                 raise ValueError(f"{kind}: mean/eigenvalues shape does not match components")
 
     @property

@@ -138,13 +138,21 @@ class RunFolder:
         path = Path(path)
         manifest_path = path / MANIFEST
         if not path.is_dir():
-            raise KeyspaceError(f"run folder {path} does not exist.", "Create one with `keyspace collect --out ...`.")
+            raise KeyspaceError(
+                f"run folder {path} does not exist.",
+                "Create one with `keyspace collect --out ...`.",
+            )
         if not manifest_path.is_file():
-            raise KeyspaceError(f"{path} is not a keyspace run (no {MANIFEST}).", "Point at a folder written by `keyspace collect`.")
+            raise KeyspaceError(
+                f"{path} is not a keyspace run (no {MANIFEST}).",
+                "Point at a folder written by `keyspace collect`.",
+            )
         try:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as err:
-            raise KeyspaceError(f"{manifest_path} is not valid JSON ({err}).", "Re-run `keyspace collect --resume`.") from None
+            raise KeyspaceError(
+                f"{manifest_path} is not valid JSON ({err}).", "Re-run `keyspace collect --resume`."
+            ) from None
         return cls(path, manifest)
 
     @property
@@ -172,11 +180,15 @@ class RunFolder:
     def moments(self, kind: str) -> Moments:
         path = self.path / MOMENTS
         if not path.is_file():
-            raise KeyspaceError(f"run {self.path} has no {MOMENTS}.", "Re-run `keyspace collect --resume`.")
+            raise KeyspaceError(
+                f"run {self.path} has no {MOMENTS}.", "Re-run `keyspace collect --resume`."
+            )
         return load_moments(path)[kind]
 
     def shards(self, kind: str, layer: int) -> list[dict]:
-        return [s for s in self.manifest.get("shards", []) if s["kind"] == kind and s["layer"] == layer]
+        return [
+            s for s in self.manifest.get("shards", []) if s["kind"] == kind and s["layer"] == layer
+        ]
 
     @property
     def has_kept_keys(self) -> bool:
@@ -192,5 +204,9 @@ class RunFolder:
                 f"run {self.path} kept no {kind} keys for layer {layer}.",
                 "Collect with `--keep-keys all` or `--keep-keys N` to keep a sample.",
             )
-        parts = [load_file(str(self.path / s["path"])) for s in sorted(shards, key=lambda s: s["index"])]
-        return tuple(torch.cat([p[name] for p in parts]) for name in ("keys", "positions", "windows"))
+        parts = [
+            load_file(str(self.path / s["path"])) for s in sorted(shards, key=lambda s: s["index"])
+        ]
+        return tuple(
+            torch.cat([p[name] for p in parts]) for name in ("keys", "positions", "windows")
+        )

@@ -54,8 +54,22 @@ def _local_wikitext_dirs() -> list[Path]:
     return candidates
 
 
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    import socket
+
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
 def _wikitext_corpus(split: str) -> Corpus:
     """HF datasets first; if the hub is unreachable, a local WikiText-2 copy; else a clear error."""
+    if not _hub_reachable():
+        # Offline mode still reads the datasets cache, and fails in a second instead of retrying.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import datasets
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from keyspace.analyze import PCA, pca_from_moments, rank_at, second_moment
+from keyspace.analyze import PCA, pca_from_moments, rank_at, second_moment, single_threaded
 from keyspace.errors import KeyspaceError
 from keyspace.store import KINDS, Moments, RunFolder
 
@@ -114,6 +114,13 @@ def across_corpora(
     run_paths: list[str | Path], labels: list[str], centered: bool = True
 ) -> CorpusTransfer:
     """Every run's basis on every run's keys, per kind, from the moments."""
+    with single_threaded():
+        return _across_corpora(run_paths, labels, centered)
+
+
+def _across_corpora(
+    run_paths: list[str | Path], labels: list[str], centered: bool
+) -> CorpusTransfer:
     runs = [RunFolder.open(p).require_complete() for p in run_paths]
     require_same_model(runs)
     head_dim = runs[0].shape[2]
@@ -202,6 +209,13 @@ def across_sequences(
     run_path: str | Path, label: str, centered: bool = True, max_windows: int = 8
 ) -> SequenceTransfer:
     """Halves and one-window-vs-rest transfer from a run's kept keys; notes when impossible."""
+    with single_threaded():
+        return _across_sequences(run_path, label, centered, max_windows)
+
+
+def _across_sequences(
+    run_path: str | Path, label: str, centered: bool, max_windows: int
+) -> SequenceTransfer:
     run = RunFolder.open(run_path).require_complete()
     layers, _, head_dim = run.shape
     result = SequenceTransfer(label, head_dim)

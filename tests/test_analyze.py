@@ -176,3 +176,13 @@ def test_token_count_warn_and_refuse(tmp_path):
     keys = {k: low_rank_keys(10, 1, 1, 16, [[3]], seed=2) for k in ("pre", "post")}
     with pytest.raises(KeyspaceError, match="fewer than head_dim"):
         analyze_run(write_run(tmp_path / "tiny", keys))
+
+
+def test_single_threaded_restores_thread_count():
+    from keyspace.analyze import single_threaded
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), single_threaded():
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("body failed")
+    assert torch.get_num_threads() == before

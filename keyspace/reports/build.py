@@ -333,7 +333,8 @@ def sequence_transfer_parts(
 
 
 def render(report: Report, out: Path) -> Path:
-    """Write the PNGs and index.html into `out`."""
+    """Write the PNGs and index.html into `out` (created if needed)."""
+    prepare_out(out)
     sections, nav, pngs = [], [], []
     sections.append(html.section("Summary", [runs_table(report), summary_table(report)], "summary"))
     nav.append(("summary", "Summary"))

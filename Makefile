@@ -11,7 +11,6 @@ DEMO_REPORT := reports/demo-pydoc
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
 # Install the CPU build of torch first: a bare `torch` requirement could pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(PY)
@@ -29,9 +28,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check keyspace tests benchmarks
 	$(VENV)/bin/ruff format --check keyspace tests benchmarks
 
+# The offline demo: collect keys on CPython's own docs, report their ranks, validate Loki.
 demo: $(STAMP)
 	$(VENV)/bin/keyspace collect --model smollm2-135m --dataset pydoc --out $(DEMO_RUN) --max-tokens 8192 --resume
-	@echo "Demo run: $(DEMO_RUN)"
+	$(VENV)/bin/keyspace rank-report $(DEMO_RUN) --out $(DEMO_REPORT)
+	$(VENV)/bin/keyspace validate --run $(DEMO_RUN) --d 32 --k 0.125 --max-tokens 2048 --out $(DEMO_REPORT)/validate
+	@echo
+	@echo "Rank report:     $(CURDIR)/$(DEMO_REPORT)/index.html"
+	@echo "Validate report: $(CURDIR)/$(DEMO_REPORT)/validate/index.html"
 
 clean:
 	rm -rf $(VENV) runs reports

@@ -31,8 +31,8 @@ def _lowrank_scores_kernel(
     S,
     stride_qb,
     stride_qh,
-    Q_HEADS: tl.constexpr,
-    KV_HEADS: tl.constexpr,
+    Q_HEADS,
+    KV_HEADS,
     D_LOW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -41,7 +41,7 @@ def _lowrank_scores_kernel(
     HAS_SEQLENS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    GROUP: tl.constexpr = Q_HEADS // KV_HEADS
+    GROUP = Q_HEADS // KV_HEADS
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // KV_HEADS
@@ -107,8 +107,8 @@ def _lowrank_scores_triton(
         seq,
         q.stride(0),
         q.stride(1),
-        Q_HEADS=q_heads,
-        KV_HEADS=kv_heads,
+        q_heads,
+        kv_heads,
         D_LOW=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)),  # tl.dot needs K >= 16
         BLOCK_H=max(16, triton.next_power_of_2(group)),  # and M >= 16

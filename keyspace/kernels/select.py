@@ -27,6 +27,7 @@ from keyspace.kernels._checks import check_k_top, use_triton
 CHUNK = 4096
 NUM_WARPS = 8
 RADIX_BITS = 8
+LINEAR_FIRST = True  # first pass on equal-width value bins (see the kernel); False = pure radix
 
 
 @triton.jit
@@ -38,16 +39,35 @@ def _float_to_ordered_key(x):
 
 
 @triton.jit
+def _pick_digit(hist, remaining, NUM_BINS: tl.constexpr):
+    """The bin holding the `remaining`-th largest key: (bin, keys above it, keys in it)."""
+    bins = tl.arange(0, NUM_BINS)
+    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+    digit = tl.max(tl.where(at_or_above >= remaining, bins, -1), 0)
+    above = tl.sum(tl.where(bins == digit, at_or_above - hist, 0), 0)
+    in_digit = tl.sum(tl.where(bins == digit, hist, 0), 0)
+    return digit, above, in_digit
+
+
+@triton.jit
+def _linear_bucket(x, lo, hi, inv_width, NUM_BINS: tl.constexpr):
+    """Monotone bucket of x in [lo, hi] split into NUM_BINS equal parts (0 when inv_width = 0)."""
+    scaled = (tl.minimum(tl.maximum(x, lo), hi) - lo) * inv_width
+    return tl.minimum(scaled.to(tl.int32), NUM_BINS - 1)
+
+
+@triton.jit
 def _radix_select_kernel(
     scores_ptr,  # (R, S) fp32 contiguous, R = B * Hsel
     seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
     idx_ptr,  # (R, K_TOP) int32 contiguous
     S,
     K_TOP,
-    SEL_HEADS: tl.constexpr,
+    SEL_HEADS,
     HAS_SEQLENS: tl.constexpr,
     CHUNK: tl.constexpr,
     RADIX_BITS: tl.constexpr,
+    LINEAR_FIRST: tl.constexpr,
 ):
     NUM_BINS: tl.constexpr = 1 << RADIX_BITS
     NUM_PASSES: tl.constexpr = 32 // RADIX_BITS
@@ -57,30 +77,56 @@ def _radix_select_kernel(
     if HAS_SEQLENS:
         length = tl.maximum(tl.minimum(tl.load(seqlens_ptr + row // SEL_HEADS).to(tl.int32), S), 0)
     k = tl.minimum(K_TOP, length)
-
     offs = tl.arange(0, CHUNK)
-    bins = tl.arange(0, NUM_BINS)
-    digit_mask = tl.full([], NUM_BINS - 1, tl.uint32)
-    prefix = tl.full([], 0, tl.uint32)  # the top bits of T found so far
-    prefix_mask = tl.full([], 0, tl.uint32)
-    remaining = k  # how many keys still to take from the bucket `prefix`
     done = k == 0
+    remaining = k  # how many keys still to take from the current bucket
+
+    # The order is lexicographic on (linear bucket of the value, fp32 key): the first pass splits
+    # [min, max] into equal bins, which spreads the histogram where the fp32 exponent byte would
+    # pile most keys into a few bins (and serialise the histogram's shared-memory atomics).
+    lo = tl.full([], 0.0, tl.float32)
+    hi = tl.full([], 0.0, tl.float32)
+    inv_width = tl.full([], 0.0, tl.float32)
+    bucket_t = tl.where(done, NUM_BINS, 0)
+    if LINEAR_FIRST:
+        lo = tl.full([], float("inf"), tl.float32)
+        hi = tl.full([], float("-inf"), tl.float32)
+        for start in range(0, tl.where(done, 0, length), CHUNK):
+            in_row = start + offs < length
+            x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
+            finite = in_row & (x == x) & (tl.abs(x) < float("inf"))
+            lo = tl.minimum(lo, tl.min(tl.where(finite, x, float("inf")), 0))
+            hi = tl.maximum(hi, tl.max(tl.where(finite, x, float("-inf")), 0))
+        spread = hi - lo
+        inv_width = tl.where((spread > 0) & (spread < float("inf")), NUM_BINS / spread, 0.0)
+        hist = tl.zeros([NUM_BINS], dtype=tl.int32)
+        for start in range(0, tl.where(done, 0, length), CHUNK):
+            in_row = start + offs < length
+            x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
+            hist += tl.histogram(_linear_bucket(x, lo, hi, inv_width, NUM_BINS), NUM_BINS, in_row)
+        digit_t, above, in_digit = _pick_digit(hist, remaining, NUM_BINS)
+        bucket_t = tl.where(done, bucket_t, digit_t)
+        new_remaining = remaining - above
+        remaining = tl.where(done, remaining, new_remaining)
+        done = done | (in_digit == new_remaining)
+
+    digit_mask = tl.full([], NUM_BINS - 1, tl.uint32)
+    prefix = tl.full([], 0, tl.uint32)  # the top bits of the k-th key found so far
+    prefix_mask = tl.full([], 0, tl.uint32)
     for p in tl.static_range(NUM_PASSES):
-        shift: tl.constexpr = 32 - RADIX_BITS * (p + 1)
+        shift = 32 - RADIX_BITS * (p + 1)
         hist = tl.zeros([NUM_BINS], dtype=tl.int32)
         end = tl.where(done, 0, length)
         for start in range(0, end, CHUNK):
             in_row = start + offs < end
-            key = _float_to_ordered_key(tl.load(row_ptr + start + offs, mask=in_row, other=0.0))
+            x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
+            key = _float_to_ordered_key(x)
             in_bucket = in_row & ((key & prefix_mask) == prefix)
+            if LINEAR_FIRST:
+                in_bucket = in_bucket & (_linear_bucket(x, lo, hi, inv_width, NUM_BINS) == bucket_t)
             digit = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
             hist += tl.histogram(digit, NUM_BINS, mask=in_bucket)
-        # The digit of T is the largest bin whose count of keys at or above it reaches `remaining`.
-        at_or_below = tl.cumsum(hist, 0)
-        at_or_above = tl.sum(hist, 0) - at_or_below + hist
-        digit_t = tl.max(tl.where(at_or_above >= remaining, bins, -1), 0)
-        above = tl.sum(tl.where(bins == digit_t, at_or_above - hist, 0), 0)
-        in_digit = tl.sum(tl.where(bins == digit_t, hist, 0), 0)
+        digit_t, above, in_digit = _pick_digit(hist, remaining, NUM_BINS)
         # A finished row keeps its state (its pass saw an empty range).
         new_remaining = remaining - above
         prefix = tl.where(done, prefix, prefix | (digit_t.to(tl.uint32) << shift))
@@ -88,24 +134,29 @@ def _radix_select_kernel(
         remaining = tl.where(done, remaining, new_remaining)
         done = done | (in_digit == new_remaining)
 
-    # Compaction: keys above T fill slots [0, k - remaining); ties fill [k - remaining, k).
+    # Compaction: keys above the k-th fill slots [0, k - remaining), ties [k - remaining, k).
+    # One scan counts both: strictly-greater in the low 16 bits, ties in the high 16 bits.
     out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
     n_greater = k - remaining
     taken_greater = tl.zeros([], tl.int32)
     taken_equal = tl.zeros([], tl.int32)
     for start in range(0, length, CHUNK):
         in_row = start + offs < length
-        key = _float_to_ordered_key(tl.load(row_ptr + start + offs, mask=in_row, other=0.0))
-        masked = key & prefix_mask
-        greater = in_row & (masked > prefix)
-        equal = in_row & (masked == prefix)
-        rank_greater = taken_greater + tl.cumsum(greater.to(tl.int32), 0) - 1
-        rank_equal = taken_equal + tl.cumsum(equal.to(tl.int32), 0) - 1
+        x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
+        bucket = _linear_bucket(x, lo, hi, inv_width, NUM_BINS)
+        masked = _float_to_ordered_key(x) & prefix_mask
+        same = in_row & (bucket == bucket_t)
+        greater = (in_row & (bucket > bucket_t)) | (same & (masked > prefix))
+        equal = same & (masked == prefix)
+        packed = tl.cumsum(greater.to(tl.int32) + (equal.to(tl.int32) << 16), 0)
+        rank_greater = taken_greater + (packed & 0xFFFF) - 1
+        rank_equal = taken_equal + (packed >> 16) - 1
         take_equal = equal & (rank_equal < remaining)
         tl.store(out_ptr + rank_greater, start + offs, mask=greater)
         tl.store(out_ptr + n_greater + rank_equal, start + offs, mask=take_equal)
-        taken_greater += tl.sum(greater.to(tl.int32), 0)
-        taken_equal += tl.sum(equal.to(tl.int32), 0)
+        total = tl.sum(greater.to(tl.int32) + (equal.to(tl.int32) << 16), 0)
+        taken_greater += total & 0xFFFF
+        taken_equal += total >> 16
     for start in range(k, K_TOP, CHUNK):
         tl.store(out_ptr + start + offs, tl.full([CHUNK], -1, tl.int32), mask=start + offs < K_TOP)
 
@@ -124,10 +175,11 @@ def _select_topk_triton(
         idx,
         seq,
         k_top,
-        SEL_HEADS=sel_heads,
+        sel_heads,
         HAS_SEQLENS=seqlens is not None,
         CHUNK=CHUNK,
         RADIX_BITS=RADIX_BITS,
+        LINEAR_FIRST=LINEAR_FIRST,
         num_warps=NUM_WARPS,
     )
     return idx

@@ -41,10 +41,10 @@ def _sparse_attention_split_kernel(
     K_TOP,
     rows_per_split,
     qk_scale,  # softmax scale · log2(e)
-    Q_HEADS: tl.constexpr,
-    KV_HEADS: tl.constexpr,
-    SEL_HEADS: tl.constexpr,
-    SPLITS: tl.constexpr,
+    Q_HEADS,
+    KV_HEADS,
+    SEL_HEADS,
+    SPLITS,
     D: tl.constexpr,
     D_LOW: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -55,8 +55,8 @@ def _sparse_attention_split_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     D_REST: tl.constexpr = D - D_LOW
-    HEADS_PER_SET: tl.constexpr = Q_HEADS // SEL_HEADS  # G with group_select, else 1
-    SETS_PER_KV: tl.constexpr = SEL_HEADS // KV_HEADS  # 1 with group_select, else G
+    HEADS_PER_SET = Q_HEADS // SEL_HEADS  # G with group_select, else 1
+    SETS_PER_KV = SEL_HEADS // KV_HEADS  # 1 with group_select, else G
     pid_set = tl.program_id(0)  # b * SEL_HEADS + set
     pid_split = tl.program_id(1)
     b = pid_set // SEL_HEADS
@@ -136,7 +136,7 @@ def _sparse_attention_reduce_kernel(
     part_acc_ptr,  # (B, Hq, SPLITS, D) fp32
     part_ml_ptr,  # (B, Hq, SPLITS, 2) fp32
     out_ptr,  # (B, Hq, D) in the query dtype
-    SPLITS: tl.constexpr,
+    SPLITS,
     D: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -206,10 +206,10 @@ def _sparse_attention_triton(
         k_top,
         rows_per_split,
         scale * LOG2E,
-        Q_HEADS=q_heads,
-        KV_HEADS=kv_heads,
-        SEL_HEADS=sel_heads,
-        SPLITS=splits,
+        q_heads,
+        kv_heads,
+        sel_heads,
+        splits,
         D=head_dim,
         D_LOW=d,
         BLOCK_H=max(16, triton.next_power_of_2(heads_per_set)),  # tl.dot needs M >= 16
@@ -226,7 +226,7 @@ def _sparse_attention_triton(
         part_acc,
         part_ml,
         out,
-        SPLITS=splits,
+        splits,
         D=head_dim,
         BLOCK_SPLITS=triton.next_power_of_2(splits),
         BLOCK_DV=max(16, triton.next_power_of_2(head_dim)),

@@ -1,0 +1,65 @@
+"""Loki decode kernels vs dense SDPA on one CUDA GPU: the full sweep of issue 5 in one run.
+
+    PYTHONPATH=. python benchmarks/bench_decode.py --out results/
+
+Checks the Triton step against the fp32 oracles first, then times every row and writes
+`bench_decode.json` and `bench_decode.md` under --out. Never imported by the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("out/bench_decode"))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--input-sets", type=int, default=2)
+    parser.add_argument("--skip-check", action="store_true", help="skip the correctness check")
+    args = parser.parse_args()
+
+    import torch
+
+    from keyspace.kernels.bench import BenchConfig, check_correctness, markdown_table, run_sweep
+
+    if not torch.cuda.is_available():
+        print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(
+        batch=args.batch,
+        q_heads=args.heads,
+        kv_heads=tuple(args.kv_heads),
+        head_dim=args.head_dim,
+        seqs=tuple(args.seq),
+        dtype=args.dtype,
+        input_sets=args.input_sets,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    checks = [] if args.skip_check else check_correctness()
+    for c in checks:
+        print(f"check {c['dtype']:>8} {c['case']}: rel err {c['rel_err']:.2e}", flush=True)
+    result = run_sweep(cfg, log=lambda line: print(line, flush=True))
+    result["checks"] = checks
+    result["meta"]["command"] = " ".join(sys.argv)
+    result["meta"]["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    result["meta"]["wall_s"] = time.time() - started
+    table = markdown_table(result["rows"])
+    (args.out / "bench_decode.json").write_text(json.dumps(result, indent=2, default=str))
+    (args.out / "bench_decode.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,340 @@
+"""The decode-kernel benchmark: Loki against dense SDPA on the same cache, on one CUDA GPU.
+
+`run_sweep` returns plain rows (dicts); `benchmarks/bench_decode.py` and `keyspace bench` print
+them. Whole decode steps are timed as CUDA-graph replays, rotating over several input sets so that
+no step finds its cache in L2; each stage is also timed alone, and `torch.topk` beside the radix
+select. Bytes are the algorithmic floor: each input read once, the output written once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from keyspace.kernels.decode import _loki_decode_triton, dense_attention_reference
+from keyspace.kernels.decode import loki_decode_reference as _loki_reference
+from keyspace.kernels.lowrank_scores import _lowrank_scores_triton
+from keyspace.kernels.select import _select_topk_triton
+from keyspace.kernels.sparse_attention import _sparse_attention_triton
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Relative L2 error allowed against the fp32 oracle (‖out − ref‖ / ‖ref‖).
+REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
+
+
+@dataclass
+class BenchConfig:
+    """One sweep: every (kv_heads, seq, (d, k fraction)) combination, MHA and GQA."""
+
+    batch: int = 16
+    q_heads: int = 32
+    kv_heads: Sequence[int] = (32, 8)
+    head_dim: int = 128
+    seqs: Sequence[int] = (4096, 16384, 32768)
+    points: Sequence[tuple[int, float]] = ((32, 1 / 8), (32, 1 / 4), (16, 1 / 8), (64, 1 / 4))
+    dtype: str = "float16"
+    input_sets: int = 2
+    reps: int = 15
+    replays: int = 10
+    per_head_under_gqa: bool = True  # also time per-query-head selection when Hkv < Hq
+    label: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for h in self.kv_heads:
+            if h < 1 or self.q_heads % h:
+                raise ValueError(f"q_heads={self.q_heads} is not a multiple of kv_heads={h}")
+        for d, frac in self.points:
+            if not 1 <= d <= self.head_dim:
+                raise ValueError(f"d={d} must lie in [1, head_dim={self.head_dim}]")
+            if not 0 < frac <= 1:
+                raise ValueError(f"k fraction {frac} must lie in (0, 1]")
+        if min(self.seqs) < 1 or self.batch < 1 or self.input_sets < 1:
+            raise ValueError("batch, seq and input_sets must be positive")
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate, bytes read + written per second, in GB/s."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _graph_ms([lambda: dst.copy_(src)], reps=10, replays=5)
+    return 2 * nbytes / ms / 1e6
+
+
+def _graph_ms(fns: Sequence[Callable[[], object]], reps: int, replays: int) -> float:
+    """Median ms per call: each callable captured into a CUDA graph, the graphs replayed in turn."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:  # compile and warm up outside capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for fn in fns:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graphs.append(graph)
+    for graph in graphs:
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for i in range(replays * len(graphs)):
+            graphs[i % len(graphs)].replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (replays * len(graphs)))
+    del graphs
+    return statistics.median(times)
+
+
+def _eager_ms(fns: Sequence[Callable[[], object]]) -> float:
+    """Median ms of plain launches (Python and launch overhead included), rotating input sets."""
+    import triton
+
+    cycle = itertools.cycle(fns)
+    return triton.testing.do_bench(lambda: next(cycle)(), warmup=25, rep=100, return_mode="median")
+
+
+def _sdpa_fn(q: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, backend) -> Callable:
+    from torch.nn.attention import sdpa_kernel
+
+    gqa = q.shape[1] != keys.shape[1]
+
+    def step() -> torch.Tensor:
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q[:, :, None], keys, v, enable_gqa=gqa)
+
+    return step
+
+
+def _make_inputs(cfg: BenchConfig, kv_heads: int, seq: int, gen: torch.Generator) -> list[dict]:
+    dtype = DTYPES[cfg.dtype]
+    sets = []
+    for _ in range(cfg.input_sets):
+        shape = (cfg.batch, kv_heads, seq, cfg.head_dim)
+        sets.append(
+            {
+                "q": torch.randn(
+                    cfg.batch, cfg.q_heads, cfg.head_dim, device="cuda", dtype=dtype, generator=gen
+                ),
+                "keys": torch.randn(shape, device="cuda", dtype=dtype, generator=gen),
+                "v": torch.randn(shape, device="cuda", dtype=dtype, generator=gen),
+            }
+        )
+    return sets
+
+
+def _time_sdpa(sets: list[dict], cfg: BenchConfig) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    out = {}
+    for name, backend in (
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+        fns = [_sdpa_fn(s["q"], s["keys"], s["v"], backend) for s in sets]
+        try:
+            out[name] = _graph_ms(fns, cfg.reps, cfg.replays)
+        except RuntimeError as err:  # a backend that refuses the shape (e.g. GQA)
+            out[name] = float("nan")
+            out[f"{name}_error"] = str(err).splitlines()[0][:120]
+    times = [t for t in (out["flash"], out["efficient"]) if not math.isnan(t)]
+    out["sdpa_ms"] = min(times) if times else float("nan")
+    return out
+
+
+def _time_loki(sets: list[dict], cfg: BenchConfig, d: int, k_top: int, group: bool) -> dict:
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    steps, scores, idx = [], [], []
+    for s in sets:
+        steps.append(
+            lambda s=s: _loki_decode_triton(
+                s["q"], s["k_low"], s["k_rest"], s["v"], k_top, scale, group, None
+            )
+        )
+        scores.append(_lowrank_scores_triton(s["q"], s["k_low"], group, None))
+        idx.append(_select_topk_triton(scores[-1], k_top, None))
+    pairs = list(zip(sets, scores, idx, strict=True))
+    row = {
+        "loki_ms": _graph_ms(steps, cfg.reps, cfg.replays),
+        "loki_eager_ms": _eager_ms(steps),
+        "scores_ms": _graph_ms(
+            [lambda s=s: _lowrank_scores_triton(s["q"], s["k_low"], group, None) for s in sets],
+            cfg.reps,
+            cfg.replays,
+        ),
+        "select_ms": _graph_ms(
+            [lambda sc=sc: _select_topk_triton(sc, k_top, None) for sc in scores],
+            cfg.reps,
+            cfg.replays,
+        ),
+        "topk_torch_ms": _graph_ms(
+            [lambda sc=sc: torch.topk(sc, k_top, dim=-1, sorted=False) for sc in scores],
+            cfg.reps,
+            cfg.replays,
+        ),
+        "attention_ms": _graph_ms(
+            [
+                lambda s=s, i=i: _sparse_attention_triton(
+                    s["q"], s["k_low"], s["k_rest"], s["v"], i, scale
+                )
+                for s, _, i in pairs
+            ],
+            cfg.reps,
+            cfg.replays,
+        ),
+    }
+    return row
+
+
+def _floor_bytes(cfg: BenchConfig, kv_heads: int, seq: int, d: int, k_top: int, group: bool):
+    es = torch.finfo(DTYPES[cfg.dtype]).bits // 8
+    qo = 2 * cfg.batch * cfg.q_heads * cfg.head_dim * es
+    dense = 2 * cfg.batch * kv_heads * seq * cfg.head_dim * es + qo
+    sets = kv_heads if group else cfg.q_heads
+    loki = cfg.batch * kv_heads * seq * d * es + cfg.batch * sets * k_top * 2 * cfg.head_dim * es
+    return dense, loki + qo
+
+
+def run_sweep(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
+    """Time SDPA and Loki over the sweep; returns {"meta": ..., "rows": [...]}."""
+    props = torch.cuda.get_device_properties(0)
+    peak = copy_bandwidth_gbps()
+    log(f"{props.name}: {props.multi_processor_count} SMs, copy bandwidth {peak:.0f} GB/s")
+    meta = {
+        "device": props.name,
+        "torch": torch.__version__,
+        "copy_gbps": peak,
+        "config": {k: v for k, v in cfg.__dict__.items()},
+    }
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for kv_heads, seq in itertools.product(cfg.kv_heads, cfg.seqs):
+        sets = _make_inputs(cfg, kv_heads, seq, gen)
+        sdpa = _time_sdpa(sets, cfg)
+        log(f"Hkv={kv_heads} S={seq}: sdpa {sdpa['sdpa_ms']:.3f} ms {sdpa}")
+        modes = [True] if kv_heads == cfg.q_heads else [True] + [False] * cfg.per_head_under_gqa
+        for d in sorted({d for d, _ in cfg.points}):
+            for s in sets:
+                s["k_low"] = s["keys"][..., :d].contiguous()
+                s["k_rest"] = s["keys"][..., d:].contiguous()
+            for (pd, frac), group in itertools.product(cfg.points, modes):
+                if pd != d:
+                    continue
+                k_top = max(1, round(frac * seq))
+                dense_b, loki_b = _floor_bytes(cfg, kv_heads, seq, d, k_top, group)
+                row = {
+                    "batch": cfg.batch,
+                    "q_heads": cfg.q_heads,
+                    "kv_heads": kv_heads,
+                    "head_dim": cfg.head_dim,
+                    "seq": seq,
+                    "d": d,
+                    "k_frac": frac,
+                    "k_top": k_top,
+                    "select": "mha" if kv_heads == cfg.q_heads else ("group" if group else "head"),
+                    "dtype": cfg.dtype,
+                    **{k: v for k, v in sdpa.items()},
+                    **_time_loki(sets, cfg, d, k_top, group),
+                    "dense_bytes": dense_b,
+                    "loki_bytes": loki_b,
+                }
+                row["speedup"] = row["sdpa_ms"] / row["loki_ms"]
+                row["floor_speedup"] = dense_b / loki_b
+                row["loki_gbps"] = loki_b / row["loki_ms"] / 1e6
+                row["loki_pct_floor"] = 100 * loki_b / peak / 1e6 / row["loki_ms"]
+                row["sdpa_pct_floor"] = 100 * dense_b / peak / 1e6 / row["sdpa_ms"]
+                rows.append(row)
+                log(format_row(row))
+            for s in sets:
+                del s["k_low"], s["k_rest"]
+        del sets
+        torch.cuda.empty_cache()
+    return {"meta": meta, "rows": rows}
+
+
+def check_correctness(dtypes: Sequence[str] = ("float16", "bfloat16", "float32")) -> list[dict]:
+    """Triton step vs the fp32 oracles on the GPU; raises AssertionError past REL_TOL."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    cases = [  # (B, Hq, Hkv, S, D, d, k_top, group, ragged)
+        (4, 32, 32, 4096, 128, 32, 512, False, False),
+        (4, 32, 8, 4133, 128, 32, 1033, True, True),
+        (4, 32, 8, 4096, 128, 16, 512, False, False),
+        (2, 9, 3, 1027, 64, 64, 7, True, True),
+        (2, 8, 2, 2048, 128, 1, 2048, False, False),
+    ]
+    results = []
+    for name, case in itertools.product(dtypes, cases):
+        batch, hq, hkv, seq, dim, d, k_top, group, ragged = case
+        dtype = DTYPES[name]
+
+        def rnd(*shape, dtype=dtype):
+            return torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)
+
+        q, keys, v = rnd(batch, hq, dim), rnd(batch, hkv, seq, dim), rnd(batch, hkv, seq, dim)
+        lens = None
+        if ragged:
+            lens = torch.randint(1, seq + 1, (batch,), device="cuda", generator=gen)
+            lens[0] = seq
+        k_low, k_rest = keys[..., :d].contiguous(), keys[..., d:].contiguous()
+        scale = 1.0 / math.sqrt(dim)
+        out = _loki_decode_triton(q, k_low, k_rest, v, k_top, scale, group, lens).float()
+        ref = _loki_reference(q, k_low, k_rest, v, k_top, scale, group, lens).float()
+        if k_top == seq:
+            ref = dense_attention_reference(q, keys, v, scale, lens)
+        err = ((out - ref).norm() / ref.norm()).item()
+        results.append({"dtype": name, "case": case, "rel_err": err})
+        assert err <= REL_TOL[dtype], f"{name} {case}: relative error {err:.2e}"
+    return results
+
+
+def format_row(row: dict) -> str:
+    return (
+        f"Hkv={row['kv_heads']:>2} S={row['seq']:>5} d={row['d']:>3} k={row['k_frac']:.3f} "
+        f"{row['select']:>5}: sdpa {row['sdpa_ms']:.3f} loki {row['loki_ms']:.3f} ms "
+        f"({row['speedup']:.2f}x, floor {row['floor_speedup']:.2f}x, "
+        f"{row['loki_pct_floor']:.0f}% of floor) | scores {row['scores_ms']:.3f} "
+        f"select {row['select_ms']:.3f} (topk {row['topk_torch_ms']:.3f}) "
+        f"attn {row['attention_ms']:.3f} eager {row['loki_eager_ms']:.3f}"
+    )
+
+
+TABLE_COLUMNS = [
+    ("Hkv", "kv_heads", "{}"),
+    ("S", "seq", "{}"),
+    ("d", "d", "{}"),
+    ("k", "k_frac", "{:.3f}"),
+    ("select", "select", "{}"),
+    ("SDPA ms", "sdpa_ms", "{:.3f}"),
+    ("Loki ms", "loki_ms", "{:.3f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("floor", "floor_speedup", "{:.2f}x"),
+    ("GB/s", "loki_gbps", "{:.0f}"),
+    ("% floor", "loki_pct_floor", "{:.0f}%"),
+    ("scores", "scores_ms", "{:.3f}"),
+    ("select ms", "select_ms", "{:.3f}"),
+    ("topk", "topk_torch_ms", "{:.3f}"),
+    ("attn", "attention_ms", "{:.3f}"),
+    ("eager", "loki_eager_ms", "{:.3f}"),
+]
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The sweep as a markdown table (times in ms, CUDA-graph replays unless 'eager')."""
+    head = "| " + " | ".join(name for name, _, _ in TABLE_COLUMNS) + " |"
+    rule = "|" + "---|" * len(TABLE_COLUMNS)
+    body = [
+        "| " + " | ".join(fmt.format(row[key]) for _, key, fmt in TABLE_COLUMNS) + " |"
+        for row in rows
+    ]
+    return "\n".join([head, rule, *body])

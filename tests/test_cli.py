@@ -11,10 +11,8 @@ HEAVY = ("torch", "transformers", "triton", "matplotlib", "sklearn", "seaborn", 
 
 
 def test_help_does_not_import_heavy_libraries():
-    code = (
-        "import sys; from keyspace.cli.main import app; print(','.join(m for m in %r if m in sys.modules))"
-        % (HEAVY,)
-    )
+    imports = "import sys; from keyspace.cli.main import app"
+    code = f"{imports}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 

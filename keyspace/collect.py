@@ -463,6 +463,8 @@ def _run_chunks(
     done_before = sum(len(c) for c in chunks[: progress["chunks_done"]])
     done = done_before
     device = next(model.parameters()).device
+    if on_progress:
+        on_progress(done, len(mine))
     for chunk_index in range(progress["chunks_done"], len(chunks)):
         buffer = ChunkBuffer(moments, keep, windows.shape[1])
         with torch.inference_mode(), capture_keys(model, buffer.on_keys):

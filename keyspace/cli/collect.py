@@ -119,11 +119,11 @@ def _run_with_progress(cfg, collect):  # noqa: ANN001, ANN202 - thin UI wrapper
         task = bar.add_task("collect", total=None, rate="-")
         import time
 
-        start = {"t": time.perf_counter(), "n": None}
+        start = {"t": 0.0, "n": None}
 
         def on_progress(done: int, total: int) -> None:
-            if start["n"] is None:
-                start["n"] = done - 1
+            if start["n"] is None:  # first call comes before the first window
+                start["t"], start["n"] = time.perf_counter(), done
             elapsed = time.perf_counter() - start["t"]
             rate = (done - start["n"]) * cfg.window / max(elapsed, 1e-9)
             bar.update(task, completed=done, total=total, rate=f"{rate:,.0f}")

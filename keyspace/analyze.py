@@ -237,6 +237,7 @@ class Analysis:
     kinds: dict[str, KindAnalysis]
     moments_sha256: str = ""
     warnings: list[str] = field(default_factory=list)
+    model_spec: str = ""
 
     def __post_init__(self) -> None:
         for kind, ka in self.kinds.items():
@@ -273,8 +274,11 @@ def token_warnings(tokens: int, head_dim: int, run: Path) -> list[str]:
 
 
 def corpus_label(manifest: dict) -> str:
+    """Short corpus name: a named corpus with its split, or a file's last two path parts."""
     dataset = manifest.get("dataset") or {}
     spec = str(dataset.get("spec", "?"))
+    if "/" in spec or spec.endswith((".txt", ".jsonl", ".parquet")):
+        return "/".join(Path(spec).parts[-2:])
     split = dataset.get("split")
     return f"{spec} ({split})" if split else spec
 
@@ -309,6 +313,7 @@ def analyze_run(run_path: str | Path, config: AnalyzeConfig | None = None) -> An
         kinds=kinds,
         moments_sha256=file_sha256(run.path / MOMENTS),
         warnings=warnings,
+        model_spec=str((run.manifest.get("model") or {}).get("spec", "")),
     )
 
 
@@ -328,6 +333,7 @@ def ranks_json(analysis: Analysis) -> dict:
         "format_version": RANKS_FORMAT_VERSION,
         "keyspace_version": __version__,
         "model_identity": analysis.model_identity,
+        "model_spec": analysis.model_spec,
         "corpus": analysis.corpus,
         "tokens": analysis.tokens,
         "head_dim": analysis.head_dim,

@@ -138,6 +138,15 @@ def build_report(run_paths: list[str | Path], out: Path | None, config: AnalyzeC
 # ---- numbers for tables ---------------------------------------------------------------------
 
 
+def short(identity: str, keep: int = 16) -> str:
+    """A long content hash shortened for tables; the full identity is in the page subtitle."""
+    return identity if len(identity) <= keep + 1 else identity[:keep] + "…"
+
+
+def model_name(a: Analysis) -> str:
+    return a.model_spec or short(a.model_identity)
+
+
 def fmt_rank(value: float) -> str:
     return f"{value:.2f}"
 
@@ -150,9 +159,9 @@ def runs_table(report: Report) -> str:
     headers = [
         "Run",
         "Model",
+        "Identity",
         "Corpus",
         "Tokens",
-        "Layers × KV heads",
         "head_dim",
         "PCA",
         "Kept keys",
@@ -160,20 +169,20 @@ def runs_table(report: Report) -> str:
     rows = []
     for label, a in zip(report.labels, report.analyses, strict=True):
         kept = "yes" if RunFolder.open(a.run).has_kept_keys else "no"
-        mode = "centered (covariance)" if a.config.centered else "uncentered (raw second moment)"
+        mode = "centered" if a.config.centered else "uncentered"
         rows.append(
             [
                 label,
-                a.model_identity,
+                a.model_spec or "?",
+                short(a.model_identity),
                 a.corpus,
                 a.tokens,
-                f"{a.num_layers} × {a.num_kv_heads}",
                 a.head_dim,
                 mode,
                 kept,
             ]
         )
-    return table(headers, rows, "runs")
+    return html.wide(table(headers, rows, "runs"))
 
 
 def summary_table(report: Report) -> str:
@@ -201,7 +210,7 @@ def summary_table(report: Report) -> str:
                 ]
             rows.append(row)
             row_attrs.append({"data-run": label, "data-tau": repr(float(tau))})
-    return table(headers, rows, "summary", row_attrs=row_attrs)
+    return html.wide(table(headers, rows, "summary", row_attrs=row_attrs))
 
 
 def per_head_table(label: str, a: Analysis) -> str:
@@ -262,7 +271,7 @@ def run_figures(label: str, a: Analysis, out: Path) -> list[tuple[Path, str]]:
     ranks = {k: a.kinds[k].ranks[tau].numpy() for k in ("pre", "post")}
     ratios = {k: a.kinds[k].explained_variance_ratio.numpy() for k in ("pre", "post")}
     curves = {k: head_selection(ranks[k], ratios[k]) for k in ranks}
-    title = f"{label}: {a.model_identity} on {a.corpus}, {a.tokens} tokens"
+    title = f"{label}: {model_name(a)} on {a.corpus}, {a.tokens} tokens"
     made = [
         (figures.rank_heatmaps(ranks, a.head_dim, tau, title), f"{stem}-rank-heatmap.png",
          f"Rank@{tau:g} per layer (rows) and KV head (columns), pre- and post-RoPE, on one color scale (of head_dim = {a.head_dim})."),
@@ -336,7 +345,13 @@ def render(report: Report, out: Path) -> Path:
     """Write the PNGs and index.html into `out` (created if needed)."""
     prepare_out(out)
     sections, nav, pngs = [], [], []
-    sections.append(html.section("Summary", [runs_table(report), summary_table(report)], "summary"))
+    note = html.paragraph(
+        "Rank@τ over all layers and KV heads: the smallest number of principal components that"
+        " explains at least τ of a head's key variance. Percentages are of head_dim.",
+        "note",
+    )
+    summary = [runs_table(report), note, summary_table(report)]
+    sections.append(html.section("Summary", summary, "summary"))
     nav.append(("summary", "Summary"))
     for label, a in zip(report.labels, report.analyses, strict=True):
         made = run_figures(label, a, out)
@@ -360,7 +375,7 @@ def render(report: Report, out: Path) -> Path:
     nav.append(("transfer", "Transfer"))
     first = report.analyses[0]
     mode = "centered" if first.config.centered else "uncentered"
-    subtitle = f"{first.model_identity} · head_dim {first.head_dim} · {first.num_layers} layers × {first.num_kv_heads} KV heads · {mode} PCA"
+    subtitle = f"{model_name(first)} ({first.model_identity}) · head_dim {first.head_dim} · {first.num_layers} layers × {first.num_kv_heads} KV heads · {mode} PCA"
     index = out / "index.html"
     index.write_text(
         html.page(f"Key rank report: {', '.join(report.labels)}", subtitle, sections, nav),

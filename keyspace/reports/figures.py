@@ -163,28 +163,27 @@ def transfer_heatmaps(
     """Grid kind × r spec of (basis run × keys run) captured-variance matrices in [0, 1]."""
     kinds = list(matrices)
     specs = list(matrices[kinds[0]])
-    n = len(labels)
-    cell = 0.55 * n + 1.6
+    cell = 0.55 * len(labels) + 1.6
     vmin = color_floor([m for specs_of in matrices.values() for m in specs_of.values()])
+    size = (cell * len(specs) + 1.2, cell * len(kinds) + 0.6)
     fig, axes = plt.subplots(
-        len(kinds),
-        len(specs),
-        figsize=(cell * len(specs) + 1.0, cell * len(kinds) + 0.6),
-        squeeze=False,
+        len(kinds), len(specs), figsize=size, squeeze=False, layout="constrained"
     )
     for i, kind in enumerate(kinds):
         for j, spec in enumerate(specs):
             ax = axes[i][j]
             sns.heatmap(
                 matrices[kind][spec], ax=ax, vmin=vmin, vmax=1.0, cmap="magma", annot=True, fmt=".3f",
-                annot_kws={"fontsize": 8}, cbar=j == len(specs) - 1, xticklabels=labels, yticklabels=labels, square=True,
+                annot_kws={"fontsize": 8}, cbar=False, xticklabels=labels, yticklabels=labels, square=True,
             )  # fmt: skip
             ax.set_title(f"{KIND_TITLES.get(kind, kind)}, top {spec}", fontsize=9)
             ax.set_xlabel("keys of" if i == len(kinds) - 1 else "")
             ax.set_ylabel("basis from" if j == 0 else "")
             ax.tick_params(labelsize=7)
+    fig.colorbar(
+        axes[0][0].collections[0], ax=axes, shrink=0.8, label="fraction of variance captured"
+    )
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -192,7 +191,7 @@ def sequence_transfer_heatmap(
     rows: list[str], specs: list[str], values: np.ndarray, title: str
 ) -> Figure:
     """Captured fraction per (run · test · kind) row and r spec column; values: (rows, specs)."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(specs), 0.45 * len(rows) + 1.4))
+    fig, ax = plt.subplots(figsize=(3.2 + 1.5 * len(specs), 0.45 * len(rows) + 1.4))
     sns.heatmap(
         values, ax=ax, vmin=color_floor([values]), vmax=1.0, cmap="magma", annot=True, fmt=".3f", annot_kws={"fontsize": 8},
         xticklabels=[f"top {s}" for s in specs], yticklabels=rows, cbar_kws={"label": "fraction of held-out variance"},

@@ -55,6 +55,11 @@ def section(title: str, parts: list[str], anchor: str) -> str:
     return f'<section id="{esc(anchor)}"><h2>{esc(title)}</h2>{"".join(parts)}</section>'
 
 
+def wide(content: str) -> str:
+    """Scroll sideways inside the page rather than widening it."""
+    return f'<div class="wide">{content}</div>'
+
+
 def scroll_box(content: str) -> str:
     return f'<div class="scroll">{content}</div>'
 

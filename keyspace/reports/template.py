@@ -30,6 +30,8 @@ PAGE = """<!DOCTYPE html>
   tbody tr:nth-child(even) { background: #fafbfc; }
   .scroll { max-height: 460px; overflow: auto; display: inline-block; max-width: 100%; border: 1px solid var(--line); }
   .scroll table { margin: 0; }
+  .wide { max-width: 100%; overflow-x: auto; }
+  .subtitle { overflow-wrap: anywhere; }
   figure { margin: 14px 0 22px; }
   figure img { max-width: 100%; height: auto; display: block; }
   figcaption { font-size: 0.9em; margin-top: 4px; max-width: 900px; }

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from keyspace import __version__
-from keyspace.capture import capture_keys, head_geometry
+from keyspace.capture import arch_spec, capture_keys, head_geometry
 from keyspace.errors import KeyspaceError
 from keyspace.store import (
     KINDS,
@@ -405,6 +405,9 @@ def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> Collec
         device = _resolve_device(cfg.device)
         corpus = load_corpus(cfg.dataset, cfg.split)  # before the model: bad data fails fast
         loaded = load_model(cfg.model, cfg.dtype, device)
+        arch_spec(
+            loaded.model.config
+        )  # an unsupported architecture fails before anything is written
         tw = tokenize_windows(corpus, loaded.tokenizer, cfg.window, cfg.max_tokens)
         manifest = _base_manifest(cfg, loaded, tw, dist, device)
         if existing is not None:

@@ -214,6 +214,32 @@ def test_cli_errors_are_one_line_exit_2(model_dir, corpus, tmp_path):
         )
 
 
+def test_unsupported_architecture_writes_nothing(corpus, tmp_path):
+    from tiny_models import tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300)).save_pretrained(
+        folder
+    )
+    tiny_tokenizer().save_pretrained(folder)
+    result = CliRunner().invoke(
+        app,
+        ["collect", "--model", str(folder), "--dataset", str(corpus), "--out", str(tmp_path / "r")],
+    )
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("Error: architecture gpt2 is not supported")
+    assert not (tmp_path / "r" / "manifest.json").exists()
+
+
+def test_batch_size_does_not_change_the_moments(model_dir, corpus, tmp_path):
+    one = collect(_cfg(model_dir, corpus, tmp_path / "b1", keep_keys="none"))
+    four = collect(_cfg(model_dir, corpus, tmp_path / "b4", keep_keys="none", batch_size=4))
+    a, b = _moments_tensors(one.out), _moments_tensors(four.out)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-10, atol=1e-10)
+
+
 def test_cli_json_summary(model_dir, corpus, tmp_path):
     result = CliRunner().invoke(
         app,

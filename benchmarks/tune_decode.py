@@ -37,15 +37,24 @@ def main() -> int:
         "select": (
             sel,
             [
-                {"LINEAR_FIRST": lf, "CHUNK": c, "NUM_WARPS": w}
-                for lf, c, w in itertools.product((True, False), (2048, 4096), (4, 8))
+                {"LINEAR_FIRST": False, "CHUNK": c, "NUM_WARPS": w, "RADIX_BITS": b}
+                for c, w, b in (
+                    (4096, 8, 8),
+                    (2048, 4, 8),
+                    (1024, 4, 8),
+                    (1024, 2, 8),
+                    (512, 2, 8),
+                    (4096, 8, 4),
+                    (1024, 4, 4),
+                    (1024, 2, 4),
+                )
             ],
         ),
         "attention": (
             sa,
             [
                 {"BLOCK_N": n, "NUM_WARPS": w, "NUM_STAGES": st, "PROGRAMS_PER_SM": p}
-                for n, w, st, p in itertools.product((64, 128), (4, 8), (2,), (4,))
+                for n, w, st, p in itertools.product((64,), (4,), (2,), (4,))
             ],
         ),
     }

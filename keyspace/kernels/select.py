@@ -27,7 +27,7 @@ from keyspace.kernels._checks import check_k_top, use_triton
 CHUNK = 4096
 NUM_WARPS = 8
 RADIX_BITS = 8
-LINEAR_FIRST = True  # first pass on equal-width value bins (see the kernel); False = pure radix
+LINEAR_FIRST = False  # first pass on equal-width value bins (see the kernel); False = pure radix
 
 
 @triton.jit

@@ -148,8 +148,9 @@ def moments_of(keys: torch.Tensor) -> Moments:
 class SequenceTransfer:
     """Within-run transfer. per_layer[test][kind][spec]: (L, H) captured fraction.
 
-    tests: "halves" (fit first half, measure second) and "windows" (fit one window, measure the
-    rest, averaged over windows). `notes` says why a test is missing.
+    tests: "halves" (fit first half, measure second), "windows" (fit one window, measure the
+    rest, averaged over windows) and "random" (the control for "windows": fit a random subset of
+    the same size as each window, measure the rest). `notes` says why a test is missing.
     """
 
     label: str
@@ -184,16 +185,26 @@ def halves_fraction(keys: torch.Tensor, centered: bool) -> dict[str, torch.Tenso
     )
 
 
-def windows_fraction(
-    keys: torch.Tensor, windows: torch.Tensor, fit_windows: list[int], centered: bool
+def masked_fraction(
+    keys: torch.Tensor, masks: list[torch.Tensor], centered: bool
 ) -> dict[str, torch.Tensor]:
-    """Mean over w in fit_windows of: fit on window w, measure on all other windows. -> {spec: (1, H)}."""
+    """Mean over masks of: fit on keys[mask], measure on keys[~mask]. keys (N, H, D), masks (N,) bool."""
     results = []
-    for w in fit_windows:
-        inside = windows == w
+    for inside in masks:
         fit = pca_from_moments(moments_of(keys[inside]), centered)
         results.append(transfer_fraction(fit, moments_of(keys[~inside]), centered))
     return {spec: torch.stack([r[spec] for r in results]).mean(0) for spec in results[0]}
+
+
+def random_masks_like(masks: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """Random token subsets of the same sizes as `masks`: the sample-size control for windows."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for mask in masks:
+        chosen = torch.zeros_like(mask)
+        chosen[torch.randperm(mask.shape[0], generator=gen)[: int(mask.sum())]] = True
+        out.append(chosen)
+    return out
 
 
 def fit_windows_of(windows: torch.Tensor, head_dim: int, max_windows: int) -> list[int]:
@@ -226,6 +237,7 @@ def _across_sequences(
         return result
     halves: dict[str, list] = {k: [] for k in KINDS}
     per_window: dict[str, list] = {k: [] for k in KINDS}
+    control: dict[str, list] = {k: [] for k in KINDS}
     for kind in KINDS:
         for layer in range(layers):
             keys, _, windows = run.kept_keys(kind, layer)
@@ -237,11 +249,16 @@ def _across_sequences(
             halves[kind].append(halves_fraction(keys, centered))
             fit_windows = fit_windows_of(windows, head_dim, max_windows)
             if fit_windows:
-                per_window[kind].append(windows_fraction(keys, windows, fit_windows, centered))
+                masks = [windows == w for w in fit_windows]
+                per_window[kind].append(masked_fraction(keys, masks, centered))
+                control[kind].append(
+                    masked_fraction(keys, random_masks_like(masks, layer), centered)
+                )
                 result.windows_used = len(fit_windows)
     result.per_layer["halves"] = stack_layers(halves)
     if all(len(per_window[k]) == layers for k in KINDS):
         result.per_layer["windows"] = stack_layers(per_window)
+        result.per_layer["random"] = stack_layers(control)
     else:
         result.notes.append(
             f"{label}: fewer than 2 windows with ≥ head_dim kept keys; no window-vs-rest transfer."

@@ -112,6 +112,11 @@ def test_sequences_stationary_vs_shifted(tmp_path):
     assert good.mean("windows", "post", RANK_SPEC) > 0.9
     assert bad.mean("halves", "pre", RANK_SPEC) < 0.6
     assert bad.mean("windows", "pre", RANK_SPEC) < good.mean("windows", "pre", RANK_SPEC)
+    # The random control sees both regimes, so only the window fit suffers from the shift.
+    assert (
+        abs(good.mean("random", "pre", RANK_SPEC) - good.mean("windows", "pre", RANK_SPEC)) < 0.05
+    )
+    assert bad.mean("windows", "pre", RANK_SPEC) < bad.mean("random", "pre", RANK_SPEC) - 0.2
     own = rank_at(
         pca_from_moments(moments_of(stationary[0, : tokens // 2])).explained_variance_ratio, 0.9
     )

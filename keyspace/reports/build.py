@@ -315,7 +315,11 @@ def sequence_transfer_parts(
     if not measured:
         return notes, []
     specs = list(r_specs(measured[0].head_dim))
-    names = {"halves": "first half → second half", "windows": "one window → other windows"}
+    names = {
+        "halves": "first half → second half",
+        "windows": "one window → other windows",
+        "random": "random window-sized subset → rest",
+    }
     rows, values = [], []
     for s in measured:
         for test, kinds in s.per_layer.items():
@@ -328,7 +332,7 @@ def sequence_transfer_parts(
         ),
         out / "transfer-sequences.png",
     )
-    caption = "Across sequences: a basis fitted on some kept keys, evaluated on held-out keys of the same run (mean over layers and KV heads). The window test averages over fitting on each window in turn."
+    caption = "Across sequences: a basis fitted on some kept keys, evaluated on held-out keys of the same run (mean over layers and KV heads). The window test averages over fitting on each window in turn; the random-subset control fits on as many keys drawn from all windows, so the gap between the two is what changing windows costs beyond sample size."
     table_rows = [[r] + [f"{v:.3f}" for v in vals] for r, vals in zip(rows, values, strict=True)]
     return [
         html.figure(png, caption),

@@ -9,7 +9,6 @@ The JSON written from `ValidateResult.to_json()` is documented in docs/validate.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,21 @@ from pathlib import Path
 import torch
 
 from keyspace.errors import KeyspaceError
+from keyspace.loki.grid import (
+    RANKS_FILE,
+    DChoice,
+    SweepPoint,
+    parse_d,
+    parse_k,
+    parse_names,
+    ranks_at,
+    sweep_points,
+)
 from keyspace.loki.masked import K_MODES
 from keyspace.loki.results import ResultRow, ValidateResult, spearman, speed_ceilings
 from keyspace.loki.selection import METHODS
 
 CALIBRATION_FILE = "calibration.safetensors"
-RANKS_FILE = "ranks.json"
 RECALL_THRESHOLD = 0.9  # recall is correlated with each head's rank at 90% explained variance
 Log = Callable[[str], None]
 
@@ -73,120 +81,6 @@ class ValidateConfig:
 
 
 @dataclass
-class DChoice:
-    """One `--d` value: a label ("32", "auto:0.9") and d per (layer, KV head), long (layers, kv_heads)."""
-
-    label: str
-    dims: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.dims.dim() != 2 or int(self.dims.min()) < 1:
-            raise ValueError("dims must be (layers, kv_heads) with every d >= 1")
-
-    @property
-    def mean(self) -> float:
-        return float(self.dims.float().mean())
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    method: str
-    d: DChoice | None
-    k: float | None
-    k_mode: str | None
-
-
-def _error(message: str, hint: str) -> KeyspaceError:
-    return KeyspaceError(message, hint)
-
-
-def parse_k(text: str) -> list[float]:
-    values = []
-    for part in text.split(","):
-        try:
-            k = float(part)
-        except ValueError:
-            raise _error(
-                f"--k {part!r} is not a number.", "Give fractions in (0, 1], e.g. --k 0.125,0.25."
-            ) from None
-        if not 0.0 < k <= 1.0 or math.isnan(k):
-            raise _error(
-                f"--k {part} is outside (0, 1].",
-                "k is the fraction of context kept, e.g. --k 0.125.",
-            )
-        values.append(k)
-    return sorted(set(values))
-
-
-def parse_names(text: str, known: tuple[str, ...], option: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    for name in names:
-        if name not in known:
-            raise _error(f"unknown {option} value {name!r}.", f"Choose from: {', '.join(known)}.")
-    if not names:
-        raise _error(f"{option} is empty.", f"Choose from: {', '.join(known)}.")
-    return list(dict.fromkeys(names))
-
-
-def ranks_at(ranks: dict | None, kind: str, tau: float) -> torch.Tensor:
-    """rank@τ per (layer, KV head) from ranks.json, long (layers, kv_heads)."""
-    hint = f"Run `keyspace analyze <run> --threshold {tau}` to write ranks at τ={tau}."
-    if ranks is None:
-        raise _error(f"--d auto:{tau} needs {RANKS_FILE}, and the run has none.", hint)
-    table = ranks.get(kind, {}).get("rank_at", {})
-    for key, value in table.items():
-        if abs(float(key) - tau) < 1e-9:
-            return torch.tensor(value, dtype=torch.long)
-    raise _error(
-        f"{RANKS_FILE} has no {kind} ranks at τ={tau} (it has {', '.join(table) or 'none'}).", hint
-    )
-
-
-def parse_d(
-    text: str | None, head_dim: int, shape: tuple[int, int], ranks: dict | None, kind: str
-) -> list[DChoice]:
-    """`--d` ("32", "16,32", "auto:0.9", or None for head_dim/2) into DChoices."""
-    choices = []
-    for part in (text or str(head_dim // 2)).split(","):
-        part = part.strip()
-        if part.startswith("auto:"):
-            try:
-                tau = float(part[5:])
-            except ValueError:
-                raise _error(
-                    f"--d {part!r}: τ is not a number.", "Write it like auto:0.9."
-                ) from None
-            choices.append(DChoice(part, ranks_at(ranks, kind, tau).clamp(min=1)))
-            continue
-        if not part.isdigit():
-            raise _error(
-                f"--d {part!r} is not an integer or auto:τ.",
-                "Examples: --d 32, --d 16,32,64, --d auto:0.9.",
-            )
-        d = int(part)
-        if not 1 <= d <= head_dim:
-            raise _error(
-                f"--d {d} is outside [1, head_dim={head_dim}].", f"Pick d between 1 and {head_dim}."
-            )
-        choices.append(DChoice(part, torch.full(shape, d, dtype=torch.long)))
-    return choices
-
-
-def sweep_points(
-    methods: list[str], ds: list[DChoice], ks: list[float], k_modes: list[str]
-) -> list[SweepPoint]:
-    """Every distinct run: a method that ignores d (or k) is run once, not once per d (or k)."""
-    points = []
-    for name in methods:
-        spec = METHODS[name]
-        for d in ds if spec.uses_d else [None]:
-            for k in ks if spec.uses_k else [None]:
-                for mode in k_modes if spec.uses_k else [None]:
-                    points.append(SweepPoint(name, d, k, mode))
-    return points
-
-
-@dataclass
 class Inputs:
     """Everything `run_validate` needs, already checked."""
 
@@ -216,18 +110,18 @@ def open_inputs(config: ValidateConfig) -> Inputs:
     run = RunFolder.open(config.run).require_complete()
     cal_path = run.path / CALIBRATION_FILE
     if not cal_path.is_file():
-        raise _error(
+        raise KeyspaceError(
             f"run {run.path} has no {CALIBRATION_FILE}.",
             f"Run `keyspace analyze {run.path}` first.",
         )
     calibration = load_calibration(cal_path)
     if calibration.model_identity and calibration.model_identity != run.model_identity:
-        raise _error(
+        raise KeyspaceError(
             f"{cal_path} was calibrated on {calibration.model_identity}, but the run's model is {run.model_identity}.",
             f"Re-run `keyspace analyze {run.path}` so the calibration matches the run.",
         )
     if config.rotary not in calibration.components:
-        raise _error(
+        raise KeyspaceError(
             f"{cal_path} has no {config.rotary} basis.", f"Re-run `keyspace analyze {run.path}`."
         )
     components = calibration.components[config.rotary]
@@ -237,11 +131,21 @@ def open_inputs(config: ValidateConfig) -> Inputs:
     return Inputs(run, components, ranks, ds, ks, k_modes, methods)
 
 
+def check_passkey_lengths(model, lengths: tuple[int, ...]) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for length in lengths:
+        if limit is not None and length > limit:
+            raise KeyspaceError(
+                f"--passkey-lengths {length} exceeds the model's limit of {limit} tokens.",
+                f"Use lengths up to {limit}.",
+            )
+
+
 def check_model(model, identity: str, inputs: Inputs) -> None:
     """The loaded model must be the one calibrated: same weights and same attention shapes."""
     run = inputs.run
     if identity != run.model_identity:
-        raise _error(
+        raise KeyspaceError(
             f"the model loaded from {run.manifest['model']['spec']!r} is {identity}, but the run and its calibration are of {run.model_identity}.",
             "Validate with the model the run was collected from, or collect and analyze a new run.",
         )
@@ -249,7 +153,7 @@ def check_model(model, identity: str, inputs: Inputs) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     expected = (config.num_hidden_layers, config.num_key_value_heads, head_dim, head_dim)
     if tuple(inputs.components.shape) != expected:
-        raise _error(
+        raise KeyspaceError(
             f"calibration shape {tuple(inputs.components.shape)} does not fit the model {expected}.",
             f"Re-run `keyspace analyze {run.path}`.",
         )
@@ -337,6 +241,72 @@ def recall_entry(
     return entry
 
 
+def cache_factory(inputs: Inputs, d: DChoice, k: float):
+    """A fresh LokiCache per call; a layer's split width is the largest d among its KV heads."""
+    from keyspace.loki.cache import LokiCache
+
+    per_layer = d.dims.max(dim=1).values.tolist()
+    return lambda: LokiCache(inputs.components, per_layer, k)
+
+
+def decode_entries(
+    model, windows: torch.Tensor, inputs: Inputs, config: ValidateConfig, log: Log
+) -> list[dict]:
+    """Real decoding with LokiCache vs the dense cache, for every (d, k), on prompts cut from the windows."""
+    from dataclasses import asdict
+
+    from keyspace.loki.decode import decode_check
+
+    if config.decode_prompts == 0 or "loki" not in inputs.methods:
+        return []
+    length = min(config.decode_prompt_tokens, windows.shape[1])
+    prompts = windows[: config.decode_prompts, :length].to(config.device)
+    entries = []
+    for d in inputs.ds:
+        for k in inputs.ks:
+            check = decode_check(model, prompts, config.decode_tokens, cache_factory(inputs, d, k))
+            log(f"decode loki d={d.label} k={k:g}: token agreement {check.token_agreement:.3f}")
+            entries.append(
+                {"method": "loki", "d": d.label, "k": k, "k_mode": "row", **asdict(check)}
+            )
+    return entries
+
+
+def passkey_entries(
+    model, tokenizer, inputs: Inputs, config: ValidateConfig, log: Log
+) -> list[dict]:
+    """Passkey accuracy per length for the dense cache and Loki at every (d, k)."""
+    from keyspace.loki.passkey import passkey_prompts, run_passkey
+
+    variants = {("full", None, None): None}
+    if "loki" in inputs.methods:
+        variants.update(
+            {
+                ("loki", d.label, k): cache_factory(inputs, d, k)
+                for d in inputs.ds
+                for k in inputs.ks
+            }
+        )
+    entries = []
+    for length in config.passkey_lengths:
+        prompts = passkey_prompts(tokenizer, length, config.passkey_count)
+        correct = run_passkey(model, tokenizer, prompts, variants)
+        for (method, d, k), hits in correct.items():
+            log(f"passkey {method} d={d} k={k} @ {length}: {hits}/{len(prompts)}")
+            entries.append(
+                {
+                    "method": method,
+                    "d": d,
+                    "k": k,
+                    "length": length,
+                    "count": len(prompts),
+                    "correct": hits,
+                    "accuracy": hits / len(prompts),
+                }
+            )
+    return entries
+
+
 def default_dataset(log: Log) -> str:
     """WikiText-2 when it can be found (hub or local copy), else the embedded pydoc corpus."""
     from keyspace.data import load_corpus
@@ -360,6 +330,7 @@ def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateR
         inputs.run.manifest["model"]["spec"], dtype=config.dtype, device=config.device
     )
     check_model(loaded.model, loaded.identity, inputs)
+    check_passkey_lengths(loaded.model, config.passkey_lengths)
     dataset = config.dataset or default_dataset(log)
     windows = load_token_windows(
         dataset, loaded.tokenizer, config.window, config.max_tokens, config.split
@@ -378,6 +349,8 @@ def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateR
         for k in inputs.ks
         if "loki" in inputs.methods and config.recall_windows > 0
     ]
+    decode = decode_entries(loaded.model, windows, inputs, config, log)
+    passkey = passkey_entries(loaded.model, loaded.tokenizer, inputs, config, log)
     header = {
         "keyspace_version": __version__,
         "run": str(inputs.run.path),
@@ -395,6 +368,6 @@ def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateR
         "device": config.device,
         "dtype": config.dtype,
     }
-    result = ValidateResult(header, rows, recall)
+    result = ValidateResult(header, rows, recall, decode, passkey)
     result.speed = speed_ceilings(rows)
     return result

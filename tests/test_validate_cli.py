@@ -119,22 +119,46 @@ def test_full_rank_k1_matches_full_perplexity(synthetic):
     )  # k=1 keeps every row's whole context
 
 
-def test_table_output_without_json(synthetic):
+def test_table_output_without_json_with_decode_and_passkey(synthetic):
     root, run = synthetic
-    result = invoke(
-        root,
-        run,
+    args = [
         "--d",
         "4",
+        "--k",
+        "0.25,0.5",
         "--methods",
         "loki,full",
         "--decode-prompts",
-        "0",
+        "1",
+        "--decode-tokens",
+        "3",
+    ]
+    result = invoke(
+        root,
+        run,
+        *args,
+        "--passkey-lengths",
+        "64",
+        "--passkey-count",
+        "2",
         "--out",
         str(root / "o3"),
     )
     assert result.exit_code == 0, result.output
-    assert "loki" in result.stdout and "Spearman" in result.stdout
+    assert (
+        "loki" in result.stdout
+        and "Spearman" in result.stdout
+        and "token agreement" in result.stdout
+    )
+    doc = json.loads((root / "o3" / "validate.json").read_text())
+    assert [(e["d"], e["k"], e["prompts"], e["tokens"]) for e in doc["decode"]] == [
+        ("4", 0.25, 1, 3),
+        ("4", 0.5, 1, 3),
+    ]
+    assert all(0.0 <= e["token_agreement"] <= 1.0 for e in doc["decode"])
+    expected = [("full", None, 64, 2), ("loki", 0.25, 64, 2), ("loki", 0.5, 64, 2)]
+    assert [(e["method"], e["k"], e["length"], e["count"]) for e in doc["passkey"]] == expected
+    assert "Passkey retrieval" in (root / "o3" / "validate.html").read_text()
 
 
 @pytest.mark.parametrize(
@@ -149,6 +173,8 @@ def test_table_output_without_json(synthetic):
         (["--methods", "loki,magic"], "unknown --methods value 'magic'"),
         (["--k-mode", "column"], "unknown --k-mode value"),
         (["--rotary", "mid"], "--rotary must be pre or post"),
+        (["--passkey-lengths", "99999"], "exceeds the model's limit of 512"),
+        (["--passkey-lengths", "2k"], "comma list of positive integers"),
     ],
 )
 def test_bad_input_is_one_error_line_with_exit_code_2(synthetic, args, message):

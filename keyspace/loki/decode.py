@@ -1,0 +1,158 @@
+"""Decode mode: dense prefill, then `keyspace.kernels.loki_decode` at every single-token step.
+
+cache = LokiCache(basis, dims_per_layer, k=0.125)
+with loki_decoding(model, cache):
+    ids = model.generate(prompt, past_key_values=cache, max_new_tokens=16, do_sample=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from keyspace.loki.cache import LokiCache
+from keyspace.loki.masked import causal_mask, fraction_of
+from keyspace.loki.registry import use_attention
+from keyspace.loki.selection import rotate
+
+
+def _rotated_query(query: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """query (B, Hq, T, D) into its KV head's basis (Hkv, D, D) -> (B, Hq, T, D)."""
+    groups = query.shape[1] // basis.shape[0]
+    return rotate(query, basis.repeat_interleave(groups, dim=0))
+
+
+def _dense_prefill(query_rot, keys_rot, values, scale) -> torch.Tensor:
+    """Exact causal attention in the rotated basis: (B, Hq, T, D) x (B, Hkv, S, D) -> (B, T, Hq, D)."""
+    groups = query_rot.shape[1] // keys_rot.shape[1]
+    q_len, kv_len = query_rot.shape[-2], keys_rot.shape[-2]
+    # From an empty cache, is_causal lets SDPA use its memory-efficient kernels (8k-token prompts).
+    mask = None if q_len == kv_len else causal_mask(q_len, kv_len, query_rot.device)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query_rot,
+        keys_rot.repeat_interleave(groups, dim=1),
+        values.repeat_interleave(groups, dim=1),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def decode_handler(cache: LokiCache):
+    """Attention for a model whose cache is `cache`: dense when q_len > 1, Loki kernels when q_len == 1."""
+    from keyspace.kernels import loki_decode
+
+    def handler(module, query, key, value, scale):
+        layer = cache.layers[module.layer_idx]
+        query_rot = _rotated_query(query, layer.basis)
+        if query.shape[-2] > 1:
+            return _dense_prefill(query_rot, layer.rotated_keys(), layer.values, scale)
+        seq = layer.get_seq_length()
+        k_top = min(int(fraction_of(cache.k, seq)), seq)
+        out = loki_decode(
+            query_rot[:, :, 0],
+            layer.k_low,
+            layer.k_rest,
+            layer.values,
+            k_top,
+            scale=scale,
+            group_select=cache.group_select,
+        )
+        return out[:, None].to(query.dtype)  # [B, 1, Hq, D]
+
+    return handler
+
+
+@contextlib.contextmanager
+def loki_decoding(model: torch.nn.Module, cache: LokiCache) -> Iterator[torch.nn.Module]:
+    """Run `model` with `cache` as a Loki decode cache; the model's attention is restored on exit."""
+    with use_attention(model, decode_handler(cache)):
+        yield model
+
+
+def cache_kwargs(model, cache) -> dict:
+    """transformers renamed `past_key_values` to `cache`; pass whichever this version's forward takes."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+@torch.no_grad()
+def prefill(model, cache, prompt: torch.Tensor) -> torch.Tensor:
+    """Run prompt (1, P) into `cache`; return the next-token logits (vocab,) in float32."""
+    return model(prompt, **cache_kwargs(model, cache)).logits[0, -1].float()
+
+
+@torch.no_grad()
+def continue_greedy(
+    model, cache, logits: torch.Tensor, new_tokens: int, forced: torch.Tensor | None = None
+):
+    """Greedy decoding of `new_tokens` from the prefill's `logits`, one token per forward.
+
+    With `forced` (new_tokens,), feed those tokens instead of the argmax (teacher forcing).
+    Returns (tokens (new_tokens,), nll (new_tokens,)): the tokens fed, and each one's NLL.
+    """
+    device = next(model.parameters()).device
+    tokens, nll = [], []
+    for step in range(new_tokens):
+        token = logits.argmax() if forced is None else forced[step].to(logits.device)
+        nll.append(-torch.log_softmax(logits, dim=-1)[token])
+        tokens.append(token)
+        if step + 1 < new_tokens:
+            logits = (
+                model(token.view(1, 1).to(device), **cache_kwargs(model, cache))
+                .logits[0, -1]
+                .float()
+            )
+    return torch.stack(tokens).cpu(), torch.stack(nll).double().cpu()
+
+
+def greedy(model, cache, prompt: torch.Tensor, new_tokens: int, forced: torch.Tensor | None = None):
+    """Prefill prompt (1, P) into `cache`, then `continue_greedy`."""
+    return continue_greedy(model, cache, prefill(model, cache, prompt), new_tokens, forced)
+
+
+@dataclass
+class DecodeCheck:
+    """Greedy decoding with the dense cache vs LokiCache over some prompts.
+
+    token_agreement: share of positions where Loki's greedy token equals the dense one
+    nll_sparse / nll_dense: mean NLL of the dense greedy continuation, teacher-forced through each cache
+    """
+
+    prompts: int
+    tokens: int
+    token_agreement: float
+    nll_sparse: float
+    nll_dense: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.token_agreement <= 1.0:
+            raise ValueError("token_agreement is a share")
+
+
+def decode_check(model, prompts: torch.Tensor, new_tokens: int, make_cache) -> DecodeCheck:
+    """prompts (M, P); make_cache() -> a fresh LokiCache. Dense runs use transformers' DynamicCache."""
+    from transformers import DynamicCache
+
+    agree, sparse_nll, dense_nll = [], [], []
+    for prompt in prompts:
+        prompt = prompt[None]
+        dense_tokens, dense_token_nll = greedy(model, DynamicCache(), prompt, new_tokens)
+        cache = make_cache()
+        with loki_decoding(model, cache):
+            loki_tokens, _ = greedy(model, cache, prompt, new_tokens)
+            cache.crop(
+                0
+            )  # the same cache, emptied: teacher-force the dense continuation through Loki
+            _, forced_nll = greedy(model, cache, prompt, new_tokens, forced=dense_tokens)
+        agree.append((loki_tokens == dense_tokens).double().mean())
+        sparse_nll.append(forced_nll.mean())
+        dense_nll.append(dense_token_nll.mean())
+    mean = lambda xs: float(torch.stack(xs).mean())  # noqa: E731
+    return DecodeCheck(len(prompts), new_tokens, mean(agree), mean(sparse_nll), mean(dense_nll))

@@ -1,0 +1,131 @@
+"""The validate grid: parsing `--d`, `--k`, `--methods`, `--k-mode`, and expanding them into runs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from keyspace.errors import KeyspaceError
+from keyspace.loki.selection import METHODS
+
+RANKS_FILE = "ranks.json"
+
+
+def _error(message: str, hint: str) -> KeyspaceError:
+    return KeyspaceError(message, hint)
+
+
+@dataclass
+class DChoice:
+    """One `--d` value: a label ("32", "auto:0.9") and d per (layer, KV head), long (layers, kv_heads)."""
+
+    label: str
+    dims: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.dims.dim() != 2 or int(self.dims.min()) < 1:
+            raise ValueError("dims must be (layers, kv_heads) with every d >= 1")
+
+    @property
+    def mean(self) -> float:
+        return float(self.dims.float().mean())
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    method: str
+    d: DChoice | None
+    k: float | None
+    k_mode: str | None
+
+
+def _error(message: str, hint: str) -> KeyspaceError:
+    return KeyspaceError(message, hint)
+
+
+def parse_k(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        try:
+            k = float(part)
+        except ValueError:
+            raise _error(
+                f"--k {part!r} is not a number.", "Give fractions in (0, 1], e.g. --k 0.125,0.25."
+            ) from None
+        if not 0.0 < k <= 1.0 or math.isnan(k):
+            raise _error(
+                f"--k {part} is outside (0, 1].",
+                "k is the fraction of context kept, e.g. --k 0.125.",
+            )
+        values.append(k)
+    return sorted(set(values))
+
+
+def parse_names(text: str, known: tuple[str, ...], option: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        if name not in known:
+            raise _error(f"unknown {option} value {name!r}.", f"Choose from: {', '.join(known)}.")
+    if not names:
+        raise _error(f"{option} is empty.", f"Choose from: {', '.join(known)}.")
+    return list(dict.fromkeys(names))
+
+
+def ranks_at(ranks: dict | None, kind: str, tau: float) -> torch.Tensor:
+    """rank@τ per (layer, KV head) from ranks.json, long (layers, kv_heads)."""
+    hint = f"Run `keyspace analyze <run> --threshold {tau}` to write ranks at τ={tau}."
+    if ranks is None:
+        raise _error(f"--d auto:{tau} needs {RANKS_FILE}, and the run has none.", hint)
+    table = ranks.get(kind, {}).get("rank_at", {})
+    for key, value in table.items():
+        if abs(float(key) - tau) < 1e-9:
+            return torch.tensor(value, dtype=torch.long)
+    raise _error(
+        f"{RANKS_FILE} has no {kind} ranks at τ={tau} (it has {', '.join(table) or 'none'}).", hint
+    )
+
+
+def parse_d(
+    text: str | None, head_dim: int, shape: tuple[int, int], ranks: dict | None, kind: str
+) -> list[DChoice]:
+    """`--d` ("32", "16,32", "auto:0.9", or None for head_dim/2) into DChoices."""
+    choices = []
+    for part in (text or str(head_dim // 2)).split(","):
+        part = part.strip()
+        if part.startswith("auto:"):
+            try:
+                tau = float(part[5:])
+            except ValueError:
+                raise _error(
+                    f"--d {part!r}: τ is not a number.", "Write it like auto:0.9."
+                ) from None
+            choices.append(DChoice(part, ranks_at(ranks, kind, tau).clamp(min=1)))
+            continue
+        if not part.isdigit():
+            raise _error(
+                f"--d {part!r} is not an integer or auto:τ.",
+                "Examples: --d 32, --d 16,32,64, --d auto:0.9.",
+            )
+        d = int(part)
+        if not 1 <= d <= head_dim:
+            raise _error(
+                f"--d {d} is outside [1, head_dim={head_dim}].", f"Pick d between 1 and {head_dim}."
+            )
+        choices.append(DChoice(part, torch.full(shape, d, dtype=torch.long)))
+    return choices
+
+
+def sweep_points(
+    methods: list[str], ds: list[DChoice], ks: list[float], k_modes: list[str]
+) -> list[SweepPoint]:
+    """Every distinct run: a method that ignores d (or k) is run once, not once per d (or k)."""
+    points = []
+    for name in methods:
+        spec = METHODS[name]
+        for d in ds if spec.uses_d else [None]:
+            for k in ks if spec.uses_k else [None]:
+                for mode in k_modes if spec.uses_k else [None]:
+                    points.append(SweepPoint(name, d, k, mode))
+    return points

@@ -1,0 +1,130 @@
+"""Decode mode: LokiCache + the kernels' decode step inside transformers' generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_loki_fixtures import HEAD_DIM, random_bases, random_tokens, tiny_llama, tiny_tokenizer
+from transformers import DynamicCache
+
+from keyspace.loki.cache import LokiCache
+from keyspace.loki.decode import cache_kwargs, decode_check, greedy, loki_decoding
+from keyspace.loki.masked import SparseSettings, sparse_attention
+from keyspace.loki.passkey import ANSWER_TOKENS, passkey_prompts, run_passkey
+
+BASIS = random_bases(2, 2, seed=5)
+
+
+def generate(model, prompt, cache=None, new_tokens=8):
+    kwargs = (
+        {}
+        if cache is None
+        else {"cache" if "cache" in cache_kwargs(model, cache) else "past_key_values": cache}
+    )
+    with torch.no_grad():
+        if cache is None:
+            return model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        with loki_decoding(model, cache):
+            return model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+
+
+def test_generate_with_full_rank_loki_cache_matches_dense():
+    model, prompt = tiny_llama(), random_tokens(batch=1, length=12)
+    cache = LokiCache(BASIS, [HEAD_DIM, HEAD_DIM], k=1.0)
+    assert torch.equal(generate(model, prompt, cache), generate(model, prompt))
+    assert cache.get_seq_length() == 12 + 8 - 1
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_cache_stores_rotated_keys_split_at_d():
+    model, prompt = tiny_llama(), random_tokens(batch=1, length=10)
+    dense, loki = DynamicCache(), LokiCache(BASIS, [4, 7], k=0.5)
+    with torch.no_grad():
+        model(prompt, **cache_kwargs(model, dense))
+        with loki_decoding(model, loki):
+            model(prompt, **cache_kwargs(model, loki))
+    for layer, d in enumerate((4, 7)):
+        cached = loki.layers[layer]
+        assert cached.k_low.shape == (1, 2, 10, d) and cached.k_rest.shape == (
+            1,
+            2,
+            10,
+            HEAD_DIM - d,
+        )
+        back = torch.einsum("bhse,hed->bhsd", cached.rotated_keys(), BASIS[layer])  # rotate back
+        torch.testing.assert_close(back, dense.layers[layer].keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cached.values, dense.layers[layer].values)
+
+
+def test_decode_step_equals_masked_row_mode_on_one_layer():
+    """With one layer, the last token's logits depend only on layer-0 keys: decode == masked mode (row)."""
+    model, tokens = tiny_llama(layers=1), random_tokens(batch=1, length=21)
+    basis, d, k = random_bases(1, 2, seed=2), 3, 0.25
+    with (
+        torch.no_grad(),
+        sparse_attention(
+            model,
+            SparseSettings("loki", k=k, k_mode="row", dims=torch.full((1, 2), d), basis=basis),
+        ),
+    ):
+        masked_logits = model(tokens, use_cache=False).logits[0, -1]
+    cache = LokiCache(basis, [d], k=k)
+    with torch.no_grad(), loki_decoding(model, cache):
+        model(tokens[:, :-1], **cache_kwargs(model, cache))
+        decode_logits = model(tokens[:, -1:], **cache_kwargs(model, cache)).logits[0, -1]
+    torch.testing.assert_close(decode_logits, masked_logits, atol=1e-5, rtol=1e-4)
+    dense_logits = model(tokens).logits[0, -1]
+    assert (decode_logits - dense_logits).abs().max() > 1e-4  # the budget really bit
+
+
+def test_decode_check_is_exact_at_full_rank_and_reports_disagreement_at_low_rank():
+    model, prompts = tiny_llama(), random_tokens(batch=2, length=10)
+    exact = decode_check(model, prompts, 6, lambda: LokiCache(BASIS, [HEAD_DIM] * 2, k=1.0))
+    assert exact.token_agreement == 1.0 and exact.nll_sparse == pytest.approx(
+        exact.nll_dense, rel=1e-5
+    )
+    rough = decode_check(model, prompts, 6, lambda: LokiCache(BASIS, [1, 1], k=0.1))
+    assert rough.nll_sparse != pytest.approx(rough.nll_dense, rel=1e-6)
+
+
+def test_greedy_loop_equals_generate():
+    model, prompt = tiny_llama(), random_tokens(batch=1, length=9)
+    tokens, _ = greedy(model, DynamicCache(), prompt, 5)
+    assert torch.equal(tokens, generate(model, prompt, new_tokens=5)[0, 9:])
+
+
+def test_crop_and_bad_settings():
+    cache = LokiCache(BASIS, [4, 4], k=0.5)
+    model = tiny_llama()
+    with torch.no_grad(), loki_decoding(model, cache):
+        model(random_tokens(batch=1, length=8), **cache_kwargs(model, cache))
+    cache.crop(5)
+    assert cache.get_seq_length() == 5 and cache.layers[1].k_rest.shape[-2] == 5
+    with pytest.raises(ValueError, match="k must be"):
+        LokiCache(BASIS, [4, 4], k=0.0)
+    with pytest.raises(ValueError, match="d must be"):
+        LokiCache(BASIS, [0, 4], k=0.5)
+
+
+def test_model_restored_when_decoding_raises():
+    model = tiny_llama()
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        loki_decoding(model, LokiCache(BASIS, [4, 4], k=0.5)),
+    ):
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_passkey_prompts_have_exact_length_and_hold_the_key():
+    tokenizer = tiny_tokenizer()
+    prompts = passkey_prompts(tokenizer, 96, 3)
+    assert [p.depth for p in prompts] == pytest.approx([1 / 6, 0.5, 5 / 6])
+    for p in prompts:
+        assert p.ids.shape == (1, 96 - ANSWER_TOKENS)
+        assert p.key in tokenizer.decode(p.ids[0].tolist()).replace(" ", "")
+    model = tiny_llama()
+    correct = run_passkey(
+        model, tokenizer, prompts, {"full": None, "loki": lambda: LokiCache(BASIS, [4, 4], k=0.25)}
+    )
+    assert set(correct) == {"full", "loki"} and all(0 <= c <= 3 for c in correct.values())

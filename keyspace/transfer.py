@@ -240,7 +240,7 @@ def _across_sequences(
     control: dict[str, list] = {k: [] for k in KINDS}
     for kind in KINDS:
         for layer in range(layers):
-            keys, _, windows = run.kept_keys(kind, layer)
+            keys, windows = in_sequence_order(*run.kept_keys(kind, layer))
             if keys.shape[0] < 2 * head_dim:
                 result.notes.append(
                     f"{label}: only {keys.shape[0]} kept keys per layer (< 2 × head_dim); no sequence transfer."
@@ -264,6 +264,14 @@ def _across_sequences(
             f"{label}: fewer than 2 windows with ≥ head_dim kept keys; no window-vs-rest transfer."
         )
     return result
+
+
+def in_sequence_order(
+    keys: torch.Tensor, positions: torch.Tensor, windows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort kept keys by (window, position), whatever order ranks and shards stored them in."""
+    order = torch.argsort(windows * (int(positions.max()) + 1) + positions, stable=True)
+    return keys[order], windows[order]
 
 
 def stack_layers(

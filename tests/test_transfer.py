@@ -122,3 +122,14 @@ def test_sequences_stationary_vs_shifted(tmp_path):
     )
     assert int(own) == 3
     assert set(good.to_json()["halves"]["pre"]) == set(r_specs(dim))
+
+
+def test_in_sequence_order_undoes_shard_order():
+    from keyspace.transfer import in_sequence_order
+
+    windows = torch.tensor([2, 2, 0, 0, 1, 1])
+    positions = torch.tensor([0, 1, 0, 1, 0, 1])
+    keys = (windows * 10 + positions).view(6, 1, 1).double()
+    sorted_keys, sorted_windows = in_sequence_order(keys, positions, windows)
+    assert sorted_keys.flatten().tolist() == [0, 1, 10, 11, 20, 21]
+    assert sorted_windows.tolist() == [0, 0, 1, 1, 2, 2]

@@ -42,9 +42,10 @@ def print_summary(analysis) -> None:
     from rich.table import Table
 
     mode = "centered" if analysis.config.centered else "uncentered"
-    table = Table(
-        title=f"{analysis.model_identity} · {analysis.corpus} · {analysis.tokens} tokens · {mode} PCA"
-    )
+    model = analysis.model_spec or analysis.model_identity
+    header = f"{model} · {analysis.corpus} · {analysis.tokens} tokens · {mode} PCA"
+    stdout.print(header, soft_wrap=True)
+    table = Table()
     for name in (
         "kind",
         "τ",
@@ -67,6 +68,6 @@ def print_summary(analysis) -> None:
                 f"{100 * s.mean / s.head_dim:.1f}%",
             )
     stdout.print(table)
-    stdout.print(
-        f"Wrote {analysis.run / 'ranks.json'} and {analysis.run / 'calibration.safetensors'}"
-    )
+    stdout.print(f"Model identity: {analysis.model_identity}", soft_wrap=True)
+    written = f"Wrote {analysis.run / 'ranks.json'} and {analysis.run / 'calibration.safetensors'}"
+    stdout.print(written, soft_wrap=True)

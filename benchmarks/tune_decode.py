@@ -37,16 +37,17 @@ def main() -> int:
         "select": (
             sel,
             [
-                {"LINEAR_FIRST": False, "CHUNK": c, "NUM_WARPS": w, "RADIX_BITS": b}
-                for c, w, b in (
-                    (4096, 8, 8),
-                    (2048, 4, 8),
-                    (1024, 4, 8),
-                    (1024, 2, 8),
-                    (512, 2, 8),
-                    (4096, 8, 4),
-                    (1024, 4, 4),
-                    (1024, 2, 4),
+                {"USE_SAMPLE": u, "SAMPLE": n, "CAND_CHUNK": c, "CHUNK": ch, "NUM_WARPS": w}
+                for u, n, c, ch, w in (
+                    (False, 1024, 512, 4096, 8),
+                    (True, 1024, 512, 4096, 8),
+                    (True, 1024, 256, 4096, 8),
+                    (True, 1024, 1024, 4096, 8),
+                    (True, 512, 512, 4096, 8),
+                    (True, 2048, 512, 4096, 8),
+                    (True, 1024, 512, 2048, 4),
+                    (True, 1024, 512, 4096, 4),
+                    (True, 1024, 512, 8192, 16),
                 )
             ],
         ),

@@ -27,7 +27,12 @@ from keyspace.kernels._checks import check_k_top, use_triton
 CHUNK = 4096
 NUM_WARPS = 8
 RADIX_BITS = 8
-LINEAR_FIRST = False  # first pass on equal-width value bins (see the kernel); False = pure radix
+# Sampled bracket (see the kernel): rows at least SAMPLED_MIN_LEN long sample SAMPLE scores.
+USE_SAMPLE = True
+SAMPLE = 1024
+SAMPLED_MIN_LEN = 2048
+CAND_CAP = 4096  # most candidates kept per row; more falls back to the full radix select
+CAND_CHUNK = 512  # candidates are few: a narrow chunk keeps their passes cheap
 
 
 @triton.jit
@@ -39,21 +44,88 @@ def _float_to_ordered_key(x):
 
 
 @triton.jit
-def _pick_digit(hist, remaining, NUM_BINS: tl.constexpr):
-    """The bin holding the `remaining`-th largest key: (bin, keys above it, keys in it)."""
+def _radix_threshold(row_ptr, length, k, CHUNK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Radix-select the k-th largest of row_ptr[:length] (fp32).
+
+    Returns (prefix, prefix_mask, remaining): the keys whose masked bits are above `prefix` are
+    all in the top k, and `remaining` more are taken from those equal to it.
+    """
+    NUM_BINS: tl.constexpr = 1 << RADIX_BITS
+    offs = tl.arange(0, CHUNK)
     bins = tl.arange(0, NUM_BINS)
-    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-    digit = tl.max(tl.where(at_or_above >= remaining, bins, -1), 0)
-    above = tl.sum(tl.where(bins == digit, at_or_above - hist, 0), 0)
-    in_digit = tl.sum(tl.where(bins == digit, hist, 0), 0)
-    return digit, above, in_digit
+    digit_mask = tl.full([], NUM_BINS - 1, tl.uint32)
+    prefix = tl.full([], 0, tl.uint32)
+    prefix_mask = tl.full([], 0, tl.uint32)
+    remaining = k
+    done = k <= 0
+    for p in tl.static_range(32 // RADIX_BITS):
+        shift = 32 - RADIX_BITS * (p + 1)
+        hist = tl.zeros([NUM_BINS], dtype=tl.int32)
+        end = tl.where(done, 0, length)
+        for start in range(0, end, CHUNK):
+            in_row = start + offs < end
+            key = _float_to_ordered_key(tl.load(row_ptr + start + offs, mask=in_row, other=0.0))
+            in_bucket = in_row & ((key & prefix_mask) == prefix)
+            digit = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
+            hist += tl.histogram(digit, NUM_BINS, mask=in_bucket)
+        # The digit is the largest bin whose count of keys at or above it reaches `remaining`.
+        at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        digit_t = tl.max(tl.where(at_or_above >= remaining, bins, -1), 0)
+        above = tl.sum(tl.where(bins == digit_t, at_or_above - hist, 0), 0)
+        in_digit = tl.sum(tl.where(bins == digit_t, hist, 0), 0)
+        # A finished row keeps its state (its pass saw an empty range).
+        new_remaining = remaining - above
+        prefix = tl.where(done, prefix, prefix | (digit_t.to(tl.uint32) << shift))
+        prefix_mask = tl.where(done, prefix_mask, prefix_mask | (digit_mask << shift))
+        remaining = tl.where(done, remaining, new_remaining)
+        done = done | (in_digit == new_remaining)
+    return prefix, prefix_mask, remaining
 
 
 @triton.jit
-def _linear_bucket(x, lo, hi, inv_width, NUM_BINS: tl.constexpr):
-    """Monotone bucket of x in [lo, hi] split into NUM_BINS equal parts (0 when inv_width = 0)."""
-    scaled = (tl.minimum(tl.maximum(x, lo), hi) - lo) * inv_width
-    return tl.minimum(scaled.to(tl.int32), NUM_BINS - 1)
+def _compact(
+    row_ptr,
+    pos_ptr,
+    length,
+    k,
+    prefix,
+    prefix_mask,
+    remaining,
+    out_ptr,
+    CHUNK: tl.constexpr,
+    INDIRECT: tl.constexpr,
+):
+    """Write the positions of the top k of row_ptr[:length] to out_ptr[:k], in row order.
+
+    Keys above `prefix` fill slots [0, k - remaining), ties [k - remaining, k). One scan counts
+    both kinds: strictly-greater in the low 16 bits, ties in the high 16 bits. With INDIRECT the
+    position written is pos_ptr[i] instead of i.
+    """
+    offs = tl.arange(0, CHUNK)
+    n_greater = k - remaining
+    taken_greater = tl.zeros([], tl.int32)
+    taken_equal = tl.zeros([], tl.int32)
+    for start in range(0, tl.where(k > 0, length, 0), CHUNK):
+        in_row = start + offs < length
+        masked = (
+            _float_to_ordered_key(tl.load(row_ptr + start + offs, mask=in_row, other=0.0))
+            & prefix_mask
+        )
+        greater = in_row & (masked > prefix)
+        equal = in_row & (masked == prefix)
+        flags = greater.to(tl.int32) + (equal.to(tl.int32) << 16)
+        packed = tl.cumsum(flags, 0)
+        rank_greater = taken_greater + (packed & 0xFFFF) - 1
+        rank_equal = taken_equal + (packed >> 16) - 1
+        take_equal = equal & (rank_equal < remaining)
+        pos = start + offs
+        if INDIRECT:
+            pos = tl.load(pos_ptr + start + offs, mask=in_row, other=0)
+        tl.store(out_ptr + rank_greater, pos, mask=greater)
+        tl.store(out_ptr + n_greater + rank_equal, pos, mask=take_equal)
+        total = tl.sum(flags, 0)
+        taken_greater += total & 0xFFFF
+        taken_equal += total >> 16
 
 
 @triton.jit
@@ -61,104 +133,92 @@ def _radix_select_kernel(
     scores_ptr,  # (R, S) fp32 contiguous, R = B * Hsel
     seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
     idx_ptr,  # (R, K_TOP) int32 contiguous
+    cand_val_ptr,  # (R, cand_cap) fp32 scratch
+    cand_pos_ptr,  # (R, cand_cap) int32 scratch
     S,
     K_TOP,
     SEL_HEADS,
+    cand_cap,
     HAS_SEQLENS: tl.constexpr,
     CHUNK: tl.constexpr,
     RADIX_BITS: tl.constexpr,
-    LINEAR_FIRST: tl.constexpr,
+    USE_SAMPLE: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    SAMPLED_MIN_LEN: tl.constexpr,
+    CAND_CHUNK: tl.constexpr,
 ):
-    NUM_BINS: tl.constexpr = 1 << RADIX_BITS
-    NUM_PASSES: tl.constexpr = 32 // RADIX_BITS
     row = tl.program_id(0)
     row_ptr = scores_ptr + row.to(tl.int64) * S
+    out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
     length = S
     if HAS_SEQLENS:
         length = tl.maximum(tl.minimum(tl.load(seqlens_ptr + row // SEL_HEADS).to(tl.int32), S), 0)
     k = tl.minimum(K_TOP, length)
-    offs = tl.arange(0, CHUNK)
-    done = k == 0
-    remaining = k  # how many keys still to take from the current bucket
 
-    # The order is lexicographic on (linear bucket of the value, fp32 key): the first pass splits
-    # [min, max] into equal bins, which spreads the histogram where the fp32 exponent byte would
-    # pile most keys into a few bins (and serialise the histogram's shared-memory atomics).
-    lo = tl.full([], 0.0, tl.float32)
-    hi = tl.full([], 0.0, tl.float32)
-    inv_width = tl.full([], 0.0, tl.float32)
-    bucket_t = tl.where(done, NUM_BINS, 0)
-    if LINEAR_FIRST:
-        lo = tl.full([], float("inf"), tl.float32)
-        hi = tl.full([], float("-inf"), tl.float32)
-        for start in range(0, tl.where(done, 0, length), CHUNK):
-            in_row = start + offs < length
-            x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
-            finite = in_row & (x == x) & (tl.abs(x) < float("inf"))
-            lo = tl.minimum(lo, tl.min(tl.where(finite, x, float("inf")), 0))
-            hi = tl.maximum(hi, tl.max(tl.where(finite, x, float("-inf")), 0))
-        spread = hi - lo
-        inv_width = tl.where((spread > 0) & (spread < float("inf")), NUM_BINS / spread, 0.0)
-        hist = tl.zeros([NUM_BINS], dtype=tl.int32)
-        for start in range(0, tl.where(done, 0, length), CHUNK):
-            in_row = start + offs < length
-            x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
-            hist += tl.histogram(_linear_bucket(x, lo, hi, inv_width, NUM_BINS), NUM_BINS, in_row)
-        digit_t, above, in_digit = _pick_digit(hist, remaining, NUM_BINS)
-        bucket_t = tl.where(done, bucket_t, digit_t)
-        new_remaining = remaining - above
-        remaining = tl.where(done, remaining, new_remaining)
-        done = done | (in_digit == new_remaining)
+    fallback = True
+    if USE_SAMPLE:
+        if length >= SAMPLED_MIN_LEN:
+            # Bracket the k-th score between two quantiles of an even sample, with a margin of
+            # about 4 standard deviations of the sample rank. Scores above `hi` are in the top k
+            # for sure; scores in [lo, hi] are candidates, copied out with their positions.
+            i = tl.arange(0, SAMPLE)
+            sample = tl.load(row_ptr + (i.to(tl.int64) * length) // SAMPLE)
+            sample = tl.sort(sample, descending=True)
+            rank = (k.to(tl.float32) * SAMPLE) / length
+            margin = 4.0 * tl.sqrt(rank * (1.0 - rank / SAMPLE)) + 8.0
+            hi_rank = (rank - margin).to(tl.int32)
+            lo_rank = (rank + margin).to(tl.int32)
+            hi = tl.sum(tl.where(i == hi_rank, sample, 0.0), 0)
+            hi = tl.where(hi_rank < 0, float("inf"), hi)
+            lo = tl.sum(tl.where(i == tl.minimum(lo_rank, SAMPLE - 1), sample, 0.0), 0)
+            lo = tl.where(lo_rank >= SAMPLE, float("-inf"), lo)
 
-    digit_mask = tl.full([], NUM_BINS - 1, tl.uint32)
-    prefix = tl.full([], 0, tl.uint32)  # the top bits of the k-th key found so far
-    prefix_mask = tl.full([], 0, tl.uint32)
-    for p in tl.static_range(NUM_PASSES):
-        shift = 32 - RADIX_BITS * (p + 1)
-        hist = tl.zeros([NUM_BINS], dtype=tl.int32)
-        end = tl.where(done, 0, length)
-        for start in range(0, end, CHUNK):
-            in_row = start + offs < end
-            x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
-            key = _float_to_ordered_key(x)
-            in_bucket = in_row & ((key & prefix_mask) == prefix)
-            if LINEAR_FIRST:
-                in_bucket = in_bucket & (_linear_bucket(x, lo, hi, inv_width, NUM_BINS) == bucket_t)
-            digit = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
-            hist += tl.histogram(digit, NUM_BINS, mask=in_bucket)
-        digit_t, above, in_digit = _pick_digit(hist, remaining, NUM_BINS)
-        # A finished row keeps its state (its pass saw an empty range).
-        new_remaining = remaining - above
-        prefix = tl.where(done, prefix, prefix | (digit_t.to(tl.uint32) << shift))
-        prefix_mask = tl.where(done, prefix_mask, prefix_mask | (digit_mask << shift))
-        remaining = tl.where(done, remaining, new_remaining)
-        done = done | (in_digit == new_remaining)
-
-    # Compaction: keys above the k-th fill slots [0, k - remaining), ties [k - remaining, k).
-    # One scan counts both: strictly-greater in the low 16 bits, ties in the high 16 bits.
-    out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
-    n_greater = k - remaining
-    taken_greater = tl.zeros([], tl.int32)
-    taken_equal = tl.zeros([], tl.int32)
-    for start in range(0, length, CHUNK):
-        in_row = start + offs < length
-        x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
-        bucket = _linear_bucket(x, lo, hi, inv_width, NUM_BINS)
-        masked = _float_to_ordered_key(x) & prefix_mask
-        same = in_row & (bucket == bucket_t)
-        greater = (in_row & (bucket > bucket_t)) | (same & (masked > prefix))
-        equal = same & (masked == prefix)
-        packed = tl.cumsum(greater.to(tl.int32) + (equal.to(tl.int32) << 16), 0)
-        rank_greater = taken_greater + (packed & 0xFFFF) - 1
-        rank_equal = taken_equal + (packed >> 16) - 1
-        take_equal = equal & (rank_equal < remaining)
-        tl.store(out_ptr + rank_greater, start + offs, mask=greater)
-        tl.store(out_ptr + n_greater + rank_equal, start + offs, mask=take_equal)
-        total = tl.sum(greater.to(tl.int32) + (equal.to(tl.int32) << 16), 0)
-        taken_greater += total & 0xFFFF
-        taken_equal += total >> 16
+            offs = tl.arange(0, CHUNK)
+            cand_val = cand_val_ptr + row.to(tl.int64) * cand_cap
+            cand_pos = cand_pos_ptr + row.to(tl.int64) * cand_cap
+            n_sure = tl.zeros([], tl.int32)
+            n_cand = tl.zeros([], tl.int32)
+            for start in range(0, length, CHUNK):
+                in_row = start + offs < length
+                x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
+                sure = in_row & (x > hi)
+                cand = in_row & (x >= lo) & (x <= hi)
+                flags = sure.to(tl.int32) + (cand.to(tl.int32) << 16)
+                packed = tl.cumsum(flags, 0)
+                rank_sure = n_sure + (packed & 0xFFFF) - 1
+                rank_cand = n_cand + (packed >> 16) - 1
+                tl.store(out_ptr + rank_sure, start + offs, mask=sure & (rank_sure < k))
+                keep = cand & (rank_cand < cand_cap)
+                tl.store(cand_val + rank_cand, x, mask=keep)
+                tl.store(cand_pos + rank_cand, start + offs, mask=keep)
+                total = tl.sum(flags, 0)
+                n_sure += total & 0xFFFF
+                n_cand += total >> 16
+            bracketed = (n_sure <= k) & (n_sure + n_cand >= k) & (n_cand <= cand_cap)
+            if bracketed:
+                fallback = False
+                need = k - n_sure
+                prefix, prefix_mask, remaining = _radix_threshold(
+                    cand_val, n_cand, need, CAND_CHUNK, RADIX_BITS
+                )
+                _compact(
+                    cand_val,
+                    cand_pos,
+                    n_cand,
+                    need,
+                    prefix,
+                    prefix_mask,
+                    remaining,
+                    out_ptr + n_sure,
+                    CAND_CHUNK,
+                    True,
+                )
+    if fallback:
+        prefix, prefix_mask, remaining = _radix_threshold(row_ptr, length, k, CHUNK, RADIX_BITS)
+        _compact(row_ptr, row_ptr, length, k, prefix, prefix_mask, remaining, out_ptr, CHUNK, False)
+    offs_fill = tl.arange(0, CHUNK)
     for start in range(k, K_TOP, CHUNK):
-        tl.store(out_ptr + start + offs, tl.full([CHUNK], -1, tl.int32), mask=start + offs < K_TOP)
+        tl.store(out_ptr + start + offs_fill, -1, mask=start + offs_fill < K_TOP)
 
 
 def _select_topk_triton(
@@ -167,19 +227,29 @@ def _select_topk_triton(
     """Launch the radix select. scores (B, Hsel, S) fp32 contiguous -> (B, Hsel, k_top) int32."""
     assert scores.dtype == torch.float32 and scores.is_contiguous() and scores.dim() == 3
     batch, sel_heads, seq = scores.shape
-    assert 1 <= k_top <= seq
+    assert 1 <= k_top <= seq and CHUNK < 1 << 16  # the packed scans count in 16 bits
     idx = torch.empty((batch, sel_heads, k_top), device=scores.device, dtype=torch.int32)
+    sampled = USE_SAMPLE and seq >= SAMPLED_MIN_LEN
+    cand_cap = min(CAND_CAP, seq) if sampled else 1
+    cand_val = torch.empty((batch * sel_heads, cand_cap), device=scores.device)
+    cand_pos = torch.empty((batch * sel_heads, cand_cap), device=scores.device, dtype=torch.int32)
     _radix_select_kernel[(batch * sel_heads,)](
         scores,
         seqlens if seqlens is not None else idx,
         idx,
+        cand_val,
+        cand_pos,
         seq,
         k_top,
         sel_heads,
+        cand_cap,
         HAS_SEQLENS=seqlens is not None,
         CHUNK=CHUNK,
         RADIX_BITS=RADIX_BITS,
-        LINEAR_FIRST=LINEAR_FIRST,
+        USE_SAMPLE=sampled,
+        SAMPLE=SAMPLE,
+        SAMPLED_MIN_LEN=SAMPLED_MIN_LEN,
+        CAND_CHUNK=CAND_CHUNK,
         num_warps=NUM_WARPS,
     )
     return idx

@@ -249,6 +249,17 @@ def cache_factory(inputs: Inputs, d: DChoice, k: float):
     return lambda: LokiCache(inputs.components, per_layer, k)
 
 
+def decode_prompts(windows: torch.Tensor, count: int, length: int) -> torch.Tensor:
+    """`count` prompts of `length` tokens, consecutive slices of the evaluation tokens: (count, length)."""
+    flat = windows.flatten()
+    if count * length > flat.numel():
+        raise KeyspaceError(
+            f"{count} decode prompts of {length} tokens need {count * length} tokens; the evaluation set has {flat.numel()}.",
+            "Raise --max-tokens, or lower --decode-prompts / --decode-prompt-tokens.",
+        )
+    return flat[: count * length].view(count, length)
+
+
 def decode_entries(
     model, windows: torch.Tensor, inputs: Inputs, config: ValidateConfig, log: Log
 ) -> list[dict]:
@@ -259,8 +270,9 @@ def decode_entries(
 
     if config.decode_prompts == 0 or "loki" not in inputs.methods:
         return []
-    length = min(config.decode_prompt_tokens, windows.shape[1])
-    prompts = windows[: config.decode_prompts, :length].to(config.device)
+    prompts = decode_prompts(windows, config.decode_prompts, config.decode_prompt_tokens).to(
+        config.device
+    )
     entries = []
     for d in inputs.ds:
         for k in inputs.ks:
@@ -305,6 +317,29 @@ def passkey_entries(
                 }
             )
     return entries
+
+
+SPEED_SEQS = (4096, 16384)  # the model's own long-context shapes plus a longer cache
+
+
+def measured_speed(model, inputs: Inputs, config: ValidateConfig, log: Log) -> list[dict] | None:
+    """On CUDA: the kernel benchmark (CUDA-graph replays, same cache for SDPA and Loki) at the model's
+    attention shapes, batch 16, for every fixed d and k of the grid. None elsewhere."""
+    if not config.device.startswith("cuda"):
+        return None
+    from keyspace.kernels.bench import BenchConfig, run_sweep
+
+    fixed = sorted({int(d.dims.max()) for d in inputs.ds if not d.label.startswith("auto")})
+    cfg = BenchConfig(
+        batch=16,
+        q_heads=model.config.num_attention_heads,
+        kv_heads=(model.config.num_key_value_heads,),
+        head_dim=inputs.head_dim,
+        seqs=SPEED_SEQS,
+        points=tuple((d, k) for d in fixed for k in inputs.ks),
+        dtype="float16",
+    )
+    return run_sweep(cfg, log=log)["rows"]
 
 
 def default_dataset(log: Log) -> str:
@@ -370,4 +405,5 @@ def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateR
     }
     result = ValidateResult(header, rows, recall, decode, passkey)
     result.speed = speed_ceilings(rows)
+    result.speed["measured"] = measured_speed(loaded.model, inputs, config, log)
     return result

@@ -155,7 +155,10 @@ def test_table_output_without_json_with_decode_and_passkey(synthetic):
         ("4", 0.25, 1, 3),
         ("4", 0.5, 1, 3),
     ]
-    assert all(0.0 <= e["token_agreement"] <= 1.0 for e in doc["decode"])
+    assert all(
+        0.0 <= e["token_agreement"] <= 1.0 and 0.0 <= e["forced_agreement"] <= 1.0
+        for e in doc["decode"]
+    )
     expected = [("full", None, 64, 2), ("loki", 0.25, 64, 2), ("loki", 0.5, 64, 2)]
     assert [(e["method"], e["k"], e["length"], e["count"]) for e in doc["passkey"]] == expected
     assert "Passkey retrieval" in (root / "o3" / "validate.html").read_text()

@@ -46,7 +46,7 @@ def _print_table(doc: dict) -> None:
         )
     for entry in doc["decode"]:
         stdout.print(
-            f"decode {entry['method']}: token agreement {entry['token_agreement']:.3f}, NLL of the dense continuation {entry['nll_sparse']:.3f} vs {entry['nll_dense']:.3f} dense"
+            f"decode {entry['method']}: token agreement {entry['token_agreement']:.3f} (teacher-forced {entry['forced_agreement']:.3f}), NLL of the dense continuation {entry['nll_sparse']:.3f} vs {entry['nll_dense']:.3f} dense"
         )
     for entry in doc["passkey"]:
         stdout.print(
@@ -90,6 +90,9 @@ def command(
     decode_prompts: int = typer.Option(
         2, "--decode-prompts", help="Prompts for the real-decoding check (0: skip)."
     ),
+    decode_prompt_tokens: int = typer.Option(
+        128, "--decode-prompt-tokens", help="Tokens per decode prompt."
+    ),
     decode_tokens: int = typer.Option(
         16, "--decode-tokens", help="Greedy tokens generated per prompt."
     ),
@@ -127,6 +130,7 @@ def command(
         recall_windows=recall_windows,
         decode_prompts=decode_prompts,
         decode_tokens=decode_tokens,
+        decode_prompt_tokens=decode_prompt_tokens,
         passkey_lengths=_ints(passkey_lengths, "--passkey-lengths"),
         passkey_count=passkey_count,
         device=device,

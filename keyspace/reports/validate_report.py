@@ -36,61 +36,107 @@ def _row_label(row: dict) -> str:
     return " ".join(parts)
 
 
+def measured_time_points(doc: dict) -> list[tuple[dict, float]]:
+    """(perplexity row, Loki time / SDPA time) for Loki rows with a measured kernel timing at the
+    longest benchmarked cache, group selection (one index set per KV head)."""
+    measured = (doc.get("speed") or {}).get("measured") or []
+    if not measured:
+        return []
+    longest = max(m["seq"] for m in measured)
+    ratio = {
+        (str(m["d"]), m["k_frac"]): m["loki_ms"] / m["sdpa_ms"]
+        for m in measured
+        if m["seq"] == longest and m["select"] in ("group", "mha")
+    }
+    return [
+        (r, ratio[(r["d"], r["k"])])
+        for r in doc["results"]
+        if r["method"] == "loki" and (r["d"], r["k"]) in ratio
+    ]
+
+
 def pareto_plot(doc: dict, path: Path) -> Path:
-    """Perplexity against the share of KV bytes read, one marker style per k-mode, one colour per method."""
-    plt, fig, ax = _figure()
+    """Perplexity against the share of KV bytes read (and, on a GPU, against measured decode time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = measured_time_points(doc)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 7, 4.6), squeeze=False)
+    ax = axes[0, 0]
     methods = sorted({r["method"] for r in doc["results"]})
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     markers = {None: "*", "window": "o", "row": "s"}
     for row in doc["results"]:
-        ax.scatter(
-            row["kv_bytes_fraction"],
-            row["ppl"],
-            color=colours[row["method"]],
-            marker=markers[row["k_mode"]],
-            s=40,
-        )
-        ax.annotate(
-            _row_label(row),
-            (row["kv_bytes_fraction"], row["ppl"]),
-            fontsize=6,
-            xytext=(3, 2),
-            textcoords="offset points",
-        )
+        point = (row["kv_bytes_fraction"], row["ppl"])
+        ax.scatter(*point, color=colours[row["method"]], marker=markers[row["k_mode"]], s=40)
+        if row["method"] in ("loki", "full"):  # label the method under test; colours say the rest
+            ax.annotate(
+                _row_label(row), point, fontsize=6, xytext=(3, 2), textcoords="offset points"
+            )
     for method in methods:
         ax.scatter([], [], color=colours[method], label=method)
     for mode, marker in markers.items():
         ax.scatter([], [], color="grey", marker=marker, label=f"k-mode {mode or 'n/a'}")
-    ax.set_xlabel("share of dense KV bytes read per decode step")
-    ax.set_ylabel("perplexity")
+    ax.set_xlabel("share of dense KV bytes read per decode step (analytic)")
+    ax.set_ylabel("perplexity (log scale)")
     ax.set_yscale("log")
     ax.set_title("Accuracy vs memory traffic")
     ax.legend(fontsize=7, ncol=2)
+    if timed:
+        ax = axes[0, 1]
+        for row, ratio in timed:
+            ax.scatter(
+                ratio, row["ppl"], color=colours["loki"], marker=markers[row["k_mode"]], s=40
+            )
+            ax.annotate(
+                _row_label(row),
+                (ratio, row["ppl"]),
+                fontsize=6,
+                xytext=(3, 2),
+                textcoords="offset points",
+            )
+        ax.axvline(1.0, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("measured Loki decode-step time / dense SDPA time (kernel benchmark)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_yscale("log")
+        ax.set_title("Accuracy vs measured time (GPU)")
     return _save(plt, fig, path)
 
 
 def recall_vs_rank_plot(doc: dict, path: Path) -> Path:
-    """Attention-mass recall of each (layer, query head) against its rank@90, one colour per (d, k)."""
-    plt, fig, ax = _figure()
-    for entry in doc["recall"]:
-        if entry["rank"] is None:
-            continue
-        ranks = [r for row in entry["rank"] for r in row]
-        mass = [m for row in entry["mass_recall"] for m in row]
-        rho = entry["spearman_rank_vs_mass"]["rho"]
-        rho_text = "n/a" if rho is None else f"{rho:+.2f}"
-        ax.scatter(
-            ranks,
-            mass,
-            s=14,
-            alpha=0.7,
-            label=f"d={entry['d']} k={entry['k']:g} (Spearman ρ {rho_text})",
-        )
-    ax.set_xlabel(f"head's rank at 90% explained variance ({doc['rotary']}-RoPE keys)")
-    ax.set_ylabel("attention-mass recall of Loki's selection")
-    ax.set_title("Lower-rank heads keep more of the attention mass")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    """Top-k and attention-mass recall of each (layer, query head) against its rank@90, one colour per (d, k)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for ax, (field, title) in zip(
+        axes,
+        (("topk_recall", "top-k recall"), ("mass_recall", "attention-mass recall")),
+        strict=True,
+    ):
+        for entry in doc["recall"]:
+            if entry["rank"] is None:
+                continue
+            ranks = [r for row in entry["rank"] for r in row]
+            values = [m for row in entry[field] for m in row]
+            rho = entry[f"spearman_rank_vs_{field.split('_')[0]}"]["rho"]
+            rho_text = "n/a" if rho is None else f"{rho:+.2f}"
+            ax.scatter(
+                ranks,
+                values,
+                s=12,
+                alpha=0.6,
+                label=f"d={entry['d']} k={entry['k']:g} (Spearman ρ {rho_text})",
+            )
+        ax.set_xlabel(f"head's rank at 90% explained variance ({doc['rotary']}-RoPE keys)")
+        ax.set_ylabel(f"{title} of Loki's selection")
+        ax.set_title(f"{title} vs rank@90, per (layer, query head)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return _save(plt, fig, path)
 
 
@@ -166,6 +212,32 @@ def _extras(doc: dict) -> str:
                 rows,
             )
         )
+    timing = (doc.get("speed") or {}).get("measured") or []
+    if timing:
+        rows = [
+            [
+                m["seq"],
+                m["d"],
+                f"{m['k_frac']:g}",
+                m["select"],
+                f"{m['sdpa_ms']:.3f}",
+                f"{m['loki_ms']:.3f}",
+                f"{m['speedup']:.2f}x",
+                f"{m['floor_speedup']:.2f}x",
+            ]
+            for m in timing
+        ]
+        headers = [
+            "cache S",
+            "d",
+            "k",
+            "selection",
+            "SDPA ms",
+            "Loki ms",
+            "speedup",
+            "byte-floor speedup",
+        ]
+        parts.append("<h2>Measured decode-step time (batch 16, fp16)</h2>" + _table(headers, rows))
     if doc["passkey"]:
         rows = [[e["method"], e["length"], f"{e['correct']}/{e['count']}"] for e in doc["passkey"]]
         parts.append("<h2>Passkey retrieval</h2>" + _table(["method", "length", "correct"], rows))

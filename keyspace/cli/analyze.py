@@ -30,7 +30,7 @@ def command(
     config = AnalyzeConfig(parse_thresholds(threshold), centered=not uncentered)
     analysis = analyze_and_write(run, config)
     for warning in analysis.warnings:
-        stderr.print(f"Warning: {warning}")
+        stderr.print(f"Warning: {warning}", soft_wrap=True)
     if as_json:
         print_json(summary_json(analysis))
         return

@@ -35,11 +35,13 @@ def command(
         out = Path("reports") / runs[0].resolve().name
     report = build_report(runs, out, config)
     for warning in report.warnings:
-        stderr.print(f"Warning: {warning}")
+        stderr.print(f"Warning: {warning}", soft_wrap=True)
     for label, fresh in zip(report.labels, report.reanalyzed, strict=True):
         if fresh:
-            stderr.print(f"Analyzed {label}: wrote ranks.json and calibration.safetensors")
+            stderr.print(
+                f"Analyzed {label}: wrote ranks.json and calibration.safetensors", soft_wrap=True
+            )
     if as_json:
         print_json(report.to_json())
     elif report.index is not None:
-        stdout.print(f"Report: {report.index}")
+        stdout.print(f"Report: {report.index}", soft_wrap=True)

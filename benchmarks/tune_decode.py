@@ -36,19 +36,10 @@ def main() -> int:
         "scores": (ls, [{"BLOCK_S": 256, "NUM_WARPS": 4}]),
         "select": (
             sel,
-            [
-                {"USE_SAMPLE": u, "SAMPLE": n, "CAND_CHUNK": c, "CHUNK": ch, "NUM_WARPS": w}
-                for u, n, c, ch, w in (
-                    (False, 1024, 512, 4096, 8),
-                    (True, 1024, 512, 4096, 8),
-                    (True, 1024, 256, 4096, 8),
-                    (True, 1024, 1024, 4096, 8),
-                    (True, 512, 512, 4096, 8),
-                    (True, 2048, 512, 4096, 8),
-                    (True, 1024, 512, 2048, 4),
-                    (True, 1024, 512, 4096, 4),
-                    (True, 1024, 512, 8192, 16),
-                )
+            [{"SELECT_IMPL": "row", "TILE": 1024, "TILE_WARPS": 4}]
+            + [
+                {"SELECT_IMPL": "grid", "TILE": t, "TILE_WARPS": w}
+                for t, w in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8))
             ],
         ),
         "attention": (
@@ -114,13 +105,6 @@ def main() -> int:
         del sets, scores, idx
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    try:  # what the histogram lowers to on this Triton: shared atomics or warp ballots
-        for kernel in sel._radix_select_kernel.device_caches[0][0].values():
-            ptx = kernel.asm["ptx"]
-            ops = ("atom.", "vote.", "popc", "bar.sync", "shfl")
-            print(f"select ptx: {len(ptx.splitlines())} lines, { {o: ptx.count(o) for o in ops} }")
-    except Exception as err:  # the cache layout is private to Triton
-        print(f"no ptx: {err!r}")
     (args.out / "tune_decode.json").write_text(json.dumps(results, indent=2))
     return 0
 

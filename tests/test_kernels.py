@@ -1,0 +1,298 @@
+"""Loki decode kernels against fp32 oracles, on CPU through the Triton interpreter.
+
+tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported; `backend="triton"` forces
+the Triton kernels on CPU tensors. Shapes are a representative cross-product of issue 5's grid,
+kept small where the grid does not ask for size, because the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keyspace.kernels import (
+    dense_attention_reference,
+    loki_decode,
+    loki_decode_reference,
+    lowrank_scores,
+    lowrank_scores_reference,
+    select_topk,
+    select_topk_reference,
+    sparse_attention,
+    sparse_attention_reference,
+)
+
+select_module = importlib.import_module("keyspace.kernels.select")
+attention_module = importlib.import_module("keyspace.kernels.sparse_attention")
+
+# assert_close tolerances against the fp32 oracle, per input dtype.
+TOL = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-4},
+    torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+}
+SCORE_TOL = {"atol": 1e-4, "rtol": 1e-5}  # fp32 accumulation of products, any input dtype
+
+
+def make_cache(batch, q_heads, kv_heads, seq, head_dim, d, dtype=torch.float32, seed=0):
+    """Random (never zero) q, k_low, k_rest, v plus the full keys, in `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_heads, head_dim, generator=gen).to(dtype)
+    keys = torch.randn(batch, kv_heads, seq, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, seq, head_dim, generator=gen).to(dtype)
+    return q, keys[..., :d].contiguous(), keys[..., d:].contiguous(), v, keys
+
+
+def assert_valid_topk(scores, idx, k_top, seqlens=None):
+    """idx holds, per row, min(k_top, length) distinct positions whose scores are a top set."""
+    batch, heads, seq = scores.shape
+    for b in range(batch):
+        length = seq if seqlens is None else int(seqlens[b])
+        want = min(k_top, length)
+        for h in range(heads):
+            chosen = idx[b, h][idx[b, h] >= 0].long()
+            assert chosen.numel() == want and chosen.unique().numel() == want
+            assert int(chosen.max()) < length
+            if want < length:
+                mask = torch.ones(length, dtype=torch.bool)
+                mask[chosen] = False
+                row = scores[b, h, :length].double()
+                assert row[chosen].min() >= row[mask].max()
+
+
+# (batch, q_heads, kv_heads, seq, head_dim, d): MHA and GQA groups 1, 3, 4, 8; D 64 and 128;
+# d in {1, 16, 32, D-1, D}; S in {1, 17, 1027, 4096}.
+DENSE_CASES = [
+    (2, 4, 4, 17, 64, 16),
+    (1, 6, 2, 1027, 64, 1),
+    (1, 8, 2, 4096, 128, 32),
+    (1, 8, 1, 1027, 128, 127),
+    (1, 2, 2, 1, 64, 64),
+    (2, 3, 1, 17, 128, 128),
+    (1, 4, 1, 1027, 64, 63),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "B{}Hq{}Hkv{}S{}D{}d{}".format(*c))
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_k_top_equal_to_seq_is_dense_attention(case, group_select):
+    batch, q_heads, kv_heads, seq, head_dim, d = case
+    q, k_low, k_rest, v, keys = make_cache(*case)
+    oracle = dense_attention_reference(q, keys, v)
+    out = loki_decode(q, k_low, k_rest, v, seq, group_select=group_select, backend="triton")
+    torch.testing.assert_close(out, oracle, **TOL[torch.float32])
+    ref = loki_decode_reference(q, k_low, k_rest, v, seq, group_select=group_select)
+    torch.testing.assert_close(ref, oracle, **TOL[torch.float32])
+
+
+SPARSE_CASES = [  # (batch, q_heads, kv_heads, seq, head_dim, d, k_top)
+    (2, 4, 4, 1027, 64, 16, 1),
+    (1, 6, 2, 1027, 128, 32, 7),
+    (1, 8, 2, 4096, 128, 32, 512),
+    (1, 8, 1, 4096, 64, 16, 7),
+    (2, 3, 1, 17, 64, 1, 7),
+    (1, 4, 4, 1027, 128, 127, 100),
+]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: "B{}Hq{}Hkv{}S{}D{}d{}k{}".format(*c))
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_sparse_decode_matches_reference(case, group_select):
+    *shape, k_top = case
+    q, k_low, k_rest, v, _ = make_cache(*shape, seed=1)
+    out = loki_decode(q, k_low, k_rest, v, k_top, group_select=group_select, backend="triton")
+    ref = loki_decode_reference(q, k_low, k_rest, v, k_top, group_select=group_select)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+# bf16 is not covered here: the Triton interpreter (numpy) has no bfloat16 and returns garbage for
+# bf16 tl.dot. The GPU check in benchmarks/bench_decode.py covers bf16 against the fp32 oracle.
+@pytest.mark.parametrize("dtype", [torch.float16], ids=["fp16"])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_half_precision_against_fp32_oracle(dtype, group_select):
+    q, k_low, k_rest, v, _ = make_cache(2, 8, 2, 1027, 128, 32, dtype=dtype, seed=2)
+    k_top = 129
+    out = loki_decode(q, k_low, k_rest, v, k_top, group_select=group_select, backend="triton")
+    assert out.dtype == dtype
+    # The oracle attends, in fp32, to the set the kernels chose; the choice is checked apart.
+    scores = lowrank_scores(q, k_low, group_select, backend="triton")
+    torch.testing.assert_close(
+        scores, lowrank_scores_reference(q, k_low, group_select), **SCORE_TOL
+    )
+    idx = select_topk(scores, k_top, backend="triton")
+    assert_valid_topk(lowrank_scores_reference(q, k_low, group_select), idx, k_top)
+    up = [t.float() for t in (q, k_low, k_rest, v)]
+    oracle = sparse_attention_reference(*up, idx)
+    torch.testing.assert_close(out.float(), oracle, **TOL[dtype])
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_ragged_seqlens(group_select):
+    q, k_low, k_rest, v, keys = make_cache(3, 6, 2, 1027, 64, 16, seed=3)
+    seqlens = torch.tensor([1027, 5, 1])
+    out = loki_decode(q, k_low, k_rest, v, 7, group_select=group_select, seqlens=seqlens,
+                      backend="triton")  # fmt: skip
+    ref = loki_decode_reference(q, k_low, k_rest, v, 7, group_select=group_select, seqlens=seqlens)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    # Sequences no longer than k_top keep every valid token: dense attention over their length.
+    dense = dense_attention_reference(q, keys, v, seqlens=seqlens)
+    torch.testing.assert_close(out[1:], dense[1:], **TOL[torch.float32])
+    full = loki_decode(q, k_low, k_rest, v, 1027, group_select=group_select, seqlens=seqlens,
+                       backend="triton")  # fmt: skip
+    torch.testing.assert_close(full, dense, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select):
+    q, k_low, _, _, _ = make_cache(2, 8, 2, 300, 64, 16, seed=4)
+    seqlens = torch.tensor([300, 123])
+    out = lowrank_scores(q, k_low, group_select, seqlens, backend="triton")
+    ref = lowrank_scores_reference(q, k_low, group_select, seqlens)
+    assert out.shape == (2, 2 if group_select else 8, 300) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, **SCORE_TOL)
+    assert torch.isinf(out[1, :, 123:]).all() and torch.isfinite(out[1, :, :123]).all()
+
+
+@pytest.mark.parametrize("impl", ["grid", "row"])
+@pytest.mark.parametrize(
+    "kind,seq,k_top",
+    [("randn", 4096, 512), ("randn", 1027, 1), ("ties", 1027, 7), ("ties", 4096, 1000),
+     ("constant", 2000, 17), ("randn", 17, 17)],
+)  # fmt: skip
+def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
+    monkeypatch.setattr(select_module, "SELECT_IMPL", impl)
+    gen = torch.Generator().manual_seed(5)
+    if kind == "ties":  # few distinct values: the k-th is tied many times over
+        scores = torch.randint(-4, 4, (2, 3, seq), generator=gen).float()
+    elif kind == "constant":
+        scores = torch.full((2, 3, seq), 0.5)
+    else:
+        scores = torch.randn(2, 3, seq, generator=gen)
+    seqlens = torch.tensor([seq, max(1, seq // 3)])
+    for lens in (None, seqlens):
+        idx = select_topk(scores, k_top, lens, backend="triton")
+        assert idx.shape == (2, 3, k_top) and idx.dtype == torch.int32
+        assert_valid_topk(scores, idx, k_top, lens)
+    if kind == "randn":  # no ties: the very same set as torch.topk
+        got = idx.sort(-1).values
+        want = select_topk_reference(scores, k_top, seqlens).sort(-1).values
+        torch.testing.assert_close(got, want)
+
+
+def test_select_topk_handles_infinities(monkeypatch):
+    scores = torch.randn(1, 2, 3000, generator=torch.Generator().manual_seed(6))
+    scores[..., ::3] = float("-inf")
+    scores[..., 1] = float("inf")
+    for impl in ("grid", "row"):
+        monkeypatch.setattr(select_module, "SELECT_IMPL", impl)
+        idx = select_topk(scores, 1500, backend="triton")
+        assert_valid_topk(scores.nan_to_num(posinf=1e30, neginf=-1e30), idx, 1500)
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_sparse_attention_split_k_and_unused_slots(group_select):
+    q, k_low, k_rest, v, _ = make_cache(2, 8, 2, 700, 128, 32, seed=7)
+    sets = 2 if group_select else 8
+    gen = torch.Generator().manual_seed(8)
+    idx = torch.stack([torch.randperm(700, generator=gen)[:300] for _ in range(2 * sets)])
+    idx = idx.reshape(2, sets, 300).int()
+    idx[0, 0, 250:] = -1  # a short row
+    idx[1, -1, :] = -1  # a row with nothing selected: zeros
+    ref = sparse_attention_reference(q, k_low, k_rest, v, idx)
+    for splits in (1, 3, 5):
+        out = attention_module._sparse_attention_triton(
+            q, k_low, k_rest, v, idx, 1 / math.sqrt(128), num_splits=splits
+        )
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    heads = slice(4, 8) if group_select else slice(7, 8)  # the query heads of the empty row
+    assert (out[1, heads] == 0).all()
+    torch.testing.assert_close(sparse_attention(q, k_low, k_rest, v, idx, backend="triton"), ref,
+                               **TOL[torch.float32])  # fmt: skip
+
+
+def test_cpu_dispatch_runs_the_reference_and_scale_is_used():
+    q, k_low, k_rest, v, _ = make_cache(1, 4, 2, 64, 64, 16, seed=9)
+    out = loki_decode(q, k_low, k_rest, v, 8, scale=0.3)
+    assert torch.equal(out, loki_decode_reference(q, k_low, k_rest, v, 8, scale=0.3))
+    forced = loki_decode(q, k_low, k_rest, v, 8, scale=0.3, backend="triton")
+    torch.testing.assert_close(forced, out, **TOL[torch.float32])
+    assert not torch.allclose(out, loki_decode_reference(q, k_low, k_rest, v, 8))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3, 4]),
+    seq=st.integers(1, 300),
+    head_dim=st.sampled_from([16, 64]),
+    d_frac=st.floats(0.0, 1.0),
+    k_frac=st.floats(0.0, 1.0),
+    group_select=st.booleans(),
+    ragged=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_reference(
+    batch, kv_heads, group, seq, head_dim, d_frac, k_frac, group_select, ragged, seed
+):
+    d = max(1, round(d_frac * head_dim))
+    k_top = max(1, round(k_frac * seq))
+    q, k_low, k_rest, v, _ = make_cache(batch, kv_heads * group, kv_heads, seq, head_dim, d,
+                                        seed=seed)  # fmt: skip
+    seqlens = None
+    if ragged:
+        seqlens = torch.randint(1, seq + 1, (batch,), generator=torch.Generator().manual_seed(seed))
+    scores = lowrank_scores_reference(q, k_low, group_select, seqlens)
+    idx = select_topk(
+        lowrank_scores(q, k_low, group_select, seqlens, backend="triton"), k_top, seqlens,
+        backend="triton",
+    )  # fmt: skip
+    assert_valid_topk(scores, idx, k_top, seqlens)
+    out = loki_decode(q, k_low, k_rest, v, k_top, group_select=group_select, seqlens=seqlens,
+                      backend="triton")  # fmt: skip
+    torch.testing.assert_close(out, sparse_attention_reference(q, k_low, k_rest, v, idx),
+                               **TOL[torch.float32])  # fmt: skip
+
+
+def _args(**changes):
+    q, k_low, k_rest, v, _ = make_cache(2, 4, 2, 32, 64, 16)
+    args = {"q": q, "k_low": k_low, "k_rest": k_rest, "v": v, "k_top": 4}
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"k_top": 33}, r"k_top must be in \[1, S=32\]"),
+        ({"k_top": 0}, r"k_top must be in \[1, S=32\]"),
+        ({"k_rest": torch.randn(2, 2, 32, 40)}, "shape mismatch: k_rest"),
+        ({"v": torch.randn(2, 2, 31, 64)}, "shape mismatch: v"),
+        ({"q": torch.randn(3, 4, 64)}, "shape mismatch: q has batch 3"),
+        ({"k_low": torch.randn(2, 2, 32, 65)}, "d > D"),
+        ({"q": torch.randn(2, 3, 64)}, "not a multiple of Hkv=2"),
+        ({"q": torch.randn(2, 4, 64, dtype=torch.float64)}, "float16, bfloat16 or float32"),
+        ({"v": torch.randn(2, 2, 32, 64).half()}, "dtype mismatch"),
+        ({"seqlens": torch.tensor([32, 0])}, r"seqlens must lie in \[1, S=32\]"),
+        ({"seqlens": torch.tensor([32])}, r"seqlens must have shape \(2,\)"),
+        ({"backend": "cuda"}, "backend must be one of"),
+    ],
+)
+def test_bad_arguments_raise_value_error(changes, message):
+    with pytest.raises(ValueError, match=message):
+        loki_decode(**_args(**changes))
+
+
+def test_stage_functions_validate_too():
+    q, k_low, k_rest, v, _ = make_cache(1, 4, 2, 32, 64, 16)
+    with pytest.raises(ValueError, match="k_top"):
+        select_topk(torch.randn(1, 4, 32), 40)
+    with pytest.raises(ValueError, match="idx must be"):
+        sparse_attention(q, k_low, k_rest, v, torch.zeros(1, 3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="not a multiple"):
+        lowrank_scores(torch.randn(1, 3, 64), k_low)

@@ -296,3 +296,40 @@ def test_stage_functions_validate_too():
         sparse_attention(q, k_low, k_rest, v, torch.zeros(1, 3, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="not a multiple"):
         lowrank_scores(torch.randn(1, 3, 64), k_low)
+
+
+def test_bench_cli_needs_cuda_and_reads_model_shapes(tmp_path):
+    from typer.testing import CliRunner
+
+    from keyspace.cli.bench import model_shapes
+    from keyspace.cli.main import app
+
+    assert model_shapes("smollm2-135m") == (9, 3, 64)
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "num_attention_heads": 12, "num_key_value_heads": 4,'
+        ' "hidden_size": 768}'
+    )
+    assert model_shapes(str(tmp_path)) == (12, 4, 64)
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--model", "smollm2-135m", "--seq", "4096"])
+    if not torch.cuda.is_available():
+        assert result.exit_code == 2
+        assert "Error: keyspace bench needs a CUDA GPU" in result.output
+    result = runner.invoke(app, ["bench", "--model", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "cannot read attention shapes" in result.output
+    result = runner.invoke(app, ["bench", "--d", "32"])
+    assert result.exit_code == 2 and "--d and --k go together" in result.output
+    result = runner.invoke(app, ["bench", "--heads", "32", "--kv-heads", "5"])
+    assert result.exit_code == 2 and "not a multiple of kv_heads=5" in result.output
+
+
+def test_bench_table_and_config_checks():
+    from keyspace.kernels.bench import TABLE_COLUMNS, BenchConfig, markdown_table
+
+    row = {key: 1.0 for _, key, _ in TABLE_COLUMNS} | {"select": "group", "kv_heads": 8}
+    table = markdown_table([row]).splitlines()
+    assert len(table) == 3 and table[2].count("|") == len(TABLE_COLUMNS) + 1
+    with pytest.raises(ValueError, match="k fraction"):
+        BenchConfig(points=((32, 0.0),))
+    with pytest.raises(ValueError, match="dtype"):
+        BenchConfig(dtype="int8")

@@ -10,8 +10,6 @@ torchrun: rank r takes windows r, r+W, ...; rank 0 merges the moments when all r
 from __future__ import annotations
 
 import errno
-import fcntl
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import torch
 
 from keyspace import __version__
 from keyspace.capture import arch_spec, capture_keys, head_geometry
+from keyspace.checkpoint import Dist, FolderLock, commit_chunk, load_progress
 from keyspace.errors import KeyspaceError
 from keyspace.store import (
     KINDS,
@@ -31,13 +30,11 @@ from keyspace.store import (
     STATE_PARTIAL,
     Moments,
     RunFolder,
-    load_moments,
     save_moments,
     sha256_file,
     write_json_atomic,
 )
 
-PROGRESS_DIR = "progress"
 KEYS_DIR = "keys"
 SAMPLE_SEED = 0
 # Fields that must match for --resume to continue a run.
@@ -111,51 +108,6 @@ class CollectResult:
         return (self.tokens - self.resumed_windows * self.extra.get("window", 0)) / max(
             self.seconds, 1e-9
         )
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if (
-            world > 1
-            and torch.distributed.is_available()
-            and not torch.distributed.is_initialized()
-        ):
-            torch.distributed.init_process_group("gloo")
-        return cls(int(os.environ.get("RANK", "0")), world)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-class FolderLock:
-    """An exclusive flock on `<out>/.lock-rank{r}`; the OS drops it if the process dies."""
-
-    def __init__(self, out: Path, rank: int):
-        self.path = out / f".lock-rank{rank}"
-        self.handle: Any = None
-
-    def __enter__(self) -> FolderLock:
-        self.handle = open(self.path, "w")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
-            raise KeyspaceError(
-                f"another collector is writing to {self.path.parent}.",
-                "Wait for it to finish, or choose another --out.",
-            ) from None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -269,46 +221,6 @@ def _write_shards(cfg: CollectConfig, buffer: ChunkBuffer, rank: int, chunk: int
     return shards
 
 
-def _progress_path(out: Path, rank: int) -> Path:
-    return out / PROGRESS_DIR / f"rank{rank}.json"
-
-
-def _load_progress(
-    out: Path, rank: int, shape: tuple[int, int, int]
-) -> tuple[dict, dict[str, Moments]]:
-    """This rank's committed progress, with every file it names verified by sha256."""
-    import json
-
-    path = _progress_path(out, rank)
-    if not path.is_file():
-        return {"chunks_done": 0, "shards": [], "moments": None}, {
-            k: Moments.zeros(*shape) for k in KINDS
-        }
-    progress = json.loads(path.read_text())
-    files = [(s["path"], s["sha256"]) for s in progress["shards"]] + [
-        (progress["moments"]["path"], progress["moments"]["sha256"])
-    ]
-    for rel, digest in files:
-        target = out / rel
-        if not target.is_file() or sha256_file(target) != digest:
-            raise KeyspaceError(
-                f"{target} is missing or corrupt (sha256 does not match the run's record); the run cannot be resumed safely.",
-                "Delete the run folder and collect again.",
-            )
-    return progress, load_moments(out / progress["moments"]["path"])
-
-
-def _commit_chunk(out: Path, rank: int, progress: dict, moments: dict[str, Moments]) -> None:
-    chunks = progress["chunks_done"]
-    rel = f"{PROGRESS_DIR}/moments.rank{rank}.c{chunks:05d}.safetensors"
-    save_moments(out / rel, moments)
-    previous = progress.get("moments")
-    progress["moments"] = {"path": rel, "sha256": sha256_file(out / rel)}
-    write_json_atomic(_progress_path(out, rank), progress)
-    if previous and previous["path"] != rel:
-        (out / previous["path"]).unlink(missing_ok=True)
-
-
 def _disk_error(err: OSError, out: Path) -> KeyspaceError:
     what = (
         "the disk is full"
@@ -337,7 +249,7 @@ def _base_manifest(cfg: CollectConfig, loaded: Any, tw: Any, dist: Dist, device:
         "device": device,
         "dataset": {
             "spec": cfg.dataset,
-            "split": cfg.split,
+            "split": cfg.split if cfg.dataset == "wikitext" else None,
             "source": tw.source,
             "corpus_sha256": tw.corpus_sha256,
             "corpus_tokens": tw.corpus_tokens,
@@ -370,7 +282,7 @@ def _finalize(cfg: CollectConfig, manifest: dict, dist: Dist, shape: tuple[int, 
     merged = {k: Moments.zeros(*shape) for k in KINDS}
     shards = []
     for rank in range(dist.world):
-        progress, moments = _load_progress(cfg.out, rank, shape)
+        progress, moments = load_progress(cfg.out, rank, shape)
         merged = {k: merged[k].merge(moments[k]) for k in KINDS}
         shards += progress["shards"]
     expected = manifest["num_windows"] * manifest["window"]
@@ -461,7 +373,7 @@ def _run_chunks(
     shape = (manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"])
     mine = list(range(dist.rank, windows.shape[0], dist.world))
     chunks = [mine[i : i + cfg.shard_windows] for i in range(0, len(mine), cfg.shard_windows)]
-    progress, moments = _load_progress(cfg.out, dist.rank, shape)
+    progress, moments = load_progress(cfg.out, dist.rank, shape)
     keep = _keep_mask(cfg.keep_keys, windows.numel())
     done_before = sum(len(c) for c in chunks[: progress["chunks_done"]])
     done = done_before
@@ -480,5 +392,5 @@ def _run_chunks(
                     on_progress(done, len(mine))
         progress["shards"] += _write_shards(cfg, buffer, dist.rank, chunk_index)
         progress["chunks_done"] = chunk_index + 1
-        _commit_chunk(cfg.out, dist.rank, progress, moments)
+        commit_chunk(cfg.out, dist.rank, progress, moments)
     return done_before

@@ -102,7 +102,7 @@ def test_resume_after_interrupt_is_identical(model_dir, corpus, tmp_path, monkey
     import keyspace.collect as mod
 
     calls = {"n": 0}
-    real_commit = mod._commit_chunk
+    real_commit = mod.commit_chunk
 
     def failing_commit(*args):
         calls["n"] += 1
@@ -110,12 +110,12 @@ def test_resume_after_interrupt_is_identical(model_dir, corpus, tmp_path, monkey
             raise OSError(28, "No space left on device")
         return real_commit(*args)
 
-    monkeypatch.setattr(mod, "_commit_chunk", failing_commit)
+    monkeypatch.setattr(mod, "commit_chunk", failing_commit)
     with pytest.raises(KeyspaceError, match="disk is full") as err:
         collect(_cfg(model_dir, corpus, tmp_path / "cut"))
     assert "--resume" in err.value.hint
     assert RunFolder.open(tmp_path / "cut").manifest["state"] == "partial"
-    monkeypatch.setattr(mod, "_commit_chunk", real_commit)
+    monkeypatch.setattr(mod, "commit_chunk", real_commit)
     resumed = collect(_cfg(model_dir, corpus, tmp_path / "cut", resume=True))
     assert resumed.resumed_windows == 3 and resumed.state == "complete"
     _assert_same_run(whole.out, resumed.out)
@@ -147,7 +147,7 @@ def test_existing_run_needs_resume_and_same_model(model_dir, corpus, tmp_path):
 def test_corrupt_shard_is_refused_on_resume(model_dir, corpus, tmp_path, monkeypatch):
     import keyspace.collect as mod
 
-    real_commit = mod._commit_chunk
+    real_commit = mod.commit_chunk
     calls = {"n": 0}
 
     def stop_after_first(*args):
@@ -156,10 +156,10 @@ def test_corrupt_shard_is_refused_on_resume(model_dir, corpus, tmp_path, monkeyp
         if calls["n"] == 1:
             raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(mod, "_commit_chunk", stop_after_first)
+    monkeypatch.setattr(mod, "commit_chunk", stop_after_first)
     with pytest.raises(KeyspaceError, match="resumable"):
         collect(_cfg(model_dir, corpus, tmp_path / "run"))
-    monkeypatch.setattr(mod, "_commit_chunk", real_commit)
+    monkeypatch.setattr(mod, "commit_chunk", real_commit)
     shard = next((tmp_path / "run" / "keys").rglob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncate
     with pytest.raises(KeyspaceError, match="corrupt"):
@@ -168,7 +168,7 @@ def test_corrupt_shard_is_refused_on_resume(model_dir, corpus, tmp_path, monkeyp
 
 
 def test_second_collector_is_refused(model_dir, corpus, tmp_path):
-    from keyspace.collect import FolderLock
+    from keyspace.checkpoint import FolderLock
 
     out = tmp_path / "run"
     out.mkdir()
@@ -268,24 +268,12 @@ def _cli(*args, env=None):
 
 
 def test_sigkill_then_resume_is_bit_identical(model_dir, corpus, tmp_path):
-    big = write_corpus(tmp_path / "big.txt", repeats=6)
-    args = [
-        "--model",
-        str(model_dir),
-        "--dataset",
-        str(big),
-        "--window",
-        "32",
-        "--max-tokens",
-        "all",
-        "--keep-keys",
-        "all",
-        "--shard-windows",
-        "1",
-    ]
+    big = write_corpus(tmp_path / "big.txt", repeats=2)
+    args = ["--model", str(model_dir), "--dataset", str(big), "--window", "32"]
+    args += ["--max-tokens", str(32 * 24), "--keep-keys", "all", "--shard-windows", "1"]
     subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, capture_output=True)
     n_windows = RunFolder.open(tmp_path / "whole").manifest["num_windows"]
-    assert n_windows >= 20
+    assert n_windows == 24
     proc = subprocess.Popen(
         _cli(*args, "--out", str(tmp_path / "killed")),
         stdout=subprocess.DEVNULL,

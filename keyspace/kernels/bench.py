@@ -60,12 +60,16 @@ class BenchConfig:
             raise ValueError("batch, seq and input_sets must be positive")
 
 
-def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy rate, bytes read + written per second, in GB/s."""
-    src = torch.randn(nbytes // 4, device="cuda")
+def memory_bandwidth_gbps(nbytes: int = 4 << 30) -> dict:
+    """Measured DRAM rates in GB/s: a device-to-device copy (read + write) and a read-only sum.
+
+    Decode reads far more than it writes, so the read rate is the byte floor's rate.
+    """
+    src = torch.randn(nbytes // 2, device="cuda", dtype=torch.float16)
     dst = torch.empty_like(src)
-    ms = _graph_ms([lambda: dst.copy_(src)], reps=10, replays=5)
-    return 2 * nbytes / ms / 1e6
+    copy_ms = _graph_ms([lambda: dst.copy_(src)], reps=10, replays=3)
+    read_ms = _graph_ms([lambda: src.sum(dtype=torch.float32)], reps=10, replays=3)
+    return {"copy_gbps": 2 * nbytes / copy_ms / 1e6, "read_gbps": nbytes / read_ms / 1e6}
 
 
 def _graph_ms(fns: Sequence[Callable[[], object]], reps: int, replays: int) -> float:
@@ -208,13 +212,18 @@ def _floor_bytes(cfg: BenchConfig, kv_heads: int, seq: int, d: int, k_top: int, 
 
 def run_sweep(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Time SDPA and Loki over the sweep; returns {"meta": ..., "rows": [...]}."""
+    import triton
+
     props = torch.cuda.get_device_properties(0)
-    peak = copy_bandwidth_gbps()
-    log(f"{props.name}: {props.multi_processor_count} SMs, copy bandwidth {peak:.0f} GB/s")
+    rates = memory_bandwidth_gbps()
+    peak = max(rates.values())
+    log(f"{props.name}: {props.multi_processor_count} SMs, {rates} (floor rate {peak:.0f} GB/s)")
     meta = {
         "device": props.name,
         "torch": torch.__version__,
-        "copy_gbps": peak,
+        "triton": triton.__version__,
+        **rates,
+        "floor_gbps": peak,
         "config": {k: v for k, v in cfg.__dict__.items()},
     }
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -189,16 +189,23 @@ def _time_loki(sets: list[dict], cfg: BenchConfig, d: int, k_top: int, group: bo
         ),
         "attention_ms": _graph_ms(
             [
-                lambda s=s, i=i: _sparse_attention_triton(
-                    s["q"], s["k_low"], s["k_rest"], s["v"], i, scale
+                lambda s=s, sc=sc, i=i: _sparse_attention_triton(
+                    s["q"], s["k_low"], s["k_rest"], s["v"], i, scale, low_scores=_low(s, sc)
                 )
-                for s, _, i in pairs
+                for s, sc, i in pairs
             ],
             cfg.reps,
             cfg.replays,
         ),
     }
     return row
+
+
+def _low(s: dict, scores: torch.Tensor) -> torch.Tensor | None:
+    """The scores the decode step hands to attention (see decode.REUSE_LOW_SCORES)."""
+    from keyspace.kernels import decode
+
+    return scores if decode.REUSE_LOW_SCORES and scores.shape[1] == s["q"].shape[1] else None
 
 
 def _floor_bytes(cfg: BenchConfig, kv_heads: int, seq: int, d: int, k_top: int, group: bool):

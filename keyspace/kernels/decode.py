@@ -6,7 +6,8 @@ Three stages, four launches (scores, radix select, split-K attention, reduce); s
 Bytes moved per step (es = element size, k = k_top, Hsel = Hkv with group_select, else Hq):
     k_low once:              B·Hkv·S·d·es
     scores, write + passes:  B·Hsel·S·4·(1 + passes)   (passes mostly from L2)
-    selected rows:           B·Hsel·k·2·D·es
+    selected rows:           B·Hsel·k·2·D·es, or B·Hq·k·((2D - d)·es + 4) per head when the
+                             attention reuses the scores' q_low·k_low
 against 2·B·Hkv·S·D·es for dense attention.
 """
 
@@ -20,6 +21,9 @@ from keyspace.kernels._checks import check_cache, check_k_top, check_seqlens, us
 from keyspace.kernels.lowrank_scores import _lowrank_scores_triton, lowrank_scores_reference
 from keyspace.kernels.select import _select_topk_triton, select_topk_reference
 from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
+
+# Per-head selection reuses the score pass's q_low·k_low in attention (4 bytes a row, not d·es).
+REUSE_LOW_SCORES = True
 
 
 def _loki_decode_triton(
@@ -35,7 +39,9 @@ def _loki_decode_triton(
     """The three Triton stages back to back; no host synchronisation (CUDA-graph safe)."""
     scores = _lowrank_scores_triton(q, k_low, group_select, seqlens)  # [B, Hsel, S] fp32
     idx = _select_topk_triton(scores, k_top, seqlens)  # [B, Hsel, k] int32
-    return _sparse_attention_triton(q, k_low, k_rest, v, idx, scale)  # [B, Hq, D]
+    # One query head per index set: its scores already hold q_low·k_low for every token.
+    low = scores if REUSE_LOW_SCORES and scores.shape[1] == q.shape[1] else None
+    return _sparse_attention_triton(q, k_low, k_rest, v, idx, scale, low_scores=low)  # [B, Hq, D]
 
 
 def loki_decode(

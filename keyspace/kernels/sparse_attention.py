@@ -35,6 +35,7 @@ def _sparse_attention_split_kernel(
     k_rest_ptr,  # (B, Hkv, S, D - D_LOW) contiguous
     v_ptr,  # (B, Hkv, S, D) contiguous
     idx_ptr,  # (B, Hsel, K_TOP) int32 contiguous, -1 = unused slot
+    low_ptr,  # (B, Hq, S) fp32 q_low·k_low when LOW_SCORES (per-head sets), else a dummy
     part_acc_ptr,  # (B, Hq, SPLITS, D) fp32
     part_ml_ptr,  # (B, Hq, SPLITS, 2) fp32: running max (log2 units) and sum
     S,
@@ -53,6 +54,7 @@ def _sparse_attention_split_kernel(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    LOW_SCORES: tl.constexpr,
 ):
     D_REST: tl.constexpr = D - D_LOW
     HEADS_PER_SET = Q_HEADS // SEL_HEADS  # G with group_select, else 1
@@ -89,17 +91,23 @@ def _sparse_attention_split_kernel(
     start = pid_split * rows_per_split
     end = tl.minimum(start + rows_per_split, K_TOP)
     idx_row = idx_ptr + pid_set.to(tl.int64) * K_TOP
+    low_row = low_ptr + pid_set.to(tl.int64) * S  # only with LOW_SCORES (one head per set)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         tok = tl.load(idx_row + offs_n, mask=offs_n < end, other=-1)  # [BLOCK_N]
         valid = tok >= 0
         rows = kv_row0 + tl.where(valid, tok, 0)
-        k_low = tl.load(
-            k_low_ptr + rows[:, None] * D_LOW + offs_dl[None, :],
-            mask=valid[:, None] & (offs_dl[None, :] < D_LOW),
-            other=0.0,
-        )  # [BLOCK_N, BLOCK_DL]
-        s = tl.dot(q_low, tl.trans(k_low), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        if LOW_SCORES:
+            # q_low·k_low was computed by the score pass: read 4 bytes instead of d·es per row.
+            s_low = tl.load(low_row + tl.where(valid, tok, 0), mask=valid, other=0.0)
+            s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32) + s_low[None, :]  # [BLOCK_H, BLOCK_N]
+        else:
+            k_low = tl.load(
+                k_low_ptr + rows[:, None] * D_LOW + offs_dl[None, :],
+                mask=valid[:, None] & (offs_dl[None, :] < D_LOW),
+                other=0.0,
+            )  # [BLOCK_N, BLOCK_DL]
+            s = tl.dot(q_low, tl.trans(k_low), input_precision=DOT_PRECISION)
         if D_REST > 0:
             k_rest = tl.load(
                 k_rest_ptr + rows[:, None] * D_REST + offs_dr[None, :],
@@ -179,8 +187,13 @@ def _sparse_attention_triton(
     idx: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    low_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch split + reduce. idx (B, Hsel, k) int32 with Hsel = Hq (per head) or Hkv (group)."""
+    """Launch split + reduce. idx (B, Hsel, k) int32 with Hsel = Hq (per head) or Hkv (group).
+
+    low_scores (B, Hq, S) fp32, optional with one query head per index set: the score pass's
+    q_low·k_low, reused instead of gathering k_low again.
+    """
     for t in (q, k_low, k_rest, v, idx):
         assert t.is_contiguous()
     assert q.dtype == k_low.dtype == k_rest.dtype == v.dtype and idx.dtype == torch.int32
@@ -188,6 +201,9 @@ def _sparse_attention_triton(
     _, kv_heads, seq, d = k_low.shape
     sel_heads, k_top = idx.shape[1], idx.shape[2]
     assert sel_heads in (q_heads, kv_heads) and idx.shape[0] == batch
+    if low_scores is not None:
+        assert sel_heads == q_heads and low_scores.shape == (batch, q_heads, seq)
+        assert low_scores.dtype == torch.float32 and low_scores.is_contiguous()
     splits = num_splits or _num_splits(k_top, batch * sel_heads, q.device)
     rows_per_split = triton.cdiv(triton.cdiv(k_top, splits), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(k_top, rows_per_split)
@@ -200,6 +216,7 @@ def _sparse_attention_triton(
         k_rest,
         v,
         idx,
+        low_scores if low_scores is not None else part_ml,
         part_acc,
         part_ml,
         seq,
@@ -218,6 +235,7 @@ def _sparse_attention_triton(
         BLOCK_DV=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_N=BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        LOW_SCORES=low_scores is not None,
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )

@@ -55,11 +55,17 @@ class ValidateConfig:
     decode_prompt_tokens: int = 128
     passkey_lengths: tuple[int, ...] = ()
     passkey_count: int = 2
+    gqa_select: str = "head"  # loki under GQA: one token set per query head, or per KV-head group
     device: str = "cpu"
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.run = Path(self.run)
+        if self.gqa_select not in ("head", "group"):
+            raise KeyspaceError(
+                f"--gqa-select must be head or group, got {self.gqa_select!r}.",
+                "Use head (one token set per query head, as in the paper) or group.",
+            )
         if self.rotary not in ("pre", "post"):
             raise KeyspaceError(
                 f"--rotary must be pre or post, got {self.rotary!r}.",
@@ -91,6 +97,7 @@ class Inputs:
     ks: list[float]
     k_modes: list[str]
     methods: list[str]
+    group_select: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -128,7 +135,7 @@ def open_inputs(config: ValidateConfig) -> Inputs:
     ranks_path = run.path / RANKS_FILE
     ranks = json.loads(ranks_path.read_text()) if ranks_path.is_file() else None
     ds = parse_d(config.d, components.shape[-1], tuple(components.shape[:2]), ranks, config.rotary)
-    return Inputs(run, components, ranks, ds, ks, k_modes, methods)
+    return Inputs(run, components, ranks, ds, ks, k_modes, methods, config.gqa_select == "group")
 
 
 def check_passkey_lengths(model, lengths: tuple[int, ...]) -> None:
@@ -159,7 +166,7 @@ def check_model(model, identity: str, inputs: Inputs) -> None:
         )
 
 
-def settings_for(point: SweepPoint, components: torch.Tensor):
+def settings_for(point: SweepPoint, inputs: Inputs):
     from keyspace.loki.masked import SparseSettings
 
     spec = METHODS[point.method]
@@ -168,7 +175,8 @@ def settings_for(point: SweepPoint, components: torch.Tensor):
         k=point.k if point.k is not None else 1.0,
         k_mode=point.k_mode or "window",
         dims=point.d.dims if point.d is not None else None,
-        basis=components if spec.uses_basis else None,
+        basis=inputs.components if spec.uses_basis else None,
+        group_select=inputs.group_select and point.method == "loki",
     )
 
 
@@ -179,7 +187,7 @@ def measure_perplexity(
     from keyspace.loki.selection import kv_bytes_fraction
 
     label = f"{point.method} d={point.d.label if point.d else '-'} k={point.k or '-'} {point.k_mode or ''}"
-    result = perplexity(model, windows, settings_for(point, inputs.components))
+    result = perplexity(model, windows, settings_for(point, inputs))
     log(f"{label}: ppl {result.ppl:.3f} ({result.seconds:.0f} s)")
     d_mean = point.d.mean if point.d else None
     return ResultRow(
@@ -207,7 +215,7 @@ def recall_entry(
     recall = loki_recall(
         model,
         windows,
-        SparseSettings("loki", k=k, k_mode=k_mode, dims=d.dims, basis=inputs.components),
+        SparseSettings("loki", k, k_mode, d.dims, inputs.components, inputs.group_select),
     )
     groups = recall.mass.shape[1] // d.dims.shape[1]
     entry = {
@@ -246,7 +254,7 @@ def cache_factory(inputs: Inputs, d: DChoice, k: float):
     from keyspace.loki.cache import LokiCache
 
     per_layer = d.dims.max(dim=1).values.tolist()
-    return lambda: LokiCache(inputs.components, per_layer, k)
+    return lambda: LokiCache(inputs.components, per_layer, k, group_select=inputs.group_select)
 
 
 def decode_prompts(windows: torch.Tensor, count: int, length: int) -> torch.Tensor:
@@ -279,7 +287,14 @@ def decode_entries(
             check = decode_check(model, prompts, config.decode_tokens, cache_factory(inputs, d, k))
             log(f"decode loki d={d.label} k={k:g}: token agreement {check.token_agreement:.3f}")
             entries.append(
-                {"method": "loki", "d": d.label, "k": k, "k_mode": "row", **asdict(check)}
+                {
+                    "method": "loki",
+                    "d": d.label,
+                    "k": k,
+                    "k_mode": "row",
+                    "gqa_select": "group" if inputs.group_select else "head",
+                    **asdict(check),
+                }
             )
     return entries
 
@@ -397,6 +412,7 @@ def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateR
             "windows": int(windows.shape[0]),
         },
         "rotary": config.rotary,
+        "gqa_select": config.gqa_select,
         "head_dim": inputs.head_dim,
         "k_modes": inputs.k_modes,
         "grid": {"d": [d.label for d in inputs.ds], "k": inputs.ks, "methods": inputs.methods},

@@ -128,3 +128,18 @@ def test_passkey_prompts_have_exact_length_and_hold_the_key():
         model, tokenizer, prompts, {"full": None, "loki": lambda: LokiCache(BASIS, [4, 4], k=0.25)}
     )
     assert set(correct) == {"full", "loki"} and all(0 <= c <= 3 for c in correct.values())
+
+
+def test_group_select_decode_step_equals_masked_group_row_mode():
+    model, tokens = tiny_llama(layers=1), random_tokens(batch=1, length=21)
+    basis, d, k = random_bases(1, 2, seed=4), 4, 0.25
+    settings = SparseSettings(
+        "loki", k=k, k_mode="row", dims=torch.full((1, 2), d), basis=basis, group_select=True
+    )
+    with torch.no_grad(), sparse_attention(model, settings):
+        masked_logits = model(tokens, use_cache=False).logits[0, -1]
+    cache = LokiCache(basis, [d], k=k, group_select=True)
+    with torch.no_grad(), loki_decoding(model, cache):
+        model(tokens[:, :-1], **cache_kwargs(model, cache))
+        decode_logits = model(tokens[:, -1:], **cache_kwargs(model, cache)).logits[0, -1]
+    torch.testing.assert_close(decode_logits, masked_logits, atol=1e-5, rtol=1e-4)

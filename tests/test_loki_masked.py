@@ -203,3 +203,31 @@ def test_model_is_restored_after_the_block_also_on_error():
 def test_settings_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SparseSettings(**kwargs)
+
+
+def test_group_select_keeps_one_set_per_kv_head_and_is_exact_at_k1():
+    inputs = random_inputs("loki", k=0.25)
+    inputs.group_size, inputs.group_select = 2, True
+    kept = torch.isfinite(METHODS["loki"].select(inputs))
+    assert torch.equal(kept[:, 0], kept[:, 1]) and torch.equal(kept[:, 2], kept[:, 3])
+    assert (kept.sum(-1) == inputs.budget).all()
+    model, tokens = tiny_llama(), random_tokens()
+    settings = SparseSettings(
+        "loki", k=1.0, dims=full_dims(4), basis=random_bases(LAYERS, KV_HEADS), group_select=True
+    )
+    assert_rel_close(logits_of(model, tokens, settings), logits_of(model, tokens))
+
+
+def test_dispatch_outside_a_block_and_padded_masks_are_refused():
+    from keyspace.loki.registry import _dispatch
+
+    model = tiny_llama()
+    module = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, HEAD_DIM)
+    kv = torch.randn(1, 2, 3, HEAD_DIM)
+    with pytest.raises(RuntimeError, match="outside a `use_attention` block"):
+        _dispatch(module, q, kv, kv, None)
+    padded = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    padded[..., 0] = False
+    with use_attention(model, lambda *args: None), pytest.raises(ValueError, match="unpadded"):
+        _dispatch(module, q, kv, kv, padded)

@@ -92,6 +92,28 @@ def test_sweep_writes_validate_json_and_report(synthetic):
     assert "exact-topk" in html and "validate_pareto.png" in html
 
 
+def test_group_select_runs_and_is_recorded(synthetic):
+    root, run = synthetic
+    args = [
+        "--d",
+        "4",
+        "--methods",
+        "loki",
+        "--gqa-select",
+        "group",
+        "--decode-prompts",
+        "1",
+        "--decode-tokens",
+        "2",
+    ]
+    result = invoke(root, run, *args, "--out", str(root / "o4"), "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["gqa_select"] == "group" and doc["decode"][0]["gqa_select"] == "group"
+    mass = doc["recall"][0]["mass_recall"]
+    assert len(mass[0]) == 4
+
+
 def test_full_rank_k1_matches_full_perplexity(synthetic):
     root, run = synthetic
     result = invoke(
@@ -176,6 +198,7 @@ def test_table_output_without_json_with_decode_and_passkey(synthetic):
         (["--methods", "loki,magic"], "unknown --methods value 'magic'"),
         (["--k-mode", "column"], "unknown --k-mode value"),
         (["--rotary", "mid"], "--rotary must be pre or post"),
+        (["--gqa-select", "all"], "--gqa-select must be head or group"),
         (["--passkey-lengths", "99999"], "exceeds the model's limit of 512"),
         (["--passkey-lengths", "2k"], "comma list of positive integers"),
     ],

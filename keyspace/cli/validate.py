@@ -70,6 +70,11 @@ def command(
     k_mode: str = typer.Option(
         "window", "--k-mode", help="Budget protocol: window, row, or window,row."
     ),
+    gqa_select: str = typer.Option(
+        "head",
+        "--gqa-select",
+        help="Loki under GQA: one token set per query head (paper) or per KV-head group.",
+    ),
     rotary: str = typer.Option(
         "post", "--rotary", help="Which calibrated basis: post- or pre-RoPE keys."
     ),
@@ -122,6 +127,7 @@ def command(
         k=k,
         k_modes=k_mode,
         rotary=rotary,
+        gqa_select=gqa_select,
         methods=methods,
         dataset=dataset,
         split=split,

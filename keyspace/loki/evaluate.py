@@ -15,7 +15,7 @@ import torch
 
 from keyspace.loki.masked import SparseSettings, attend, layer_inputs, sparse_attention
 from keyspace.loki.registry import use_attention
-from keyspace.loki.selection import keep_top, masked
+from keyspace.loki.selection import group_sum, keep_top, masked
 
 Progress = Callable[[int, int], None]
 
@@ -102,7 +102,10 @@ class _RecallRecorder:
         inputs = layer_inputs(self.settings, module.layer_idx, query, key, scale)
         logits = masked(inputs.exact_scores, inputs.causal)
         probs = torch.softmax(logits.float() * scale, dim=-1)  # [B, Hq, T, S]
-        chosen = keep_top(inputs.low_rank_scores, inputs.budget, inputs.causal)
+        approx = inputs.low_rank_scores
+        if inputs.group_select:
+            approx = group_sum(approx, inputs.group_size)
+        chosen = keep_top(approx, inputs.budget, inputs.causal)
         exact = keep_top(inputs.exact_scores, inputs.budget, inputs.causal)
         counted = inputs.budget < inputs.causal.sum(dim=-1)  # [T]
         overlap = (chosen & exact).sum(-1).double() / inputs.budget.double()  # [B, Hq, T]

@@ -26,6 +26,7 @@ class SparseSettings:
     k_mode: "window" (every row keeps ceil(k·T), all of a shorter context) or "row" (ceil(k·(i+1)))
     dims:   (layers, kv_heads) long, d per KV head; needed by loki, pcaattn, sparq
     basis:  (layers, kv_heads, head_dim, head_dim), rows = PCA directions; needed by loki, pcaattn
+    group_select: loki keeps one token set per KV head (summed group scores), not per query head
     """
 
     method: str
@@ -33,6 +34,7 @@ class SparseSettings:
     k_mode: str = "window"
     dims: torch.Tensor | None = None
     basis: torch.Tensor | None = None
+    group_select: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,6 +92,8 @@ def layer_inputs(settings: SparseSettings, layer: int, query, key, scale: float)
         budget=row_budgets(settings.k, settings.k_mode, q_len, kv_len).to(query.device),
         basis=per_query_head(settings.basis),
         dims=per_query_head(settings.dims),
+        group_size=groups,
+        group_select=settings.group_select,
     )
 
 

@@ -27,6 +27,8 @@ class LayerInputs:
     budget: (q_len,) long, tokens each row keeps (1 <= budget[i] <= context of row i)
     basis:  (q_heads, head_dim, head_dim) or None; basis[h] rows are PCA directions of h's KV head
     dims:   (q_heads,) long or None; d for each query head
+    group_select: Loki sums the low-rank scores of a KV head's query heads and keeps one token set
+        for the whole group (each selected row is read once), instead of one set per query head
     """
 
     query: torch.Tensor
@@ -36,6 +38,8 @@ class LayerInputs:
     budget: torch.Tensor
     basis: torch.Tensor | None = None
     dims: torch.Tensor | None = None
+    group_size: int = 1  # query heads per KV head; with group_select, Loki picks one set per group
+    group_select: bool = False
 
     def __post_init__(self) -> None:
         q_len, kv_len = self.query.shape[-2], self.key.shape[-2]
@@ -96,8 +100,18 @@ def exact_topk(inp: LayerInputs) -> torch.Tensor:
     return masked(inp.exact_scores, keep)
 
 
+def group_sum(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Sum the scores of each KV head's query heads: (B, Hq, T, S) -> (B, Hq, T, S), equal within a group."""
+    batch, heads, rows, cols = scores.shape
+    summed = scores.view(batch, heads // group_size, group_size, rows, cols).sum(dim=2)
+    return summed.repeat_interleave(group_size, dim=1)
+
+
 def loki(inp: LayerInputs) -> torch.Tensor:
-    keep = keep_top(inp.low_rank_scores, inp.budget, inp.causal)
+    scores = inp.low_rank_scores
+    if inp.group_select:
+        scores = group_sum(scores, inp.group_size)
+    keep = keep_top(scores, inp.budget, inp.causal)
     return masked(inp.exact_scores, keep)
 
 

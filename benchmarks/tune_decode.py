@@ -30,18 +30,13 @@ def main() -> int:
     ls = importlib.import_module("keyspace.kernels.lowrank_scores")
     sel = importlib.import_module("keyspace.kernels.select")
     sa = importlib.import_module("keyspace.kernels.sparse_attention")
+    dec = importlib.import_module("keyspace.kernels.decode")
     from keyspace.kernels.bench import BenchConfig, _graph_ms, _make_inputs
 
     variants = {
         "scores": (ls, [{"BLOCK_S": 256, "NUM_WARPS": 4}]),
-        "select": (
-            sel,
-            [{"SELECT_IMPL": "row", "TILE": 1024, "TILE_WARPS": 4}]
-            + [
-                {"SELECT_IMPL": "grid", "TILE": t, "TILE_WARPS": w}
-                for t, w in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8))
-            ],
-        ),
+        "select": (sel, [{"USE_SAMPLE": u} for u in (False, True)]),
+        "step": (dec, [{"PIPELINE": False}, {"PIPELINE": True}]),
         "attention": (
             sa,
             [
@@ -70,6 +65,12 @@ def main() -> int:
             ],
             "select": [
                 lambda sc=sc, k=k_top: sel._select_topk_triton(sc, k, None) for sc in scores
+            ],
+            "step": [
+                lambda s=s, g=group, k=k_top: dec._loki_decode_triton(
+                    s["q"], s["k_low"], s["k_rest"], s["v"], k, 1 / math.sqrt(128), g, None
+                )
+                for s in sets
             ],
             "attention": [
                 lambda s=s, i=i: sa._sparse_attention_triton(

@@ -158,14 +158,14 @@ def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select
     assert torch.isinf(out[1, :, 123:]).all() and torch.isfinite(out[1, :, :123]).all()
 
 
-@pytest.mark.parametrize("impl", ["grid", "row"])
+@pytest.mark.parametrize("impl", [True, False], ids=["sampled", "radix"])
 @pytest.mark.parametrize(
     "kind,seq,k_top",
     [("randn", 4096, 512), ("randn", 1027, 1), ("ties", 1027, 7), ("ties", 4096, 1000),
      ("constant", 2000, 17), ("randn", 17, 17)],
 )  # fmt: skip
 def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
-    monkeypatch.setattr(select_module, "SELECT_IMPL", impl)
+    monkeypatch.setattr(select_module, "USE_SAMPLE", impl)
     gen = torch.Generator().manual_seed(5)
     if kind == "ties":  # few distinct values: the k-th is tied many times over
         scores = torch.randint(-4, 4, (2, 3, seq), generator=gen).float()
@@ -188,8 +188,8 @@ def test_select_topk_handles_infinities(monkeypatch):
     scores = torch.randn(1, 2, 3000, generator=torch.Generator().manual_seed(6))
     scores[..., ::3] = float("-inf")
     scores[..., 1] = float("inf")
-    for impl in ("grid", "row"):
-        monkeypatch.setattr(select_module, "SELECT_IMPL", impl)
+    for impl in (True, False):
+        monkeypatch.setattr(select_module, "USE_SAMPLE", impl)
         idx = select_topk(scores, 1500, backend="triton")
         assert_valid_topk(scores.nan_to_num(posinf=1e30, neginf=-1e30), idx, 1500)
 
@@ -333,3 +333,11 @@ def test_bench_table_and_config_checks():
         BenchConfig(points=((32, 0.0),))
     with pytest.raises(ValueError, match="dtype"):
         BenchConfig(dtype="int8")
+
+
+def test_sampled_select_falls_back_when_the_bracket_overflows(monkeypatch):
+    monkeypatch.setattr(select_module, "USE_SAMPLE", True)
+    monkeypatch.setattr(select_module, "CAND_CAP", 16)  # every bracket holds more: fallback
+    scores = torch.randn(2, 2, 3000, generator=torch.Generator().manual_seed(10))
+    idx = select_topk(scores, 300, backend="triton")
+    assert_valid_topk(scores, idx, 300)

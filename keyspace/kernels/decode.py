@@ -24,6 +24,26 @@ from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_a
 
 # Per-head selection reuses the score pass's q_low·k_low in attention (4 bytes a row, not d·es).
 REUSE_LOW_SCORES = True
+# Overlap the two halves of the batch on two streams (see _loki_decode_triton).
+PIPELINE = True
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _loki_decode_stages(q, k_low, k_rest, v, k_top, scale, group_select, seqlens):
+    """The three Triton stages back to back on the current stream."""
+    scores = _lowrank_scores_triton(q, k_low, group_select, seqlens)  # [B, Hsel, S] fp32
+    idx = _select_topk_triton(scores, k_top, seqlens)  # [B, Hsel, k] int32
+    # One query head per index set: its scores already hold q_low·k_low for every token.
+    low = scores if REUSE_LOW_SCORES and scores.shape[1] == q.shape[1] else None
+    return _sparse_attention_triton(q, k_low, k_rest, v, idx, scale, low_scores=low)  # [B, Hq, D]
 
 
 def _loki_decode_triton(
@@ -36,12 +56,34 @@ def _loki_decode_triton(
     group_select: bool,
     seqlens: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The three Triton stages back to back; no host synchronisation (CUDA-graph safe)."""
-    scores = _lowrank_scores_triton(q, k_low, group_select, seqlens)  # [B, Hsel, S] fp32
-    idx = _select_topk_triton(scores, k_top, seqlens)  # [B, Hsel, k] int32
-    # One query head per index set: its scores already hold q_low·k_low for every token.
+    """The Triton stages; no host synchronisation, so a CUDA graph can capture the step.
+
+    With PIPELINE on CUDA and batch >= 2, the batch is cut in two halves and the second half runs
+    on a side stream that starts once the first half's scores are written. The selection of one
+    half (latency-bound, light on memory) then overlaps the memory-bound score or attention pass
+    of the other.
+    """
+    args = (k_top, scale, group_select)
+    batch = q.shape[0]
+    if not (PIPELINE and q.is_cuda and batch >= 2):
+        return _loki_decode_stages(q, k_low, k_rest, v, *args, seqlens)
+    first, second = slice(0, batch // 2), slice(batch // 2, batch)
+    lens = [None, None] if seqlens is None else [seqlens[first], seqlens[second]]
+    main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+    scores = _lowrank_scores_triton(q[first], k_low[first], group_select, lens[0])
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out_second = _loki_decode_stages(
+            q[second], k_low[second], k_rest[second], v[second], *args, lens[1]
+        )
+    idx = _select_topk_triton(scores, k_top, lens[0])
     low = scores if REUSE_LOW_SCORES and scores.shape[1] == q.shape[1] else None
-    return _sparse_attention_triton(q, k_low, k_rest, v, idx, scale, low_scores=low)  # [B, Hq, D]
+    out_first = _sparse_attention_triton(
+        q[first], k_low[first], k_rest[first], v[first], idx, scale, low_scores=low
+    )
+    main.wait_stream(side)
+    out_second.record_stream(main)  # allocated on the side stream, read on main
+    return torch.cat([out_first, out_second])
 
 
 def loki_decode(

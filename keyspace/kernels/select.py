@@ -1,22 +1,23 @@
 """Exact top-k selection by radix select over the fp32 score bits.
 
-Each fp32 score maps to a uint32 key whose unsigned order is the float order. Up to four passes
-of an 8-bit histogram (`tl.histogram`) walk the key from its top byte down and pin the k-th
-largest key T; a pass is skipped once the boundary bucket is taken whole. A last pass compacts:
-every key above T is kept, and keys equal to T are kept until k are chosen. The result is an
-exact top-k; which of several exactly tied scores at T is kept is not specified.
+One program owns one score row (one query head, or one KV group with group_select). Each fp32 is
+mapped to a uint32 key whose unsigned order is the float order. Up to four passes of an 8-bit
+histogram (`tl.histogram`) walk the key from its top byte down and pin the k-th largest key T;
+a pass is skipped once the boundary bucket is taken whole. A last pass compacts: every key above
+T is kept, and keys equal to T are kept in position order until k are chosen. Ties therefore go
+to lower positions, and the result is an exact top-k.
 
-Two launch shapes compute the same thing:
-- "grid" (default on CUDA): every pass is a launch over (row, tile) programs, so the whole GPU
-  works on every pass even with few rows (GQA groups: B·Hkv = 128 rows). Histograms meet in a
-  small int32 workspace through atomics; each program recomputes the row's state from the
-  histograms of the earlier passes. Compaction takes output slots with an atomic counter per row.
-- "row": one program per row runs all passes in a loop (no atomics, indices in position order).
+Sampled bracket (few long rows): an even sample of SAMPLE scores is sorted; two of its
+quantiles, a few standard deviations either side of the k-th, bracket T. One pass over the row
+writes every score above the bracket straight to the output and copies those inside it, with
+their positions, to a scratch buffer; the radix select then runs on those candidates only. If
+the bracket missed T (or held too many candidates), the row falls back to the plain radix select,
+so the result is exact either way.
 
-Slots past min(k, seqlens[b]) hold -1. Indices come out unordered; attention does not care.
+Slots past min(k, seqlens[b]) hold -1. Indices are unordered; attention does not care.
 
-Bytes moved: each pass reads the score rows (S·4 bytes a row; at decode sizes mostly from L2)
-and writes Hsel·k·4 bytes of int32 indices.
+Bytes moved: each pass reads the row (S·4 bytes, mostly from L2 after the first); the sampled
+path reads it about twice. Writes Hsel·k·4 bytes of int32 indices.
 """
 
 from __future__ import annotations
@@ -27,15 +28,20 @@ import triton.language as tl
 
 from keyspace.kernels._checks import check_k_top, use_triton
 
-SELECT_IMPL = "grid"  # "grid" or "row", see the header
-RADIX_BITS = 8
-NUM_PASSES = 32 // RADIX_BITS
-# "grid": 1024 scores per program (8 per thread at 4 warps) gives S/1024 programs per row.
-TILE = 1024
-TILE_WARPS = 4
-# "row": 4096 fp32 per chunk, 16 per thread at 8 warps.
+# 4096 fp32 per chunk: 16 per thread at 8 warps, one chunk per pass at S=4096.
 CHUNK = 4096
 NUM_WARPS = 8
+RADIX_BITS = 8
+# Sampled bracket (see the kernel) for rows at least SAMPLED_MIN_LEN long. "auto" samples when
+# there are few rows (at most SAMPLE_ROWS_PER_SM per SM, e.g. GQA groups): one program per SM is
+# latency-bound and the bracket cuts its full-row passes from ~4 to 1. With many rows the SMs are
+# busy anyway and the sort and extra pass cost more than they save (measured in docs/kernels.md).
+USE_SAMPLE = "auto"  # "auto", True or False
+SAMPLE_ROWS_PER_SM = 1
+SAMPLE = 1024
+SAMPLED_MIN_LEN = 2048
+CAND_CAP = 8192  # most candidates kept per row; more falls back to the full radix select
+CAND_CHUNK = 1024  # candidates are few: a narrower chunk keeps their passes cheap
 
 
 @triton.jit
@@ -47,143 +53,16 @@ def _float_to_ordered_key(x):
 
 
 @triton.jit
-def _next_state(hist, prefix, prefix_mask, remaining, done, shift, RADIX_BITS: tl.constexpr):
-    """Fold one pass's histogram into the row state (prefix of T, its mask, keys still needed)."""
+def _radix_threshold(row_ptr, length, k, CHUNK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """Radix-select the k-th largest of row_ptr[:length] (fp32).
+
+    Returns (prefix, prefix_mask, remaining): the keys whose masked bits are above `prefix` are
+    all in the top k, and `remaining` more are taken from those equal to it.
+    """
     NUM_BINS: tl.constexpr = 1 << RADIX_BITS
-    bins = tl.arange(0, NUM_BINS)
-    # The digit of T is the largest bin whose count of keys at or above it reaches `remaining`.
-    at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-    digit = tl.max(tl.where(at_or_above >= remaining, bins, -1), 0)
-    above = tl.sum(tl.where(bins == digit, at_or_above - hist, 0), 0)
-    in_digit = tl.sum(tl.where(bins == digit, hist, 0), 0)
-    new_remaining = remaining - above
-    # A finished row keeps its state (its pass counted nothing).
-    prefix = tl.where(done, prefix, prefix | (digit.to(tl.uint32) << shift))
-    digit_mask = tl.full([], NUM_BINS - 1, tl.uint32)
-    prefix_mask = tl.where(done, prefix_mask, prefix_mask | (digit_mask << shift))
-    remaining = tl.where(done, remaining, new_remaining)
-    done = done | (in_digit == new_remaining)
-    return prefix, prefix_mask, remaining, done
-
-
-@triton.jit
-def _row_length(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS: tl.constexpr):
-    length = S
-    if HAS_SEQLENS:
-        length = tl.maximum(tl.minimum(tl.load(seqlens_ptr + row // SEL_HEADS).to(tl.int32), S), 0)
-    return length, tl.minimum(K_TOP, length)
-
-
-@triton.jit
-def _state_from_hists(ws_ptr, k, PASSES: tl.constexpr, RADIX_BITS: tl.constexpr):
-    """The row state after PASSES passes, from the histograms in the workspace row ws_ptr."""
-    NUM_BINS: tl.constexpr = 1 << RADIX_BITS
-    prefix = tl.full([], 0, tl.uint32)
-    prefix_mask = tl.full([], 0, tl.uint32)
-    remaining = k
-    done = k <= 0
-    for p in tl.static_range(PASSES):
-        hist = tl.load(ws_ptr + p * NUM_BINS + tl.arange(0, NUM_BINS))
-        shift = 32 - RADIX_BITS * (p + 1)
-        prefix, prefix_mask, remaining, done = _next_state(
-            hist, prefix, prefix_mask, remaining, done, shift, RADIX_BITS
-        )
-    return prefix, prefix_mask, remaining, done
-
-
-@triton.jit
-def _radix_pass_kernel(
-    scores_ptr,  # (R, S) fp32 contiguous
-    seqlens_ptr,  # (B,) int, or a dummy
-    ws_ptr,  # (R, WS) int32 zeroed: NUM_PASSES histograms of 2^RADIX_BITS bins, 2 counters
-    S,
-    K_TOP,
-    SEL_HEADS,
-    WS,
-    PASS: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr,
-    TILE: tl.constexpr,
-    RADIX_BITS: tl.constexpr,
-):
-    NUM_BINS: tl.constexpr = 1 << RADIX_BITS
-    row = tl.program_id(0)
-    length, k = _row_length(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
-    ws_row = ws_ptr + row.to(tl.int64) * WS
-    prefix, prefix_mask, _, done = _state_from_hists(ws_row, k, PASS, RADIX_BITS)
-    offs = tl.program_id(1) * TILE + tl.arange(0, TILE)
-    in_row = offs < tl.where(done, 0, length)  # a finished row reads nothing
-    key = _float_to_ordered_key(
-        tl.load(scores_ptr + row.to(tl.int64) * S + offs, mask=in_row, other=0.0)
-    )
-    shift: tl.constexpr = 32 - RADIX_BITS * (PASS + 1)
-    digit = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
-    hist = tl.histogram(digit, NUM_BINS, mask=in_row & ((key & prefix_mask) == prefix))
-    bins = tl.arange(0, NUM_BINS)
-    tl.atomic_add(ws_row + PASS * NUM_BINS + bins, hist, mask=hist > 0, sem="relaxed")
-
-
-@triton.jit
-def _radix_compact_kernel(
-    scores_ptr,  # (R, S) fp32 contiguous
-    seqlens_ptr,  # (B,) int, or a dummy
-    ws_ptr,  # (R, WS) int32 after the passes
-    idx_ptr,  # (R, K_TOP) int32
-    S,
-    K_TOP,
-    SEL_HEADS,
-    WS,
-    NUM_PASSES: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr,
-    TILE: tl.constexpr,
-    RADIX_BITS: tl.constexpr,
-):
-    NUM_BINS: tl.constexpr = 1 << RADIX_BITS
-    row = tl.program_id(0)
-    tile = tl.program_id(1)
-    length, k = _row_length(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
-    ws_row = ws_ptr + row.to(tl.int64) * WS
-    prefix, prefix_mask, remaining, _ = _state_from_hists(ws_row, k, NUM_PASSES, RADIX_BITS)
-    offs = tile * TILE + tl.arange(0, TILE)
-    in_row = offs < length
-    x = tl.load(scores_ptr + row.to(tl.int64) * S + offs, mask=in_row, other=0.0)
-    masked = _float_to_ordered_key(x) & prefix_mask
-    greater = in_row & (masked > prefix)
-    equal = in_row & (masked == prefix)
-    # One scan counts both kinds: strictly-greater in the low 16 bits, ties in the high 16 bits.
-    flags = greater.to(tl.int32) + (equal.to(tl.int32) << 16)
-    packed = tl.cumsum(flags, 0)
-    total = tl.sum(flags, 0)
-    counters = ws_row + NUM_PASSES * NUM_BINS
-    base_greater = tl.atomic_add(counters, total & 0xFFFF, sem="relaxed")
-    base_equal = tl.atomic_add(counters + 1, total >> 16, sem="relaxed")
-    out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
-    rank_greater = base_greater + (packed & 0xFFFF) - 1
-    rank_equal = base_equal + (packed >> 16) - 1
-    tl.store(out_ptr + rank_greater, offs, mask=greater)
-    tl.store(out_ptr + (k - remaining) + rank_equal, offs, mask=equal & (rank_equal < remaining))
-    if tile == 0:
-        for start in range(k, K_TOP, TILE):
-            fill = start + tl.arange(0, TILE)
-            tl.store(out_ptr + fill, -1, mask=fill < K_TOP)
-
-
-@triton.jit
-def _radix_select_row_kernel(
-    scores_ptr,  # (R, S) fp32 contiguous, R = B * Hsel
-    seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
-    idx_ptr,  # (R, K_TOP) int32 contiguous
-    S,
-    K_TOP,
-    SEL_HEADS,
-    HAS_SEQLENS: tl.constexpr,
-    CHUNK: tl.constexpr,
-    RADIX_BITS: tl.constexpr,
-):
-    NUM_BINS: tl.constexpr = 1 << RADIX_BITS
-    row = tl.program_id(0)
-    row_ptr = scores_ptr + row.to(tl.int64) * S
-    length, k = _row_length(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     offs = tl.arange(0, CHUNK)
+    bins = tl.arange(0, NUM_BINS)
+    digit_mask = tl.full([], NUM_BINS - 1, tl.uint32)
     prefix = tl.full([], 0, tl.uint32)
     prefix_mask = tl.full([], 0, tl.uint32)
     remaining = k
@@ -195,15 +74,47 @@ def _radix_select_row_kernel(
         for start in range(0, end, CHUNK):
             in_row = start + offs < end
             key = _float_to_ordered_key(tl.load(row_ptr + start + offs, mask=in_row, other=0.0))
+            in_bucket = in_row & ((key & prefix_mask) == prefix)
             digit = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
-            hist += tl.histogram(digit, NUM_BINS, mask=in_row & ((key & prefix_mask) == prefix))
-        prefix, prefix_mask, remaining, done = _next_state(
-            hist, prefix, prefix_mask, remaining, done, shift, RADIX_BITS
-        )
-    # Compaction in position order: keys above T fill [0, k - remaining), ties the rest.
-    out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
-    taken = tl.zeros([], tl.int32)  # strictly-greater in the low 16 bits, ties in the high 16
-    for start in range(0, length, CHUNK):
+            hist += tl.histogram(digit, NUM_BINS, mask=in_bucket)
+        # The digit is the largest bin whose count of keys at or above it reaches `remaining`.
+        at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        digit_t = tl.max(tl.where(at_or_above >= remaining, bins, -1), 0)
+        above = tl.sum(tl.where(bins == digit_t, at_or_above - hist, 0), 0)
+        in_digit = tl.sum(tl.where(bins == digit_t, hist, 0), 0)
+        # A finished row keeps its state (its pass saw an empty range).
+        new_remaining = remaining - above
+        prefix = tl.where(done, prefix, prefix | (digit_t.to(tl.uint32) << shift))
+        prefix_mask = tl.where(done, prefix_mask, prefix_mask | (digit_mask << shift))
+        remaining = tl.where(done, remaining, new_remaining)
+        done = done | (in_digit == new_remaining)
+    return prefix, prefix_mask, remaining
+
+
+@triton.jit
+def _compact(
+    row_ptr,
+    pos_ptr,
+    length,
+    k,
+    prefix,
+    prefix_mask,
+    remaining,
+    out_ptr,
+    CHUNK: tl.constexpr,
+    INDIRECT: tl.constexpr,
+):
+    """Write the positions of the top k of row_ptr[:length] to out_ptr[:k], in row order.
+
+    Keys above `prefix` fill slots [0, k - remaining), ties [k - remaining, k). One scan counts
+    both kinds: strictly-greater in the low 16 bits, ties in the high 16 bits. With INDIRECT the
+    position written is pos_ptr[i] instead of i.
+    """
+    offs = tl.arange(0, CHUNK)
+    n_greater = k - remaining
+    taken_greater = tl.zeros([], tl.int32)
+    taken_equal = tl.zeros([], tl.int32)
+    for start in range(0, tl.where(k > 0, length, 0), CHUNK):
         in_row = start + offs < length
         masked = (
             _float_to_ordered_key(tl.load(row_ptr + start + offs, mask=in_row, other=0.0))
@@ -212,17 +123,111 @@ def _radix_select_row_kernel(
         greater = in_row & (masked > prefix)
         equal = in_row & (masked == prefix)
         flags = greater.to(tl.int32) + (equal.to(tl.int32) << 16)
-        packed = taken + tl.cumsum(flags, 0)
-        rank_equal = (packed >> 16) - 1
-        tl.store(out_ptr + (packed & 0xFFFF) - 1, start + offs, mask=greater)
-        tl.store(
-            out_ptr + (k - remaining) + rank_equal,
-            start + offs,
-            mask=equal & (rank_equal < remaining),
-        )
-        taken += tl.sum(flags, 0)
+        packed = tl.cumsum(flags, 0)
+        rank_greater = taken_greater + (packed & 0xFFFF) - 1
+        rank_equal = taken_equal + (packed >> 16) - 1
+        take_equal = equal & (rank_equal < remaining)
+        pos = start + offs
+        if INDIRECT:
+            pos = tl.load(pos_ptr + start + offs, mask=in_row, other=0)
+        tl.store(out_ptr + rank_greater, pos, mask=greater)
+        tl.store(out_ptr + n_greater + rank_equal, pos, mask=take_equal)
+        total = tl.sum(flags, 0)
+        taken_greater += total & 0xFFFF
+        taken_equal += total >> 16
+
+
+@triton.jit
+def _radix_select_kernel(
+    scores_ptr,  # (R, S) fp32 contiguous, R = B * Hsel
+    seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
+    idx_ptr,  # (R, K_TOP) int32 contiguous
+    cand_val_ptr,  # (R, cand_cap) fp32 scratch
+    cand_pos_ptr,  # (R, cand_cap) int32 scratch
+    S,
+    K_TOP,
+    SEL_HEADS,
+    cand_cap,
+    HAS_SEQLENS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
+    USE_SAMPLE: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    SAMPLED_MIN_LEN: tl.constexpr,
+    CAND_CHUNK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = scores_ptr + row.to(tl.int64) * S
+    out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
+    length = S
+    if HAS_SEQLENS:
+        length = tl.maximum(tl.minimum(tl.load(seqlens_ptr + row // SEL_HEADS).to(tl.int32), S), 0)
+    k = tl.minimum(K_TOP, length)
+
+    fallback = True
+    if USE_SAMPLE:
+        if length >= SAMPLED_MIN_LEN:
+            # Bracket the k-th score between two quantiles of an even sample, with a margin of
+            # about 4 standard deviations of the sample rank. Scores above `hi` are in the top k
+            # for sure; scores in [lo, hi] are candidates, copied out with their positions.
+            i = tl.arange(0, SAMPLE)
+            sample = tl.load(row_ptr + (i.to(tl.int64) * length) // SAMPLE)
+            sample = tl.sort(sample, descending=True)
+            rank = (k.to(tl.float32) * SAMPLE) / length
+            margin = 4.0 * tl.sqrt(rank * (1.0 - rank / SAMPLE)) + 8.0
+            hi_rank = (rank - margin).to(tl.int32)
+            lo_rank = (rank + margin).to(tl.int32)
+            hi = tl.sum(tl.where(i == hi_rank, sample, 0.0), 0)
+            hi = tl.where(hi_rank < 0, float("inf"), hi)
+            lo = tl.sum(tl.where(i == tl.minimum(lo_rank, SAMPLE - 1), sample, 0.0), 0)
+            lo = tl.where(lo_rank >= SAMPLE, float("-inf"), lo)
+
+            offs = tl.arange(0, CHUNK)
+            cand_val = cand_val_ptr + row.to(tl.int64) * cand_cap
+            cand_pos = cand_pos_ptr + row.to(tl.int64) * cand_cap
+            n_sure = tl.zeros([], tl.int32)
+            n_cand = tl.zeros([], tl.int32)
+            for start in range(0, length, CHUNK):
+                in_row = start + offs < length
+                x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
+                sure = in_row & (x > hi)
+                cand = in_row & (x >= lo) & (x <= hi)
+                flags = sure.to(tl.int32) + (cand.to(tl.int32) << 16)
+                packed = tl.cumsum(flags, 0)
+                rank_sure = n_sure + (packed & 0xFFFF) - 1
+                rank_cand = n_cand + (packed >> 16) - 1
+                tl.store(out_ptr + rank_sure, start + offs, mask=sure & (rank_sure < k))
+                keep = cand & (rank_cand < cand_cap)
+                tl.store(cand_val + rank_cand, x, mask=keep)
+                tl.store(cand_pos + rank_cand, start + offs, mask=keep)
+                total = tl.sum(flags, 0)
+                n_sure += total & 0xFFFF
+                n_cand += total >> 16
+            bracketed = (n_sure <= k) & (n_sure + n_cand >= k) & (n_cand <= cand_cap)
+            if bracketed:
+                fallback = False
+                need = k - n_sure
+                prefix, prefix_mask, remaining = _radix_threshold(
+                    cand_val, n_cand, need, CAND_CHUNK, RADIX_BITS
+                )
+                _compact(
+                    cand_val,
+                    cand_pos,
+                    n_cand,
+                    need,
+                    prefix,
+                    prefix_mask,
+                    remaining,
+                    out_ptr + n_sure,
+                    CAND_CHUNK,
+                    True,
+                )
+    if fallback:
+        prefix, prefix_mask, remaining = _radix_threshold(row_ptr, length, k, CHUNK, RADIX_BITS)
+        _compact(row_ptr, row_ptr, length, k, prefix, prefix_mask, remaining, out_ptr, CHUNK, False)
+    offs_fill = tl.arange(0, CHUNK)
     for start in range(k, K_TOP, CHUNK):
-        tl.store(out_ptr + start + offs, -1, mask=start + offs < K_TOP)
+        tl.store(out_ptr + start + offs_fill, -1, mask=start + offs_fill < K_TOP)
 
 
 def _select_topk_triton(
@@ -231,29 +236,37 @@ def _select_topk_triton(
     """Launch the radix select. scores (B, Hsel, S) fp32 contiguous -> (B, Hsel, k_top) int32."""
     assert scores.dtype == torch.float32 and scores.is_contiguous() and scores.dim() == 3
     batch, sel_heads, seq = scores.shape
-    assert 1 <= k_top <= seq
-    assert SELECT_IMPL == "grid" or seq < 1 << 16  # the row kernel's packed scan counts in 16 bits
-    rows = batch * sel_heads
+    assert 1 <= k_top <= seq and CHUNK < 1 << 16  # the packed scans count in 16 bits
     idx = torch.empty((batch, sel_heads, k_top), device=scores.device, dtype=torch.int32)
-    lens = seqlens if seqlens is not None else idx
-    common = dict(HAS_SEQLENS=seqlens is not None, RADIX_BITS=RADIX_BITS)
-    if SELECT_IMPL == "row":
-        _radix_select_row_kernel[(rows,)](
-            scores, lens, idx, seq, k_top, sel_heads, CHUNK=CHUNK, num_warps=NUM_WARPS, **common
-        )
-        return idx
-    ws_width = NUM_PASSES * (1 << RADIX_BITS) + 2
-    ws = torch.zeros((rows, ws_width), device=scores.device, dtype=torch.int32)
-    grid = (rows, triton.cdiv(seq, TILE))
-    for p in range(NUM_PASSES):
-        _radix_pass_kernel[grid](
-            scores, lens, ws, seq, k_top, sel_heads, ws_width, PASS=p, TILE=TILE,
-            num_warps=TILE_WARPS, **common,
-        )  # fmt: skip
-    _radix_compact_kernel[grid](
-        scores, lens, ws, idx, seq, k_top, sel_heads, ws_width, NUM_PASSES=NUM_PASSES, TILE=TILE,
-        num_warps=TILE_WARPS, **common,
-    )  # fmt: skip
+    sampled = USE_SAMPLE
+    if USE_SAMPLE == "auto":
+        sms = 132  # the interpreter (CPU) takes the sampled path like an H100 with few rows
+        if scores.is_cuda:
+            sms = torch.cuda.get_device_properties(scores.device).multi_processor_count
+        sampled = batch * sel_heads <= SAMPLE_ROWS_PER_SM * sms
+    sampled = bool(sampled) and seq >= SAMPLED_MIN_LEN
+    cand_cap = min(CAND_CAP, seq) if sampled else 1
+    cand_val = torch.empty((batch * sel_heads, cand_cap), device=scores.device)
+    cand_pos = torch.empty((batch * sel_heads, cand_cap), device=scores.device, dtype=torch.int32)
+    _radix_select_kernel[(batch * sel_heads,)](
+        scores,
+        seqlens if seqlens is not None else idx,
+        idx,
+        cand_val,
+        cand_pos,
+        seq,
+        k_top,
+        sel_heads,
+        cand_cap,
+        HAS_SEQLENS=seqlens is not None,
+        CHUNK=CHUNK,
+        RADIX_BITS=RADIX_BITS,
+        USE_SAMPLE=sampled,
+        SAMPLE=SAMPLE,
+        SAMPLED_MIN_LEN=SAMPLED_MIN_LEN,
+        CAND_CHUNK=CAND_CHUNK,
+        num_warps=NUM_WARPS,
+    )
     return idx
 
 

@@ -5,6 +5,8 @@
 - `METHODS`: loki, full, exact-topk, h2o, pcaattn, sparq, streaming; one selection function each.
 """
 
+from keyspace.loki.cache import LokiCache
+from keyspace.loki.decode import loki_decoding
 from keyspace.loki.masked import K_MODES, SparseSettings, row_budgets, sparse_attention
 from keyspace.loki.registry import use_attention
 from keyspace.loki.selection import METHODS, LayerInputs
@@ -13,7 +15,9 @@ __all__ = [
     "K_MODES",
     "METHODS",
     "LayerInputs",
+    "LokiCache",
     "SparseSettings",
+    "loki_decoding",
     "row_budgets",
     "sparse_attention",
     "use_attention",

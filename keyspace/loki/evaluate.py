@@ -117,10 +117,9 @@ class _RecallRecorder:
         return attend(logits, value, scale)
 
     def result(self) -> Recall:
-        rows = max(self.rows, 1)
         if self.rows == 0:  # every row keeps its whole context: selection is exact
             return Recall(torch.ones_like(self.topk_sum), torch.ones_like(self.mass_sum), 0)
-        return Recall(self.topk_sum / rows, self.mass_sum / rows, self.rows)
+        return Recall(self.topk_sum / self.rows, self.mass_sum / self.rows, self.rows)
 
 
 @torch.no_grad()

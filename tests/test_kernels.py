@@ -161,11 +161,12 @@ def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select
 @pytest.mark.parametrize("impl", [True, False], ids=["sampled", "radix"])
 @pytest.mark.parametrize(
     "kind,seq,k_top",
-    [("randn", 4096, 512), ("randn", 1027, 1), ("ties", 1027, 7), ("ties", 4096, 1000),
-     ("constant", 2000, 17), ("randn", 17, 17)],
+    [("randn", 4096, 512), ("randn", 1027, 1), ("ties", 1027, 7), ("ties", 2500, 600),
+     ("constant", 2100, 17), ("randn", 17, 17), ("randn", 2048, 1)],
 )  # fmt: skip
 def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
     monkeypatch.setattr(select_module, "USE_SAMPLE", impl)
+    monkeypatch.setattr(select_module, "SAMPLE", 256)  # the interpreter sorts slowly
     gen = torch.Generator().manual_seed(5)
     if kind == "ties":  # few distinct values: the k-th is tied many times over
         scores = torch.randint(-4, 4, (2, 3, seq), generator=gen).float()
@@ -185,6 +186,7 @@ def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
 
 
 def test_select_topk_handles_infinities(monkeypatch):
+    monkeypatch.setattr(select_module, "SAMPLE", 256)
     scores = torch.randn(1, 2, 3000, generator=torch.Generator().manual_seed(6))
     scores[..., ::3] = float("-inf")
     scores[..., 1] = float("inf")
@@ -338,6 +340,14 @@ def test_bench_table_and_config_checks():
 def test_sampled_select_falls_back_when_the_bracket_overflows(monkeypatch):
     monkeypatch.setattr(select_module, "USE_SAMPLE", True)
     monkeypatch.setattr(select_module, "CAND_CAP", 16)  # every bracket holds more: fallback
+    monkeypatch.setattr(select_module, "SAMPLE", 256)
     scores = torch.randn(2, 2, 3000, generator=torch.Generator().manual_seed(10))
     idx = select_topk(scores, 300, backend="triton")
     assert_valid_topk(scores, idx, 300)
+
+
+def test_sampled_select_at_the_default_sample_size(monkeypatch):
+    monkeypatch.setattr(select_module, "USE_SAMPLE", True)
+    scores = torch.randn(1, 1, 8192, generator=torch.Generator().manual_seed(11))
+    idx = select_topk(scores, 1024, backend="triton")
+    assert_valid_topk(scores, idx, 1024)

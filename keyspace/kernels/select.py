@@ -230,6 +230,10 @@ def _radix_select_kernel(
         tl.store(out_ptr + start + offs_fill, -1, mask=start + offs_fill < K_TOP)
 
 
+def _sm_count(t: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(t.device).multi_processor_count
+
+
 def _select_topk_triton(
     scores: torch.Tensor, k_top: int, seqlens: torch.Tensor | None
 ) -> torch.Tensor:
@@ -239,11 +243,8 @@ def _select_topk_triton(
     assert 1 <= k_top <= seq and CHUNK < 1 << 16  # the packed scans count in 16 bits
     idx = torch.empty((batch, sel_heads, k_top), device=scores.device, dtype=torch.int32)
     sampled = USE_SAMPLE
-    if USE_SAMPLE == "auto":
-        sms = 132  # the interpreter (CPU) takes the sampled path like an H100 with few rows
-        if scores.is_cuda:
-            sms = torch.cuda.get_device_properties(scores.device).multi_processor_count
-        sampled = batch * sel_heads <= SAMPLE_ROWS_PER_SM * sms
+    if USE_SAMPLE == "auto":  # never on CPU: the interpreter's sort is slow; tests force it
+        sampled = scores.is_cuda and batch * sel_heads <= SAMPLE_ROWS_PER_SM * _sm_count(scores)
     sampled = bool(sampled) and seq >= SAMPLED_MIN_LEN
     cand_cap = min(CAND_CAP, seq) if sampled else 1
     cand_val = torch.empty((batch * sel_heads, cand_cap), device=scores.device)

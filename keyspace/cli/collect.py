@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -94,7 +97,8 @@ def command(
     stdout.print(f"  Next: keyspace rank-report {result.out} --out reports/{result.out.name}")
 
 
-def _run_with_progress(cfg, collect):  # noqa: ANN001, ANN202 - thin UI wrapper
+def _run_with_progress(cfg: Any, collect: Callable) -> Any:
+    """Run `collect(cfg, on_progress)` under a rich bar on stderr (windows, tokens/s, ETA)."""
     if not progress_enabled():
         return collect(cfg)
     from rich.progress import (
@@ -115,17 +119,15 @@ def _run_with_progress(cfg, collect):  # noqa: ANN001, ANN202 - thin UI wrapper
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=stderr, transient=False) as bar:
+    with Progress(*columns, console=stderr) as bar:
         task = bar.add_task("collect", total=None, rate="-")
-        import time
-
-        start = {"t": 0.0, "n": None}
+        first: dict[str, float] = {}
 
         def on_progress(done: int, total: int) -> None:
-            if start["n"] is None:  # first call comes before the first window
-                start["t"], start["n"] = time.perf_counter(), done
-            elapsed = time.perf_counter() - start["t"]
-            rate = (done - start["n"]) * cfg.window / max(elapsed, 1e-9)
+            if not first:  # the first call comes before the first window
+                first.update(t=time.perf_counter(), n=done)
+            elapsed = max(time.perf_counter() - first["t"], 1e-9)
+            rate = (done - first["n"]) * cfg.window / elapsed
             bar.update(task, completed=done, total=total, rate=f"{rate:,.0f}")
 
         return collect(cfg, on_progress)

@@ -73,9 +73,10 @@ def first_dims_mask(dims: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def low_rank_scores(query, key, basis, dims) -> torch.Tensor:
     """Loki's approximate scores q[:d]·k[:d] in the PCA basis; shapes as in `LayerInputs`."""
-    mask = first_dims_mask(dims.to(query.device), query.shape[-1]).to(query.dtype)
-    q_low = rotate(query, basis) * mask[None, :, None, :]
-    return q_low @ rotate(key, basis).transpose(-1, -2)
+    top = int(dims.max())  # only the first d_max directions are ever used
+    mask = first_dims_mask(dims.to(query.device), top).to(query.dtype)
+    q_low = rotate(query, basis[:, :top]) * mask[None, :, None, :]  # [B, Hq, T, d_max]
+    return q_low @ rotate(key, basis[:, :top]).transpose(-1, -2)
 
 
 def masked(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

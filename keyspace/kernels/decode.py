@@ -24,7 +24,7 @@ from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_a
 
 # Per-head selection reuses the score pass's q_low·k_low in attention (4 bytes a row, not d·es).
 REUSE_LOW_SCORES = True
-# Overlap the two halves of the batch on two streams (see _loki_decode_triton).
+# Overlap the two halves of the batch on two streams in CUDA graphs (see _loki_decode_triton).
 PIPELINE = True
 
 
@@ -58,14 +58,16 @@ def _loki_decode_triton(
 ) -> torch.Tensor:
     """The Triton stages; no host synchronisation, so a CUDA graph can capture the step.
 
-    With PIPELINE on CUDA and batch >= 2, the batch is cut in two halves and the second half runs
-    on a side stream that starts once the first half's scores are written. The selection of one
-    half (latency-bound, light on memory) then overlaps the memory-bound score or attention pass
-    of the other.
+    While a CUDA graph is being captured (PIPELINE, batch >= 2), the batch is cut in two halves
+    and the second half runs on a side stream that starts once the first half's scores are
+    written. The selection of one half (latency-bound, light on memory) then overlaps the
+    memory-bound score or attention pass of the other. Eager calls are bound by the host's
+    launch time, where twice the launches would cost more than the overlap saves.
     """
     args = (k_top, scale, group_select)
     batch = q.shape[0]
-    if not (PIPELINE and q.is_cuda and batch >= 2):
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not (PIPELINE and capturing and batch >= 2):
         return _loki_decode_stages(q, k_low, k_rest, v, *args, seqlens)
     first, second = slice(0, batch // 2), slice(batch // 2, batch)
     lens = [None, None] if seqlens is None else [seqlens[first], seqlens[second]]

@@ -22,6 +22,8 @@ path reads it about twice. Writes Hsel·k·4 bytes of int32 indices.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -33,11 +35,13 @@ CHUNK = 4096
 NUM_WARPS = 8
 RADIX_BITS = 8
 # Sampled bracket (see the kernel) for rows at least SAMPLED_MIN_LEN long. "auto" samples when
-# there are few rows (at most SAMPLE_ROWS_PER_SM per SM, e.g. GQA groups): one program per SM is
-# latency-bound and the bracket cuts its full-row passes from ~4 to 1. With many rows the SMs are
-# busy anyway and the sort and extra pass cost more than they save (measured in docs/kernels.md).
+# there are few rows (at most SAMPLE_ROWS_PER_SM per SM, e.g. GQA groups: one program per SM is
+# latency-bound and the bracket cuts its full-row passes from ~4 to 1) or long rows (at least
+# SAMPLED_LONG_ROWS). Many short rows keep the SMs busy anyway, and there the sort and the extra
+# pass cost more than they save (measured in docs/kernels.md).
 USE_SAMPLE = "auto"  # "auto", True or False
 SAMPLE_ROWS_PER_SM = 1
+SAMPLED_LONG_ROWS = 16384
 SAMPLE = 1024
 SAMPLED_MIN_LEN = 2048
 CAND_CAP = 8192  # most candidates kept per row; more falls back to the full radix select
@@ -230,8 +234,13 @@ def _radix_select_kernel(
         tl.store(out_ptr + start + offs_fill, -1, mask=start + offs_fill < K_TOP)
 
 
+@functools.cache
+def _sm_count_of(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _sm_count(t: torch.Tensor) -> int:
-    return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _sm_count_of(t.device)
 
 
 def _select_topk_triton(
@@ -244,7 +253,8 @@ def _select_topk_triton(
     idx = torch.empty((batch, sel_heads, k_top), device=scores.device, dtype=torch.int32)
     sampled = USE_SAMPLE
     if USE_SAMPLE == "auto":  # never on CPU: the interpreter's sort is slow; tests force it
-        sampled = scores.is_cuda and batch * sel_heads <= SAMPLE_ROWS_PER_SM * _sm_count(scores)
+        few_rows = scores.is_cuda and batch * sel_heads <= SAMPLE_ROWS_PER_SM * _sm_count(scores)
+        sampled = scores.is_cuda and (few_rows or seq >= SAMPLED_LONG_ROWS)
     sampled = bool(sampled) and seq >= SAMPLED_MIN_LEN
     cand_cap = min(CAND_CAP, seq) if sampled else 1
     cand_val = torch.empty((batch * sel_heads, cand_cap), device=scores.device)

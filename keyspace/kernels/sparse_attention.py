@@ -13,6 +13,7 @@ B·Hq·splits·(D+2)·4 bytes, written once and read once.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -170,11 +171,16 @@ def _sparse_attention_reduce_kernel(
     tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(k_top: int, n_sets: int, device: torch.device) -> int:
     """Split-K so that about PROGRAMS_PER_SM programs run per SM (one chunk per set on CPU)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(n_sets, 1))
     return max(1, min(wanted, triton.cdiv(k_top, BLOCK_N)))
 

@@ -82,8 +82,17 @@ class ValidateConfig:
                 raise KeyspaceError(
                     f"--{name.replace('_', '-')} must be positive.", "Give a positive integer."
                 )
+        for name in ("recall_windows", "decode_prompts"):
+            if getattr(self, name) < 0:
+                raise KeyspaceError(
+                    f"--{name.replace('_', '-')} must be 0 or more.", "Use 0 to skip."
+                )
         if self.window < 2:
             raise KeyspaceError("--window must be at least 2.", "Try --window 1024.")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise KeyspaceError(
+                f"--device {self.device}: no CUDA device is visible.", "Use --device cpu."
+            )
 
 
 @dataclass

@@ -7,12 +7,13 @@ a pass is skipped once the boundary bucket is taken whole. A last pass compacts:
 T is kept, and keys equal to T are kept in position order until k are chosen. Ties therefore go
 to lower positions, and the result is an exact top-k.
 
-Sampled bracket (few long rows): an even sample of SAMPLE scores is sorted; two of its
-quantiles, a few standard deviations either side of the k-th, bracket T. One pass over the row
-writes every score above the bracket straight to the output and copies those inside it, with
-their positions, to a scratch buffer; the radix select then runs on those candidates only. If
-the bracket missed T (or held too many candidates), the row falls back to the plain radix select,
-so the result is exact either way.
+Sampled bracket (few rows, or long rows): a first launch sorts an even sample of SAMPLE scores
+per row; two of its quantiles, a few standard deviations either side of the k-th, bracket T. A
+second launch walks the rows tile by tile over the whole GPU: every score above the bracket goes
+straight to the output, those inside it go with their positions to a scratch buffer (tiles take
+their ranges with atomic counters). The radix select then runs on the candidates only. If the
+bracket missed T (or held too many candidates), the row falls back to the plain radix select, so
+the result is exact either way; which of several exactly tied scores is kept is unspecified here.
 
 Slots past min(k, seqlens[b]) hold -1. Indices are unordered; attention does not care.
 
@@ -46,6 +47,7 @@ SAMPLE = 1024
 SAMPLED_MIN_LEN = 2048
 CAND_CAP = 8192  # most candidates kept per row; more falls back to the full radix select
 CAND_CHUNK = 1024  # candidates are few: a narrower chunk keeps their passes cheap
+BRACKET_TILE = 2048  # scores per program of the bracket pass (the whole GPU walks every row)
 
 
 @triton.jit
@@ -142,10 +144,91 @@ def _compact(
 
 
 @triton.jit
+def _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS: tl.constexpr):
+    """(valid length, keys to keep) of one score row."""
+    length = S
+    if HAS_SEQLENS:
+        length = tl.maximum(tl.minimum(tl.load(seqlens_ptr + row // SEL_HEADS).to(tl.int32), S), 0)
+    return length, tl.minimum(K_TOP, length)
+
+
+@triton.jit
+def _bracket_kernel(
+    scores_ptr,  # (R, S) fp32 contiguous
+    seqlens_ptr,  # (B,) int, or a dummy
+    bracket_ptr,  # (R, 2) fp32 out: lo, hi
+    counts_ptr,  # (R, 2) int32 out: zeroed counters (sure, candidates) for the next launch
+    S,
+    K_TOP,
+    SEL_HEADS,
+    HAS_SEQLENS: tl.constexpr,
+    SAMPLE: tl.constexpr,
+):
+    """Bracket the k-th score between two quantiles of an even sample of the row, about four
+    standard deviations of the sample rank either side. Above `hi`: in the top k for sure."""
+    row = tl.program_id(0)
+    length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
+    i = tl.arange(0, SAMPLE)
+    sample = tl.load(scores_ptr + row.to(tl.int64) * S + (i.to(tl.int64) * length) // SAMPLE)
+    sample = tl.sort(sample, descending=True)
+    rank = (k.to(tl.float32) * SAMPLE) / tl.maximum(length, 1)
+    margin = 4.0 * tl.sqrt(rank * (1.0 - rank / SAMPLE)) + 8.0
+    hi_rank = (rank - margin).to(tl.int32)
+    lo_rank = (rank + margin).to(tl.int32)
+    hi = tl.sum(tl.where(i == hi_rank, sample, 0.0), 0)
+    lo = tl.sum(tl.where(i == tl.minimum(lo_rank, SAMPLE - 1), sample, 0.0), 0)
+    tl.store(bracket_ptr + row * 2, tl.where(lo_rank >= SAMPLE, float("-inf"), lo))
+    tl.store(bracket_ptr + row * 2 + 1, tl.where(hi_rank < 0, float("inf"), hi))
+    tl.store(counts_ptr + row * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
+
+
+@triton.jit
+def _bracket_pass_kernel(
+    scores_ptr,  # (R, S) fp32 contiguous
+    seqlens_ptr,  # (B,) int, or a dummy
+    bracket_ptr,  # (R, 2) fp32: lo, hi
+    counts_ptr,  # (R, 2) int32: sure, candidates (atomic)
+    idx_ptr,  # (R, K_TOP) int32: sure positions go straight here
+    cand_val_ptr,  # (R, cand_cap) fp32
+    cand_pos_ptr,  # (R, cand_cap) int32
+    S,
+    K_TOP,
+    SEL_HEADS,
+    cand_cap,
+    HAS_SEQLENS: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """One tile of a row: scores above `hi` to the output, those in [lo, hi] to the scratch.
+    Tiles take their output ranges with atomic counters, so the row order is not kept."""
+    row = tl.program_id(0)
+    length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
+    lo = tl.load(bracket_ptr + row * 2)
+    hi = tl.load(bracket_ptr + row * 2 + 1)
+    offs = tl.program_id(1) * TILE + tl.arange(0, TILE)
+    in_row = offs < length
+    x = tl.load(scores_ptr + row.to(tl.int64) * S + offs, mask=in_row, other=0.0)
+    sure = in_row & (x > hi)
+    cand = in_row & (x >= lo) & (x <= hi)
+    flags = sure.to(tl.int32) + (cand.to(tl.int32) << 16)  # two counts in one scan
+    packed = tl.cumsum(flags, 0)
+    total = tl.sum(flags, 0)
+    base_sure = tl.atomic_add(counts_ptr + row * 2, total & 0xFFFF, sem="relaxed")
+    base_cand = tl.atomic_add(counts_ptr + row * 2 + 1, total >> 16, sem="relaxed")
+    rank_sure = base_sure + (packed & 0xFFFF) - 1
+    rank_cand = base_cand + (packed >> 16) - 1
+    tl.store(idx_ptr + row.to(tl.int64) * K_TOP + rank_sure, offs, mask=sure & (rank_sure < k))
+    keep = cand & (rank_cand < cand_cap)
+    cand_row = row.to(tl.int64) * cand_cap
+    tl.store(cand_val_ptr + cand_row + rank_cand, x, mask=keep)
+    tl.store(cand_pos_ptr + cand_row + rank_cand, offs, mask=keep)
+
+
+@triton.jit
 def _radix_select_kernel(
     scores_ptr,  # (R, S) fp32 contiguous, R = B * Hsel
     seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
     idx_ptr,  # (R, K_TOP) int32 contiguous
+    counts_ptr,  # (R, 2) int32 from the bracket pass when SAMPLED, else a dummy
     cand_val_ptr,  # (R, cand_cap) fp32 scratch
     cand_pos_ptr,  # (R, cand_cap) int32 scratch
     S,
@@ -155,77 +238,30 @@ def _radix_select_kernel(
     HAS_SEQLENS: tl.constexpr,
     CHUNK: tl.constexpr,
     RADIX_BITS: tl.constexpr,
-    USE_SAMPLE: tl.constexpr,
-    SAMPLE: tl.constexpr,
-    SAMPLED_MIN_LEN: tl.constexpr,
+    SAMPLED: tl.constexpr,
     CAND_CHUNK: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = scores_ptr + row.to(tl.int64) * S
     out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
-    length = S
-    if HAS_SEQLENS:
-        length = tl.maximum(tl.minimum(tl.load(seqlens_ptr + row // SEL_HEADS).to(tl.int32), S), 0)
-    k = tl.minimum(K_TOP, length)
-
+    length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     fallback = True
-    if USE_SAMPLE:
-        if length >= SAMPLED_MIN_LEN:
-            # Bracket the k-th score between two quantiles of an even sample, with a margin of
-            # about 4 standard deviations of the sample rank. Scores above `hi` are in the top k
-            # for sure; scores in [lo, hi] are candidates, copied out with their positions.
-            i = tl.arange(0, SAMPLE)
-            sample = tl.load(row_ptr + (i.to(tl.int64) * length) // SAMPLE)
-            sample = tl.sort(sample, descending=True)
-            rank = (k.to(tl.float32) * SAMPLE) / length
-            margin = 4.0 * tl.sqrt(rank * (1.0 - rank / SAMPLE)) + 8.0
-            hi_rank = (rank - margin).to(tl.int32)
-            lo_rank = (rank + margin).to(tl.int32)
-            hi = tl.sum(tl.where(i == hi_rank, sample, 0.0), 0)
-            hi = tl.where(hi_rank < 0, float("inf"), hi)
-            lo = tl.sum(tl.where(i == tl.minimum(lo_rank, SAMPLE - 1), sample, 0.0), 0)
-            lo = tl.where(lo_rank >= SAMPLE, float("-inf"), lo)
-
-            offs = tl.arange(0, CHUNK)
+    if SAMPLED:
+        n_sure = tl.load(counts_ptr + row * 2)
+        n_cand = tl.load(counts_ptr + row * 2 + 1)
+        if (n_sure <= k) & (n_sure + n_cand >= k) & (n_cand <= cand_cap):
+            # The bracket holds the k-th: the top k are the sure ones plus the best candidates.
+            fallback = False
+            need = k - n_sure
             cand_val = cand_val_ptr + row.to(tl.int64) * cand_cap
             cand_pos = cand_pos_ptr + row.to(tl.int64) * cand_cap
-            n_sure = tl.zeros([], tl.int32)
-            n_cand = tl.zeros([], tl.int32)
-            for start in range(0, length, CHUNK):
-                in_row = start + offs < length
-                x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
-                sure = in_row & (x > hi)
-                cand = in_row & (x >= lo) & (x <= hi)
-                flags = sure.to(tl.int32) + (cand.to(tl.int32) << 16)
-                packed = tl.cumsum(flags, 0)
-                rank_sure = n_sure + (packed & 0xFFFF) - 1
-                rank_cand = n_cand + (packed >> 16) - 1
-                tl.store(out_ptr + rank_sure, start + offs, mask=sure & (rank_sure < k))
-                keep = cand & (rank_cand < cand_cap)
-                tl.store(cand_val + rank_cand, x, mask=keep)
-                tl.store(cand_pos + rank_cand, start + offs, mask=keep)
-                total = tl.sum(flags, 0)
-                n_sure += total & 0xFFFF
-                n_cand += total >> 16
-            bracketed = (n_sure <= k) & (n_sure + n_cand >= k) & (n_cand <= cand_cap)
-            if bracketed:
-                fallback = False
-                need = k - n_sure
-                prefix, prefix_mask, remaining = _radix_threshold(
-                    cand_val, n_cand, need, CAND_CHUNK, RADIX_BITS
-                )
-                _compact(
-                    cand_val,
-                    cand_pos,
-                    n_cand,
-                    need,
-                    prefix,
-                    prefix_mask,
-                    remaining,
-                    out_ptr + n_sure,
-                    CAND_CHUNK,
-                    True,
-                )
+            prefix, prefix_mask, remaining = _radix_threshold(
+                cand_val, n_cand, need, CAND_CHUNK, RADIX_BITS
+            )
+            _compact(
+                cand_val, cand_pos, n_cand, need, prefix, prefix_mask, remaining,
+                out_ptr + n_sure, CAND_CHUNK, True,
+            )  # fmt: skip
     if fallback:
         prefix, prefix_mask, remaining = _radix_threshold(row_ptr, length, k, CHUNK, RADIX_BITS)
         _compact(row_ptr, row_ptr, length, k, prefix, prefix_mask, remaining, out_ptr, CHUNK, False)
@@ -256,28 +292,27 @@ def _select_topk_triton(
         few_rows = scores.is_cuda and batch * sel_heads <= SAMPLE_ROWS_PER_SM * _sm_count(scores)
         sampled = scores.is_cuda and (few_rows or seq >= SAMPLED_LONG_ROWS)
     sampled = bool(sampled) and seq >= SAMPLED_MIN_LEN
+    rows = batch * sel_heads
+    lens = seqlens if seqlens is not None else idx
     cand_cap = min(CAND_CAP, seq) if sampled else 1
-    cand_val = torch.empty((batch * sel_heads, cand_cap), device=scores.device)
-    cand_pos = torch.empty((batch * sel_heads, cand_cap), device=scores.device, dtype=torch.int32)
-    _radix_select_kernel[(batch * sel_heads,)](
-        scores,
-        seqlens if seqlens is not None else idx,
-        idx,
-        cand_val,
-        cand_pos,
-        seq,
-        k_top,
-        sel_heads,
-        cand_cap,
-        HAS_SEQLENS=seqlens is not None,
-        CHUNK=CHUNK,
-        RADIX_BITS=RADIX_BITS,
-        USE_SAMPLE=sampled,
-        SAMPLE=SAMPLE,
-        SAMPLED_MIN_LEN=SAMPLED_MIN_LEN,
-        CAND_CHUNK=CAND_CHUNK,
-        num_warps=NUM_WARPS,
-    )
+    cand_val = torch.empty((rows, cand_cap), device=scores.device)
+    cand_pos = torch.empty((rows, cand_cap), device=scores.device, dtype=torch.int32)
+    counts = torch.empty((rows, 2), device=scores.device, dtype=torch.int32)
+    if sampled:
+        bracket = torch.empty((rows, 2), device=scores.device)
+        _bracket_kernel[(rows,)](
+            scores, lens, bracket, counts, seq, k_top, sel_heads,
+            HAS_SEQLENS=seqlens is not None, SAMPLE=SAMPLE, num_warps=NUM_WARPS,
+        )  # fmt: skip
+        _bracket_pass_kernel[(rows, triton.cdiv(seq, BRACKET_TILE))](
+            scores, lens, bracket, counts, idx, cand_val, cand_pos, seq, k_top, sel_heads,
+            cand_cap, HAS_SEQLENS=seqlens is not None, TILE=BRACKET_TILE, num_warps=4,
+        )  # fmt: skip
+    _radix_select_kernel[(rows,)](
+        scores, lens, idx, counts, cand_val, cand_pos, seq, k_top, sel_heads, cand_cap,
+        HAS_SEQLENS=seqlens is not None, CHUNK=CHUNK, RADIX_BITS=RADIX_BITS, SAMPLED=sampled,
+        CAND_CHUNK=CAND_CHUNK, num_warps=NUM_WARPS,
+    )  # fmt: skip
     return idx
 
 

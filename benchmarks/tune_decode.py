@@ -35,7 +35,11 @@ def main() -> int:
 
     variants = {
         "scores": (ls, [{"BLOCK_S": 256, "NUM_WARPS": 4}]),
-        "select": (sel, [{"USE_SAMPLE": u} for u in (False, True)]),
+        "select": (
+            sel,
+            [{"USE_SAMPLE": False, "BRACKET_TILE": 2048}]
+            + [{"USE_SAMPLE": True, "BRACKET_TILE": t} for t in (1024, 2048, 4096)],
+        ),
         "step": (dec, [{"PIPELINE": False}, {"PIPELINE": True}]),
         "attention": (
             sa,

@@ -88,6 +88,16 @@ def test_sweep_writes_validate_json_and_report(synthetic):
             [9, 9, 13, 13],
         ]  # each query head gets its KV head's rank
         assert -1.0 <= entry["spearman_rank_vs_mass"]["rho"] <= 1.0
+        assert -1.0 <= entry["spearman_rank_vs_relative_mass"]["rho"] <= 1.0
+        # the exact top-k holds the most mass any set of that size can: Loki's share is at most it
+        for loki_row, exact_row, relative_row in zip(
+            entry["mass_recall"],
+            entry["exact_topk_mass"],
+            entry["relative_mass_recall"],
+            strict=True,
+        ):
+            for loki, exact, relative in zip(loki_row, exact_row, relative_row, strict=True):
+                assert loki <= exact + 1e-9 and relative == pytest.approx(loki / exact)
     html = (out / "validate.html").read_text()
     assert "exact-topk" in html and "validate_pareto.png" in html
 

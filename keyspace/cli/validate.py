@@ -38,12 +38,19 @@ def _print_table(doc: dict) -> None:
         )
     stdout.print(table)
     for entry in doc["recall"]:
-        rho = (entry["spearman_rank_vs_mass"] or {}).get("rho")
-        rho_text = "n/a (no ranks.json at 0.9)" if rho is None else f"{rho:+.3f}"
-        mass = sum(map(sum, entry["mass_recall"])) / sum(map(len, entry["mass_recall"]))
         stdout.print(
-            f"recall d={entry['d']} k={entry['k']:g}: mean attention-mass recall {mass:.3f}; Spearman(rank@90, mass recall) {rho_text}"
+            f"recall d={entry['d']} k={entry['k']:g}, mean over (layer, query head) / Spearman ρ with rank@90:"
         )
+        for field, name in (
+            ("topk", "top-k recall"),
+            ("mass", "attention-mass recall"),
+            ("relative_mass", "mass / exact top-k mass"),
+        ):
+            table = entry[f"{field}_recall"]
+            mean = sum(map(sum, table)) / sum(map(len, table))
+            rho = (entry[f"spearman_rank_vs_{field}"] or {}).get("rho")
+            rho_text = "n/a (no ranks at 0.9)" if rho is None else f"{rho:+.3f}"
+            stdout.print(f"  {name}: {mean:.3f} / {rho_text}")
     for entry in doc["decode"]:
         stdout.print(
             f"decode {entry['method']}: token agreement {entry['token_agreement']:.3f} (teacher-forced {entry['forced_agreement']:.3f}), NLL of the dense continuation {entry['nll_sparse']:.3f} vs {entry['nll_dense']:.3f} dense"

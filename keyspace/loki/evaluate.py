@@ -75,18 +75,20 @@ class Recall:
     """Loki's selection against the exact top-k, per (layer, query head), averaged over the rows
     whose budget is smaller than their context (other rows keep everything and are not counted).
 
-    topk: (layers, q_heads)  |Loki's set ∩ exact top-k set| / budget
-    mass: (layers, q_heads)  share of the exact softmax mass that falls in Loki's set
+    topk:       (layers, q_heads)  |Loki's set ∩ exact top-k set| / budget
+    mass:       (layers, q_heads)  share of the exact softmax mass that falls in Loki's set
+    exact_mass: (layers, q_heads)  share in the exact top-k set: the most any set of that size holds
     rows: number of rows counted per (layer, query head)
     """
 
     topk: torch.Tensor
     mass: torch.Tensor
+    exact_mass: torch.Tensor
     rows: int
 
     def __post_init__(self) -> None:
-        if self.topk.shape != self.mass.shape or self.topk.dim() != 2:
-            raise ValueError("topk and mass must both be (layers, q_heads)")
+        if not self.topk.shape == self.mass.shape == self.exact_mass.shape or self.topk.dim() != 2:
+            raise ValueError("topk, mass and exact_mass must all be (layers, q_heads)")
 
 
 class _RecallRecorder:
@@ -96,6 +98,7 @@ class _RecallRecorder:
         self.settings = settings
         self.topk_sum = torch.zeros(layers, q_heads, dtype=torch.float64)
         self.mass_sum = torch.zeros(layers, q_heads, dtype=torch.float64)
+        self.exact_mass_sum = torch.zeros(layers, q_heads, dtype=torch.float64)
         self.rows = 0
 
     def __call__(self, module, query, key, value, scale):
@@ -112,14 +115,18 @@ class _RecallRecorder:
         mass = (probs * chosen).sum(-1).double()
         self.topk_sum[module.layer_idx] += overlap[..., counted].sum(dim=(0, 2)).cpu()
         self.mass_sum[module.layer_idx] += mass[..., counted].sum(dim=(0, 2)).cpu()
+        exact_mass = (probs * exact).sum(-1).double()[..., counted]
+        self.exact_mass_sum[module.layer_idx] += exact_mass.sum(dim=(0, 2)).cpu()
         if module.layer_idx == 0:
             self.rows += int(counted.sum()) * query.shape[0]
         return attend(logits, value, scale)
 
     def result(self) -> Recall:
         if self.rows == 0:  # every row keeps its whole context: selection is exact
-            return Recall(torch.ones_like(self.topk_sum), torch.ones_like(self.mass_sum), 0)
-        return Recall(self.topk_sum / self.rows, self.mass_sum / self.rows, self.rows)
+            ones = torch.ones_like(self.topk_sum)
+            return Recall(ones, ones.clone(), ones.clone(), 0)
+        sums = (self.topk_sum, self.mass_sum, self.exact_mass_sum)
+        return Recall(*(t / self.rows for t in sums), self.rows)
 
 
 @torch.no_grad()

@@ -112,10 +112,14 @@ def recall_vs_rank_plot(doc: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), sharex=True)
     for ax, (field, title) in zip(
         axes,
-        (("topk_recall", "top-k recall"), ("mass_recall", "attention-mass recall")),
+        (
+            ("topk_recall", "top-k recall"),
+            ("mass_recall", "attention-mass recall"),
+            ("relative_mass_recall", "mass recall / exact top-k mass"),
+        ),
         strict=True,
     ):
         for entry in doc["recall"]:
@@ -123,7 +127,7 @@ def recall_vs_rank_plot(doc: dict, path: Path) -> Path:
                 continue
             ranks = [r for row in entry["rank"] for r in row]
             values = [m for row in entry[field] for m in row]
-            rho = entry[f"spearman_rank_vs_{field.split('_')[0]}"]["rho"]
+            rho = entry[f"spearman_rank_vs_{field.removesuffix('_recall')}"]["rho"]
             rho_text = "n/a" if rho is None else f"{rho:+.2f}"
             ax.scatter(
                 ranks,

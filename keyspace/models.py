@@ -104,6 +104,7 @@ def _convert_gguf(gguf: Path, digest: str) -> Path:
     if (folder / CONVERTED_MARKER).is_file():
         return folder
     _log(f"Dequantizing {gguf.name} (once; later loads take seconds).")
+    _quiet_progress_unless_tty()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -175,12 +176,18 @@ def _torch_dtype(dtype: str) -> Any:
     return table[dtype]
 
 
-def _from_folder(folder: Path | str, dtype: Any, device: str, **kwargs: Any) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _quiet_progress_unless_tty() -> None:
+    """transformers' own tqdm bars only make sense on a terminal."""
     from transformers.utils import logging as hf_logging
 
     if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
+
+
+def _from_folder(folder: Path | str, dtype: Any, device: str, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_progress_unless_tty()
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)

@@ -32,7 +32,7 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/keyspace collect --model smollm2-135m --dataset pydoc --out $(DEMO_RUN) --max-tokens 8192 --resume
 	$(VENV)/bin/keyspace rank-report $(DEMO_RUN) --out $(DEMO_REPORT)
-	$(VENV)/bin/keyspace validate --run $(DEMO_RUN) --d 32 --k 0.125 --max-tokens 2048 --out $(DEMO_REPORT)/validate
+	$(VENV)/bin/keyspace validate --run $(DEMO_RUN) --d 32 --k 0.125 --max-tokens 1024 --out $(DEMO_REPORT)/validate
 	@echo
 	@echo "Rank report:     $(CURDIR)/$(DEMO_REPORT)/index.html"
 	@echo "Validate report: $(CURDIR)/$(DEMO_REPORT)/validate/index.html"

@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(VENV)/bin/keyspace validate --run $(DEMO_RUN) --d 32 --k 0.125 --max-tokens 1024 --out $(DEMO_REPORT)/validate
 	@echo
 	@echo "Rank report:     $(CURDIR)/$(DEMO_REPORT)/index.html"
-	@echo "Validate report: $(CURDIR)/$(DEMO_REPORT)/validate/index.html"
+	@echo "Validate report: $(CURDIR)/$(DEMO_REPORT)/validate/validate.html"
 
 clean:
 	rm -rf $(VENV) runs reports

@@ -100,6 +100,7 @@ def test_sweep_writes_validate_json_and_report(synthetic):
                 assert loki <= exact + 1e-9 and relative == pytest.approx(loki / exact)
     html = (out / "validate.html").read_text()
     assert "exact-topk" in html and "validate_pareto.png" in html
+    assert "mass recall / exact top-k mass" in html and f"{recall[0]['rows']}</td>" in html
 
 
 def test_group_select_runs_and_is_recorded(synthetic):

@@ -9,6 +9,11 @@ PARETO_PNG = "validate_pareto.png"
 RECALL_PNG = "validate_recall_vs_rank.png"
 LAYER_PNG = "validate_recall_per_layer.png"
 REPORT_HTML = "validate.html"
+RECALLS = (
+    ("topk_recall", "top-k recall"),
+    ("mass_recall", "attention-mass recall"),
+    ("relative_mass_recall", "mass recall / exact top-k mass"),
+)
 
 
 def _figure(width: float = 6.4, height: float = 4.2):
@@ -115,11 +120,7 @@ def recall_vs_rank_plot(doc: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), sharex=True)
     for ax, (field, title) in zip(
         axes,
-        (
-            ("topk_recall", "top-k recall"),
-            ("mass_recall", "attention-mass recall"),
-            ("relative_mass_recall", "mass recall / exact top-k mass"),
-        ),
+        RECALLS,
         strict=True,
     ):
         for entry in doc["recall"]:
@@ -145,17 +146,47 @@ def recall_vs_rank_plot(doc: dict, path: Path) -> Path:
 
 
 def recall_per_layer_plot(doc: dict, path: Path) -> Path:
-    plt, fig, ax = _figure()
-    for entry in doc["recall"]:
-        per_layer = entry["per_layer"]
-        label = f"d={entry['d']} k={entry['k']:g}"
-        ax.plot(per_layer["mass_recall"], marker="o", ms=3, label=f"mass recall, {label}")
-        ax.plot(per_layer["topk_recall"], marker="x", ms=3, ls="--", label=f"top-k recall, {label}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("recall (mean over query heads)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7)
+    """Each recall per layer (mean over query heads), one line per (d, k)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(RECALLS), figsize=(16, 4.2), sharey=True)
+    for ax, (field, title) in zip(axes, RECALLS, strict=True):
+        for entry in doc["recall"]:
+            ax.plot(
+                entry["per_layer"][field],
+                marker="o",
+                ms=3,
+                label=f"d={entry['d']} k={entry['k']:g}",
+            )
+        ax.set_xlabel("layer")
+        ax.set_title(f"{title} per layer")
+        ax.set_ylim(0, 1.02)
+    axes[0].set_ylabel("mean over query heads")
+    if doc["recall"]:
+        axes[0].legend(fontsize=7)
     return _save(plt, fig, path)
+
+
+def recall_rows(doc: dict) -> list[list[str]]:
+    """Per (d, k): the mean of each recall and its Spearman ρ with rank@90."""
+
+    def mean(table: list[list[float]]) -> float:
+        return sum(map(sum, table)) / sum(map(len, table))
+
+    def rho(entry: dict, field: str) -> str:
+        stat = entry[f"spearman_rank_vs_{field.removesuffix('_recall')}"]
+        return (
+            "n/a" if not stat or stat["rho"] is None else f"{stat['rho']:+.2f} (p={stat['p']:.1g})"
+        )
+
+    return [
+        [e["d"], f"{e['k']:g}", e["k_mode"], e["rows"]]
+        + [f"{mean(e[field]):.3f} / {rho(e, field)}" for field, _ in RECALLS]
+        for e in doc["recall"]
+    ]
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -255,7 +286,9 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:10
 <p>Evaluated on {dataset} ({split}), {windows} windows of {window} tokens; {rotary}-RoPE PCA basis; k-modes: {k_modes}.</p>
 <h2>Perplexity at an equal token budget</h2>{table}
 <h2>Pareto: perplexity vs KV bytes read</h2><img src="{pareto}">
-<h2>Dimensionality → accuracy</h2><img src="{recall}"><img src="{layers}">
+<h2>Dimensionality → accuracy</h2>
+<p>Mean over (layer, query head) / Spearman ρ with the head's rank@90, rows whose budget is below their context.</p>
+{recall_table}<img src="{recall}"><img src="{layers}">
 {extras}
 </body></html>
 """
@@ -284,6 +317,9 @@ def write_validate_report(doc: dict, out: str | Path) -> list[Path]:
         recall=RECALL_PNG,
         layers=LAYER_PNG,
         extras=_extras(doc),
+        recall_table=_table(
+            ["d", "k", "k-mode", "rows", *(title for _, title in RECALLS)], recall_rows(doc)
+        ),
     )
     (out / REPORT_HTML).write_text(page)
     return [out / REPORT_HTML, *pngs]

@@ -10,6 +10,8 @@ A spec is one of:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,19 @@ def _convert_gguf(gguf: Path, digest: str) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _home_lock() -> Iterator[None]:
+    """Serialize fetching and converting across processes (pytest -n, torchrun ranks)."""
+    home = keyspace_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".lock-models", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _weights_digest(folder: Path) -> dict[str, str]:
     files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin"})
     return {p.name: sha256_file(p) for p in files}
@@ -200,9 +216,10 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     torch_dtype = _torch_dtype(dtype)
     info: dict[str, Any] = {"spec": spec, "source": kind}
     if kind in ("alias", "gguf"):
-        gguf = fetch_alias_gguf(spec) if kind == "alias" else Path(location)
-        digest = sha256_file(gguf)
-        folder = _convert_gguf(gguf, digest)
+        with _home_lock():
+            gguf = fetch_alias_gguf(spec) if kind == "alias" else Path(location)
+            digest = sha256_file(gguf)
+            folder = _convert_gguf(gguf, digest)
         model, tokenizer = _from_folder(folder, torch_dtype, device)
         info.update(files={gguf.name: digest}, resolved=str(gguf))
         identity = f"gguf:{digest}"

@@ -201,7 +201,7 @@ def measure_perplexity(
     d_mean = point.d.mean if point.d else None
     return ResultRow(
         point.method,
-        point.d.label if point.d else None,
+        point.d.value if point.d else None,
         d_mean,
         point.k,
         point.k_mode,
@@ -229,7 +229,7 @@ def recall_entry(
     groups = recall.mass.shape[1] // d.dims.shape[1]
     relative = recall.mass / recall.exact_mass.clamp(min=1e-12)  # Loki's mass / the best possible
     entry = {
-        "d": d.label,
+        "d": d.value,
         "k": k,
         "k_mode": k_mode,
         "rows": recall.rows,
@@ -324,7 +324,7 @@ def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateR
         "gqa_select": config.gqa_select,
         "head_dim": inputs.head_dim,
         "k_modes": inputs.k_modes,
-        "grid": {"d": [d.label for d in inputs.ds], "k": inputs.ks, "methods": inputs.methods},
+        "grid": {"d": [d.value for d in inputs.ds], "k": inputs.ks, "methods": inputs.methods},
         "device": config.device,
         "dtype": config.dtype,
     }

@@ -73,13 +73,13 @@ def test_sweep_writes_validate_json_and_report(synthetic):
     assert len(rows) == 4 + 4 + 2 + 2 + 2 + 2 + 1
     assert all(r["tokens"] == 128 and r["predicted_tokens"] == 126 for r in rows)
     assert doc["k_modes"] == ["window", "row"]
-    loki = next(r for r in rows if r["method"] == "loki" and r["d"] == "4")
+    loki = next(r for r in rows if r["method"] == "loki" and r["d"] == 4)
     assert loki["kv_bytes_fraction"] == pytest.approx((4 + 2 * 0.25 * HEAD_DIM) / (2 * HEAD_DIM))
     assert {r["d_mean"] for r in rows if r["d"] == "auto:0.9"} == {
         (4 + 6 + 9 + 13) / 4
     }  # post ranks
     recall = doc["recall"]
-    assert [(e["d"], e["k"]) for e in recall] == [("4", 0.25), ("auto:0.9", 0.25)]
+    assert [(e["d"], e["k"]) for e in recall] == [(4, 0.25), ("auto:0.9", 0.25)]
     for entry in recall:
         assert len(entry["mass_recall"]) == 2 and len(entry["mass_recall"][0]) == 4
         assert all(0.0 <= m <= 1.0 for row in entry["mass_recall"] for m in row)
@@ -185,8 +185,8 @@ def test_table_output_without_json_with_decode_and_passkey(synthetic):
     )
     doc = json.loads((root / "o3" / "validate.json").read_text())
     assert [(e["d"], e["k"], e["prompts"], e["tokens"]) for e in doc["decode"]] == [
-        ("4", 0.25, 1, 3),
-        ("4", 0.5, 1, 3),
+        (4, 0.25, 1, 3),
+        (4, 0.5, 1, 3),
     ]
     assert all(
         0.0 <= e["token_agreement"] <= 1.0 and 0.0 <= e["forced_agreement"] <= 1.0

@@ -32,7 +32,12 @@ def _print_table(doc: dict) -> None:
     for name in ("method", "d", "k", "k-mode", "ppl", "KV bytes", "seconds"):
         table.add_column(name, justify="left" if name == "method" else "right")
     for r in doc["results"]:
-        cells = (r["method"], r["d"] or "-", f"{r['k']:g}" if r["k"] else "-", r["k_mode"] or "-")
+        cells = (
+            r["method"],
+            str(r["d"] or "-"),
+            f"{r['k']:g}" if r["k"] else "-",
+            r["k_mode"] or "-",
+        )
         table.add_row(
             *cells, f"{r['ppl']:.3f}", f"{r['kv_bytes_fraction']:.3f}", f"{r['seconds']:.0f}"
         )

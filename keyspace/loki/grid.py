@@ -29,6 +29,11 @@ class DChoice:
             raise ValueError("dims must be (layers, kv_heads) with every d >= 1")
 
     @property
+    def value(self) -> int | str:
+        """The JSON value: the integer for a fixed d, the label ("auto:0.9") otherwise."""
+        return int(self.label) if self.label.isdigit() else self.label
+
+    @property
     def mean(self) -> float:
         return float(self.dims.float().mean())
 

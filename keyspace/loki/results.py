@@ -15,7 +15,7 @@ class ResultRow:
     """One perplexity measurement; `d` and `k`/`k_mode` are None for methods that do not use them."""
 
     method: str
-    d: str | None
+    d: int | str | None  # an int for a fixed d, "auto:τ" for per-head ranks
     d_mean: float | None
     k: float | None
     k_mode: str | None

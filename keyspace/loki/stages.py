@@ -56,7 +56,7 @@ def decode_entries(
             entries.append(
                 {
                     "method": "loki",
-                    "d": d.label,
+                    "d": d.value,
                     "k": k,
                     "k_mode": "row",
                     "gqa_select": "group" if inputs.group_select else "head",
@@ -76,7 +76,7 @@ def passkey_entries(
     if "loki" in inputs.methods:
         variants.update(
             {
-                ("loki", d.label, k): cache_factory(inputs, d, k)
+                ("loki", d.value, k): cache_factory(inputs, d, k)
                 for d in inputs.ds
                 for k in inputs.ks
             }

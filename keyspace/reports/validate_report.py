@@ -49,7 +49,7 @@ def measured_time_points(doc: dict) -> list[tuple[dict, float]]:
         return []
     longest = max(m["seq"] for m in measured)
     ratio = {
-        (str(m["d"]), m["k_frac"]): m["loki_ms"] / m["sdpa_ms"]
+        (m["d"], m["k_frac"]): m["loki_ms"] / m["sdpa_ms"]
         for m in measured
         if m["seq"] == longest and m["select"] in ("group", "mha")
     }

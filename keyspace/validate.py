@@ -281,7 +281,7 @@ def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateR
     """Open, load, check, then measure every sweep point on the same windows."""
     from keyspace import __version__
     from keyspace.data import load_token_windows
-    from keyspace.loki.stages import decode_entries, measured_speed, passkey_entries
+    from keyspace.loki.stages import decode_entries, decode_prompts, measured_speed, passkey_entries
     from keyspace.models import load_model
 
     inputs = open_inputs(config)
@@ -294,6 +294,10 @@ def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateR
     windows = load_token_windows(
         dataset, loaded.tokenizer, config.window, config.max_tokens, config.split
     )
+    if (
+        config.decode_prompts and "loki" in inputs.methods
+    ):  # fail now, not after the perplexity passes
+        decode_prompts(windows, config.decode_prompts, config.decode_prompt_tokens)
     log(
         f"evaluating on {windows.shape[0]} windows of {windows.shape[1]} tokens from {dataset} ({config.split})"
     )

@@ -211,6 +211,7 @@ def test_table_output_without_json_with_decode_and_passkey(synthetic):
         (["--rotary", "mid"], "--rotary must be pre or post"),
         (["--gqa-select", "all"], "--gqa-select must be head or group"),
         (["--recall-windows", "-1"], "--recall-windows must be 0 or more"),
+        (["--decode-prompts", "3"], "3 decode prompts of 128 tokens need 384 tokens"),
         (["--window", "1"], "--window must be at least 2"),
         (["--passkey-lengths", "99999"], "exceeds the model's limit of 512"),
         (["--passkey-lengths", "2k"], "comma list of positive integers"),

@@ -20,6 +20,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("out/tune_decode"))
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
+    parser.add_argument(
+        "--stages", nargs="+", default=["scores", "select", "fused", "attention", "step"],
+        choices=["scores", "select", "fused", "attention", "step"],
+    )  # fmt: skip
+    parser.add_argument("--k-frac", type=float, default=0.125)
     args = parser.parse_args()
 
     import importlib
@@ -31,30 +36,52 @@ def main() -> int:
     sel = importlib.import_module("keyspace.kernels.select")
     sa = importlib.import_module("keyspace.kernels.sparse_attention")
     dec = importlib.import_module("keyspace.kernels.decode")
+    fu = importlib.import_module("keyspace.kernels.score_select")
     from keyspace.kernels.bench import BenchConfig, _graph_ms, _make_inputs
 
     variants = {
-        "scores": (ls, [{"BLOCK_S": 256, "NUM_WARPS": 4}]),
+        "scores": (
+            ls,
+            [
+                {"BLOCK_S": b, "NUM_WARPS": w}
+                for b, w in itertools.product((128, 256, 512, 1024), (4, 8))
+            ],
+        ),
         "select": (
             sel,
-            [{"USE_SAMPLE": False, "BRACKET_TILE": 2048}]
-            + [{"USE_SAMPLE": True, "BRACKET_TILE": t} for t in (1024, 2048, 4096)],
+            [{"METHOD": "radix", "BISECT_ELEMS_PER_THREAD": 32}]
+            + [{"METHOD": "sampled", "BISECT_ELEMS_PER_THREAD": 32}]
+            + [{"METHOD": "bisect", "BISECT_ELEMS_PER_THREAD": e} for e in (8, 16, 32, 64)],
         ),
-        "step": (dec, [{"PIPELINE": False}, {"PIPELINE": True}]),
+        "fused": (
+            fu,
+            [
+                {"BLOCK_S": b, "NUM_STAGES": st, "MIN_WARPS": w}
+                for b, st, w in itertools.product((128, 256, 512), (2, 3, 4), (4, 8, 16))
+            ],
+        ),
+        "step": (
+            dec,
+            [
+                {"PIPELINE": p, "FUSE_SELECT": f}
+                for p, f in itertools.product((False, True), (False, True))
+            ],
+        ),
         "attention": (
             sa,
             [
                 {"BLOCK_N": n, "NUM_WARPS": w, "NUM_STAGES": st, "PROGRAMS_PER_SM": p}
-                for n, w, st, p in itertools.product((64,), (4,), (2,), (4,))
+                for n, w, st, p in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (2, 4, 8))
             ],
         ),
     }
+    variants = {name: variants[name] for name in args.stages}
     cfg = BenchConfig(input_sets=2, reps=9, replays=5)
     gen = torch.Generator(device="cuda").manual_seed(0)
     results = []
     for kv_heads, seq in itertools.product(args.kv_heads, args.seq):
         sets = _make_inputs(cfg, kv_heads, seq, gen)
-        d, k_top, group = 32, seq // 8, True
+        d, k_top, group = 32, int(seq * args.k_frac), True
         for s in sets:
             s["k_low"], s["k_rest"] = (
                 s["keys"][..., :d].contiguous(),
@@ -69,6 +96,10 @@ def main() -> int:
             ],
             "select": [
                 lambda sc=sc, k=k_top: sel._select_topk_triton(sc, k, None) for sc in scores
+            ],
+            "fused": [
+                lambda s=s, k=k_top: fu._score_select_triton(s["q"], s["k_low"], k, None)
+                for s in sets
             ],
             "step": [
                 lambda s=s, g=group, k=k_top: dec._loki_decode_triton(
@@ -88,6 +119,20 @@ def main() -> int:
             for option in options:
                 for k, v in option.items():
                     setattr(module, k, v)
+                if stage == "select":  # every variant must give an exact top-k
+                    for sc in scores:
+                        got = sc.gather(-1, sel._select_topk_triton(sc, k_top, None).long())
+                        want = torch.topk(sc, k_top, dim=-1).values
+                        if not torch.equal(got.sort(-1).values, want.sort(-1).values):
+                            raise SystemExit(f"select {option} is not an exact top-k")
+                if stage == "fused":  # same scores as the score kernel, exact top-k of them
+                    for s, sc in zip(sets, scores, strict=True):
+                        f_sc, f_idx = fu._score_select_triton(s["q"], s["k_low"], k_top, None)
+                        torch.testing.assert_close(f_sc, sc, atol=1e-3, rtol=1e-4)
+                        got = f_sc.gather(-1, f_idx.long()).sort(-1).values
+                        want = torch.topk(f_sc, k_top, dim=-1).values.sort(-1).values
+                        if not torch.equal(got, want):
+                            raise SystemExit(f"fused {option} is not an exact top-k")
                 try:
                     ms = _graph_ms(stage_fns[stage], cfg.reps, cfg.replays)
                 except Exception as err:  # a variant that does not compile or fit

@@ -79,14 +79,19 @@ def test_model_restored_after_capture_and_after_error():
 
     model = tiny_model("llama")
     before = _model_state(model)
-    registered = set(AttentionInterface._global_mapping) | set(AttentionMaskInterface._global_mapping)
+    registered = set(AttentionInterface._global_mapping) | set(
+        AttentionMaskInterface._global_mapping
+    )
     with capture_keys(model, lambda *a: None):
         assert _model_state(model) != before
     assert _model_state(model) == before
     with pytest.raises(RuntimeError, match="boom"), capture_keys(model, lambda *a: None):
         raise RuntimeError("boom")
     assert _model_state(model) == before
-    assert set(AttentionInterface._global_mapping) | set(AttentionMaskInterface._global_mapping) == registered
+    assert (
+        set(AttentionInterface._global_mapping) | set(AttentionMaskInterface._global_mapping)
+        == registered
+    )
 
 
 def test_eager_model_delegates_to_eager():

@@ -158,14 +158,14 @@ def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select
     assert torch.isinf(out[1, :, 123:]).all() and torch.isfinite(out[1, :, :123]).all()
 
 
-@pytest.mark.parametrize("impl", [True, False], ids=["sampled", "radix"])
+@pytest.mark.parametrize("impl", ["sampled", "radix", "bisect"])
 @pytest.mark.parametrize(
     "kind,seq,k_top",
     [("randn", 4096, 512), ("randn", 1027, 1), ("ties", 1027, 7), ("ties", 2500, 600),
      ("constant", 2100, 17), ("randn", 17, 17), ("randn", 2048, 1)],
 )  # fmt: skip
 def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
-    monkeypatch.setattr(select_module, "USE_SAMPLE", impl)
+    monkeypatch.setattr(select_module, "METHOD", impl)
     monkeypatch.setattr(select_module, "SAMPLE", 256)  # the interpreter sorts slowly
     gen = torch.Generator().manual_seed(5)
     if kind == "ties":  # few distinct values: the k-th is tied many times over
@@ -190,8 +190,8 @@ def test_select_topk_handles_infinities(monkeypatch):
     scores = torch.randn(1, 2, 3000, generator=torch.Generator().manual_seed(6))
     scores[..., ::3] = float("-inf")
     scores[..., 1] = float("inf")
-    for impl in (True, False):
-        monkeypatch.setattr(select_module, "USE_SAMPLE", impl)
+    for impl in ("sampled", "radix", "bisect"):
+        monkeypatch.setattr(select_module, "METHOD", impl)
         idx = select_topk(scores, 1500, backend="triton")
         assert_valid_topk(scores.nan_to_num(posinf=1e30, neginf=-1e30), idx, 1500)
 
@@ -338,7 +338,7 @@ def test_bench_table_and_config_checks():
 
 
 def test_sampled_select_falls_back_when_the_bracket_overflows(monkeypatch):
-    monkeypatch.setattr(select_module, "USE_SAMPLE", True)
+    monkeypatch.setattr(select_module, "METHOD", "sampled")
     monkeypatch.setattr(select_module, "CAND_CAP", 16)  # every bracket holds more: fallback
     monkeypatch.setattr(select_module, "SAMPLE", 256)
     scores = torch.randn(2, 2, 3000, generator=torch.Generator().manual_seed(10))
@@ -347,7 +347,71 @@ def test_sampled_select_falls_back_when_the_bracket_overflows(monkeypatch):
 
 
 def test_sampled_select_at_the_default_sample_size(monkeypatch):
-    monkeypatch.setattr(select_module, "USE_SAMPLE", True)
+    monkeypatch.setattr(select_module, "METHOD", "sampled")
     scores = torch.randn(1, 1, 8192, generator=torch.Generator().manual_seed(11))
     idx = select_topk(scores, 1024, backend="triton")
     assert_valid_topk(scores, idx, 1024)
+
+
+@pytest.mark.parametrize("seq", [1, 2, 5, 300, 8192])
+def test_bisect_select_edges(monkeypatch, seq):
+    """Register bisection: tiny rows, k in {1, S}, -0.0 vs 0.0, a row of equal extremes."""
+    monkeypatch.setattr(select_module, "METHOD", "bisect")
+    gen = torch.Generator().manual_seed(seq)
+    scores = torch.randn(2, 2, seq, generator=gen)
+    scores[0, 1] = float("-inf")  # every key the lowest finite-or-not value
+    if seq > 2:
+        scores[1, 0, : seq // 2] = -0.0
+        scores[1, 0, seq // 2 :] = 0.0
+    for k_top in sorted({1, max(1, seq // 2), seq}):
+        for lens in (None, torch.tensor([seq, max(1, seq - 1)])):
+            idx = select_topk(scores, k_top, lens, backend="triton")
+            assert_valid_topk(scores.nan_to_num(neginf=-1e30), idx, k_top, lens)
+
+
+def test_select_method_choice(monkeypatch):
+    assert select_module._select_method(4096, True) == "bisect"
+    assert select_module._select_method(65536, True) == "sampled"
+    assert select_module._select_method(65536, False) == "radix"
+    monkeypatch.setattr(select_module, "METHOD", "bisect")
+    assert select_module._select_method(65536, True) == "radix"
+    monkeypatch.setattr(select_module, "METHOD", "heap")
+    with pytest.raises(ValueError, match="METHOD"):
+        select_module._select_method(4096, True)
+
+
+score_select_module = importlib.import_module("keyspace.kernels.score_select")
+decode_module = importlib.import_module("keyspace.kernels.decode")
+
+
+@pytest.mark.parametrize(
+    "batch,q_heads,kv_heads,seq,d,k_top",
+    [(2, 4, 4, 17, 16, 7), (1, 8, 2, 1027, 32, 1), (2, 6, 2, 300, 1, 300), (1, 8, 1, 4096, 32, 512),
+     (2, 3, 3, 1, 64, 1), (1, 4, 4, 2048, 127, 256)],
+)  # fmt: skip
+def test_fused_score_select_matches_the_two_stages(batch, q_heads, kv_heads, seq, d, k_top):
+    """One launch (scores + exact top-k per KV head) against the reference scores and topk."""
+    q, k_low, _, _, _ = make_cache(batch, q_heads, kv_heads, seq, 128, d, seed=seq)
+    seqlens = torch.tensor([seq, max(1, seq // 2)])[:batch]
+    group = q_heads != kv_heads
+    for lens in (None, seqlens):
+        scores, idx = score_select_module._score_select_triton(q, k_low, k_top, lens)
+        ref = lowrank_scores_reference(q, k_low, group, lens)
+        torch.testing.assert_close(scores, ref, **SCORE_TOL)
+        assert idx.shape == (batch, kv_heads, k_top) and idx.dtype == torch.int32
+        assert_valid_topk(ref, idx, k_top, lens)
+
+
+def test_decode_uses_the_fused_select_only_with_one_set_per_kv_head(monkeypatch):
+    fused = decode_module.fused_select
+    assert fused(32, 32, 4096, False) and fused(32, 8, 4096, True)
+    assert not fused(32, 8, 4096, False)  # per-query-head sets under GQA: separate stages
+    assert not fused(32, 32, select_module.BISECT_MAX + 1, False)
+    monkeypatch.setattr(decode_module, "FUSE_SELECT", False)
+    assert not fused(32, 32, 4096, False)
+    # Both paths give the same step.
+    q, k_low, k_rest, v, _ = make_cache(1, 4, 2, 333, 64, 16, seed=3)
+    unfused = loki_decode(q, k_low, k_rest, v, 40, group_select=True, backend="triton")
+    monkeypatch.setattr(decode_module, "FUSE_SELECT", True)
+    fused_out = loki_decode(q, k_low, k_rest, v, 40, group_select=True, backend="triton")
+    torch.testing.assert_close(fused_out, unfused, atol=1e-5, rtol=1e-5)

@@ -1,6 +1,15 @@
-"""Exact top-k selection by radix select over the fp32 score bits.
+"""Exact top-k selection over the fp32 score bits.
 
-One program owns one score row (one query head, or one KV group with group_select). Each fp32 is
+Each fp32 score is mapped to a uint32 key whose unsigned order is the float order. Three exact
+methods share one compaction pass (below); `METHOD` picks one:
+
+Register bisection (default for rows up to BISECT_MAX): one program loads its whole row into
+registers once and bisects the key range for the k-th largest key T: each step counts the keys at
+or above the midpoint with one block-wide sum, starting from the row's [min, max] and stopping
+early as soon as a midpoint has exactly k keys at or above it. Nothing is re-read per step, so a
+row costs one read plus about 20 register passes instead of several passes over memory.
+
+Radix select: one program owns one score row (one query head, or one KV group with group_select). Each fp32 is
 mapped to a uint32 key whose unsigned order is the float order. Up to four passes of an 8-bit
 histogram (`tl.histogram`) walk the key from its top byte down and pin the k-th largest key T;
 a pass is skipped once the boundary bucket is taken whole. A last pass compacts: every key above
@@ -29,16 +38,18 @@ import triton.language as tl
 
 from keyspace.kernels._checks import check_k_top, use_triton
 
+# "auto": register bisection for rows up to BISECT_MAX, else the sampled bracket on CUDA and the
+# plain radix select elsewhere. "bisect", "radix" or "sampled" force one (tests, tuning).
+METHOD = "auto"
+BISECT_MAX = 32768
+BISECT_ELEMS_PER_THREAD = 32  # sets the bisect kernel's warps: 4096 scores -> 4 warps
+BISECT_MAX_WARPS = 32
 # 4096 fp32 per chunk: 16 per thread at 8 warps, one chunk per pass at S=4096.
 CHUNK = 4096
 NUM_WARPS = 8
 RADIX_BITS = 8
-# Sampled bracket (see the header) for rows at least SAMPLED_MIN_LEN long. "auto" takes it on
-# CUDA for rows of SAMPLED_LONG_ROWS or more: on an H100 it cut the select by 1.5-1.9x at S=16k
-# and 32k, and cost 1.3x at S=4k, where the sort and two extra launches outweigh the passes saved
-# (docs/kernels.md).
-USE_SAMPLE = "auto"  # "auto", True or False
-SAMPLED_LONG_ROWS = 16384
+# Sampled bracket (see the header), for rows at least SAMPLED_MIN_LEN long: on an H100 it cut the
+# radix select by 1.5-1.9x at S=16k and 32k, and cost 1.3x at S=4k (docs/kernels.md).
 SAMPLE = 1024
 SAMPLED_MIN_LEN = 2048
 CAND_CAP = 8192  # most candidates kept per row; more falls back to the full radix select
@@ -266,6 +277,79 @@ def _radix_select_kernel(
         tl.store(out_ptr + start + offs_fill, -1, mask=start + offs_fill < K_TOP)
 
 
+@triton.jit
+def _bisect_row(row_ptr, out_ptr, length, k, K_TOP, ROW: tl.constexpr, CHUNK: tl.constexpr):
+    """Write the top k of row_ptr[:length] (fp32, ROW >= length) to out_ptr[:k], -1 up to K_TOP.
+
+    The whole row is read into registers once; the bisection then needs no memory traffic.
+    """
+    offs = tl.arange(0, ROW)
+    in_row = offs < length
+    key = _float_to_ordered_key(tl.load(row_ptr + offs, mask=in_row, other=0.0))
+    # Keys outside the row become 0, which no midpoint (always >= 1) counts.
+    key = tl.where(in_row, key, 0)
+    # Invariant: count(key >= lo) >= k > count(key >= hi) = c_hi.
+    lo = tl.min(tl.where(in_row, key, 0xFFFFFFFF), 0).to(tl.int64)
+    hi = tl.max(key, 0).to(tl.int64) + 1
+    c_hi = tl.zeros([], tl.int32)
+    found = k <= 0
+    while (hi - lo > 1) & (found == 0):
+        mid = (lo + hi) // 2
+        c = tl.sum((key >= mid.to(tl.uint32)).to(tl.int32), 0)
+        at_least = c >= k
+        lo = tl.where(at_least, mid, lo)
+        hi = tl.where(at_least, hi, mid)
+        c_hi = tl.where(at_least, c_hi, c)
+        found = c == k
+    # Found: exactly k keys are >= lo, i.e. > lo - 1, and no ties are needed. Otherwise lo is the
+    # k-th largest key T: the c_hi keys above it are kept, and k - c_hi of those equal to it.
+    prefix = tl.where(found, lo - 1, lo).to(tl.uint32)
+    remaining = tl.where(found, 0, k - c_hi)
+    full_mask = tl.full([], 0xFFFFFFFF, tl.uint32)
+    _compact(row_ptr, row_ptr, length, k, prefix, full_mask, remaining, out_ptr, CHUNK, False)
+    offs_fill = tl.arange(0, CHUNK)
+    for start in range(k, K_TOP, CHUNK):
+        tl.store(out_ptr + start + offs_fill, -1, mask=start + offs_fill < K_TOP)
+
+
+@triton.jit
+def _bisect_select_kernel(
+    scores_ptr,  # (R, S) fp32 contiguous, R = B * Hsel
+    seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
+    idx_ptr,  # (R, K_TOP) int32 contiguous
+    S,
+    K_TOP,
+    SEL_HEADS,
+    HAS_SEQLENS: tl.constexpr,
+    ROW: tl.constexpr,  # next power of two >= S: the whole row sits in registers
+    CHUNK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
+    row_ptr = scores_ptr + row.to(tl.int64) * S
+    _bisect_row(row_ptr, idx_ptr + row.to(tl.int64) * K_TOP, length, k, K_TOP, ROW, CHUNK)
+
+
+def bisect_warps(seq: int) -> int:
+    """Warps of a register-bisection program: about BISECT_ELEMS_PER_THREAD scores a thread."""
+    row = triton.next_power_of_2(seq)
+    return min(BISECT_MAX_WARPS, max(4, row // (32 * BISECT_ELEMS_PER_THREAD)))
+
+
+def _select_method(seq: int, on_cuda: bool) -> str:
+    if METHOD != "auto":
+        if METHOD not in ("bisect", "radix", "sampled"):
+            raise ValueError(f"select METHOD must be auto, bisect, radix or sampled: {METHOD!r}")
+        if METHOD == "bisect" and seq > BISECT_MAX:
+            return "radix"  # the row would not fit in registers
+        if METHOD == "sampled" and seq < SAMPLED_MIN_LEN:
+            return "radix"
+        return METHOD
+    if seq <= BISECT_MAX:
+        return "bisect"
+    return "sampled" if on_cuda else "radix"  # the interpreter's sort is slow; tests force it
+
+
 def _select_topk_triton(
     scores: torch.Tensor, k_top: int, seqlens: torch.Tensor | None
 ) -> torch.Tensor:
@@ -274,12 +358,17 @@ def _select_topk_triton(
     batch, sel_heads, seq = scores.shape
     assert 1 <= k_top <= seq and CHUNK < 1 << 16  # the packed scans count in 16 bits
     idx = torch.empty((batch, sel_heads, k_top), device=scores.device, dtype=torch.int32)
-    sampled = USE_SAMPLE
-    if USE_SAMPLE == "auto":  # never on CPU: the interpreter's sort is slow; tests force it
-        sampled = scores.is_cuda and seq >= SAMPLED_LONG_ROWS
-    sampled = bool(sampled) and seq >= SAMPLED_MIN_LEN
+    method = _select_method(seq, scores.is_cuda)
     rows = batch * sel_heads
     lens = seqlens if seqlens is not None else idx
+    if method == "bisect":
+        row = triton.next_power_of_2(seq)
+        _bisect_select_kernel[(rows,)](
+            scores, lens, idx, seq, k_top, sel_heads, HAS_SEQLENS=seqlens is not None,
+            ROW=row, CHUNK=min(CHUNK, row), num_warps=bisect_warps(seq),
+        )  # fmt: skip
+        return idx
+    sampled = method == "sampled"
     cand_cap = min(CAND_CAP, seq) if sampled else 1
     cand_val = torch.empty((rows, cand_cap), device=scores.device)
     cand_pos = torch.empty((rows, cand_cap), device=scores.device, dtype=torch.int32)

@@ -55,23 +55,28 @@ def main() -> int:
         ),
         "fused": (
             fu,
-            [
-                {"BLOCK_S": b, "NUM_STAGES": st, "MIN_WARPS": w}
-                for b, st, w in itertools.product((128, 256, 512), (2, 3, 4), (4, 8, 16))
-            ],
+            [{"BLOCK_S": b} for b in (128, 256, 512)],
         ),
         "step": (
             dec,
             [
-                {"PIPELINE": p, "FUSE_SELECT": f}
-                for p, f in itertools.product((False, True), (False, True))
+                {"PIPELINE": p, "FUSE_SELECT": f, "sparse_attention.FUSE_REDUCE": r}
+                for p, f, r in itertools.product((False, True), (False, True), (False, True))
             ],
         ),
         "attention": (
             sa,
             [
-                {"BLOCK_N": n, "NUM_WARPS": w, "NUM_STAGES": st, "PROGRAMS_PER_SM": p}
-                for n, w, st, p in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (2, 4, 8))
+                {
+                    "BLOCK_N": n,
+                    "NUM_WARPS": 4,
+                    "NUM_STAGES": st,
+                    "PROGRAMS_PER_SM": p,
+                    "FUSE_REDUCE": r,
+                }
+                for (n, st, p), r in itertools.product(
+                    [(64, 2, 4), (64, 2, 2), (128, 2, 2), (32, 3, 4)], (False, True)
+                )
             ],
         ),
     }
@@ -115,10 +120,18 @@ def main() -> int:
             ],
         }
         for stage, (module, options) in variants.items():
-            saved = {k: getattr(module, k) for k in options[0]}
+
+            def target(key, module=module):
+                """(module, attribute); "file.NAME" names a constant of another kernel file."""
+                if "." not in key:
+                    return module, key
+                name, attr = key.rsplit(".", 1)
+                return importlib.import_module(f"keyspace.kernels.{name}"), attr
+
+            saved = {k: getattr(*target(k)) for k in options[0]}
             for option in options:
                 for k, v in option.items():
-                    setattr(module, k, v)
+                    setattr(*target(k), v)
                 if stage == "select":  # every variant must give an exact top-k
                     for sc in scores:
                         got = sc.gather(-1, sel._select_topk_triton(sc, k_top, None).long())
@@ -143,7 +156,7 @@ def main() -> int:
                 )
                 print(f"Hkv={kv_heads} S={seq} {stage:>9} {option}: {ms:.4f} ms", flush=True)
             for k, v in saved.items():
-                setattr(module, k, v)
+                setattr(*target(k), v)
         for name, fn in (
             ("torch.topk k=S/8", lambda sc, k=k_top: torch.topk(sc, k, dim=-1, sorted=False)),
             ("select k=1", lambda sc: sel._select_topk_triton(sc, 1, None)),

@@ -196,8 +196,10 @@ def test_select_topk_handles_infinities(monkeypatch):
         assert_valid_topk(scores.nan_to_num(posinf=1e30, neginf=-1e30), idx, 1500)
 
 
+@pytest.mark.parametrize("fused_reduce", [True, False], ids=["fused_reduce", "reduce_launch"])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_sparse_attention_split_k_and_unused_slots(group_select):
+def test_sparse_attention_split_k_and_unused_slots(monkeypatch, group_select, fused_reduce):
+    monkeypatch.setattr(attention_module, "FUSE_REDUCE", fused_reduce)
     q, k_low, k_rest, v, _ = make_cache(2, 8, 2, 700, 128, 32, seed=7)
     sets = 2 if group_select else 8
     gen = torch.Generator().manual_seed(8)
@@ -387,7 +389,7 @@ decode_module = importlib.import_module("keyspace.kernels.decode")
 @pytest.mark.parametrize(
     "batch,q_heads,kv_heads,seq,d,k_top",
     [(2, 4, 4, 17, 16, 7), (1, 8, 2, 1027, 32, 1), (2, 6, 2, 300, 1, 300), (1, 8, 1, 4096, 32, 512),
-     (2, 3, 3, 1, 64, 1), (1, 4, 4, 2048, 127, 256)],
+     (2, 3, 3, 1, 64, 1), (1, 4, 4, 2048, 127, 256), (1, 2, 2, 8192, 32, 1024)],
 )  # fmt: skip
 def test_fused_score_select_matches_the_two_stages(batch, q_heads, kv_heads, seq, d, k_top):
     """One launch (scores + exact top-k per KV head) against the reference scores and topk."""
@@ -406,7 +408,7 @@ def test_decode_uses_the_fused_select_only_with_one_set_per_kv_head(monkeypatch)
     fused = decode_module.fused_select
     assert fused(32, 32, 4096, False) and fused(32, 8, 4096, True)
     assert not fused(32, 8, 4096, False)  # per-query-head sets under GQA: separate stages
-    assert not fused(32, 32, select_module.BISECT_MAX + 1, False)
+    assert not fused(32, 32, score_select_module.FUSED_MAX + 1, False)
     monkeypatch.setattr(decode_module, "FUSE_SELECT", False)
     assert not fused(32, 32, 4096, False)
     # Both paths give the same step.

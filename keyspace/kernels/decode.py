@@ -1,7 +1,7 @@
 """One Loki decode step: low-rank scores, exact top-k, exact attention over the kept rows.
 
 Three stages. With one index set per KV head (MHA, or GQA with group_select) and S up to
-select.BISECT_MAX, scores and selection run as one launch (`score_select.py`), then split-K
+score_select.FUSED_MAX, scores and selection run as one launch (`score_select.py`), then split-K
 attention and its reduce: three launches. Otherwise four (scores, select, attention, reduce); see
 `lowrank_scores.py`, `select.py` and `sparse_attention.py` for each kernel and its bytes.
 
@@ -22,7 +22,7 @@ import torch
 from keyspace.kernels import select as select_module
 from keyspace.kernels._checks import check_cache, check_k_top, check_seqlens, use_triton
 from keyspace.kernels.lowrank_scores import _lowrank_scores_triton, lowrank_scores_reference
-from keyspace.kernels.score_select import _score_select_triton
+from keyspace.kernels.score_select import FUSED_MAX, _score_select_triton
 from keyspace.kernels.select import _select_topk_triton, select_topk_reference
 from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
 
@@ -49,7 +49,7 @@ def fused_select(q_heads: int, kv_heads: int, seq: int, group_select: bool) -> b
     return (
         FUSE_SELECT
         and one_set_per_kv_head
-        and seq <= select_module.BISECT_MAX
+        and seq <= FUSED_MAX
         and select_module.METHOD in ("auto", "bisect")
     )
 

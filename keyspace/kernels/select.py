@@ -129,10 +129,9 @@ def _compact(
     taken_equal = tl.zeros([], tl.int32)
     for start in range(0, tl.where(k > 0, length, 0), CHUNK):
         in_row = start + offs < length
-        masked = (
-            _float_to_ordered_key(tl.load(row_ptr + start + offs, mask=in_row, other=0.0))
-            & prefix_mask
-        )
+        # .cg: the row may have been written by other programs of this launch (score_select).
+        x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0, cache_modifier=".cg")
+        masked = _float_to_ordered_key(x) & prefix_mask
         greater = in_row & (masked > prefix)
         equal = in_row & (masked == prefix)
         flags = greater.to(tl.int32) + (equal.to(tl.int32) << 16)
@@ -285,7 +284,8 @@ def _bisect_row(row_ptr, out_ptr, length, k, K_TOP, ROW: tl.constexpr, CHUNK: tl
     """
     offs = tl.arange(0, ROW)
     in_row = offs < length
-    key = _float_to_ordered_key(tl.load(row_ptr + offs, mask=in_row, other=0.0))
+    row_scores = tl.load(row_ptr + offs, mask=in_row, other=0.0, cache_modifier=".cg")
+    key = _float_to_ordered_key(row_scores)
     # Keys outside the row become 0, which no midpoint (always >= 1) counts.
     key = tl.where(in_row, key, 0)
     # Invariant: count(key >= lo) >= k > count(key >= hi) = c_hi.

@@ -4,7 +4,9 @@ Stage 1: a program owns one index set (one query head, or one KV group with grou
 chunk of its indices. It gathers the chosen rows of k_low [.., d], k_rest [.., D-d] and v [.., D],
 scores them over all D dims for every query head that shares the set (tl.dot, fp32 accumulate),
 and runs an online softmax. It writes an unnormalised partial (acc, max, sum) per query head.
-Stage 2 merges the partials of each query head and normalises.
+Stage 2 merges the partials of each query head and normalises: by default inside the same launch,
+in the last split of each index set to finish (an atomic counter per set), else as a second
+launch (FUSE_REDUCE = False).
 
 Bytes moved: Hsel·k rows of (d + (D-d) + D)·es bytes, i.e. 2·D·es per row; with group_select
 each chosen row is read once for all G query heads of its group. The partials cost
@@ -26,6 +28,8 @@ BLOCK_N = 64  # selected rows per inner step: 64 × 2·D·es = 32 KB at D=128 fp
 NUM_WARPS = 4
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 4  # split-K target: enough programs to keep every SM streaming
+# The last split of each index set merges the partials (no separate reduce launch).
+FUSE_REDUCE = True
 LOG2E = 1.4426950408889634
 
 
@@ -39,6 +43,8 @@ def _sparse_attention_split_kernel(
     low_ptr,  # (B, Hq, S) fp32 q_low·k_low when LOW_SCORES (per-head sets), else a dummy
     part_acc_ptr,  # (B, Hq, SPLITS, D) fp32
     part_ml_ptr,  # (B, Hq, SPLITS, 2) fp32: running max (log2 units) and sum
+    out_ptr,  # (B, Hq, D) in the query dtype, written here when FUSED_REDUCE
+    counter_ptr,  # (B * Hsel,) int32 zero on entry when FUSED_REDUCE: splits of each set done
     S,
     K_TOP,
     rows_per_split,
@@ -56,6 +62,8 @@ def _sparse_attention_split_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LOW_SCORES: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
 ):
     D_REST: tl.constexpr = D - D_LOW
     HEADS_PER_SET = Q_HEADS // SEL_HEADS  # G with group_select, else 1
@@ -139,6 +147,46 @@ def _sparse_attention_split_kernel(
     tl.store(part_ml_ptr + part_rows * 2, m_i, mask=h_mask)
     tl.store(part_ml_ptr + part_rows * 2 + 1, l_i, mask=h_mask)
 
+    if FUSED_REDUCE:
+        # The set's last split to finish merges all of them (its partials are visible after the
+        # acquire): no reduce launch, and the merges overlap the other sets' splits.
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr + pid_set, 1, sem="acq_rel", scope="gpu")
+        if done == SPLITS - 1:
+            row0 = b * Q_HEADS + h_set * HEADS_PER_SET
+            for g in range(0, HEADS_PER_SET):
+                _merge_splits(
+                    part_acc_ptr, part_ml_ptr, out_ptr, (row0 + g).to(tl.int64), SPLITS, D,
+                    BLOCK_SPLITS, BLOCK_DV,
+                )  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(
+    part_acc_ptr, part_ml_ptr, out_ptr, row, SPLITS, D: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """Merge the SPLITS partials (acc, max, sum) of one query head `row` and normalise."""
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_DV)
+    s_mask = offs_s < SPLITS
+    ml = part_ml_ptr + (row * SPLITS + offs_s) * 2
+    m = tl.load(ml, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    sums = tl.load(ml + 1, mask=s_mask, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # nothing selected: output zeros
+    w = tl.exp2(m - m_max)  # [BLOCK_SPLITS]
+    acc = tl.load(
+        part_acc_ptr + (row * SPLITS + offs_s)[:, None] * D + offs_d[None, :],
+        mask=s_mask[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    total = tl.sum(acc * w[:, None], 0)  # [BLOCK_DV]
+    denom = tl.sum(sums * w, 0)
+    out = total / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
 
 @triton.jit
 def _sparse_attention_reduce_kernel(
@@ -151,24 +199,7 @@ def _sparse_attention_reduce_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # b * Hq + h
-    offs_s = tl.arange(0, BLOCK_SPLITS)
-    offs_d = tl.arange(0, BLOCK_DV)
-    s_mask = offs_s < SPLITS
-    ml = part_ml_ptr + (row * SPLITS + offs_s) * 2
-    m = tl.load(ml, mask=s_mask, other=float("-inf"))
-    sums = tl.load(ml + 1, mask=s_mask, other=0.0)
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # nothing selected: output zeros
-    w = tl.exp2(m - m_max)  # [BLOCK_SPLITS]
-    acc = tl.load(
-        part_acc_ptr + (row * SPLITS + offs_s)[:, None] * D + offs_d[None, :],
-        mask=s_mask[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    total = tl.sum(acc * w[:, None], 0)  # [BLOCK_DV]
-    denom = tl.sum(sums * w, 0)
-    out = total / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, SPLITS, D, BLOCK_SPLITS, BLOCK_DV)
 
 
 @functools.cache
@@ -216,6 +247,9 @@ def _sparse_attention_triton(
     part_acc = torch.empty((batch, q_heads, splits, head_dim), device=q.device, dtype=torch.float32)
     part_ml = torch.empty((batch, q_heads, splits, 2), device=q.device, dtype=torch.float32)
     heads_per_set = q_heads // sel_heads
+    out = torch.empty_like(q)
+    fused = FUSE_REDUCE
+    counter = torch.zeros((batch * sel_heads if fused else 1,), device=q.device, dtype=torch.int32)
     _sparse_attention_split_kernel[(batch * sel_heads, splits)](
         q,
         k_low,
@@ -225,6 +259,8 @@ def _sparse_attention_triton(
         low_scores if low_scores is not None else part_ml,
         part_acc,
         part_ml,
+        out,
+        counter,
         seq,
         k_top,
         rows_per_split,
@@ -242,10 +278,13 @@ def _sparse_attention_triton(
         BLOCK_N=BLOCK_N,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         LOW_SCORES=low_scores is not None,
+        FUSED_REDUCE=fused,
+        BLOCK_SPLITS=triton.next_power_of_2(splits),
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )
-    out = torch.empty_like(q)
+    if fused:
+        return out
     _sparse_attention_reduce_kernel[(batch * q_heads,)](
         part_acc,
         part_ml,

@@ -21,8 +21,8 @@ def main() -> int:
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[32, 8])
     parser.add_argument(
-        "--stages", nargs="+", default=["scores", "select", "fused", "attention", "step"],
-        choices=["scores", "select", "fused", "attention", "step"],
+        "--stages", nargs="+", default=["scores", "select", "attention", "step"],
+        choices=["scores", "select", "attention", "step"],
     )  # fmt: skip
     parser.add_argument("--k-frac", type=float, default=0.125)
     args = parser.parse_args()
@@ -36,7 +36,6 @@ def main() -> int:
     sel = importlib.import_module("keyspace.kernels.select")
     sa = importlib.import_module("keyspace.kernels.sparse_attention")
     dec = importlib.import_module("keyspace.kernels.decode")
-    fu = importlib.import_module("keyspace.kernels.score_select")
     from keyspace.kernels.bench import BenchConfig, _graph_ms, _make_inputs
 
     variants = {
@@ -53,15 +52,11 @@ def main() -> int:
             + [{"METHOD": "sampled", "BISECT_ELEMS_PER_THREAD": 32}]
             + [{"METHOD": "bisect", "BISECT_ELEMS_PER_THREAD": e} for e in (8, 16, 32, 64)],
         ),
-        "fused": (
-            fu,
-            [{"BLOCK_S": b} for b in (128, 256, 512)],
-        ),
         "step": (
             dec,
             [
-                {"PIPELINE": p, "FUSE_SELECT": f, "sparse_attention.FUSE_REDUCE": r}
-                for p, f, r in itertools.product((False, True), (False, True), (False, True))
+                {"PIPELINE": p, "sparse_attention.FUSE_REDUCE": r}
+                for p, r in itertools.product((False, True), (False, True))
             ],
         ),
         "attention": (
@@ -102,10 +97,6 @@ def main() -> int:
             "select": [
                 lambda sc=sc, k=k_top: sel._select_topk_triton(sc, k, None) for sc in scores
             ],
-            "fused": [
-                lambda s=s, k=k_top: fu._score_select_triton(s["q"], s["k_low"], k, None)
-                for s in sets
-            ],
             "step": [
                 lambda s=s, g=group, k=k_top: dec._loki_decode_triton(
                     s["q"], s["k_low"], s["k_rest"], s["v"], k, 1 / math.sqrt(128), g, None
@@ -138,14 +129,6 @@ def main() -> int:
                         want = torch.topk(sc, k_top, dim=-1).values
                         if not torch.equal(got.sort(-1).values, want.sort(-1).values):
                             raise SystemExit(f"select {option} is not an exact top-k")
-                if stage == "fused":  # same scores as the score kernel, exact top-k of them
-                    for s, sc in zip(sets, scores, strict=True):
-                        f_sc, f_idx = fu._score_select_triton(s["q"], s["k_low"], k_top, None)
-                        torch.testing.assert_close(f_sc, sc, atol=1e-3, rtol=1e-4)
-                        got = f_sc.gather(-1, f_idx.long()).sort(-1).values
-                        want = torch.topk(f_sc, k_top, dim=-1).values.sort(-1).values
-                        if not torch.equal(got, want):
-                            raise SystemExit(f"fused {option} is not an exact top-k")
                 try:
                     ms = _graph_ms(stage_fns[stage], cfg.reps, cfg.replays)
                 except Exception as err:  # a variant that does not compile or fit

@@ -355,7 +355,7 @@ def test_sampled_select_at_the_default_sample_size(monkeypatch):
     assert_valid_topk(scores, idx, 1024)
 
 
-@pytest.mark.parametrize("seq", [1, 2, 5, 300, 8192])
+@pytest.mark.parametrize("seq", [1, 2, 5, 300, 8192, 32768])
 def test_bisect_select_edges(monkeypatch, seq):
     """Register bisection: tiny rows, k in {1, S}, -0.0 vs 0.0, a row of equal extremes."""
     monkeypatch.setattr(select_module, "METHOD", "bisect")
@@ -380,40 +380,3 @@ def test_select_method_choice(monkeypatch):
     monkeypatch.setattr(select_module, "METHOD", "heap")
     with pytest.raises(ValueError, match="METHOD"):
         select_module._select_method(4096, True)
-
-
-score_select_module = importlib.import_module("keyspace.kernels.score_select")
-decode_module = importlib.import_module("keyspace.kernels.decode")
-
-
-@pytest.mark.parametrize(
-    "batch,q_heads,kv_heads,seq,d,k_top",
-    [(2, 4, 4, 17, 16, 7), (1, 8, 2, 1027, 32, 1), (2, 6, 2, 300, 1, 300), (1, 8, 1, 4096, 32, 512),
-     (2, 3, 3, 1, 64, 1), (1, 4, 4, 2048, 127, 256), (1, 2, 2, 8192, 32, 1024)],
-)  # fmt: skip
-def test_fused_score_select_matches_the_two_stages(batch, q_heads, kv_heads, seq, d, k_top):
-    """One launch (scores + exact top-k per KV head) against the reference scores and topk."""
-    q, k_low, _, _, _ = make_cache(batch, q_heads, kv_heads, seq, 128, d, seed=seq)
-    seqlens = torch.tensor([seq, max(1, seq // 2)])[:batch]
-    group = q_heads != kv_heads
-    for lens in (None, seqlens):
-        scores, idx = score_select_module._score_select_triton(q, k_low, k_top, lens)
-        ref = lowrank_scores_reference(q, k_low, group, lens)
-        torch.testing.assert_close(scores, ref, **SCORE_TOL)
-        assert idx.shape == (batch, kv_heads, k_top) and idx.dtype == torch.int32
-        assert_valid_topk(ref, idx, k_top, lens)
-
-
-def test_decode_uses_the_fused_select_only_with_one_set_per_kv_head(monkeypatch):
-    fused = decode_module.fused_select
-    assert fused(32, 32, 4096, False) and fused(32, 8, 4096, True)
-    assert not fused(32, 8, 4096, False)  # per-query-head sets under GQA: separate stages
-    assert not fused(32, 32, score_select_module.FUSED_MAX + 1, False)
-    monkeypatch.setattr(decode_module, "FUSE_SELECT", False)
-    assert not fused(32, 32, 4096, False)
-    # Both paths give the same step.
-    q, k_low, k_rest, v, _ = make_cache(1, 4, 2, 333, 64, 16, seed=3)
-    unfused = loki_decode(q, k_low, k_rest, v, 40, group_select=True, backend="triton")
-    monkeypatch.setattr(decode_module, "FUSE_SELECT", True)
-    fused_out = loki_decode(q, k_low, k_rest, v, 40, group_select=True, backend="triton")
-    torch.testing.assert_close(fused_out, unfused, atol=1e-5, rtol=1e-5)

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from keyspace.kernels.decode import _loki_decode_triton, dense_attention_reference, fused_select
+from keyspace.kernels.decode import _loki_decode_triton, dense_attention_reference
 from keyspace.kernels.decode import loki_decode_reference as _loki_reference
 from keyspace.kernels.lowrank_scores import _lowrank_scores_triton
-from keyspace.kernels.score_select import _score_select_triton
 from keyspace.kernels.select import _select_topk_triton
 from keyspace.kernels.sparse_attention import _sparse_attention_triton
 
@@ -198,15 +197,7 @@ def _time_loki(sets: list[dict], cfg: BenchConfig, d: int, k_top: int, group: bo
             cfg.reps,
             cfg.replays,
         ),
-        "score_select_ms": float("nan"),  # the one-launch scores + select, where the step uses it
     }
-    q_heads, (kv_heads, seq) = sets[0]["q"].shape[1], sets[0]["k_low"].shape[1:3]
-    if fused_select(q_heads, kv_heads, seq, group):
-        row["score_select_ms"] = _graph_ms(
-            [lambda s=s: _score_select_triton(s["q"], s["k_low"], k_top, None) for s in sets],
-            cfg.reps,
-            cfg.replays,
-        )
     return row
 
 
@@ -330,7 +321,6 @@ def format_row(row: dict) -> str:
         f"({row['speedup']:.2f}x, floor {row['floor_speedup']:.2f}x, "
         f"{row['loki_pct_floor']:.0f}% of floor) | scores {row['scores_ms']:.3f} "
         f"select {row['select_ms']:.3f} (topk {row['topk_torch_ms']:.3f}) "
-        f"fused {row['score_select_ms']:.3f} "
         f"attn {row['attention_ms']:.3f} eager {row['loki_eager_ms']:.3f}"
     )
 
@@ -350,7 +340,6 @@ TABLE_COLUMNS = [
     ("scores", "scores_ms", "{:.3f}"),
     ("select ms", "select_ms", "{:.3f}"),
     ("topk", "topk_torch_ms", "{:.3f}"),
-    ("scores+select", "score_select_ms", "{:.3f}"),
     ("attn", "attention_ms", "{:.3f}"),
     ("eager", "loki_eager_ms", "{:.3f}"),
 ]

@@ -1,9 +1,8 @@
 """One Loki decode step: low-rank scores, exact top-k, exact attention over the kept rows.
 
-Three stages. With one index set per KV head (MHA, or GQA with group_select) and S up to
-score_select.FUSED_MAX, scores and selection run as one launch (`score_select.py`), then split-K
-attention and its reduce: three launches. Otherwise four (scores, select, attention, reduce); see
-`lowrank_scores.py`, `select.py` and `sparse_attention.py` for each kernel and its bytes.
+Three stages, three launches (scores, select, split-K attention whose last split per index set
+merges the partials); see `lowrank_scores.py`, `select.py` and `sparse_attention.py` for each
+kernel and its bytes.
 
 Bytes moved per step (es = element size, k = k_top, Hsel = Hkv with group_select, else Hq):
     k_low once:              B·Hkv·S·d·es
@@ -19,17 +18,13 @@ import math
 
 import torch
 
-from keyspace.kernels import select as select_module
 from keyspace.kernels._checks import check_cache, check_k_top, check_seqlens, use_triton
 from keyspace.kernels.lowrank_scores import _lowrank_scores_triton, lowrank_scores_reference
-from keyspace.kernels.score_select import FUSED_MAX, _score_select_triton
 from keyspace.kernels.select import _select_topk_triton, select_topk_reference
 from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
 
 # Per-head selection reuses the score pass's q_low·k_low in attention (4 bytes a row, not d·es).
 REUSE_LOW_SCORES = True
-# Scores and selection in one launch where each KV head has one index set (see score_select.py).
-FUSE_SELECT = True
 # Overlap the two halves of the batch on two streams in CUDA graphs (see _loki_decode_triton).
 PIPELINE = True
 
@@ -43,21 +38,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def fused_select(q_heads: int, kv_heads: int, seq: int, group_select: bool) -> bool:
-    """Whether the step scores and selects in one launch (`score_select.py`)."""
-    one_set_per_kv_head = group_select or q_heads == kv_heads
-    return (
-        FUSE_SELECT
-        and one_set_per_kv_head
-        and seq <= FUSED_MAX
-        and select_module.METHOD in ("auto", "bisect")
-    )
-
-
 def _scores_and_topk(q, k_low, k_top, group_select, seqlens):
-    """Scores [B, Hsel, S] fp32 and indices [B, Hsel, k] int32: one launch or two."""
-    if fused_select(q.shape[1], k_low.shape[1], k_low.shape[2], group_select):
-        return _score_select_triton(q, k_low, k_top, seqlens)
+    """Scores [B, Hsel, S] fp32 and indices [B, Hsel, k] int32."""
     scores = _lowrank_scores_triton(q, k_low, group_select, seqlens)
     return scores, _select_topk_triton(scores, k_top, seqlens)
 
@@ -100,18 +82,13 @@ def _loki_decode_triton(
     first, second = slice(0, batch // 2), slice(batch // 2, batch)
     lens = [None, None] if seqlens is None else [seqlens[first], seqlens[second]]
     main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-    fused = fused_select(q.shape[1], k_low.shape[1], k_low.shape[2], group_select)
-    if fused:
-        scores, idx = _score_select_triton(q[first], k_low[first], k_top, lens[0])
-    else:
-        scores = _lowrank_scores_triton(q[first], k_low[first], group_select, lens[0])
+    scores = _lowrank_scores_triton(q[first], k_low[first], group_select, lens[0])
     side.wait_stream(main)
     with torch.cuda.stream(side):
         out_second = _loki_decode_stages(
             q[second], k_low[second], k_rest[second], v[second], *args, lens[1]
         )
-    if not fused:
-        idx = _select_topk_triton(scores, k_top, lens[0])
+    idx = _select_topk_triton(scores, k_top, lens[0])
     out_first = _attend(q[first], k_low[first], k_rest[first], v[first], scores, idx, scale)
     main.wait_stream(side)
     out_second.record_stream(main)  # allocated on the side stream, read on main

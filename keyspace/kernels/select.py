@@ -41,7 +41,7 @@ from keyspace.kernels._checks import check_k_top, use_triton
 # "auto": register bisection for rows up to BISECT_MAX, else the sampled bracket on CUDA and the
 # plain radix select elsewhere. "bisect", "radix" or "sampled" force one (tests, tuning).
 METHOD = "auto"
-BISECT_MAX = 32768
+BISECT_MAX = 32768  # the packed compaction scan counts up to 2**16 - 1 per field
 BISECT_ELEMS_PER_THREAD = 32  # sets the bisect kernel's warps: 4096 scores -> 4 warps
 BISECT_MAX_WARPS = 32
 # 4096 fp32 per chunk: 16 per thread at 8 warps, one chunk per pass at S=4096.
@@ -129,8 +129,7 @@ def _compact(
     taken_equal = tl.zeros([], tl.int32)
     for start in range(0, tl.where(k > 0, length, 0), CHUNK):
         in_row = start + offs < length
-        # .cg: the row may have been written by other programs of this launch (score_select).
-        x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0, cache_modifier=".cg")
+        x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
         masked = _float_to_ordered_key(x) & prefix_mask
         greater = in_row & (masked > prefix)
         equal = in_row & (masked == prefix)
@@ -284,8 +283,7 @@ def _bisect_row(row_ptr, out_ptr, length, k, K_TOP, ROW: tl.constexpr, CHUNK: tl
     """
     offs = tl.arange(0, ROW)
     in_row = offs < length
-    row_scores = tl.load(row_ptr + offs, mask=in_row, other=0.0, cache_modifier=".cg")
-    key = _float_to_ordered_key(row_scores)
+    key = _float_to_ordered_key(tl.load(row_ptr + offs, mask=in_row, other=0.0))
     # Keys outside the row become 0, which no midpoint (always >= 1) counts.
     key = tl.where(in_row, key, 0)
     # Invariant: count(key >= lo) >= k > count(key >= hi) = c_hi.
@@ -305,8 +303,17 @@ def _bisect_row(row_ptr, out_ptr, length, k, K_TOP, ROW: tl.constexpr, CHUNK: tl
     # k-th largest key T: the c_hi keys above it are kept, and k - c_hi of those equal to it.
     prefix = tl.where(found, lo - 1, lo).to(tl.uint32)
     remaining = tl.where(found, 0, k - c_hi)
-    full_mask = tl.full([], 0xFFFFFFFF, tl.uint32)
-    _compact(row_ptr, row_ptr, length, k, prefix, full_mask, remaining, out_ptr, CHUNK, False)
+    # Compaction from the same registers, one scan over the whole row: keys above the prefix fill
+    # slots [0, k - remaining), ties [k - remaining, k) in position order. Both counts share one
+    # int32 (greater in the low 16 bits, ties in the high 16; ROW <= 32768 keeps them apart).
+    greater = in_row & (key > prefix)
+    equal = in_row & (key == prefix)
+    packed = tl.cumsum(greater.to(tl.int32) + (equal.to(tl.int32) << 16), 0)
+    rank_greater = (packed & 0xFFFF) - 1
+    rank_equal = ((packed >> 16) & 0xFFFF) - 1
+    tl.store(out_ptr + rank_greater, offs, mask=greater)
+    take_equal = equal & (rank_equal < remaining)
+    tl.store(out_ptr + (k - remaining) + rank_equal, offs, mask=take_equal)
     offs_fill = tl.arange(0, CHUNK)
     for start in range(k, K_TOP, CHUNK):
         tl.store(out_ptr + start + offs_fill, -1, mask=start + offs_fill < K_TOP)

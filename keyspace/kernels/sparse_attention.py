@@ -27,7 +27,7 @@ from keyspace.kernels._checks import check_cache, use_triton
 BLOCK_N = 64  # selected rows per inner step: 64 × 2·D·es = 32 KB at D=128 fp16
 NUM_WARPS = 4
 NUM_STAGES = 2
-PROGRAMS_PER_SM = 4  # split-K target: enough programs to keep every SM streaming
+PROGRAMS_PER_SM = 2  # split-K target: about one wave of programs (3 fit an SM at D=128)
 # The last split of each index set merges the partials (no separate reduce launch).
 FUSE_REDUCE = True
 LOG2E = 1.4426950408889634

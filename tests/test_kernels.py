@@ -373,9 +373,12 @@ def test_bisect_select_edges(monkeypatch, seq):
 
 def test_select_method_choice(monkeypatch):
     assert select_module._select_method(4096, True) == "bisect"
+    assert select_module._select_method(16384, False) == "bisect"
+    assert select_module._select_method(32768, True) == "sampled"
     assert select_module._select_method(65536, True) == "sampled"
     assert select_module._select_method(65536, False) == "radix"
     monkeypatch.setattr(select_module, "METHOD", "bisect")
+    assert select_module._select_method(32768, True) == "bisect"
     assert select_module._select_method(65536, True) == "radix"
     monkeypatch.setattr(select_module, "METHOD", "heap")
     with pytest.raises(ValueError, match="METHOD"):

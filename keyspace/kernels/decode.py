@@ -27,6 +27,9 @@ from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_a
 REUSE_LOW_SCORES = True
 # Overlap the two halves of the batch on two streams in CUDA graphs (see _loki_decode_triton).
 PIPELINE = True
+# ... when the step has at least this many index sets (B·Hsel): with fewer, each half leaves SMs
+# idle and the step got slower on the H100 (GQA group_select at B=16: 128 sets).
+PIPELINE_MIN_SETS = 256
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -68,16 +71,18 @@ def _loki_decode_triton(
 ) -> torch.Tensor:
     """The Triton stages; no host synchronisation, so a CUDA graph can capture the step.
 
-    While a CUDA graph is being captured (PIPELINE, batch >= 2), the batch is cut in two halves
-    and the second half runs on a side stream that starts once the first half's scores (fused:
-    scores and selection) are done. The selection of one half (latency-bound, light on memory) then overlaps the
-    memory-bound score or attention pass of the other. Eager calls are bound by the host's
-    launch time, where twice the launches would cost more than the overlap saves.
+    While a CUDA graph is being captured (PIPELINE, batch >= 2, at least PIPELINE_MIN_SETS index
+    sets), the batch is cut in two halves and the second half runs on a side stream that starts
+    once the first half's scores are written. The selection of one half (latency-bound, light on
+    memory) then overlaps the memory-bound score or attention pass of the other. Eager calls are
+    bound by the host's launch time, where twice the launches would cost more than the overlap
+    saves.
     """
     args = (k_top, scale, group_select)
     batch = q.shape[0]
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not (PIPELINE and capturing and batch >= 2):
+    sets = batch * (k_low.shape[1] if group_select else q.shape[1])
+    if not (PIPELINE and capturing and batch >= 2 and sets >= PIPELINE_MIN_SETS):
         return _loki_decode_stages(q, k_low, k_rest, v, *args, seqlens)
     first, second = slice(0, batch // 2), slice(batch // 2, batch)
     lens = [None, None] if seqlens is None else [seqlens[first], seqlens[second]]

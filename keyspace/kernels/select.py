@@ -3,7 +3,7 @@
 Each fp32 score is mapped to a uint32 key whose unsigned order is the float order. Three exact
 methods share one compaction pass (below); `METHOD` picks one:
 
-Register bisection (default for rows up to BISECT_MAX): one program loads its whole row into
+Register bisection (default for rows up to BISECT_AUTO_MAX): one program loads its whole row into
 registers once and bisects the key range for the k-th largest key T: each step counts the keys at
 or above the midpoint with one block-wide sum, starting from the row's [min, max] and stopping
 early as soon as a midpoint has exactly k keys at or above it. Nothing is re-read per step, so a
@@ -38,10 +38,13 @@ import triton.language as tl
 
 from keyspace.kernels._checks import check_k_top, use_triton
 
-# "auto": register bisection for rows up to BISECT_MAX, else the sampled bracket on CUDA and the
-# plain radix select elsewhere. "bisect", "radix" or "sampled" force one (tests, tuning).
+# "auto": register bisection for rows up to BISECT_AUTO_MAX, else the sampled bracket on CUDA and
+# the plain radix select elsewhere. "bisect", "radix" or "sampled" force one (tests, tuning).
 METHOD = "auto"
-BISECT_MAX = 32768  # the packed compaction scan counts up to 2**16 - 1 per field
+BISECT_MAX = 32768  # longest row bisected at all: the packed compaction scan's 16-bit fields
+# On the H100 the bisection beat the sampled bracket up to 16k and lost at 32k (0.30 vs 0.16 ms
+# at B=16, H=32, where a 32-warp program's one-scan compaction is slow; docs/kernels.md).
+BISECT_AUTO_MAX = 16384
 BISECT_ELEMS_PER_THREAD = 32  # sets the bisect kernel's warps: 4096 scores -> 4 warps
 BISECT_MAX_WARPS = 32
 # 4096 fp32 per chunk: 16 per thread at 8 warps, one chunk per pass at S=4096.
@@ -352,7 +355,7 @@ def _select_method(seq: int, on_cuda: bool) -> str:
         if METHOD == "sampled" and seq < SAMPLED_MIN_LEN:
             return "radix"
         return METHOD
-    if seq <= BISECT_MAX:
+    if seq <= BISECT_AUTO_MAX:
         return "bisect"
     return "sampled" if on_cuda else "radix"  # the interpreter's sort is slow; tests force it
 

@@ -1,16 +1,16 @@
 """Exact top-k selection over the fp32 score bits.
 
 Each fp32 score is mapped to a uint32 key whose unsigned order is the float order. Three exact
-methods share one compaction pass (below); `METHOD` picks one:
+methods; `METHOD` picks one. In each, one program owns one score row (one query head, or one KV
+group with group_select).
 
-Register bisection (default for rows up to BISECT_AUTO_MAX): one program loads its whole row into
+Register bisection (default for rows up to BISECT_AUTO_MAX): the program loads its whole row into
 registers once and bisects the key range for the k-th largest key T: each step counts the keys at
 or above the midpoint with one block-wide sum, starting from the row's [min, max] and stopping
-early as soon as a midpoint has exactly k keys at or above it. Nothing is re-read per step, so a
-row costs one read plus about 20 register passes instead of several passes over memory.
+early as soon as a midpoint has exactly k keys at or above it (at most 32 steps). One packed scan
+over the same registers then compacts. Nothing is re-read per step.
 
-Radix select: one program owns one score row (one query head, or one KV group with group_select). Each fp32 is
-mapped to a uint32 key whose unsigned order is the float order. Up to four passes of an 8-bit
+Radix select: Up to four passes of an 8-bit
 histogram (`tl.histogram`) walk the key from its top byte down and pin the k-th largest key T;
 a pass is skipped once the boundary bucket is taken whole. A last pass compacts: every key above
 T is kept, and keys equal to T are kept in position order until k are chosen. Ties therefore go
@@ -26,8 +26,8 @@ the result is exact either way; which of several exactly tied scores is kept is 
 
 Slots past min(k, seqlens[b]) hold -1. Indices are unordered; attention does not care.
 
-Bytes moved: each pass reads the row (S·4 bytes, mostly from L2 after the first); the sampled
-path reads it about twice. Writes Hsel·k·4 bytes of int32 indices.
+Bytes moved: the bisection reads the row once (S·4 bytes); each radix pass reads it again
+(mostly from L2 after the first); the sampled path reads it about twice. Writes Hsel·k·4 bytes of int32 indices.
 """
 
 from __future__ import annotations

@@ -48,9 +48,12 @@ def main() -> int:
         ),
         "select": (
             sel,
-            [{"METHOD": "radix", "BISECT_ELEMS_PER_THREAD": 32}]
-            + [{"METHOD": "sampled", "BISECT_ELEMS_PER_THREAD": 32}]
-            + [{"METHOD": "bisect", "BISECT_ELEMS_PER_THREAD": e} for e in (8, 16, 32, 64)],
+            [
+                {"METHOD": "radix", "CAND_BISECT": True},
+                {"METHOD": "sampled", "CAND_BISECT": False},
+                {"METHOD": "sampled", "CAND_BISECT": True},
+                {"METHOD": "bisect", "CAND_BISECT": True},
+            ],
         ),
         "step": (
             dec,
@@ -140,6 +143,25 @@ def main() -> int:
                 print(f"Hkv={kv_heads} S={seq} {stage:>9} {option}: {ms:.4f} ms", flush=True)
             for k, v in saved.items():
                 setattr(*target(k), v)
+        saved_method = sel.METHOD
+        sel.METHOD = "sampled"
+        parts = (
+            ("sampled: bracket only", 1),
+            ("sampled: bracket + pass", 2),
+            ("sampled: all three", 0),
+        )
+        for name, stop in parts if "select" in args.stages else ():
+            ms = _graph_ms(
+                [
+                    lambda sc=sc, s=stop: sel._select_topk_triton(sc, k_top, None, s)
+                    for sc in scores
+                ],
+                cfg.reps,
+                cfg.replays,
+            )
+            results.append({"kv_heads": kv_heads, "seq": seq, "stage": name, "ms": ms})
+            print(f"Hkv={kv_heads} S={seq} {name}: {ms:.4f} ms", flush=True)
+        sel.METHOD = saved_method
         for name, fn in (
             ("torch.topk k=S/8", lambda sc, k=k_top: torch.topk(sc, k, dim=-1, sorted=False)),
             ("select k=1", lambda sc: sel._select_topk_triton(sc, 1, None)),

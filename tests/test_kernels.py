@@ -158,14 +158,16 @@ def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select
     assert torch.isinf(out[1, :, 123:]).all() and torch.isfinite(out[1, :, :123]).all()
 
 
-@pytest.mark.parametrize("impl", ["sampled", "radix", "bisect"])
+@pytest.mark.parametrize("impl", ["sampled", "sampled_radix", "radix", "bisect"])
 @pytest.mark.parametrize(
     "kind,seq,k_top",
     [("randn", 4096, 512), ("randn", 1027, 1), ("ties", 1027, 7), ("ties", 2500, 600),
      ("constant", 2100, 17), ("randn", 17, 17), ("randn", 2048, 1)],
 )  # fmt: skip
 def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
-    monkeypatch.setattr(select_module, "METHOD", impl)
+    # sampled_radix: the sampled bracket with radix passes (not bisection) over its candidates.
+    monkeypatch.setattr(select_module, "CAND_BISECT", impl != "sampled_radix")
+    monkeypatch.setattr(select_module, "METHOD", impl.removesuffix("_radix"))
     monkeypatch.setattr(select_module, "SAMPLE", 256)  # the interpreter sorts slowly
     gen = torch.Generator().manual_seed(5)
     if kind == "ties":  # few distinct values: the k-th is tied many times over

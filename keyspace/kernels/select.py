@@ -57,6 +57,7 @@ SAMPLE = 1024
 SAMPLED_MIN_LEN = 2048
 CAND_CAP = 8192  # most candidates kept per row; more falls back to the full radix select
 CAND_CHUNK = 1024  # candidates are few: a narrower chunk keeps their passes cheap
+CAND_BISECT = True  # select among the candidates by register bisection instead of radix passes
 BRACKET_TILE = 2048  # scores per program of the bracket pass (the whole GPU walks every row)
 
 
@@ -248,6 +249,8 @@ def _radix_select_kernel(
     RADIX_BITS: tl.constexpr,
     SAMPLED: tl.constexpr,
     CAND_CHUNK: tl.constexpr,
+    CAND_BISECT: tl.constexpr,
+    CAND_ROW: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = scores_ptr + row.to(tl.int64) * S
@@ -263,13 +266,19 @@ def _radix_select_kernel(
             need = k - n_sure
             cand_val = cand_val_ptr + row.to(tl.int64) * cand_cap
             cand_pos = cand_pos_ptr + row.to(tl.int64) * cand_cap
-            prefix, prefix_mask, remaining = _radix_threshold(
-                cand_val, n_cand, need, CAND_CHUNK, RADIX_BITS
-            )
-            _compact(
-                cand_val, cand_pos, n_cand, need, prefix, prefix_mask, remaining,
-                out_ptr + n_sure, CAND_CHUNK, True,
-            )  # fmt: skip
+            if CAND_BISECT:  # the candidates fit in registers (CAND_ROW >= cand_cap)
+                _bisect_row(
+                    cand_val, cand_pos, out_ptr + n_sure, n_cand, need, need, CAND_ROW,
+                    CAND_CHUNK, True,
+                )  # fmt: skip
+            else:
+                prefix, prefix_mask, remaining = _radix_threshold(
+                    cand_val, n_cand, need, CAND_CHUNK, RADIX_BITS
+                )
+                _compact(
+                    cand_val, cand_pos, n_cand, need, prefix, prefix_mask, remaining,
+                    out_ptr + n_sure, CAND_CHUNK, True,
+                )  # fmt: skip
     if fallback:
         prefix, prefix_mask, remaining = _radix_threshold(row_ptr, length, k, CHUNK, RADIX_BITS)
         _compact(row_ptr, row_ptr, length, k, prefix, prefix_mask, remaining, out_ptr, CHUNK, False)
@@ -279,10 +288,14 @@ def _radix_select_kernel(
 
 
 @triton.jit
-def _bisect_row(row_ptr, out_ptr, length, k, K_TOP, ROW: tl.constexpr, CHUNK: tl.constexpr):
+def _bisect_row(
+    row_ptr, pos_ptr, out_ptr, length, k, K_TOP,
+    ROW: tl.constexpr, CHUNK: tl.constexpr, INDIRECT: tl.constexpr,
+):  # fmt: skip
     """Write the top k of row_ptr[:length] (fp32, ROW >= length) to out_ptr[:k], -1 up to K_TOP.
 
-    The whole row is read into registers once; the bisection then needs no memory traffic.
+    The whole row is read into registers once; the bisection then needs no memory traffic. With
+    INDIRECT the position written for element i is pos_ptr[i] instead of i.
     """
     offs = tl.arange(0, ROW)
     in_row = offs < length
@@ -314,9 +327,12 @@ def _bisect_row(row_ptr, out_ptr, length, k, K_TOP, ROW: tl.constexpr, CHUNK: tl
     packed = tl.cumsum(greater.to(tl.int32) + (equal.to(tl.int32) << 16), 0)
     rank_greater = (packed & 0xFFFF) - 1
     rank_equal = ((packed >> 16) & 0xFFFF) - 1
-    tl.store(out_ptr + rank_greater, offs, mask=greater)
+    pos = offs
+    if INDIRECT:
+        pos = tl.load(pos_ptr + offs, mask=in_row, other=0)
+    tl.store(out_ptr + rank_greater, pos, mask=greater)
     take_equal = equal & (rank_equal < remaining)
-    tl.store(out_ptr + (k - remaining) + rank_equal, offs, mask=take_equal)
+    tl.store(out_ptr + (k - remaining) + rank_equal, pos, mask=take_equal)
     offs_fill = tl.arange(0, CHUNK)
     for start in range(k, K_TOP, CHUNK):
         tl.store(out_ptr + start + offs_fill, -1, mask=start + offs_fill < K_TOP)
@@ -337,7 +353,8 @@ def _bisect_select_kernel(
     row = tl.program_id(0)
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     row_ptr = scores_ptr + row.to(tl.int64) * S
-    _bisect_row(row_ptr, idx_ptr + row.to(tl.int64) * K_TOP, length, k, K_TOP, ROW, CHUNK)
+    out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
+    _bisect_row(row_ptr, row_ptr, out_ptr, length, k, K_TOP, ROW, CHUNK, False)
 
 
 def bisect_warps(seq: int) -> int:
@@ -361,9 +378,13 @@ def _select_method(seq: int, on_cuda: bool) -> str:
 
 
 def _select_topk_triton(
-    scores: torch.Tensor, k_top: int, seqlens: torch.Tensor | None
+    scores: torch.Tensor, k_top: int, seqlens: torch.Tensor | None, stop_after: int = 0
 ) -> torch.Tensor:
-    """Launch the radix select. scores (B, Hsel, S) fp32 contiguous -> (B, Hsel, k_top) int32."""
+    """Launch the select. scores (B, Hsel, S) fp32 contiguous -> (B, Hsel, k_top) int32.
+
+    stop_after (tuning only): launch just the first 1 or 2 kernels of the sampled path; the
+    result is then incomplete.
+    """
     assert scores.dtype == torch.float32 and scores.is_contiguous() and scores.dim() == 3
     batch, sel_heads, seq = scores.shape
     assert 1 <= k_top <= seq and CHUNK < 1 << 16  # the packed scans count in 16 bits
@@ -389,14 +410,19 @@ def _select_topk_triton(
             scores, lens, bracket, counts, seq, k_top, sel_heads,
             HAS_SEQLENS=seqlens is not None, SAMPLE=SAMPLE, num_warps=NUM_WARPS,
         )  # fmt: skip
+        if stop_after == 1:
+            return idx
         _bracket_pass_kernel[(rows, triton.cdiv(seq, BRACKET_TILE))](
             scores, lens, bracket, counts, idx, cand_val, cand_pos, seq, k_top, sel_heads,
             cand_cap, HAS_SEQLENS=seqlens is not None, TILE=BRACKET_TILE, num_warps=4,
         )  # fmt: skip
+        if stop_after == 2:
+            return idx
     _radix_select_kernel[(rows,)](
         scores, lens, idx, counts, cand_val, cand_pos, seq, k_top, sel_heads, cand_cap,
         HAS_SEQLENS=seqlens is not None, CHUNK=CHUNK, RADIX_BITS=RADIX_BITS, SAMPLED=sampled,
-        CAND_CHUNK=CAND_CHUNK, num_warps=NUM_WARPS,
+        CAND_CHUNK=CAND_CHUNK, CAND_BISECT=sampled and CAND_BISECT,
+        CAND_ROW=triton.next_power_of_2(cand_cap), num_warps=NUM_WARPS,
     )  # fmt: skip
     return idx
 

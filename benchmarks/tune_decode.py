@@ -153,7 +153,7 @@ def main() -> int:
         for name, stop in parts if "select" in args.stages else ():
             ms = _graph_ms(
                 [
-                    lambda sc=sc, s=stop: sel._select_topk_triton(sc, k_top, None, s)
+                    lambda sc=sc, s=stop, k=k_top: sel._select_topk_triton(sc, k, None, s)
                     for sc in scores
                 ],
                 cfg.reps,

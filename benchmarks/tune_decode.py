@@ -58,8 +58,8 @@ def main() -> int:
         "step": (
             dec,
             [
-                {"PRESAMPLE": p, "select.METHOD": m}
-                for p, m in itertools.product((False, True), ("auto", "sampled"))
+                {"PIPELINE": p, "sparse_attention.FUSE_REDUCE": r}
+                for p, r in itertools.product((False, True), (False, True))
             ],
         ),
         "attention": (

@@ -385,32 +385,3 @@ def test_select_method_choice(monkeypatch):
     monkeypatch.setattr(select_module, "METHOD", "heap")
     with pytest.raises(ValueError, match="METHOD"):
         select_module._select_method(4096, True)
-
-
-decode_module = importlib.import_module("keyspace.kernels.decode")
-
-
-@pytest.mark.parametrize("cand_cap", [8192, 16], ids=["bracket", "fallback"])
-@pytest.mark.parametrize("q_heads,kv_heads,group_select", [(4, 4, False), (8, 2, True)])
-def test_presampled_select_inside_the_score_pass(monkeypatch, q_heads, kv_heads, group_select,
-                                                 cand_cap):  # fmt: skip
-    """Long rows, one index set per KV head: the bracket is set from a sample scored before the
-    score pass, which sorts scores into sure / candidate; exact top-k either way."""
-    monkeypatch.setattr(select_module, "METHOD", "sampled")
-    monkeypatch.setattr(select_module, "SAMPLE", 256)  # the interpreter sorts slowly
-    monkeypatch.setattr(select_module, "CAND_CAP", cand_cap)  # 16: every bracket overflows
-    assert decode_module.presampled(q_heads, kv_heads, 2100, group_select, False)
-    assert not decode_module.presampled(8, 2, 2100, False, False)  # per-head sets under GQA
-    q, k_low, k_rest, v, _ = make_cache(2, q_heads, kv_heads, 2100, 64, 16, seed=12)
-    seqlens = torch.tensor([2100, 1500])
-    for lens, k_top in ((None, 263), (seqlens, 2100)):
-        scores, idx = decode_module._presampled_topk(q, k_low, k_top, group_select, lens)
-        ref = lowrank_scores_reference(q, k_low, group_select, lens)
-        torch.testing.assert_close(scores, ref, **SCORE_TOL)
-        assert idx.shape == (2, kv_heads, k_top)
-        assert_valid_topk(ref, idx, k_top, lens)
-        out = loki_decode(q, k_low, k_rest, v, k_top, group_select=group_select, seqlens=lens,
-                          backend="triton")  # fmt: skip
-        want = loki_decode_reference(q, k_low, k_rest, v, k_top, group_select=group_select,
-                                     seqlens=lens)  # fmt: skip
-        torch.testing.assert_close(out, want, **TOL[torch.float32])

@@ -17,25 +17,14 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
-from keyspace.kernels import select as select_module
 from keyspace.kernels._checks import check_cache, check_k_top, check_seqlens, use_triton
 from keyspace.kernels.lowrank_scores import _lowrank_scores_triton, lowrank_scores_reference
-from keyspace.kernels.select import (
-    _finish_select,
-    _presample_bracket_kernel,
-    _sampled_scratch,
-    _select_topk_triton,
-    select_topk_reference,
-)
+from keyspace.kernels.select import _select_topk_triton, select_topk_reference
 from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
 
 # Per-head selection reuses the score pass's q_low·k_low in attention (4 bytes a row, not d·es).
 REUSE_LOW_SCORES = True
-# Long rows with one index set per KV head: score the select's sample before the score pass, which
-# then also sorts the scores into sure / candidate (see _presampled_topk).
-PRESAMPLE = True
 # Overlap the two halves of the batch on two streams in CUDA graphs (see _loki_decode_triton).
 PIPELINE = True
 # ... when the step has at least this many index sets (B·Hsel): with fewer, each half leaves SMs
@@ -52,43 +41,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def presampled(q_heads: int, kv_heads: int, seq: int, group_select: bool, on_cuda: bool) -> bool:
-    """Whether the step takes the sampled select with its sample scored before the score pass
-    (`_presampled_topk`): one index set per KV head, and a row long enough for the sampled path."""
-    one_set_per_kv_head = group_select or q_heads == kv_heads
-    method = select_module._select_method(seq, on_cuda)
-    return PRESAMPLE and one_set_per_kv_head and method == "sampled"
-
-
-def _presampled_topk(q, k_low, k_top, group_select, seqlens):
-    """The sampled select in three launches, none of them an extra pass over the scores:
-    (1) score an even sample of each row's tokens and bracket its k-th score; (2) the score pass,
-    which also sorts every score it writes into sure / candidate; (3) the select among the
-    candidates (falling back to the whole row where the bracket missed)."""
-    batch, q_heads, _ = q.shape
-    _, kv_heads, seq, d = k_low.shape
-    rows = batch * kv_heads
-    idx = torch.empty((batch, kv_heads, k_top), device=q.device, dtype=torch.int32)
-    scratch = _sampled_scratch(rows, seq, q.device)
-    _presample_bracket_kernel[(rows,)](
-        q, k_low, seqlens if seqlens is not None else idx, scratch["bracket"], scratch["counts"],
-        seq, k_top, q.stride(0), q.stride(1), q_heads, kv_heads, D_LOW=d,
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_G=triton.next_power_of_2(q_heads // kv_heads),
-        HAS_SEQLENS=seqlens is not None, SAMPLE=select_module.SAMPLE, num_warps=8,
-    )  # fmt: skip
-    scores = _lowrank_scores_triton(
-        q, k_low, group_select, seqlens, classify={**scratch, "idx": idx, "k_top": k_top}
-    )
-    _finish_select(
-        scores, seqlens, idx, scratch["counts"], scratch["cand_val"], scratch["cand_pos"], True
-    )
-    return scores, idx
-
-
 def _scores_and_topk(q, k_low, k_top, group_select, seqlens):
     """Scores [B, Hsel, S] fp32 and indices [B, Hsel, k] int32."""
-    if presampled(q.shape[1], k_low.shape[1], k_low.shape[2], group_select, q.is_cuda):
-        return _presampled_topk(q, k_low, k_top, group_select, seqlens)
     scores = _lowrank_scores_triton(q, k_low, group_select, seqlens)
     return scores, _select_topk_triton(scores, k_top, seqlens)
 
@@ -133,18 +87,13 @@ def _loki_decode_triton(
     first, second = slice(0, batch // 2), slice(batch // 2, batch)
     lens = [None, None] if seqlens is None else [seqlens[first], seqlens[second]]
     main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-    pre = presampled(q.shape[1], k_low.shape[1], k_low.shape[2], group_select, q.is_cuda)
-    if pre:  # the first half's select is mostly inside its score pass: finish it first
-        scores, idx = _presampled_topk(q[first], k_low[first], k_top, group_select, lens[0])
-    else:
-        scores = _lowrank_scores_triton(q[first], k_low[first], group_select, lens[0])
+    scores = _lowrank_scores_triton(q[first], k_low[first], group_select, lens[0])
     side.wait_stream(main)
     with torch.cuda.stream(side):
         out_second = _loki_decode_stages(
             q[second], k_low[second], k_rest[second], v[second], *args, lens[1]
         )
-    if not pre:
-        idx = _select_topk_triton(scores, k_top, lens[0])
+    idx = _select_topk_triton(scores, k_top, lens[0])
     out_first = _attend(q[first], k_low[first], k_rest[first], v[first], scores, idx, scale)
     main.wait_stream(side)
     out_second.record_stream(main)  # allocated on the side stream, read on main

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from keyspace.kernels._checks import check_cache, check_seqlens, selected_heads, use_triton
-from keyspace.kernels.select import _classify_tile, _row_bounds
 
 # A tile of 256 tokens × d=32 fp16 is 16 KB: enough bytes in flight per program on an H100.
 BLOCK_S = 256
@@ -29,14 +28,7 @@ def _lowrank_scores_kernel(
     k_low_ptr,  # (B, Hkv, S, D_LOW) contiguous
     seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
     out_ptr,  # (B, Hsel, S) fp32 contiguous
-    bracket_ptr,  # CLASSIFY: (B * Hkv, 2) fp32 lo, hi from _presample_bracket_kernel
-    counts_ptr,  # CLASSIFY: (B * Hkv, 2) int32 sure / candidate counters, zero on entry
-    idx_ptr,  # CLASSIFY: (B * Hkv, K_TOP) int32, sure positions written here
-    cand_val_ptr,  # CLASSIFY: (B * Hkv, cand_cap) fp32 candidate scores
-    cand_pos_ptr,  # CLASSIFY: (B * Hkv, cand_cap) int32 candidate positions
     S,
-    K_TOP,
-    cand_cap,
     stride_qb,
     stride_qh,
     Q_HEADS,
@@ -48,7 +40,6 @@ def _lowrank_scores_kernel(
     GROUP_SUM: tl.constexpr,
     HAS_SEQLENS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    CLASSIFY: tl.constexpr,
 ):
     GROUP = Q_HEADS // KV_HEADS
     pid_bh = tl.program_id(0)
@@ -93,30 +84,12 @@ def _lowrank_scores_kernel(
             scores,
             mask=h_mask[:, None] & (offs_s[None, :] < S),
         )
-    if CLASSIFY:
-        # One index set per KV head (group sums, or MHA): sort this tile's scores into sure /
-        # candidate against the bracket that the presample launch set for the row.
-        x = tl.sum(tl.where(h_mask[:, None], scores, 0.0), axis=0)  # [BLOCK_S]
-        _, k = _row_bounds(seqlens_ptr, pid_bh, S, K_TOP, KV_HEADS, HAS_SEQLENS)
-        _classify_tile(
-            x, offs_s, valid, pid_bh, k, bracket_ptr, counts_ptr, idx_ptr, cand_val_ptr,
-            cand_pos_ptr, K_TOP, cand_cap,
-        )  # fmt: skip
 
 
 def _lowrank_scores_triton(
-    q: torch.Tensor,
-    k_low: torch.Tensor,
-    group_select: bool,
-    seqlens: torch.Tensor | None,
-    classify: dict | None = None,
+    q: torch.Tensor, k_low: torch.Tensor, group_select: bool, seqlens: torch.Tensor | None
 ) -> torch.Tensor:
-    """Launch the score kernel. q (B, Hq, >=d) with unit last stride; k_low (B, Hkv, S, d).
-
-    classify (one index set per KV head only): the tensors and sizes of the sampled select
-    (bracket, counts, idx, cand_val, cand_pos, k_top, cand_cap; see decode._presampled_topk); the
-    kernel then also sorts each score into sure / candidate as it writes it.
-    """
+    """Launch the score kernel. q (B, Hq, >=d) with unit last stride; k_low (B, Hkv, S, d)."""
     assert q.dtype == k_low.dtype and q.stride(-1) == 1
     assert k_low.is_contiguous()
     batch, q_heads, _ = q.shape
@@ -126,21 +99,12 @@ def _lowrank_scores_triton(
     out = torch.empty((batch, out_heads, seq), device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
     grid = (batch * kv_heads, triton.cdiv(seq, BLOCK_S))
-    c = classify or {}
-    assert not classify or out_heads == kv_heads
     _lowrank_scores_kernel[grid](
         q,
         k_low,
         seqlens if seqlens is not None else out,
         out,
-        c.get("bracket", out),
-        c.get("counts", out),
-        c.get("idx", out),
-        c.get("cand_val", out),
-        c.get("cand_pos", out),
         seq,
-        c.get("k_top", 1),
-        c.get("cand_cap", 1),
         q.stride(0),
         q.stride(1),
         q_heads,
@@ -152,7 +116,6 @@ def _lowrank_scores_triton(
         GROUP_SUM=group_select and group > 1,
         HAS_SEQLENS=seqlens is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        CLASSIFY=classify is not None,
         num_warps=NUM_WARPS,
     )
     return out

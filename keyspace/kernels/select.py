@@ -162,24 +162,6 @@ def _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS: tl.constexpr
 
 
 @triton.jit
-def _bracket_from_sample(sample, length, k, SAMPLE: tl.constexpr):
-    """(lo, hi) around the k-th largest of a row from an even sample of it: two quantiles of the
-    sorted sample, about four standard deviations of the sample rank either side of the k-th.
-    Scores above `hi` are in the top k for sure; the k-th itself is meant to lie in [lo, hi]."""
-    i = tl.arange(0, SAMPLE)
-    sample = tl.sort(sample, descending=True)
-    rank = (k.to(tl.float32) * SAMPLE) / tl.maximum(length, 1)
-    margin = 4.0 * tl.sqrt(rank * (1.0 - rank / SAMPLE)) + 8.0
-    hi_rank = (rank - margin).to(tl.int32)
-    lo_rank = (rank + margin).to(tl.int32)
-    hi = tl.sum(tl.where(i == hi_rank, sample, 0.0), 0)
-    lo = tl.sum(tl.where(i == tl.minimum(lo_rank, SAMPLE - 1), sample, 0.0), 0)
-    lo = tl.where(lo_rank >= SAMPLE, float("-inf"), lo)
-    hi = tl.where(hi_rank < 0, float("inf"), hi)
-    return lo, hi
-
-
-@triton.jit
 def _bracket_kernel(
     scores_ptr,  # (R, S) fp32 contiguous
     seqlens_ptr,  # (B,) int, or a dummy
@@ -191,93 +173,22 @@ def _bracket_kernel(
     HAS_SEQLENS: tl.constexpr,
     SAMPLE: tl.constexpr,
 ):
-    """Bracket the k-th score of each row from an even sample of its scores."""
+    """Bracket the k-th score between two quantiles of an even sample of the row, about four
+    standard deviations of the sample rank either side. Above `hi`: in the top k for sure."""
     row = tl.program_id(0)
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     i = tl.arange(0, SAMPLE)
     sample = tl.load(scores_ptr + row.to(tl.int64) * S + (i.to(tl.int64) * length) // SAMPLE)
-    lo, hi = _bracket_from_sample(sample, length, k, SAMPLE)
-    tl.store(bracket_ptr + row * 2, lo)
-    tl.store(bracket_ptr + row * 2 + 1, hi)
+    sample = tl.sort(sample, descending=True)
+    rank = (k.to(tl.float32) * SAMPLE) / tl.maximum(length, 1)
+    margin = 4.0 * tl.sqrt(rank * (1.0 - rank / SAMPLE)) + 8.0
+    hi_rank = (rank - margin).to(tl.int32)
+    lo_rank = (rank + margin).to(tl.int32)
+    hi = tl.sum(tl.where(i == hi_rank, sample, 0.0), 0)
+    lo = tl.sum(tl.where(i == tl.minimum(lo_rank, SAMPLE - 1), sample, 0.0), 0)
+    tl.store(bracket_ptr + row * 2, tl.where(lo_rank >= SAMPLE, float("-inf"), lo))
+    tl.store(bracket_ptr + row * 2 + 1, tl.where(hi_rank < 0, float("inf"), hi))
     tl.store(counts_ptr + row * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
-
-
-@triton.jit
-def _presample_bracket_kernel(
-    q_ptr,  # (B, Hq, D) with unit last stride; the first D_LOW columns are read
-    k_low_ptr,  # (B, Hkv, S, D_LOW) contiguous
-    seqlens_ptr,  # (B,) int, or a dummy
-    bracket_ptr,  # (B * Hkv, 2) fp32 out: lo, hi
-    counts_ptr,  # (B * Hkv, 2) int32 out: zeroed counters for the score pass
-    S,
-    K_TOP,
-    stride_qb,
-    stride_qh,
-    Q_HEADS,
-    KV_HEADS,
-    D_LOW: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr,
-    SAMPLE: tl.constexpr,
-):
-    """The bracket of `_bracket_kernel`, from SAMPLE tokens scored here, before the score pass.
-
-    One row per KV head: the scores are those of the score pass with one index set per KV head,
-    i.e. the query vector is the sum of the group's query heads (the query head itself under
-    MHA). The score pass can then sort each score into sure / candidate as it writes it.
-    """
-    row = tl.program_id(0)  # b * KV_HEADS + h_kv
-    b = row // KV_HEADS
-    h_kv = row % KV_HEADS
-    group = Q_HEADS // KV_HEADS
-    length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, KV_HEADS, HAS_SEQLENS)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D_LOW
-    q_rows = q_ptr + b * stride_qb + (h_kv * group + offs_g)[:, None] * stride_qh
-    q = tl.load(
-        q_rows + offs_d[None, :], mask=(offs_g < group)[:, None] & d_mask[None, :], other=0.0
-    )
-    q_sum = tl.sum(q.to(tl.float32), 0)  # [BLOCK_D]
-    i = tl.arange(0, SAMPLE)
-    pos = (i.to(tl.int64) * length) // SAMPLE
-    keys = tl.load(
-        k_low_ptr + row.to(tl.int64) * S * D_LOW + pos[:, None] * D_LOW + offs_d[None, :],
-        mask=d_mask[None, :],
-        other=0.0,
-    )  # [SAMPLE, BLOCK_D]
-    sample = tl.sum(keys.to(tl.float32) * q_sum[None, :], 1)
-    lo, hi = _bracket_from_sample(sample, length, k, SAMPLE)
-    tl.store(bracket_ptr + row * 2, lo)
-    tl.store(bracket_ptr + row * 2 + 1, hi)
-    tl.store(counts_ptr + row * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
-
-
-@triton.jit
-def _classify_tile(
-    x, offs, in_row, row, k, bracket_ptr, counts_ptr, idx_ptr, cand_val_ptr, cand_pos_ptr,
-    K_TOP, cand_cap,
-):  # fmt: skip
-    """Scores x at positions offs of one row: those above the bracket go straight to the output,
-    those inside it, with positions, to the scratch. Tiles take their ranges with atomic
-    counters, so the row order is not kept."""
-    lo = tl.load(bracket_ptr + row * 2)
-    hi = tl.load(bracket_ptr + row * 2 + 1)
-    sure = in_row & (x > hi)
-    cand = in_row & (x >= lo) & (x <= hi)
-    flags = sure.to(tl.int32) + (cand.to(tl.int32) << 16)  # two counts in one scan
-    packed = tl.cumsum(flags, 0)
-    total = tl.sum(flags, 0)
-    base_sure = tl.atomic_add(counts_ptr + row * 2, total & 0xFFFF, sem="relaxed")
-    base_cand = tl.atomic_add(counts_ptr + row * 2 + 1, total >> 16, sem="relaxed")
-    rank_sure = base_sure + (packed & 0xFFFF) - 1
-    rank_cand = base_cand + (packed >> 16) - 1
-    tl.store(idx_ptr + row.to(tl.int64) * K_TOP + rank_sure, offs, mask=sure & (rank_sure < k))
-    keep = cand & (rank_cand < cand_cap)
-    cand_row = row.to(tl.int64) * cand_cap
-    tl.store(cand_val_ptr + cand_row + rank_cand, x, mask=keep)
-    tl.store(cand_pos_ptr + cand_row + rank_cand, offs, mask=keep)
 
 
 @triton.jit
@@ -296,16 +207,29 @@ def _bracket_pass_kernel(
     HAS_SEQLENS: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    """One tile of a row, sorted into sure / candidate / dropped by `_classify_tile`."""
+    """One tile of a row: scores above `hi` to the output, those in [lo, hi] to the scratch.
+    Tiles take their output ranges with atomic counters, so the row order is not kept."""
     row = tl.program_id(0)
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
+    lo = tl.load(bracket_ptr + row * 2)
+    hi = tl.load(bracket_ptr + row * 2 + 1)
     offs = tl.program_id(1) * TILE + tl.arange(0, TILE)
     in_row = offs < length
     x = tl.load(scores_ptr + row.to(tl.int64) * S + offs, mask=in_row, other=0.0)
-    _classify_tile(
-        x, offs, in_row, row, k, bracket_ptr, counts_ptr, idx_ptr, cand_val_ptr, cand_pos_ptr,
-        K_TOP, cand_cap,
-    )  # fmt: skip
+    sure = in_row & (x > hi)
+    cand = in_row & (x >= lo) & (x <= hi)
+    flags = sure.to(tl.int32) + (cand.to(tl.int32) << 16)  # two counts in one scan
+    packed = tl.cumsum(flags, 0)
+    total = tl.sum(flags, 0)
+    base_sure = tl.atomic_add(counts_ptr + row * 2, total & 0xFFFF, sem="relaxed")
+    base_cand = tl.atomic_add(counts_ptr + row * 2 + 1, total >> 16, sem="relaxed")
+    rank_sure = base_sure + (packed & 0xFFFF) - 1
+    rank_cand = base_cand + (packed >> 16) - 1
+    tl.store(idx_ptr + row.to(tl.int64) * K_TOP + rank_sure, offs, mask=sure & (rank_sure < k))
+    keep = cand & (rank_cand < cand_cap)
+    cand_row = row.to(tl.int64) * cand_cap
+    tl.store(cand_val_ptr + cand_row + rank_cand, x, mask=keep)
+    tl.store(cand_pos_ptr + cand_row + rank_cand, offs, mask=keep)
 
 
 @triton.jit
@@ -476,10 +400,12 @@ def _select_topk_triton(
         )  # fmt: skip
         return idx
     sampled = method == "sampled"
-    scratch = _sampled_scratch(rows, seq if sampled else 1, scores.device)
-    counts, cand_val, cand_pos = scratch["counts"], scratch["cand_val"], scratch["cand_pos"]
+    cand_cap = min(CAND_CAP, seq) if sampled else 1
+    cand_val = torch.empty((rows, cand_cap), device=scores.device)
+    cand_pos = torch.empty((rows, cand_cap), device=scores.device, dtype=torch.int32)
+    counts = torch.empty((rows, 2), device=scores.device, dtype=torch.int32)
     if sampled:
-        bracket, cand_cap = scratch["bracket"], scratch["cand_cap"]
+        bracket = torch.empty((rows, 2), device=scores.device)
         _bracket_kernel[(rows,)](
             scores, lens, bracket, counts, seq, k_top, sel_heads,
             HAS_SEQLENS=seqlens is not None, SAMPLE=SAMPLE, num_warps=NUM_WARPS,
@@ -492,33 +418,13 @@ def _select_topk_triton(
         )  # fmt: skip
         if stop_after == 2:
             return idx
-    _finish_select(scores, seqlens, idx, counts, cand_val, cand_pos, sampled)
-    return idx
-
-
-def _finish_select(scores, seqlens, idx, counts, cand_val, cand_pos, sampled: bool) -> None:
-    """The last launch: radix select over each row, or over its candidates when sampled."""
-    batch, sel_heads, seq = scores.shape
-    k_top, cand_cap = idx.shape[2], cand_val.shape[1]
-    _radix_select_kernel[(batch * sel_heads,)](
-        scores, seqlens if seqlens is not None else idx, idx, counts, cand_val, cand_pos, seq,
-        k_top, sel_heads, cand_cap, HAS_SEQLENS=seqlens is not None, CHUNK=CHUNK,
-        RADIX_BITS=RADIX_BITS, SAMPLED=sampled, CAND_CHUNK=CAND_CHUNK,
-        CAND_BISECT=sampled and CAND_BISECT, CAND_ROW=triton.next_power_of_2(cand_cap),
-        num_warps=NUM_WARPS,
+    _radix_select_kernel[(rows,)](
+        scores, lens, idx, counts, cand_val, cand_pos, seq, k_top, sel_heads, cand_cap,
+        HAS_SEQLENS=seqlens is not None, CHUNK=CHUNK, RADIX_BITS=RADIX_BITS, SAMPLED=sampled,
+        CAND_CHUNK=CAND_CHUNK, CAND_BISECT=sampled and CAND_BISECT,
+        CAND_ROW=triton.next_power_of_2(cand_cap), num_warps=NUM_WARPS,
     )  # fmt: skip
-
-
-def _sampled_scratch(rows: int, seq: int, device) -> dict:
-    """Scratch of the sampled path: bracket, counters and candidate buffers per row."""
-    cand_cap = min(CAND_CAP, seq)
-    return {
-        "bracket": torch.empty((rows, 2), device=device),
-        "counts": torch.empty((rows, 2), device=device, dtype=torch.int32),
-        "cand_val": torch.empty((rows, cand_cap), device=device),
-        "cand_pos": torch.empty((rows, cand_cap), device=device, dtype=torch.int32),
-        "cand_cap": cand_cap,
-    }
+    return idx
 
 
 def select_topk(

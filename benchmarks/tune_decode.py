@@ -58,8 +58,8 @@ def main() -> int:
         "step": (
             dec,
             [
-                {"PIPELINE": p, "sparse_attention.FUSE_REDUCE": r}
-                for p, r in itertools.product((False, True), (False, True))
+                {"PIPELINE": p, "PIPELINE_MIN_SETS": m}
+                for p, m in ((False, 256), (True, 256), (True, 0))
             ],
         ),
         "attention": (

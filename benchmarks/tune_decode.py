@@ -49,19 +49,17 @@ def main() -> int:
         "select": (
             sel,
             [
-                {"METHOD": "radix", "FUSED_FINISH": False, "PASS_WARPS": 4},
-                {"METHOD": "bisect", "FUSED_FINISH": False, "PASS_WARPS": 4},
-            ]
-            + [
-                {"METHOD": "sampled", "FUSED_FINISH": f, "PASS_WARPS": w}
-                for f, w in ((False, 4), (True, 4), (True, 8))
+                {"METHOD": "radix", "CAND_BISECT": True},
+                {"METHOD": "sampled", "CAND_BISECT": False},
+                {"METHOD": "sampled", "CAND_BISECT": True},
+                {"METHOD": "bisect", "CAND_BISECT": True},
             ],
         ),
         "step": (
             dec,
             [
-                {"select.METHOD": m, "select.FUSED_FINISH": f}
-                for m, f in (("auto", False), ("auto", True), ("sampled", True))
+                {"PIPELINE": p, "PIPELINE_MIN_SETS": m}
+                for p, m in ((False, 256), (True, 256), (True, 0))
             ],
         ),
         "attention": (

@@ -165,10 +165,8 @@ def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select
      ("constant", 2100, 17), ("randn", 17, 17), ("randn", 2048, 1)],
 )  # fmt: skip
 def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
-    # sampled_radix: the sampled bracket with radix passes (not bisection) over its candidates,
-    # in a third launch (not in the bracket pass's last tile of each row).
+    # sampled_radix: the sampled bracket with radix passes (not bisection) over its candidates.
     monkeypatch.setattr(select_module, "CAND_BISECT", impl != "sampled_radix")
-    monkeypatch.setattr(select_module, "FUSED_FINISH", impl != "sampled_radix")
     monkeypatch.setattr(select_module, "METHOD", impl.removesuffix("_radix"))
     monkeypatch.setattr(select_module, "SAMPLE", 256)  # the interpreter sorts slowly
     gen = torch.Generator().manual_seed(5)
@@ -343,17 +341,13 @@ def test_bench_table_and_config_checks():
         BenchConfig(dtype="int8")
 
 
-@pytest.mark.parametrize("fused_finish", [True, False])
-def test_sampled_select_falls_back_when_the_bracket_overflows(monkeypatch, fused_finish):
+def test_sampled_select_falls_back_when_the_bracket_overflows(monkeypatch):
     monkeypatch.setattr(select_module, "METHOD", "sampled")
-    monkeypatch.setattr(select_module, "FUSED_FINISH", fused_finish)
     monkeypatch.setattr(select_module, "CAND_CAP", 16)  # every bracket holds more: fallback
     monkeypatch.setattr(select_module, "SAMPLE", 256)
     scores = torch.randn(2, 2, 3000, generator=torch.Generator().manual_seed(10))
-    seqlens = torch.tensor([3000, 2500])
-    for lens in (None, seqlens):
-        idx = select_topk(scores, 300, lens, backend="triton")
-        assert_valid_topk(scores, idx, 300, lens)
+    idx = select_topk(scores, 300, backend="triton")
+    assert_valid_topk(scores, idx, 300)
 
 
 def test_sampled_select_at_the_default_sample_size(monkeypatch):

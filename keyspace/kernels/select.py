@@ -58,9 +58,6 @@ SAMPLED_MIN_LEN = 2048
 CAND_CAP = 8192  # most candidates kept per row; more falls back to the full radix select
 CAND_CHUNK = 1024  # candidates are few: a narrower chunk keeps their passes cheap
 CAND_BISECT = True  # select among the candidates by register bisection instead of radix passes
-# The bracket pass's tile that completes a row selects among its candidates (no third launch).
-FUSED_FINISH = True
-PASS_WARPS = 4
 BRACKET_TILE = 2048  # scores per program of the bracket pass (the whole GPU walks every row)
 
 
@@ -207,27 +204,16 @@ def _bracket_pass_kernel(
     K_TOP,
     SEL_HEADS,
     cand_cap,
-    done_ptr,  # (R,) int32 zero on entry when FUSED_FINISH: tiles of each row done
     HAS_SEQLENS: tl.constexpr,
     TILE: tl.constexpr,
-    FUSED_FINISH: tl.constexpr,
-    CHUNK: tl.constexpr,
-    RADIX_BITS: tl.constexpr,
-    CAND_CHUNK: tl.constexpr,
-    CAND_BISECT: tl.constexpr,
-    CAND_ROW: tl.constexpr,
 ):
     """One tile of a row: scores above `hi` to the output, those in [lo, hi] to the scratch.
-    Tiles take their output ranges with atomic counters, so the row order is not kept.
-
-    The grid is (tile, row), tiles varying fastest, so rows finish one after another. With
-    FUSED_FINISH the tile that completes a row (an atomic counter per row) also selects among
-    its candidates (`_finish_row`), while later rows are still being sorted: no third launch."""
-    row = tl.program_id(1)
+    Tiles take their output ranges with atomic counters, so the row order is not kept."""
+    row = tl.program_id(0)
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     lo = tl.load(bracket_ptr + row * 2)
     hi = tl.load(bracket_ptr + row * 2 + 1)
-    offs = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    offs = tl.program_id(1) * TILE + tl.arange(0, TILE)
     in_row = offs < length
     x = tl.load(scores_ptr + row.to(tl.int64) * S + offs, mask=in_row, other=0.0)
     sure = in_row & (x > hi)
@@ -244,15 +230,6 @@ def _bracket_pass_kernel(
     cand_row = row.to(tl.int64) * cand_cap
     tl.store(cand_val_ptr + cand_row + rank_cand, x, mask=keep)
     tl.store(cand_pos_ptr + cand_row + rank_cand, offs, mask=keep)
-    if FUSED_FINISH:
-        # Every thread's stores happen before the release; the row's last tile acquires them.
-        tl.debug_barrier()
-        done = tl.atomic_add(done_ptr + row, 1, sem="acq_rel", scope="gpu")
-        if done == tl.num_programs(0) - 1:
-            _finish_row(
-                scores_ptr, idx_ptr, counts_ptr, cand_val_ptr, cand_pos_ptr, row, length, k, S,
-                K_TOP, cand_cap, CHUNK, RADIX_BITS, True, CAND_CHUNK, CAND_BISECT, CAND_ROW, True,
-            )  # fmt: skip
 
 
 @triton.jit
@@ -276,32 +253,13 @@ def _radix_select_kernel(
     CAND_ROW: tl.constexpr,
 ):
     row = tl.program_id(0)
-    length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
-    _finish_row(
-        scores_ptr, idx_ptr, counts_ptr, cand_val_ptr, cand_pos_ptr, row, length, k, S, K_TOP,
-        cand_cap, CHUNK, RADIX_BITS, SAMPLED, CAND_CHUNK, CAND_BISECT, CAND_ROW, False,
-    )  # fmt: skip
-
-
-@triton.jit
-def _finish_row(
-    scores_ptr, idx_ptr, counts_ptr, cand_val_ptr, cand_pos_ptr, row, length, k, S, K_TOP,
-    cand_cap, CHUNK: tl.constexpr, RADIX_BITS: tl.constexpr, SAMPLED: tl.constexpr,
-    CAND_CHUNK: tl.constexpr, CAND_BISECT: tl.constexpr, CAND_ROW: tl.constexpr,
-    COUNTS_FROM_L2: tl.constexpr,
-):  # fmt: skip
-    """The top k of one row: among the bracket's candidates when SAMPLED and the bracket held the
-    k-th, else by radix select over the whole row; -1 in the slots past k."""
     row_ptr = scores_ptr + row.to(tl.int64) * S
     out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
+    length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     fallback = True
     if SAMPLED:
-        if COUNTS_FROM_L2:  # counted by other programs of this launch: read them atomically
-            n_sure = tl.atomic_add(counts_ptr + row * 2, 0, sem="relaxed")
-            n_cand = tl.atomic_add(counts_ptr + row * 2 + 1, 0, sem="relaxed")
-        else:
-            n_sure = tl.load(counts_ptr + row * 2)
-            n_cand = tl.load(counts_ptr + row * 2 + 1)
+        n_sure = tl.load(counts_ptr + row * 2)
+        n_cand = tl.load(counts_ptr + row * 2 + 1)
         if (n_sure <= k) & (n_sure + n_cand >= k) & (n_cand <= cand_cap):
             # The bracket holds the k-th: the top k are the sure ones plus the best candidates.
             fallback = False
@@ -454,16 +412,11 @@ def _select_topk_triton(
         )  # fmt: skip
         if stop_after == 1:
             return idx
-        fused = FUSED_FINISH and not stop_after
-        done = torch.zeros((rows if fused else 1,), device=scores.device, dtype=torch.int32)
-        _bracket_pass_kernel[(triton.cdiv(seq, BRACKET_TILE), rows)](
+        _bracket_pass_kernel[(rows, triton.cdiv(seq, BRACKET_TILE))](
             scores, lens, bracket, counts, idx, cand_val, cand_pos, seq, k_top, sel_heads,
-            cand_cap, done, HAS_SEQLENS=seqlens is not None, TILE=BRACKET_TILE,
-            FUSED_FINISH=fused, CHUNK=CHUNK, RADIX_BITS=RADIX_BITS, CAND_CHUNK=CAND_CHUNK,
-            CAND_BISECT=CAND_BISECT, CAND_ROW=triton.next_power_of_2(cand_cap),
-            num_warps=PASS_WARPS,
+            cand_cap, HAS_SEQLENS=seqlens is not None, TILE=BRACKET_TILE, num_warps=4,
         )  # fmt: skip
-        if stop_after == 2 or fused:
+        if stop_after == 2:
             return idx
     _radix_select_kernel[(rows,)](
         scores, lens, idx, counts, cand_val, cand_pos, seq, k_top, sel_heads, cand_cap,

@@ -57,10 +57,9 @@ def main() -> int:
         ),
         "step": (
             dec,
-            [{"PERSISTENT": False, "persistent.PROGRAMS_PER_SM": 3, "persistent.NUM_WARPS": 4}]
-            + [
-                {"PERSISTENT": True, "persistent.PROGRAMS_PER_SM": p, "persistent.NUM_WARPS": w}
-                for p, w in ((2, 4), (3, 4), (4, 4), (1, 8), (2, 8))
+            [
+                {"PIPELINE": p, "PIPELINE_MIN_SETS": m}
+                for p, m in ((False, 256), (True, 256), (True, 0))
             ],
         ),
         "attention": (

@@ -385,35 +385,3 @@ def test_select_method_choice(monkeypatch):
     monkeypatch.setattr(select_module, "METHOD", "heap")
     with pytest.raises(ValueError, match="METHOD"):
         select_module._select_method(4096, True)
-
-
-decode_module = importlib.import_module("keyspace.kernels.decode")
-persistent_module = importlib.import_module("keyspace.kernels.persistent")
-
-
-@pytest.mark.parametrize(
-    "batch,q_heads,kv_heads,seq,d,k_top",
-    [(2, 4, 4, 300, 16, 37), (2, 8, 2, 1027, 32, 1027), (1, 6, 2, 700, 1, 1), (2, 4, 1, 64, 64, 9)],
-)  # fmt: skip
-def test_persistent_step_matches_the_staged_step(monkeypatch, batch, q_heads, kv_heads, seq, d,
-                                                 k_top):  # fmt: skip
-    """One launch (score tiles, selects and attention splits from one queue) against the three
-    launches and the fp32 oracle, with and without ragged seqlens."""
-    group = q_heads != kv_heads
-    assert decode_module.persistent_step(q_heads, kv_heads, seq, group)
-    assert not decode_module.persistent_step(8, 2, seq, False)  # per-head sets under GQA
-    assert not decode_module.persistent_step(4, 4, persistent_module.PERSISTENT_MAX + 1, False)
-    q, k_low, k_rest, v, keys = make_cache(batch, q_heads, kv_heads, seq, 64, d, seed=seq)
-    for lens in (None, torch.tensor([seq, max(1, seq // 3)])[:batch]):
-        one = loki_decode(q, k_low, k_rest, v, k_top, group_select=group, seqlens=lens,
-                          backend="triton")  # fmt: skip
-        ref = loki_decode_reference(q, k_low, k_rest, v, k_top, group_select=group, seqlens=lens)
-        torch.testing.assert_close(one, ref, **TOL[torch.float32])
-        if k_top == seq:
-            torch.testing.assert_close(one, dense_attention_reference(q, keys, v, seqlens=lens),
-                                       **TOL[torch.float32])  # fmt: skip
-        monkeypatch.setattr(decode_module, "PERSISTENT", False)
-        staged = loki_decode(q, k_low, k_rest, v, k_top, group_select=group, seqlens=lens,
-                             backend="triton")  # fmt: skip
-        monkeypatch.setattr(decode_module, "PERSISTENT", True)
-        torch.testing.assert_close(one, staged, atol=1e-5, rtol=1e-5)

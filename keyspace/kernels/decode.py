@@ -18,17 +18,13 @@ import math
 
 import torch
 
-from keyspace.kernels import select as select_module
 from keyspace.kernels._checks import check_cache, check_k_top, check_seqlens, use_triton
 from keyspace.kernels.lowrank_scores import _lowrank_scores_triton, lowrank_scores_reference
-from keyspace.kernels.persistent import PERSISTENT_MAX, _loki_decode_persistent
 from keyspace.kernels.select import _select_topk_triton, select_topk_reference
 from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
 
 # Per-head selection reuses the score pass's q_low·k_low in attention (4 bytes a row, not d·es).
 REUSE_LOW_SCORES = True
-# The whole step as one launch of persistent programs where it applies (see persistent.py).
-PERSISTENT = True
 # Overlap the two halves of the batch on two streams in CUDA graphs (see _loki_decode_triton).
 PIPELINE = True
 # ... when the step has at least this many index sets (B·Hsel): with fewer, each half leaves SMs
@@ -49,18 +45,6 @@ def _scores_and_topk(q, k_low, k_top, group_select, seqlens):
     """Scores [B, Hsel, S] fp32 and indices [B, Hsel, k] int32."""
     scores = _lowrank_scores_triton(q, k_low, group_select, seqlens)
     return scores, _select_topk_triton(scores, k_top, seqlens)
-
-
-def persistent_step(q_heads: int, kv_heads: int, seq: int, group_select: bool) -> bool:
-    """Whether the step runs as one persistent launch (`persistent.py`): one index set per KV
-    head, rows short enough for its register bisection, and the default select."""
-    one_set_per_kv_head = group_select or q_heads == kv_heads
-    return (
-        PERSISTENT
-        and one_set_per_kv_head
-        and seq <= PERSISTENT_MAX
-        and select_module.METHOD in ("auto", "bisect")
-    )
 
 
 def _attend(q, k_low, k_rest, v, scores, idx, scale):
@@ -94,8 +78,6 @@ def _loki_decode_triton(
     bound by the host's launch time, where twice the launches would cost more than the overlap
     saves.
     """
-    if persistent_step(q.shape[1], k_low.shape[1], k_low.shape[2], group_select):
-        return _loki_decode_persistent(q, k_low, k_rest, v, k_top, scale, seqlens)
     args = (k_top, scale, group_select)
     batch = q.shape[0]
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()

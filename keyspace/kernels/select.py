@@ -299,9 +299,7 @@ def _bisect_row(
     """
     offs = tl.arange(0, ROW)
     in_row = offs < length
-    # .cg: the row may have been written by other programs of the same launch (persistent.py).
-    x = tl.load(row_ptr + offs, mask=in_row, other=0.0, cache_modifier=".cg")
-    key = _float_to_ordered_key(x)
+    key = _float_to_ordered_key(tl.load(row_ptr + offs, mask=in_row, other=0.0))
     # Keys outside the row become 0, which no midpoint (always >= 1) counts.
     key = tl.where(in_row, key, 0)
     # Invariant: count(key >= lo) >= k > count(key >= hi) = c_hi.

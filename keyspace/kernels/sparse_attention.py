@@ -119,15 +119,12 @@ def _attend_split(
     low_row = low_ptr + pid_set.to(tl.int64) * S  # only with LOW_SCORES (one head per set)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        # .cg: the indices may come from another program of the same launch (persistent.py).
-        tok = tl.load(idx_row + offs_n, mask=offs_n < end, other=-1, cache_modifier=".cg")
+        tok = tl.load(idx_row + offs_n, mask=offs_n < end, other=-1)  # [BLOCK_N]
         valid = tok >= 0
         rows = kv_row0 + tl.where(valid, tok, 0)
         if LOW_SCORES:
             # q_low·k_low was computed by the score pass: read 4 bytes instead of d·es per row.
-            s_low = tl.load(
-                low_row + tl.where(valid, tok, 0), mask=valid, other=0.0, cache_modifier=".cg"
-            )
+            s_low = tl.load(low_row + tl.where(valid, tok, 0), mask=valid, other=0.0)
             s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32) + s_low[None, :]  # [BLOCK_H, BLOCK_N]
         else:
             k_low = tl.load(

@@ -41,22 +41,9 @@ def _lowrank_scores_kernel(
     HAS_SEQLENS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    _score_tile(
-        q_ptr, k_low_ptr, seqlens_ptr, out_ptr, S, stride_qb, stride_qh, Q_HEADS, KV_HEADS,
-        tl.program_id(0), tl.program_id(1), D_LOW, BLOCK_D, BLOCK_H, BLOCK_S, GROUP_SUM,
-        HAS_SEQLENS, DOT_PRECISION,
-    )  # fmt: skip
-
-
-@triton.jit
-def _score_tile(
-    q_ptr, k_low_ptr, seqlens_ptr, out_ptr, S, stride_qb, stride_qh, Q_HEADS, KV_HEADS,
-    pid_bh, pid_s, D_LOW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_S: tl.constexpr, GROUP_SUM: tl.constexpr, HAS_SEQLENS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Tile pid_s (BLOCK_S tokens) of KV row pid_bh = b * KV_HEADS + h_kv: its scores."""
     GROUP = Q_HEADS // KV_HEADS
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
     b = pid_bh // KV_HEADS
     h_kv = pid_bh % KV_HEADS
 

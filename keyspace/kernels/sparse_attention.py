@@ -65,27 +65,11 @@ def _sparse_attention_split_kernel(
     FUSED_REDUCE: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
 ):
-    _attend_split(
-        q_ptr, k_low_ptr, k_rest_ptr, v_ptr, idx_ptr, low_ptr, part_acc_ptr, part_ml_ptr, out_ptr,
-        counter_ptr, S, K_TOP, rows_per_split, qk_scale, Q_HEADS, KV_HEADS, SEL_HEADS, SPLITS,
-        tl.program_id(0), tl.program_id(1), D, D_LOW, BLOCK_H, BLOCK_DL, BLOCK_DR, BLOCK_DV,
-        BLOCK_N, DOT_PRECISION, LOW_SCORES, FUSED_REDUCE, BLOCK_SPLITS,
-    )  # fmt: skip
-
-
-@triton.jit
-def _attend_split(
-    q_ptr, k_low_ptr, k_rest_ptr, v_ptr, idx_ptr, low_ptr, part_acc_ptr, part_ml_ptr, out_ptr,
-    counter_ptr, S, K_TOP, rows_per_split, qk_scale, Q_HEADS, KV_HEADS, SEL_HEADS, SPLITS,
-    pid_set, pid_split, D: tl.constexpr, D_LOW: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, LOW_SCORES: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-):  # fmt: skip
-    """Split pid_split of index set pid_set = b * SEL_HEADS + set (see the kernel above)."""
     D_REST: tl.constexpr = D - D_LOW
     HEADS_PER_SET = Q_HEADS // SEL_HEADS  # G with group_select, else 1
     SETS_PER_KV = SEL_HEADS // KV_HEADS  # 1 with group_select, else G
+    pid_set = tl.program_id(0)  # b * SEL_HEADS + set
+    pid_split = tl.program_id(1)
     b = pid_set // SEL_HEADS
     h_set = pid_set % SEL_HEADS
     h_kv = h_set // SETS_PER_KV

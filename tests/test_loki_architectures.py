@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_loki_fixtures import random_bases, random_tokens
+from test_loki_fixtures import logits_of, random_bases, random_tokens
 
-from keyspace.loki import SparseSettings, sparse_attention
+from keyspace.loki import SparseSettings
 
 
 def tiny(name: str):
@@ -30,28 +30,20 @@ def tiny(name: str):
     return transformers.AutoModelForCausalLM.from_config(configs[name]()).eval()
 
 
-def run(model, tokens, settings=None):
-    with torch.no_grad():
-        if settings is None:
-            return model(tokens, use_cache=False).logits
-        with sparse_attention(model, settings):
-            return model(tokens, use_cache=False).logits
-
-
 @pytest.mark.parametrize("name", ["qwen3", "mistral", "gpt_neox"])
 def test_full_and_full_rank_loki_match_the_model(name):
     model, tokens = tiny(name), random_tokens()
     kv_heads = (
         getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     )
-    dense = run(model, tokens)
+    dense = logits_of(model, tokens)
     torch.testing.assert_close(
-        run(model, tokens, SparseSettings("full")), dense, atol=1e-5, rtol=1e-5
+        logits_of(model, tokens, SparseSettings("full")), dense, atol=1e-5, rtol=1e-5
     )
     dims = torch.full((2, kv_heads), 16)
     exact = SparseSettings("loki", k=1.0, dims=dims, basis=random_bases(2, kv_heads))
-    assert ((run(model, tokens, exact) - dense).abs().max() / dense.abs().max()) < 1e-4
+    assert ((logits_of(model, tokens, exact) - dense).abs().max() / dense.abs().max()) < 1e-4
     sparse = SparseSettings(
         "loki", k=0.25, dims=torch.full((2, kv_heads), 2), basis=random_bases(2, kv_heads)
     )
-    assert (run(model, tokens, sparse) - dense).abs().max() > 1e-4
+    assert (logits_of(model, tokens, sparse) - dense).abs().max() > 1e-4

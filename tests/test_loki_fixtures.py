@@ -35,6 +35,17 @@ def random_bases(
     return q.transpose(-1, -2).contiguous()
 
 
+def logits_of(model, tokens, settings=None):
+    """The model's logits over `tokens`, dense or (with settings) under Loki's masked mode."""
+    from keyspace.loki import sparse_attention
+
+    with torch.no_grad():
+        if settings is None:
+            return model(tokens, use_cache=False).logits
+        with sparse_attention(model, settings):
+            return model(tokens, use_cache=False).logits
+
+
 def random_tokens(
     batch: int = 2, length: int = 24, vocab: int = 128, seed: int = 0
 ) -> torch.Tensor:

@@ -6,21 +6,13 @@ import math
 
 import pytest
 import torch
-from test_loki_fixtures import HEAD_DIM, random_bases, random_tokens, tiny_llama
+from test_loki_fixtures import HEAD_DIM, logits_of, random_bases, random_tokens, tiny_llama
 
 from keyspace.loki.masked import SparseSettings, causal_mask, row_budgets, sparse_attention
 from keyspace.loki.registry import use_attention
 from keyspace.loki.selection import METHODS, LayerInputs
 
 LAYERS, KV_HEADS = 2, 2
-
-
-def logits_of(model, tokens, settings=None):
-    with torch.no_grad():
-        if settings is None:
-            return model(tokens, use_cache=False).logits
-        with sparse_attention(model, settings):
-            return model(tokens, use_cache=False).logits
 
 
 def full_dims(d: int = HEAD_DIM) -> torch.Tensor:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_loki_fixtures import random_bases
+from test_loki_fixtures import logits_of, random_bases
 
-from keyspace.loki import LokiCache, SparseSettings, loki_decoding, sparse_attention
+from keyspace.loki import LokiCache, SparseSettings, loki_decoding
 from keyspace.loki.decode import cache_kwargs
 
 
@@ -20,28 +20,20 @@ def smollm2():
     return loaded.model, tokens
 
 
-def logits(model, tokens, settings=None):
-    with torch.no_grad():
-        if settings is None:
-            return model(tokens, use_cache=False).logits
-        with sparse_attention(model, settings):
-            return model(tokens, use_cache=False).logits
-
-
 @pytest.mark.slow
 def test_masked_modes_on_smollm2(smollm2):
     model, tokens = smollm2
     layers, kv_heads, head_dim = 30, 3, 64
     basis = random_bases(layers, kv_heads, head_dim)
-    dense = logits(model, tokens)
-    ours = logits(model, tokens, SparseSettings("full"))
+    dense = logits_of(model, tokens)
+    ours = logits_of(model, tokens, SparseSettings("full"))
     assert ((ours - dense).abs().max() / dense.abs().max()) < 1e-4
     exact = SparseSettings(
         "loki", k=1.0, dims=torch.full((layers, kv_heads), head_dim), basis=basis
     )
-    assert ((logits(model, tokens, exact) - dense).abs().max() / dense.abs().max()) < 1e-4
+    assert ((logits_of(model, tokens, exact) - dense).abs().max() / dense.abs().max()) < 1e-4
     sparse = SparseSettings("loki", k=0.125, dims=torch.full((layers, kv_heads), 32), basis=basis)
-    assert (logits(model, tokens, sparse) - dense).abs().max() > 1e-2
+    assert (logits_of(model, tokens, sparse) - dense).abs().max() > 1e-2
 
 
 @pytest.mark.slow

@@ -48,7 +48,11 @@ def main() -> int:
     started = time.time()
     checks = [] if args.skip_check else check_correctness()
     for c in checks:
-        print(f"check {c['dtype']:>8} {c['case']}: rel err {c['rel_err']:.2e}", flush=True)
+        print(
+            f"check {c['dtype']:>8} {c['case']}: rel err {c['rel_err']:.2e}"
+            f" (graph {c['graph_rel_err']:.2e})",
+            flush=True,
+        )
     result = run_sweep(cfg, log=lambda line: print(line, flush=True))
     result["checks"] = checks
     result["meta"]["command"] = " ".join(sys.argv)

@@ -15,6 +15,11 @@ import math
 from pathlib import Path
 
 
+def _variants_arg(text: str) -> dict:
+    """--variants: inline JSON, or the path of a JSON file."""
+    return json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/tune_decode"))
@@ -25,6 +30,10 @@ def main() -> int:
         choices=["scores", "select", "attention", "step"],
     )  # fmt: skip
     parser.add_argument("--k-frac", type=float, default=0.125)
+    parser.add_argument(
+        "--variants", type=_variants_arg, default=None,
+        help="JSON, or a JSON file: {stage: [{CONSTANT: value, ...}, ...]} replacing the built-in lists",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import importlib
@@ -78,6 +87,9 @@ def main() -> int:
             ],
         ),
     }
+    for name, options in (args.variants or {}).items():
+        module = variants[name][0] if name in variants else dec
+        variants[name] = (module, options)
     variants = {name: variants[name] for name in args.stages}
     cfg = BenchConfig(input_sets=2, reps=9, replays=5)
     gen = torch.Generator(device="cuda").manual_seed(0)

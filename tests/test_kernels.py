@@ -158,22 +158,34 @@ def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select
     assert torch.isinf(out[1, :, 123:]).all() and torch.isfinite(out[1, :, :123]).all()
 
 
-@pytest.mark.parametrize("impl", ["sampled", "sampled_radix", "radix", "bisect"])
+@pytest.mark.parametrize("impl", ["sampled", "sampled_radix", "radix", "bisect", "bisect_plain"])
 @pytest.mark.parametrize(
     "kind,seq,k_top",
     [("randn", 4096, 512), ("randn", 1027, 1), ("ties", 1027, 7), ("ties", 2500, 600),
-     ("constant", 2100, 17), ("randn", 17, 17), ("randn", 2048, 1)],
+     ("constant", 2100, 17), ("randn", 17, 17), ("randn", 2048, 1), ("cauchy", 3000, 375),
+     ("outliers", 2048, 256), ("narrow", 1500, 700), ("exponential", 1027, 300)],
 )  # fmt: skip
 def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
     # sampled_radix: the sampled bracket with radix passes (not bisection) over its candidates.
+    # bisect_plain: the register bisection without the guessed probes (_guided_search).
     monkeypatch.setattr(select_module, "CAND_BISECT", impl != "sampled_radix")
-    monkeypatch.setattr(select_module, "METHOD", impl.removesuffix("_radix"))
+    monkeypatch.setattr(select_module, "BISECT_GUESS", impl != "bisect_plain")
+    monkeypatch.setattr(select_module, "METHOD", impl.split("_")[0])
     monkeypatch.setattr(select_module, "SAMPLE", 256)  # the interpreter sorts slowly
     gen = torch.Generator().manual_seed(5)
     if kind == "ties":  # few distinct values: the k-th is tied many times over
         scores = torch.randint(-4, 4, (2, 3, seq), generator=gen).float()
     elif kind == "constant":
         scores = torch.full((2, 3, seq), 0.5)
+    elif kind == "cauchy":  # heavy tails: the mean and spread guess the k-th badly
+        scores = torch.randn(2, 3, seq, generator=gen) / torch.randn(2, 3, seq, generator=gen)
+    elif kind == "outliers":  # a few huge scores, like attention sinks
+        scores = torch.randn(2, 3, seq, generator=gen)
+        scores[..., ::37] = 1e4 + torch.rand(2, 3, len(range(0, seq, 37)), generator=gen)
+    elif kind == "narrow":  # every score within a few ulps of 1e3 (ties included)
+        scores = 1e3 + torch.randint(0, 64, (2, 3, seq), generator=gen).float() * 6.1e-5
+    elif kind == "exponential":
+        scores = torch.empty(2, 3, seq).exponential_(generator=gen) * 50
     else:
         scores = torch.randn(2, 3, seq, generator=gen)
     seqlens = torch.tensor([seq, max(1, seq // 3)])
@@ -181,7 +193,7 @@ def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
         idx = select_topk(scores, k_top, lens, backend="triton")
         assert idx.shape == (2, 3, k_top) and idx.dtype == torch.int32
         assert_valid_topk(scores, idx, k_top, lens)
-    if kind == "randn":  # no ties: the very same set as torch.topk
+    if kind in ("randn", "cauchy", "exponential"):  # no ties: the very same set as torch.topk
         got = idx.sort(-1).values
         want = select_topk_reference(scores, k_top, seqlens).sort(-1).values
         torch.testing.assert_close(got, want)

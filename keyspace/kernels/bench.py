@@ -279,8 +279,25 @@ def run_sweep(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     return {"meta": meta, "rows": rows}
 
 
+def _graph_replay(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn's result when captured into a CUDA graph and replayed (the path the sweep times)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 def check_correctness(dtypes: Sequence[str] = ("float16", "bfloat16", "float32")) -> list[dict]:
-    """Triton step vs the fp32 oracles on the GPU; raises AssertionError past REL_TOL."""
+    """Triton step vs the fp32 oracles on the GPU, as plain launches and replayed from a CUDA
+    graph (with the batch pipeline at 512 index sets); raises AssertionError past REL_TOL."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     cases = [  # (B, Hq, Hkv, S, D, d, k_top, group, ragged)
         (4, 32, 32, 4096, 128, 32, 512, False, False),
@@ -288,6 +305,7 @@ def check_correctness(dtypes: Sequence[str] = ("float16", "bfloat16", "float32")
         (4, 32, 8, 4096, 128, 16, 512, False, False),
         (2, 9, 3, 1027, 64, 64, 7, True, True),
         (2, 8, 2, 2048, 128, 1, 2048, False, False),
+        (16, 32, 32, 4096, 128, 32, 512, False, True),
     ]
     results = []
     for name, case in itertools.product(dtypes, cases):
@@ -304,13 +322,22 @@ def check_correctness(dtypes: Sequence[str] = ("float16", "bfloat16", "float32")
             lens[0] = seq
         k_low, k_rest = keys[..., :d].contiguous(), keys[..., d:].contiguous()
         scale = 1.0 / math.sqrt(dim)
-        out = _loki_decode_triton(q, k_low, k_rest, v, k_top, scale, group, lens).float()
+
+        def step(
+            q=q, k_low=k_low, k_rest=k_rest, v=v, k_top=k_top, group=group, lens=lens, scale=scale
+        ):
+            return _loki_decode_triton(q, k_low, k_rest, v, k_top, scale, group, lens)
+
         ref = _loki_reference(q, k_low, k_rest, v, k_top, scale, group, lens).float()
         if k_top == seq:
             ref = dense_attention_reference(q, keys, v, scale, lens)
-        err = ((out - ref).norm() / ref.norm()).item()
-        results.append({"dtype": name, "case": case, "rel_err": err})
-        assert err <= REL_TOL[dtype], f"{name} {case}: relative error {err:.2e}"
+        errs = [
+            ((out.float() - ref).norm() / ref.norm()).item()
+            for out in (step(), _graph_replay(step))
+        ]
+        results.append({"dtype": name, "case": case, "rel_err": errs[0], "graph_rel_err": errs[1]})
+        for err in errs:
+            assert err <= REL_TOL[dtype], f"{name} {case}: relative error {err:.2e}"
     return results
 
 

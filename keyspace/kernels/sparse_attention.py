@@ -63,6 +63,7 @@ def _sparse_attention_split_kernel(
     DOT_PRECISION: tl.constexpr,
     LOW_SCORES: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # next power of two >= HEADS_PER_SET: the heads merged together
     BLOCK_SPLITS: tl.constexpr,
 ):
     D_REST: tl.constexpr = D - D_LOW
@@ -153,39 +154,45 @@ def _sparse_attention_split_kernel(
         tl.debug_barrier()
         done = tl.atomic_add(counter_ptr + pid_set, 1, sem="acq_rel", scope="gpu")
         if done == SPLITS - 1:
-            row0 = b * Q_HEADS + h_set * HEADS_PER_SET
-            for g in range(0, HEADS_PER_SET):
-                _merge_splits(
-                    part_acc_ptr, part_ml_ptr, out_ptr, (row0 + g).to(tl.int64), SPLITS, D,
-                    BLOCK_SPLITS, BLOCK_DV,
-                )  # fmt: skip
+            row0 = (b * Q_HEADS + h_set * HEADS_PER_SET).to(tl.int64)
+            _merge_splits(
+                part_acc_ptr, part_ml_ptr, out_ptr, row0, HEADS_PER_SET, SPLITS, D, BLOCK_G,
+                BLOCK_SPLITS, BLOCK_DV,
+            )  # fmt: skip
 
 
 @triton.jit
 def _merge_splits(
-    part_acc_ptr, part_ml_ptr, out_ptr, row, SPLITS, D: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr,
+    part_acc_ptr, part_ml_ptr, out_ptr, row0, n_rows, SPLITS, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """Merge the SPLITS partials (acc, max, sum) of one query head `row` and normalise."""
+    """Merge the SPLITS partials (acc, max, sum) of query heads row0 .. row0 + n_rows - 1 (at most
+    BLOCK_G) and normalise; all heads at once, so their loads are in flight together."""
+    offs_g = tl.arange(0, BLOCK_G)
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_DV)
-    s_mask = offs_s < SPLITS
-    ml = part_ml_ptr + (row * SPLITS + offs_s) * 2
-    m = tl.load(ml, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-    sums = tl.load(ml + 1, mask=s_mask, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, 0)
+    rows = row0 + offs_g  # [BLOCK_G]
+    mask = (offs_g < n_rows)[:, None] & (offs_s < SPLITS)[None, :]  # [BLOCK_G, BLOCK_SPLITS]
+    parts = rows[:, None] * SPLITS + offs_s[None, :]
+    m = tl.load(part_ml_ptr + parts * 2, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    sums = tl.load(part_ml_ptr + parts * 2 + 1, mask=mask, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, 1)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # nothing selected: output zeros
-    w = tl.exp2(m - m_max)  # [BLOCK_SPLITS]
+    w = tl.exp2(m - m_max[:, None])  # [BLOCK_G, BLOCK_SPLITS]
     acc = tl.load(
-        part_acc_ptr + (row * SPLITS + offs_s)[:, None] * D + offs_d[None, :],
-        mask=s_mask[:, None] & (offs_d[None, :] < D),
+        part_acc_ptr + parts[:, :, None] * D + offs_d[None, None, :],
+        mask=mask[:, :, None] & (offs_d < D)[None, None, :],
         other=0.0,
         cache_modifier=".cg",
+    )  # [BLOCK_G, BLOCK_SPLITS, BLOCK_DV]
+    total = tl.sum(acc * w[:, :, None], 1)  # [BLOCK_G, BLOCK_DV]
+    denom = tl.sum(sums * w, 1)
+    out = total / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * D + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=(offs_g < n_rows)[:, None] & (offs_d < D)[None, :],
     )
-    total = tl.sum(acc * w[:, None], 0)  # [BLOCK_DV]
-    denom = tl.sum(sums * w, 0)
-    out = total / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + row * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 @triton.jit
@@ -199,7 +206,7 @@ def _sparse_attention_reduce_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # b * Hq + h
-    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, SPLITS, D, BLOCK_SPLITS, BLOCK_DV)
+    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, 1, SPLITS, D, 1, BLOCK_SPLITS, BLOCK_DV)
 
 
 @functools.cache
@@ -279,6 +286,7 @@ def _sparse_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         LOW_SCORES=low_scores is not None,
         FUSED_REDUCE=fused,
+        BLOCK_G=triton.next_power_of_2(heads_per_set),
         BLOCK_SPLITS=triton.next_power_of_2(splits),
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,

@@ -5,10 +5,12 @@ methods; `METHOD` picks one. In each, one program owns one score row (one query 
 group with group_select).
 
 Register bisection (default for rows up to BISECT_AUTO_MAX): the program loads its whole row into
-registers once and bisects the key range for the k-th largest key T: each step counts the keys at
-or above the midpoint with one block-wide sum, starting from the row's [min, max] and stopping
-early as soon as a midpoint has exactly k keys at or above it (at most 32 steps). One packed scan
-over the same registers then compacts. Nothing is re-read per step.
+registers once and searches the key range for the k-th largest key T: each probe counts the keys
+at or above a threshold with one block-wide sum, and the search stops as soon as a threshold has
+exactly k keys at or above it. With BISECT_GUESS the first probes are guessed (the row's normal
+quantile, then regula falsi on the counts; about 5 probes on bell-shaped scores, see
+_guided_search); plain halving of the [min, max] key range finishes (at most 32 halvings). One
+packed scan over the same registers then compacts. Nothing is re-read per probe.
 
 Radix select: Up to four passes of an 8-bit
 histogram (`tl.histogram`) walk the key from its top byte down and pin the k-th largest key T;
@@ -16,8 +18,8 @@ a pass is skipped once the boundary bucket is taken whole. A last pass compacts:
 T is kept, and keys equal to T are kept in position order until k are chosen. Ties therefore go
 to lower positions, and the result is an exact top-k.
 
-Sampled bracket (long rows): a first launch sorts an even sample of SAMPLE scores
-per row; two of its quantiles, a few standard deviations either side of the k-th, bracket T. A
+Sampled bracket (long rows): a first launch sorts an even sample of SAMPLE scores (twice
+as many past SAMPLE_LONG_ROW) per row; two of its quantiles, a few standard deviations either side of the k-th, bracket T. A
 second launch walks the rows tile by tile over the whole GPU: every score above the bracket goes
 straight to the output, those inside it go with their positions to a scratch buffer (tiles take
 their ranges with atomic counters). The radix select then runs on the candidates only. If the
@@ -45,7 +47,9 @@ BISECT_MAX = 32768  # longest row bisected at all: the packed compaction scan's 
 # On the H100 the bisection beat the sampled bracket up to 16k and lost at 32k (0.30 vs 0.16 ms
 # at B=16, H=32, where a 32-warp program's one-scan compaction is slow; docs/kernels.md).
 BISECT_AUTO_MAX = 16384
-BISECT_ELEMS_PER_THREAD = 32  # sets the bisect kernel's warps: 4096 scores -> 4 warps
+# Sets the bisect kernel's warps: 16384 scores -> 8 warps (at least 4). 64 beat 32 at GQA 16k on the
+# H100 (select 28 -> 26 us; 16 a thread: 37 us), fewer warps meeting in each block-wide sum.
+BISECT_ELEMS_PER_THREAD = 64
 BISECT_MAX_WARPS = 32
 # Guess the k-th score from the row's mean and spread, then refine by regula falsi, before plain
 # halving (see _guided_search); at most GUIDED_MAX_STEPS guessed probes.
@@ -57,12 +61,18 @@ NUM_WARPS = 8
 RADIX_BITS = 8
 # Sampled bracket (see the header), for rows at least SAMPLED_MIN_LEN long: on an H100 it cut the
 # radix select by 1.5-1.9x at S=16k and 32k, and cost 1.3x at S=4k (docs/kernels.md).
-SAMPLE = 1024
+# Sample size of the bracket: SAMPLE for rows up to SAMPLE_LONG_ROW, twice that above. The sort is
+# most of the bracket launch; 512 cut the select at S=32k on the H100 (GQA 51 -> 47 us, MHA
+# 158 -> 141 us, tune_decode.py), and its bracket (about 15% of the row at k = S/4) still fits
+# CAND_CAP at 32k; longer rows need the narrower bracket of the larger sample.
+SAMPLE = 512
+SAMPLE_LONG_ROW = 32768
 SAMPLED_MIN_LEN = 2048
 CAND_CAP = 8192  # most candidates kept per row; more falls back to the full radix select
 CAND_CHUNK = 1024  # candidates are few: a narrower chunk keeps their passes cheap
 CAND_BISECT = True  # select among the candidates by register bisection instead of radix passes
 BRACKET_TILE = 2048  # scores per program of the bracket pass (the whole GPU walks every row)
+BRACKET_WARPS = 4
 
 
 @triton.jit
@@ -495,7 +505,8 @@ def _select_topk_triton(
         bracket = torch.empty((rows, 2), device=scores.device)
         _bracket_kernel[(rows,)](
             scores, lens, bracket, counts, seq, k_top, sel_heads,
-            HAS_SEQLENS=seqlens is not None, SAMPLE=SAMPLE, num_warps=NUM_WARPS,
+            HAS_SEQLENS=seqlens is not None, SAMPLE=SAMPLE * (1 + (seq > SAMPLE_LONG_ROW)),
+            num_warps=NUM_WARPS,
         )  # fmt: skip
         if stop_after == 1:
             return idx

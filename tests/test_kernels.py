@@ -397,3 +397,28 @@ def test_select_method_choice(monkeypatch):
     monkeypatch.setattr(select_module, "METHOD", "heap")
     with pytest.raises(ValueError, match="METHOD"):
         select_module._select_method(4096, True)
+
+
+def test_bench_top_k_check_accepts_ties_and_rejects_a_wrong_set():
+    """The GPU benchmark's selection check (pure torch, so it runs here too)."""
+    from keyspace.kernels.bench import _assert_top_k
+
+    gen = torch.Generator().manual_seed(12)
+    scores = torch.randn(2, 3, 500, generator=gen)
+    scores[0, 0, 10] = scores[0, 0, 20] = 9.0  # two exactly tied scores, the 2 largest
+    lens = torch.tensor([500, 40])
+    masked = scores.masked_fill(torch.arange(500)[None, None, :] >= lens[:, None, None], -1e30)
+    idx = masked.topk(60, dim=-1).indices.int()
+    idx[1, :, 40:] = -1  # the short sequence keeps its 40 positions
+    _assert_top_k(scores, idx, 60, lens, "topk")
+    tied = masked[:, :, :].topk(1, dim=-1).indices.int()
+    tied[0, 0, 0] = 20 if int(tied[0, 0, 0]) == 10 else 10  # the other of the tie: still a top-1
+    _assert_top_k(scores, tied, 1, lens, "tie")
+    wrong = idx.clone()
+    wrong[0, 1, 0] = int(masked[0, 1].argmin())  # the smallest score instead of a chosen one
+    with pytest.raises(AssertionError, match="not a top-k"):
+        _assert_top_k(scores, wrong, 60, lens, "wrong")
+    past = idx.clone()
+    past[1, 2, 0] = 45  # past the sequence's length
+    with pytest.raises(AssertionError, match="past the sequence|not a top-k|number"):
+        _assert_top_k(scores, past, 60, lens, "past")

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from keyspace.kernels.decode import _loki_decode_triton, dense_attention_reference
-from keyspace.kernels.decode import loki_decode_reference as _loki_reference
-from keyspace.kernels.lowrank_scores import _lowrank_scores_triton
+from keyspace.kernels.lowrank_scores import _lowrank_scores_triton, lowrank_scores_reference
 from keyspace.kernels.select import _select_topk_triton
-from keyspace.kernels.sparse_attention import _sparse_attention_triton
+from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Relative L2 error allowed against the fp32 oracle (‖out − ref‖ / ‖ref‖).
@@ -295,9 +294,33 @@ def _graph_replay(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _assert_top_k(scores: torch.Tensor, idx: torch.Tensor, k_top: int, lens, what: str) -> None:
+    """idx (B, H, k) holds, per row, min(k_top, length) valid positions whose fp32 reference
+    scores are a top set: none below an unchosen score (up to the fp32 summation order)."""
+    batch, heads, seq = scores.shape
+    valid = torch.ones(batch, seq, dtype=torch.bool, device=scores.device)
+    if lens is not None:
+        valid = torch.arange(seq, device=scores.device)[None, :] < lens[:, None]
+    valid = valid[:, None, :].expand(batch, heads, seq)
+    slots = torch.where(idx >= 0, idx.long(), seq)  # unused slots land in a spare column
+    chosen = torch.zeros(batch, heads, seq + 1, dtype=torch.bool, device=scores.device)
+    chosen = chosen.scatter_(2, slots, True)[..., :seq]
+    want = valid.sum(-1).clamp(max=k_top)
+    assert torch.equal(chosen.sum(-1), want), f"{what}: wrong number of chosen positions"
+    assert not (chosen & ~valid).any(), f"{what}: a chosen position past the sequence"
+    finite = torch.where(valid, scores, 0.0).abs().amax()
+    low = torch.where(chosen, scores, float("inf")).amin(-1)
+    high = torch.where(valid & ~chosen, scores, float("-inf")).amax(-1)
+    assert (low >= high - 1e-5 * finite).all(), f"{what}: the chosen positions are not a top-k"
+
+
 def check_correctness(dtypes: Sequence[str] = ("float16", "bfloat16", "float32")) -> list[dict]:
     """Triton step vs the fp32 oracles on the GPU, as plain launches and replayed from a CUDA
-    graph (with the batch pipeline at 512 index sets); raises AssertionError past REL_TOL."""
+    graph (with the batch pipeline at 512 index sets); raises AssertionError past REL_TOL.
+
+    The selection is checked to be a top-k of the fp32 reference scores; the attention is then
+    compared with the fp32 reference over the very positions chosen, since exactly tied scores
+    at the k-th may be chosen either way. At k_top = S it is compared with dense attention."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     cases = [  # (B, Hq, Hkv, S, D, d, k_top, group, ragged)
         (4, 32, 32, 4096, 128, 32, 512, False, False),
@@ -328,7 +351,10 @@ def check_correctness(dtypes: Sequence[str] = ("float16", "bfloat16", "float32")
         ):
             return _loki_decode_triton(q, k_low, k_rest, v, k_top, scale, group, lens)
 
-        ref = _loki_reference(q, k_low, k_rest, v, k_top, scale, group, lens).float()
+        what = f"{name} {case}"
+        idx = _select_topk_triton(_lowrank_scores_triton(q, k_low, group, lens), k_top, lens)
+        _assert_top_k(lowrank_scores_reference(q, k_low, group, lens), idx, k_top, lens, what)
+        ref = sparse_attention_reference(q, k_low, k_rest, v, idx, scale).float()
         if k_top == seq:
             ref = dense_attention_reference(q, keys, v, scale, lens)
         errs = [
@@ -337,7 +363,7 @@ def check_correctness(dtypes: Sequence[str] = ("float16", "bfloat16", "float32")
         ]
         results.append({"dtype": name, "case": case, "rel_err": errs[0], "graph_rel_err": errs[1]})
         for err in errs:
-            assert err <= REL_TOL[dtype], f"{name} {case}: relative error {err:.2e}"
+            assert err <= REL_TOL[dtype], f"{what}: relative error {err:.2e}"
     return results
 
 

@@ -18,13 +18,14 @@ a pass is skipped once the boundary bucket is taken whole. A last pass compacts:
 T is kept, and keys equal to T are kept in position order until k are chosen. Ties therefore go
 to lower positions, and the result is an exact top-k.
 
-Sampled bracket (long rows): a first launch sorts an even sample of SAMPLE scores (twice
-as many past SAMPLE_LONG_ROW) per row; two of its quantiles, a few standard deviations either side of the k-th, bracket T. A
-second launch walks the rows tile by tile over the whole GPU: every score above the bracket goes
-straight to the output, those inside it go with their positions to a scratch buffer (tiles take
-their ranges with atomic counters). The radix select then runs on the candidates only. If the
-bracket missed T (or held too many candidates), the row falls back to the plain radix select, so
-the result is exact either way; which of several exactly tied scores is kept is unspecified here.
+Sampled bracket (long rows): a first launch sorts an even sample of SAMPLE scores per row
+(twice as many past SAMPLE_LONG_ROW); two of its quantiles, a few standard deviations either side
+of the k-th, bracket T. A second launch walks the rows tile by tile over the whole GPU: every
+score above the bracket goes straight to the output, those inside it go with their positions to a
+scratch buffer (tiles take their ranges with atomic counters). A third selects among the
+candidates only (register bisection, or radix passes with CAND_BISECT off). If the bracket missed
+T (or held too many candidates), the row falls back to the plain radix select, so the result is
+exact either way; which of several exactly tied scores is kept is unspecified here.
 
 Slots past min(k, seqlens[b]) hold -1. Indices are unordered; attention does not care.
 

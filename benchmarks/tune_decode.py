@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--k-frac", type=float, default=0.125)
     parser.add_argument(
         "--variants", type=_variants_arg, default=None,
-        help="JSON, or a JSON file: {stage: [{CONSTANT: value, ...}, ...]} replacing the built-in lists",
+        help="JSON or a JSON file, {stage: [{CONSTANT: value, ...}, ...]}: replaces the lists",
     )  # fmt: skip
     args = parser.parse_args()
 

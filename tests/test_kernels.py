@@ -411,7 +411,7 @@ def test_bench_top_k_check_accepts_ties_and_rejects_a_wrong_set():
     idx = masked.topk(60, dim=-1).indices.int()
     idx[1, :, 40:] = -1  # the short sequence keeps its 40 positions
     _assert_top_k(scores, idx, 60, lens, "topk")
-    tied = masked[:, :, :].topk(1, dim=-1).indices.int()
+    tied = masked.topk(1, dim=-1).indices.int()
     tied[0, 0, 0] = 20 if int(tied[0, 0, 0]) == 10 else 10  # the other of the tie: still a top-1
     _assert_top_k(scores, tied, 1, lens, "tie")
     wrong = idx.clone()
@@ -419,6 +419,6 @@ def test_bench_top_k_check_accepts_ties_and_rejects_a_wrong_set():
     with pytest.raises(AssertionError, match="not a top-k"):
         _assert_top_k(scores, wrong, 60, lens, "wrong")
     past = idx.clone()
-    past[1, 2, 0] = 45  # past the sequence's length
-    with pytest.raises(AssertionError, match="past the sequence|not a top-k|number"):
+    past[1, 2, 0] = 45  # past the sequence's length (the count of positions stays 40)
+    with pytest.raises(AssertionError, match="past the sequence"):
         _assert_top_k(scores, past, 60, lens, "past")

@@ -41,12 +41,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _scores_and_topk(q, k_low, k_top, group_select, seqlens):
-    """Scores [B, Hsel, S] fp32 and indices [B, Hsel, k] int32."""
-    scores = _lowrank_scores_triton(q, k_low, group_select, seqlens)
-    return scores, _select_topk_triton(scores, k_top, seqlens)
-
-
 def _attend(q, k_low, k_rest, v, scores, idx, scale):
     # One query head per index set: its scores already hold q_low·k_low for every token.
     low = scores if REUSE_LOW_SCORES and scores.shape[1] == q.shape[1] else None
@@ -55,7 +49,8 @@ def _attend(q, k_low, k_rest, v, scores, idx, scale):
 
 def _loki_decode_stages(q, k_low, k_rest, v, k_top, scale, group_select, seqlens):
     """The Triton stages back to back on the current stream."""
-    scores, idx = _scores_and_topk(q, k_low, k_top, group_select, seqlens)
+    scores = _lowrank_scores_triton(q, k_low, group_select, seqlens)  # [B, Hsel, S] fp32
+    idx = _select_topk_triton(scores, k_top, seqlens)  # [B, Hsel, k] int32
     return _attend(q, k_low, k_rest, v, scores, idx, scale)
 
 

@@ -30,7 +30,8 @@ exact either way; which of several exactly tied scores is kept is unspecified he
 Slots past min(k, seqlens[b]) hold -1. Indices are unordered; attention does not care.
 
 Bytes moved: the bisection reads the row once (S·4 bytes); each radix pass reads it again
-(mostly from L2 after the first); the sampled path reads it about twice. Writes Hsel·k·4 bytes of int32 indices.
+(mostly from L2 after the first); the sampled path reads it about twice. Writes Hsel·k·4 bytes of
+int32 indices.
 """
 
 from __future__ import annotations
@@ -60,20 +61,19 @@ GUIDED_MAX_STEPS: tl.constexpr = tl.constexpr(48)
 CHUNK = 4096
 NUM_WARPS = 8
 RADIX_BITS = 8
-# Sampled bracket (see the header), for rows at least SAMPLED_MIN_LEN long: on an H100 it cut the
-# radix select by 1.5-1.9x at S=16k and 32k, and cost 1.3x at S=4k (docs/kernels.md).
 # Sample size of the bracket: SAMPLE for rows up to SAMPLE_LONG_ROW, twice that above. The sort is
 # most of the bracket launch; 512 cut the select at S=32k on the H100 (GQA 51 -> 47 us, MHA
 # 158 -> 141 us, tune_decode.py), and its bracket (about 15% of the row at k = S/4) still fits
 # CAND_CAP at 32k; longer rows need the narrower bracket of the larger sample.
 SAMPLE = 512
 SAMPLE_LONG_ROW = 32768
+# Sampled bracket (see the header), for rows at least SAMPLED_MIN_LEN long: on an H100 it cut the
+# radix select by 1.5-1.9x at S=16k and 32k, and cost 1.3x at S=4k (docs/kernels.md).
 SAMPLED_MIN_LEN = 2048
 CAND_CAP = 8192  # most candidates kept per row; more falls back to the full radix select
 CAND_CHUNK = 1024  # candidates are few: a narrower chunk keeps their passes cheap
 CAND_BISECT = True  # select among the candidates by register bisection instead of radix passes
 BRACKET_TILE = 2048  # scores per program of the bracket pass (the whole GPU walks every row)
-BRACKET_WARPS = 4
 
 
 @triton.jit

@@ -163,7 +163,8 @@ def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select
     "kind,seq,k_top",
     [("randn", 4096, 512), ("randn", 1027, 1), ("ties", 1027, 7), ("ties", 2500, 600),
      ("constant", 2100, 17), ("randn", 17, 17), ("randn", 2048, 1), ("cauchy", 3000, 375),
-     ("outliers", 2048, 256), ("narrow", 1500, 700), ("exponential", 1027, 300)],
+     ("outliers", 2048, 256), ("narrow", 1500, 700), ("exponential", 1027, 300),
+     ("tied_kth2", 2048, 300), ("tied_kth3", 2048, 300)],
 )  # fmt: skip
 def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
     # sampled_radix: the sampled bracket with radix passes (not bisection) over its candidates.
@@ -186,6 +187,12 @@ def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
         scores = 1e3 + torch.randint(0, 64, (2, 3, seq), generator=gen).float() * 6.1e-5
     elif kind == "exponential":
         scores = torch.empty(2, 3, seq).exponential_(generator=gen) * 50
+    elif kind.startswith("tied_kth"):  # the k-th largest tied with the next 1 or 2 only
+        scores = torch.randn(2, 3, seq, generator=gen)
+        order = scores.argsort(-1, descending=True)
+        kth = scores.gather(-1, order[..., k_top - 1 : k_top])
+        tied = order[..., k_top : k_top + int(kind[-1]) - 1]
+        scores.scatter_(-1, tied, kth.expand_as(tied))
     else:
         scores = torch.randn(2, 3, seq, generator=gen)
     seqlens = torch.tensor([seq, max(1, seq // 3)])

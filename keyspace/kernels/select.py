@@ -9,7 +9,8 @@ registers once and searches the key range for the k-th largest key T: each probe
 at or above a threshold with one block-wide sum, and the search stops as soon as a threshold has
 exactly k keys at or above it. With BISECT_GUESS the first probes are guessed (the row's normal
 quantile, then regula falsi on the counts; about 5 probes on bell-shaped scores, see
-_guided_search); plain halving of the [min, max] key range finishes (at most 32 halvings). One
+_guided_search), and once the bracket is one key from the k-th, one max (or min) and one count
+pin it (_peel); plain halving of the [min, max] key range finishes (at most 32 halvings). One
 packed scan over the same registers then compacts. Nothing is re-read per probe.
 
 Radix select: Up to four passes of an 8-bit
@@ -344,7 +345,8 @@ def _guided_search(x, key, in_row, length, k, lo, hi, c_hi, found, MAX_STEPS: tl
     w_lo = tl.full([], 1.0, tl.float32)
     w_hi = tl.full([], 1.0, tl.float32)
     steps = tl.zeros([], tl.int32)
-    while (hi - lo > 1) & (found == 0) & (steps < MAX_STEPS):
+    near = k < 0  # the bracket is one key from the k-th: finished below by one peel
+    while (hi - lo > 1) & (found == 0) & (steps < MAX_STEPS) & (near == 0):
         v_lo = _key_to_float(lo)
         v_hi = _key_to_float(hi)
         t = tl.where((bis != 0) | (t != t), 0.5 * v_lo + 0.5 * v_hi, t)
@@ -374,7 +376,38 @@ def _guided_search(x, key, in_row, length, k, lo, hi, c_hi, found, MAX_STEPS: tl
         dens = tl.where(both | (steps == 1), dens, dens * 0.25)
         newton = _key_to_float(mid) + ((c - k).to(tl.float32) - 0.5) / dens
         t = tl.where(both, v_lo + (v_hi - v_lo) * (g_lo / (g_lo - g_hi)), newton)
+        near = both & ((k - c_hi == 1) | (c_lo - k == 1))
+    if near & (found == 0) & (hi - lo > 1):
+        lo, hi, c_hi, found = _peel(key, in_row, k, lo, hi, c_hi)
     return lo, hi, c_hi, found
+
+
+@triton.jit
+def _peel(key, in_row, k, lo, hi, c_hi):
+    """End the search when the bracket [lo, hi) is one key from the k-th largest: c_hi = k - 1
+    keys are at or above hi (the k-th is the largest key in the bracket), or k + 1 are at or
+    above lo (the k-th is just above the smallest). Regula falsi crawls here, since the two
+    neighbouring order statistics can be far closer than the bracket is wide. One max or min and
+    one count pin the k-th exactly; returns (lo, hi, c_hi, found) with hi = lo + 1 or found.
+    """
+    in_bracket = in_row & (key >= lo.to(tl.uint32)) & (key <= (hi - 1).to(tl.uint32))
+    if k - c_hi == 1:
+        # The bracket's largest key t: count(key >= t) >= k, and no key lies in (t, hi).
+        t = tl.max(tl.where(in_bracket, key, 0), 0).to(tl.int64)
+        c = tl.sum((in_row & (key >= t.to(tl.uint32))).to(tl.int32), 0)
+        lo_new = t
+        hi_new = t + 1
+        c_hi_new = c_hi
+    else:
+        # The bracket's smallest key t: count(key >= t + 1) is k (found) or below k (T = t).
+        t = tl.min(tl.where(in_bracket, key, 0xFFFFFFFF), 0).to(tl.int64)
+        above = t + 1
+        c = tl.sum((in_row & (key >= tl.minimum(above, 0xFFFFFFFF).to(tl.uint32))).to(tl.int32), 0)
+        c = tl.where(above > 0xFFFFFFFF, 0, c)
+        lo_new = tl.where(c == k, above, t)
+        hi_new = above
+        c_hi_new = tl.where(c == k, c_hi, c)
+    return lo_new, hi_new, c_hi_new, c == k
 
 
 @triton.jit

@@ -50,9 +50,10 @@ BISECT_MAX = 32768  # longest row bisected at all: the packed compaction scan's 
 # On the H100 the bisection beat the sampled bracket up to 16k and lost at 32k (0.30 vs 0.16 ms
 # at B=16, H=32, where a 32-warp program's one-scan compaction is slow; docs/kernels.md).
 BISECT_AUTO_MAX = 16384
-# Sets the bisect kernel's warps: 16384 scores -> 8 warps (at least 4). 64 beat 32 at GQA 16k on the
-# H100 (select 28 -> 26 us; 16 a thread: 37 us), fewer warps meeting in each block-wide sum.
-BISECT_ELEMS_PER_THREAD = 64
+# Sets the bisect kernel's warps: 16384 scores -> 16 warps (at least 4). On the H100 with the peel
+# (docs/kernels.md, attempt 38), 32 against 64 at 16k: MHA step 0.443 -> 0.434 ms, GQA step
+# within 0.3% (its select alone 19.8 -> 20.3 us); 16 a thread lost at both.
+BISECT_ELEMS_PER_THREAD = 32
 BISECT_MAX_WARPS = 32
 # Guess the k-th score from the row's mean and spread, then refine by regula falsi, before plain
 # halving (see _guided_search); at most GUIDED_MAX_STEPS guessed probes.

@@ -148,12 +148,13 @@ def test_ragged_seqlens(group_select):
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select):
-    q, k_low, _, _, _ = make_cache(2, 8, 2, 300, 64, 16, seed=4)
+@pytest.mark.parametrize("kv_heads", [2, 8], ids=["gqa", "mha"])  # a tl.dot, or one GEMV row
+def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select, kv_heads):
+    q, k_low, _, _, _ = make_cache(2, 8, kv_heads, 300, 64, 16, seed=4)
     seqlens = torch.tensor([300, 123])
     out = lowrank_scores(q, k_low, group_select, seqlens, backend="triton")
     ref = lowrank_scores_reference(q, k_low, group_select, seqlens)
-    assert out.shape == (2, 2 if group_select else 8, 300) and out.dtype == torch.float32
+    assert out.shape == (2, kv_heads if group_select else 8, 300) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, **SCORE_TOL)
     assert torch.isinf(out[1, :, 123:]).all() and torch.isfinite(out[1, :, :123]).all()
 

@@ -241,6 +241,35 @@ def test_sparse_attention_split_k_and_unused_slots(monkeypatch, group_select, fu
                                **TOL[torch.float32])  # fmt: skip
 
 
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_strided_cache_views_are_read_in_place(monkeypatch, group_select):
+    """k_rest as keys[..., d:] and v inside one per-token [k_rest | v] buffer: same result as
+    contiguous copies, and the attention kernel gets the views themselves (no copy)."""
+    q, k_low, k_rest, v, keys = make_cache(2, 8, 2, 300, 64, 16, seed=11)
+    packed = torch.cat([v, k_rest], dim=-1)  # per token: v then k_rest
+    v_view, rest_view = packed[..., :64], packed[..., 64:]
+    assert not rest_view.is_contiguous() and not keys[..., 16:].is_contiguous()
+    seen = []
+    launch = attention_module._sparse_attention_triton
+
+    def spy(q_, k_low_, k_rest_, v_, *args, **kwargs):
+        seen.append((k_rest_.data_ptr(), v_.data_ptr()))
+        return launch(q_, k_low_, k_rest_, v_, *args, **kwargs)
+
+    decode_module = importlib.import_module("keyspace.kernels.decode")
+    monkeypatch.setattr(decode_module, "_sparse_attention_triton", spy)
+    ref = loki_decode_reference(q, k_low, k_rest, v, 40, group_select=group_select)
+    for rest_arg, v_arg in ((keys[..., 16:], v), (rest_view, v_view)):
+        out = loki_decode(q, k_low, rest_arg, v_arg, 40, group_select=group_select,
+                          backend="triton")  # fmt: skip
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+        assert seen[-1] == (rest_arg.data_ptr(), v_arg.data_ptr())
+    idx = select_topk_reference(lowrank_scores_reference(q, k_low, group_select), 40)
+    out = sparse_attention(q, k_low, rest_view, v_view, idx, backend="triton")
+    torch.testing.assert_close(out, sparse_attention_reference(q, k_low, k_rest, v, idx),
+                               **TOL[torch.float32])  # fmt: skip
+
+
 def test_cpu_dispatch_runs_the_reference_and_scale_is_used():
     q, k_low, k_rest, v, _ = make_cache(1, 4, 2, 64, 64, 16, seed=9)
     out = loki_decode(q, k_low, k_rest, v, 8, scale=0.3)

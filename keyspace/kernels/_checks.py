@@ -67,6 +67,15 @@ def check_cache(
     return batch, q_heads, kv_heads, seq, d, head_dim
 
 
+def unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself when its last dim is contiguous (any other strides), else a copy.
+
+    The attention kernel takes batch, head and token strides, so views such as `keys[..., d:]`
+    or `k_rest` and `v` sharing one per-token buffer are read in place, not copied every step.
+    """
+    return tensor if tensor.shape[-1] <= 1 or tensor.stride(-1) == 1 else tensor.contiguous()
+
+
 def check_k_top(k_top: int, seq: int) -> int:
     if isinstance(k_top, bool) or not isinstance(k_top, int):
         raise ValueError(f"k_top must be an int, got {type(k_top).__name__}")

@@ -18,7 +18,13 @@ import math
 
 import torch
 
-from keyspace.kernels._checks import check_cache, check_k_top, check_seqlens, use_triton
+from keyspace.kernels._checks import (
+    check_cache,
+    check_k_top,
+    check_seqlens,
+    unit_last_stride,
+    use_triton,
+)
 from keyspace.kernels.lowrank_scores import _lowrank_scores_triton, lowrank_scores_reference
 from keyspace.kernels.select import _select_topk_triton, select_topk_reference
 from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
@@ -112,7 +118,8 @@ def loki_decode(
         q: (batch, q_heads, head_dim), the query already rotated into the PCA basis.
         k_low: (batch, kv_heads, seq, d), the first d PCA components of the cached keys.
         k_rest: (batch, kv_heads, seq, head_dim - d), the remaining components (width 0 at d=D).
-        v: (batch, kv_heads, seq, head_dim), the values.
+        v: (batch, kv_heads, seq, head_dim), the values. `k_rest` and `v` may be strided views
+            (e.g. `keys[..., d:]`) with a contiguous last dim: they are read in place, not copied.
         k_top: tokens kept per query head (per KV group with group_select), in [1, seq].
         scale: softmax scale, default 1/sqrt(head_dim).
         group_select: under GQA, sum each group's low-rank scores and select one index set per
@@ -129,7 +136,8 @@ def loki_decode(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not use_triton(backend, q, k_low, k_rest, v):
         return loki_decode_reference(q, k_low, k_rest, v, k_top, scale, group_select, seqlens)
-    q, k_low, k_rest, v = (t.contiguous() for t in (q, k_low, k_rest, v))
+    q, k_low = q.contiguous(), k_low.contiguous()  # the score pass streams k_low whole
+    k_rest, v = unit_last_stride(k_rest), unit_last_stride(v)  # gathered rows: views are fine
     return _loki_decode_triton(q, k_low, k_rest, v, k_top, scale, group_select, seqlens)
 
 

@@ -21,6 +21,8 @@ from keyspace.kernels._checks import check_cache, check_seqlens, selected_heads,
 # A tile of 256 tokens × d=32 fp16 is 16 KB: enough bytes in flight per program on an H100.
 BLOCK_S = 256
 NUM_WARPS = 4
+# k_low is read once per step: "evict_first" lets L2 keep the scores the select reads next.
+EVICT_FIRST = True
 
 
 @triton.jit
@@ -41,6 +43,7 @@ def _lowrank_scores_kernel(
     ONE_ROW: tl.constexpr,
     HAS_SEQLENS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     GROUP = Q_HEADS // KV_HEADS
     pid_bh = tl.program_id(0)
@@ -64,6 +67,7 @@ def _lowrank_scores_kernel(
         k_base + offs_s[:, None] * D_LOW + offs_d[None, :],
         mask=(offs_s[:, None] < S) & d_mask[None, :],
         other=0.0,
+        eviction_policy=EVICT,
     )
     length = S
     if HAS_SEQLENS:
@@ -120,6 +124,7 @@ def _lowrank_scores_triton(
         ONE_ROW=group_select or group == 1,
         HAS_SEQLENS=seqlens is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        EVICT="evict_first" if EVICT_FIRST else "",
         num_warps=NUM_WARPS,
     )
     return out

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from keyspace.kernels._checks import check_cache, use_triton
+from keyspace.kernels._checks import check_cache, unit_last_stride, use_triton
 
 BLOCK_N = 64  # selected rows per inner step: 64 × 2·D·es = 32 KB at D=128 fp16
 NUM_WARPS = 4
@@ -36,9 +36,9 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _sparse_attention_split_kernel(
     q_ptr,  # (B, Hq, D) contiguous
-    k_low_ptr,  # (B, Hkv, S, D_LOW) contiguous
-    k_rest_ptr,  # (B, Hkv, S, D - D_LOW) contiguous
-    v_ptr,  # (B, Hkv, S, D) contiguous
+    k_low_ptr,  # (B, Hkv, S, D_LOW), last dim contiguous
+    k_rest_ptr,  # (B, Hkv, S, D - D_LOW), last dim contiguous
+    v_ptr,  # (B, Hkv, S, D), last dim contiguous
     idx_ptr,  # (B, Hsel, K_TOP) int32 contiguous, -1 = unused slot
     low_ptr,  # (B, Hq, S) fp32 q_low·k_low when LOW_SCORES (per-head sets), else a dummy
     part_acc_ptr,  # (B, Hq, SPLITS, D) fp32
@@ -49,6 +49,15 @@ def _sparse_attention_split_kernel(
     K_TOP,
     rows_per_split,
     qk_scale,  # softmax scale · log2(e)
+    stride_lb,  # k_low strides: batch, head, token (the last dim is contiguous)
+    stride_lh,
+    stride_ls,
+    stride_rb,  # k_rest strides
+    stride_rh,
+    stride_rs,
+    stride_vb,  # v strides
+    stride_vh,
+    stride_vs,
     Q_HEADS,
     KV_HEADS,
     SEL_HEADS,
@@ -73,8 +82,11 @@ def _sparse_attention_split_kernel(
     pid_split = tl.program_id(1)
     b = pid_set // SEL_HEADS
     h_set = pid_set % SEL_HEADS
-    h_kv = h_set // SETS_PER_KV
-    kv_row0 = (b * KV_HEADS + h_kv).to(tl.int64) * S
+    h_kv = (h_set // SETS_PER_KV).to(tl.int64)
+    b64 = b.to(tl.int64)
+    k_low_base = k_low_ptr + b64 * stride_lb + h_kv * stride_lh
+    k_rest_base = k_rest_ptr + b64 * stride_rb + h_kv * stride_rh
+    v_base = v_ptr + b64 * stride_vb + h_kv * stride_vh
 
     offs_h = tl.arange(0, BLOCK_H)
     h_mask = offs_h < HEADS_PER_SET
@@ -106,21 +118,21 @@ def _sparse_attention_split_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         tok = tl.load(idx_row + offs_n, mask=offs_n < end, other=-1)  # [BLOCK_N]
         valid = tok >= 0
-        rows = kv_row0 + tl.where(valid, tok, 0)
+        rows = tl.where(valid, tok, 0)  # token positions within the (b, KV head) slice
         if LOW_SCORES:
             # q_low·k_low was computed by the score pass: read 4 bytes instead of d·es per row.
             s_low = tl.load(low_row + tl.where(valid, tok, 0), mask=valid, other=0.0)
             s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32) + s_low[None, :]  # [BLOCK_H, BLOCK_N]
         else:
             k_low = tl.load(
-                k_low_ptr + rows[:, None] * D_LOW + offs_dl[None, :],
+                k_low_base + rows[:, None] * stride_ls + offs_dl[None, :],
                 mask=valid[:, None] & (offs_dl[None, :] < D_LOW),
                 other=0.0,
             )  # [BLOCK_N, BLOCK_DL]
             s = tl.dot(q_low, tl.trans(k_low), input_precision=DOT_PRECISION)
         if D_REST > 0:
             k_rest = tl.load(
-                k_rest_ptr + rows[:, None] * D_REST + offs_dr[None, :],
+                k_rest_base + rows[:, None] * stride_rs + offs_dr[None, :],
                 mask=valid[:, None] & (offs_dr[None, :] < D_REST),
                 other=0.0,
             )  # [BLOCK_N, BLOCK_DR]
@@ -132,7 +144,7 @@ def _sparse_attention_split_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
-            v_ptr + rows[:, None] * D + offs_dv[None, :],
+            v_base + rows[:, None] * stride_vs + offs_dv[None, :],
             mask=valid[:, None] & (offs_dv[None, :] < D),
             other=0.0,
         )  # [BLOCK_N, BLOCK_DV]
@@ -238,8 +250,10 @@ def _sparse_attention_triton(
     low_scores (B, Hq, S) fp32, optional with one query head per index set: the score pass's
     q_low·k_low, reused instead of gathering k_low again.
     """
-    for t in (q, k_low, k_rest, v, idx):
+    for t in (q, idx):
         assert t.is_contiguous()
+    for t in (k_low, k_rest, v):  # any batch / head / token strides, unit stride along dims
+        assert t.shape[-1] == 0 or t.stride(-1) == 1
     assert q.dtype == k_low.dtype == k_rest.dtype == v.dtype and idx.dtype == torch.int32
     batch, q_heads, head_dim = q.shape
     _, kv_heads, seq, d = k_low.shape
@@ -272,6 +286,9 @@ def _sparse_attention_triton(
         k_top,
         rows_per_split,
         scale * LOG2E,
+        *k_low.stride()[:3],
+        *k_rest.stride()[:3],
+        *v.stride()[:3],
         q_heads,
         kv_heads,
         sel_heads,
@@ -320,7 +337,8 @@ def sparse_attention(
         q: (batch, q_heads, head_dim), in the PCA basis.
         k_low: (batch, kv_heads, seq, d).
         k_rest: (batch, kv_heads, seq, head_dim - d).
-        v: (batch, kv_heads, seq, head_dim).
+        v: (batch, kv_heads, seq, head_dim). The cache tensors may be strided views (read in
+            place) as long as their last dim is contiguous.
         idx: (batch, q_heads, k) positions per query head, or (batch, kv_heads, k) shared by
             each KV group; -1 marks an unused slot.
         scale: softmax scale, default 1/sqrt(head_dim).
@@ -340,7 +358,7 @@ def sparse_attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not use_triton(backend, q, k_low, k_rest, v, idx):
         return sparse_attention_reference(q, k_low, k_rest, v, idx, scale)
-    tensors = [t.contiguous() for t in (q, k_low, k_rest, v)]
+    tensors = [q.contiguous()] + [unit_last_stride(t) for t in (k_low, k_rest, v)]
     return _sparse_attention_triton(*tensors, idx.to(torch.int32).contiguous(), scale)
 
 

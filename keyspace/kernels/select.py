@@ -54,6 +54,11 @@ BISECT_AUTO_MAX = 16384
 # (docs/kernels.md, attempt 38), 32 against 64 at 16k: MHA step 0.443 -> 0.434 ms, GQA step
 # within 0.3% (its select alone 19.8 -> 20.3 us); 16 a thread lost at both.
 BISECT_ELEMS_PER_THREAD = 32
+# Rows up to BISECT_SHORT_ROW take BISECT_ELEMS_SHORT a thread (4096 -> 8 warps instead of 4): on
+# the H100 (attempt 44) GQA 4k select 9.2 -> 8.7 us, steps -0.8% (GQA) and -1.3% (MHA); 8 a thread
+# lost, and 16 lost at 8192.
+BISECT_ELEMS_SHORT = 16
+BISECT_SHORT_ROW = 4096
 BISECT_MAX_WARPS = 32
 # Guess the k-th score from the row's mean and spread, then refine by regula falsi, before plain
 # halving (see _guided_search); at most GUIDED_MAX_STEPS guessed probes.
@@ -489,9 +494,11 @@ def _bisect_select_kernel(
 
 
 def bisect_warps(seq: int) -> int:
-    """Warps of a register-bisection program: about BISECT_ELEMS_PER_THREAD scores a thread."""
+    """Warps of a register-bisection program: about BISECT_ELEMS_PER_THREAD scores a thread
+    (BISECT_ELEMS_SHORT for rows up to BISECT_SHORT_ROW), at least 4 warps."""
     row = triton.next_power_of_2(seq)
-    return min(BISECT_MAX_WARPS, max(4, row // (32 * BISECT_ELEMS_PER_THREAD)))
+    elems = BISECT_ELEMS_SHORT if row <= BISECT_SHORT_ROW else BISECT_ELEMS_PER_THREAD
+    return min(BISECT_MAX_WARPS, max(4, row // (32 * elems)))
 
 
 def _select_method(seq: int, on_cuda: bool) -> str:

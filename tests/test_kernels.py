@@ -29,6 +29,7 @@ from keyspace.kernels import (
 
 select_module = importlib.import_module("keyspace.kernels.select")
 attention_module = importlib.import_module("keyspace.kernels.sparse_attention")
+scores_module = importlib.import_module("keyspace.kernels.lowrank_scores")
 
 # assert_close tolerances against the fp32 oracle, per input dtype.
 TOL = {
@@ -147,9 +148,14 @@ def test_ragged_seqlens(group_select):
     torch.testing.assert_close(full, dense, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("tile_major", [True, False], ids=["tile_major", "row_major"])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 @pytest.mark.parametrize("kv_heads", [2, 8], ids=["gqa", "mha"])  # a tl.dot, or one GEMV row
-def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(group_select, kv_heads):
+def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(
+    monkeypatch, group_select, kv_heads, tile_major
+):
+    # Both grid orders: tiles fastest, or (batch, KV head) rows fastest past the grid-y limit.
+    monkeypatch.setattr(scores_module, "TILE_MAJOR_MAX_ROWS", 65535 if tile_major else 1)
     q, k_low, _, _, _ = make_cache(2, 8, kv_heads, 300, 64, 16, seed=4)
     seqlens = torch.tensor([300, 123])
     out = lowrank_scores(q, k_low, group_select, seqlens, backend="triton")

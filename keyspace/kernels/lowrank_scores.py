@@ -23,6 +23,7 @@ BLOCK_S = 256
 NUM_WARPS = 4
 # k_low is read once per step: "evict_first" lets L2 keep the scores the select reads next.
 EVICT_FIRST = True
+TILE_MAJOR_MAX_ROWS = 65535  # CUDA's limit on a grid's second dimension
 
 
 @triton.jit
@@ -44,10 +45,15 @@ def _lowrank_scores_kernel(
     HAS_SEQLENS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EVICT: tl.constexpr,
+    TILE_MAJOR: tl.constexpr,  # grid (tiles, B·Hkv) instead of (B·Hkv, tiles)
 ):
     GROUP = Q_HEADS // KV_HEADS
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    if TILE_MAJOR:
+        pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(0)
+    else:
+        pid_bh = tl.program_id(0)
+        pid_s = tl.program_id(1)
     b = pid_bh // KV_HEADS
     h_kv = pid_bh % KV_HEADS
 
@@ -106,7 +112,12 @@ def _lowrank_scores_triton(
     out_heads = selected_heads(q_heads, kv_heads, group_select)
     out = torch.empty((batch, out_heads, seq), device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
-    grid = (batch * kv_heads, triton.cdiv(seq, BLOCK_S))
+    # Consecutive programs take consecutive tiles of one (b, KV head): on the H100 1% faster than
+    # the other order (GQA 32k step 244.2 -> 241.2 us, MHA 16k 433 -> 428). A grid's second
+    # dimension is at most 65535, so very large B·Hkv keep the other order.
+    tile_major = batch * kv_heads <= TILE_MAJOR_MAX_ROWS
+    tiles = triton.cdiv(seq, BLOCK_S)
+    grid = (tiles, batch * kv_heads) if tile_major else (batch * kv_heads, tiles)
     _lowrank_scores_kernel[grid](
         q,
         k_low,
@@ -125,6 +136,7 @@ def _lowrank_scores_triton(
         HAS_SEQLENS=seqlens is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         EVICT="evict_first" if EVICT_FIRST else "",
+        TILE_MAJOR=tile_major,
         num_warps=NUM_WARPS,
     )
     return out

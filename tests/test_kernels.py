@@ -165,6 +165,22 @@ def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(
     assert torch.isinf(out[1, :, 123:]).all() and torch.isfinite(out[1, :, :123]).all()
 
 
+def test_per_head_score_tile_fits_shared_memory_at_wide_d():
+    # The dot path stages a BLOCK_S x BLOCK_D tile: d = 256 in fp32 (256 KB at 256 tokens) failed
+    # on the H100 (227 KB of shared memory per block); the tile now shrinks to fit.
+    for block_d in (16, 32, 64, 128, 256):
+        for elem_size in (2, 4):
+            rows = scores_module.score_tile(block_d, elem_size, one_row=False)
+            assert rows * block_d * elem_size <= scores_module.DOT_TILE_BYTES
+            assert rows >= 16 and rows & (rows - 1) == 0
+    assert scores_module.score_tile(256, 4, one_row=False) == 128
+    assert scores_module.score_tile(256, 4, one_row=True) == scores_module.BLOCK_S
+    q, k_low, _, _, _ = make_cache(1, 8, 2, 300, 256, 256, seed=12)  # 128-token tiles, 3 of them
+    torch.testing.assert_close(
+        lowrank_scores(q, k_low, backend="triton"), lowrank_scores_reference(q, k_low), **SCORE_TOL
+    )
+
+
 @pytest.mark.parametrize("impl", ["sampled", "sampled_radix", "radix", "bisect", "bisect_plain"])
 @pytest.mark.parametrize(
     "kind,seq,k_top",

@@ -20,6 +20,9 @@ from keyspace.kernels._checks import check_cache, check_seqlens, selected_heads,
 
 # A tile of 256 tokens × d=32 fp16 is 16 KB: enough bytes in flight per program on an H100.
 BLOCK_S = 256
+# The per-head path's tl.dot stages its k_low tile in shared memory: at most this many bytes, so
+# that d = 256 in fp32 (256 KB at 256 tokens) still fits the H100's 227 KB.
+DOT_TILE_BYTES = 128 * 1024
 NUM_WARPS = 4
 # k_low is read once per step: "evict_first" lets L2 keep the scores the select reads next.
 EVICT_FIRST = True
@@ -100,6 +103,13 @@ def _lowrank_scores_kernel(
         )
 
 
+def score_tile(block_d: int, elem_size: int, one_row: bool) -> int:
+    """Tokens per program: BLOCK_S, fewer where the dot path's tile would pass DOT_TILE_BYTES."""
+    if one_row:
+        return BLOCK_S  # the GEMV keeps its tile in registers
+    return max(16, min(BLOCK_S, DOT_TILE_BYTES // (block_d * elem_size)))
+
+
 def _lowrank_scores_triton(
     q: torch.Tensor, k_low: torch.Tensor, group_select: bool, seqlens: torch.Tensor | None
 ) -> torch.Tensor:
@@ -116,7 +126,10 @@ def _lowrank_scores_triton(
     # the other order (GQA 32k step 244.2 -> 241.2 us, MHA 16k 433 -> 428). A grid's second
     # dimension is at most 65535, so very large B·Hkv keep the other order.
     tile_major = batch * kv_heads <= TILE_MAJOR_MAX_ROWS
-    tiles = triton.cdiv(seq, BLOCK_S)
+    one_row = group_select or group == 1
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
+    block_s = score_tile(block_d, k_low.element_size(), one_row)
+    tiles = triton.cdiv(seq, block_s)
     grid = (tiles, batch * kv_heads) if tile_major else (batch * kv_heads, tiles)
     _lowrank_scores_kernel[grid](
         q,
@@ -129,10 +142,10 @@ def _lowrank_scores_triton(
         q_heads,
         kv_heads,
         D_LOW=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),  # tl.dot needs K >= 16
-        BLOCK_H=max(16, triton.next_power_of_2(group)),  # and M >= 16
-        BLOCK_S=BLOCK_S,
-        ONE_ROW=group_select or group == 1,
+        BLOCK_D=block_d,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),  # tl.dot needs M >= 16
+        BLOCK_S=block_s,
+        ONE_ROW=one_row,
         HAS_SEQLENS=seqlens is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         EVICT="evict_first" if EVICT_FIRST else "",

@@ -265,8 +265,9 @@ def test_sparse_attention_split_k_and_unused_slots(monkeypatch, group_select, fu
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 def test_strided_cache_views_are_read_in_place(monkeypatch, group_select):
-    """k_rest as keys[..., d:] and v inside one per-token [k_rest | v] buffer: same result as
-    contiguous copies, and the attention kernel gets the views themselves (no copy)."""
+    """k_rest as keys[..., d:], v inside one per-token [k_rest | v] buffer, k_low as a slice of a
+    longer preallocated buffer: same result as contiguous copies, and the kernels get the views
+    themselves (no copy)."""
     q, k_low, k_rest, v, keys = make_cache(2, 8, 2, 300, 64, 16, seed=11)
     packed = torch.cat([v, k_rest], dim=-1)  # per token: v then k_rest
     v_view, rest_view = packed[..., :64], packed[..., 64:]
@@ -286,6 +287,25 @@ def test_strided_cache_views_are_read_in_place(monkeypatch, group_select):
                           backend="triton")  # fmt: skip
         torch.testing.assert_close(out, ref, **TOL[torch.float32])
         assert seen[-1] == (rest_arg.data_ptr(), v_arg.data_ptr())
+    # k_low as the first 300 tokens of a preallocated 337-token buffer: read in place as well.
+    buffer = torch.zeros(2, 2, 337, 16)
+    buffer[:, :, :300] = k_low
+    low_view = buffer[:, :, :300]
+    assert not low_view.is_contiguous()
+    low_seen = []
+    scores_launch = decode_module._lowrank_scores_triton
+
+    def scores_spy(q_, k_low_, *args):
+        low_seen.append(k_low_.data_ptr())
+        return scores_launch(q_, k_low_, *args)
+
+    monkeypatch.setattr(decode_module, "_lowrank_scores_triton", scores_spy)
+    out = loki_decode(q, low_view, rest_view, v_view, 40, group_select=group_select,
+                      backend="triton")  # fmt: skip
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    assert low_seen == [low_view.data_ptr()]
+    torch.testing.assert_close(lowrank_scores(q, low_view, group_select, backend="triton"),
+                               lowrank_scores_reference(q, k_low, group_select), **SCORE_TOL)  # fmt: skip
     idx = select_topk_reference(lowrank_scores_reference(q, k_low, group_select), 40)
     out = sparse_attention(q, k_low, rest_view, v_view, idx, backend="triton")
     torch.testing.assert_close(out, sparse_attention_reference(q, k_low, k_rest, v, idx),

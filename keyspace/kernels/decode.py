@@ -25,7 +25,11 @@ from keyspace.kernels._checks import (
     unit_last_stride,
     use_triton,
 )
-from keyspace.kernels.lowrank_scores import _lowrank_scores_triton, lowrank_scores_reference
+from keyspace.kernels.lowrank_scores import (
+    _lowrank_scores_triton,
+    lowrank_scores_reference,
+    rows_contiguous_view,
+)
 from keyspace.kernels.select import _select_topk_triton, select_topk_reference
 from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
 
@@ -120,6 +124,8 @@ def loki_decode(
         k_rest: (batch, kv_heads, seq, head_dim - d), the remaining components (width 0 at d=D).
         v: (batch, kv_heads, seq, head_dim), the values. `k_rest` and `v` may be strided views
             (e.g. `keys[..., d:]`) with a contiguous last dim: they are read in place, not copied.
+            `k_low` is read in place when each head's (seq, d) block is contiguous, such as
+            `buffer[:, :, :seq]` of a preallocated cache; otherwise it is copied first.
         k_top: tokens kept per query head (per KV group with group_select), in [1, seq].
         scale: softmax scale, default 1/sqrt(head_dim).
         group_select: under GQA, sum each group's low-rank scores and select one index set per
@@ -136,7 +142,7 @@ def loki_decode(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not use_triton(backend, q, k_low, k_rest, v):
         return loki_decode_reference(q, k_low, k_rest, v, k_top, scale, group_select, seqlens)
-    q, k_low = q.contiguous(), k_low.contiguous()  # the score pass streams k_low whole
+    q, k_low = q.contiguous(), rows_contiguous_view(k_low)  # each head's (S, d) block streamed
     k_rest, v = unit_last_stride(k_rest), unit_last_stride(v)  # gathered rows: views are fine
     return _loki_decode_triton(q, k_low, k_rest, v, k_top, scale, group_select, seqlens)
 

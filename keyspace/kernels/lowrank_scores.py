@@ -32,12 +32,14 @@ TILE_MAJOR_MAX_ROWS = 65535  # CUDA's limit on a grid's second dimension
 @triton.jit
 def _lowrank_scores_kernel(
     q_ptr,  # (B, Hq, D) strided; the first D_LOW columns are read
-    k_low_ptr,  # (B, Hkv, S, D_LOW) contiguous
+    k_low_ptr,  # (B, Hkv, S, D_LOW): rows of D_LOW contiguous values, any batch / head strides
     seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
     out_ptr,  # (B, Hsel, S) fp32 contiguous
     S,
     stride_qb,
     stride_qh,
+    stride_kb,
+    stride_kh,
     Q_HEADS,
     KV_HEADS,
     D_LOW: tl.constexpr,
@@ -71,7 +73,7 @@ def _lowrank_scores_kernel(
     q_low = tl.load(q_rows + offs_d[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)
 
     # k_tile: [BLOCK_S, BLOCK_D], contiguous rows of k_low.
-    k_base = k_low_ptr + pid_bh.to(tl.int64) * S * D_LOW
+    k_base = k_low_ptr + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
     k_tile = tl.load(
         k_base + offs_s[:, None] * D_LOW + offs_d[None, :],
         mask=(offs_s[:, None] < S) & d_mask[None, :],
@@ -103,6 +105,18 @@ def _lowrank_scores_kernel(
         )
 
 
+def rows_contiguous(k_low: torch.Tensor) -> bool:
+    """Whether each (batch, KV head) slice of k_low is one contiguous (S, d) block, as in a slice
+    `buffer[:, :, :S]` of a preallocated cache; its batch and head strides may be anything."""
+    seq, d = k_low.shape[-2:]
+    return (d == 1 or k_low.stride(-1) == 1) and (seq == 1 or k_low.stride(-2) == d)
+
+
+def rows_contiguous_view(k_low: torch.Tensor) -> torch.Tensor:
+    """k_low itself when `rows_contiguous`, else a contiguous copy."""
+    return k_low if rows_contiguous(k_low) else k_low.contiguous()
+
+
 def score_tile(block_d: int, elem_size: int, one_row: bool) -> int:
     """Tokens per program: BLOCK_S, fewer where the dot path's tile would pass DOT_TILE_BYTES."""
     if one_row:
@@ -115,7 +129,7 @@ def _lowrank_scores_triton(
 ) -> torch.Tensor:
     """Launch the score kernel. q (B, Hq, >=d) with unit last stride; k_low (B, Hkv, S, d)."""
     assert q.dtype == k_low.dtype and q.stride(-1) == 1
-    assert k_low.is_contiguous()
+    assert rows_contiguous(k_low)
     batch, q_heads, _ = q.shape
     _, kv_heads, seq, d = k_low.shape
     assert q_heads % kv_heads == 0 and q.shape[2] >= d
@@ -139,6 +153,8 @@ def _lowrank_scores_triton(
         seq,
         q.stride(0),
         q.stride(1),
+        k_low.stride(0),
+        k_low.stride(1),
         q_heads,
         kv_heads,
         D_LOW=d,
@@ -180,7 +196,7 @@ def lowrank_scores(
         return lowrank_scores_reference(q, k_low, group_select, seqlens)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    return _lowrank_scores_triton(q, k_low.contiguous(), group_select, seqlens)
+    return _lowrank_scores_triton(q, rows_contiguous_view(k_low), group_select, seqlens)
 
 
 def lowrank_scores_reference(

@@ -165,6 +165,25 @@ def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(
     assert torch.isinf(out[1, :, 123:]).all() and torch.isfinite(out[1, :, :123]).all()
 
 
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_score_pass_zeroes_the_attention_split_counters(monkeypatch, group_select):
+    # The decode step gives the attention counters that only the score pass zeroes (no memset):
+    # start them at garbage, and the step must still merge every split of every index set.
+    decode_module = importlib.import_module("keyspace.kernels.decode")
+    q, k_low, k_rest, v, _ = make_cache(2, 8, 2, 700, 64, 16, seed=13)
+    sets = 2 * (2 if group_select else 8)
+    counters = torch.full((sets,), 7, dtype=torch.int32)
+    scores_module._lowrank_scores_triton(q, k_low, group_select, None, counters)
+    assert (counters == 0).all()
+    monkeypatch.setattr(
+        decode_module, "_split_counters", lambda *a: torch.full((sets,), 5, dtype=torch.int32)
+    )
+    monkeypatch.setattr(attention_module, "_num_splits", lambda *a: 3)  # merges on the counter
+    out = loki_decode(q, k_low, k_rest, v, 300, group_select=group_select, backend="triton")
+    ref = loki_decode_reference(q, k_low, k_rest, v, 300, group_select=group_select)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
 def test_per_head_score_tile_fits_shared_memory_at_wide_d():
     # The dot path stages a BLOCK_S x BLOCK_D tile: d = 256 in fp32 (256 KB at 256 tokens) failed
     # on the H100 (227 KB of shared memory per block); the tile now shrinks to fit.

@@ -51,17 +51,31 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _attend(q, k_low, k_rest, v, scores, idx, scale):
+def _split_counters(q, k_low, group_select):
+    """The attention's per-index-set split counters, uninitialised: the score pass zeroes them."""
+    sets = q.shape[0] * (k_low.shape[1] if group_select else q.shape[1])
+    return torch.empty((sets,), device=q.device, dtype=torch.int32)
+
+
+def _scores(q, k_low, group_select, seqlens):
+    """Score pass that also zeroes the attention's split counters: (scores, counters)."""
+    counters = _split_counters(q, k_low, group_select)
+    return _lowrank_scores_triton(q, k_low, group_select, seqlens, counters), counters
+
+
+def _attend(q, k_low, k_rest, v, scores, idx, scale, counters):
     # One query head per index set: its scores already hold q_low·k_low for every token.
     low = scores if REUSE_LOW_SCORES and scores.shape[1] == q.shape[1] else None
-    return _sparse_attention_triton(q, k_low, k_rest, v, idx, scale, low_scores=low)  # [B, Hq, D]
+    return _sparse_attention_triton(
+        q, k_low, k_rest, v, idx, scale, low_scores=low, counter=counters
+    )  # [B, Hq, D]
 
 
 def _loki_decode_stages(q, k_low, k_rest, v, k_top, scale, group_select, seqlens):
     """The Triton stages back to back on the current stream."""
-    scores = _lowrank_scores_triton(q, k_low, group_select, seqlens)  # [B, Hsel, S] fp32
+    scores, counters = _scores(q, k_low, group_select, seqlens)  # [B, Hsel, S] fp32
     idx = _select_topk_triton(scores, k_top, seqlens)  # [B, Hsel, k] int32
-    return _attend(q, k_low, k_rest, v, scores, idx, scale)
+    return _attend(q, k_low, k_rest, v, scores, idx, scale, counters)
 
 
 def _loki_decode_triton(
@@ -92,14 +106,16 @@ def _loki_decode_triton(
     first, second = slice(0, batch // 2), slice(batch // 2, batch)
     lens = [None, None] if seqlens is None else [seqlens[first], seqlens[second]]
     main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-    scores = _lowrank_scores_triton(q[first], k_low[first], group_select, lens[0])
+    scores, counters = _scores(q[first], k_low[first], group_select, lens[0])
     side.wait_stream(main)
     with torch.cuda.stream(side):
         out_second = _loki_decode_stages(
             q[second], k_low[second], k_rest[second], v[second], *args, lens[1]
         )
     idx = _select_topk_triton(scores, k_top, lens[0])
-    out_first = _attend(q[first], k_low[first], k_rest[first], v[first], scores, idx, scale)
+    out_first = _attend(
+        q[first], k_low[first], k_rest[first], v[first], scores, idx, scale, counters
+    )
     main.wait_stream(side)
     out_second.record_stream(main)  # allocated on the side stream, read on main
     return torch.cat([out_first, out_second])

@@ -244,11 +244,13 @@ def _sparse_attention_triton(
     scale: float,
     num_splits: int | None = None,
     low_scores: torch.Tensor | None = None,
+    counter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch split + reduce. idx (B, Hsel, k) int32 with Hsel = Hq (per head) or Hkv (group).
 
     low_scores (B, Hq, S) fp32, optional with one query head per index set: the score pass's
-    q_low·k_low, reused instead of gathering k_low again.
+    q_low·k_low, reused instead of gathering k_low again. counter (B·Hsel,) int32, optional:
+    already zero (the decode step's score pass zeroes it), else a zeroed one is allocated.
     """
     for t in (q, idx):
         assert t.is_contiguous()
@@ -270,7 +272,11 @@ def _sparse_attention_triton(
     heads_per_set = q_heads // sel_heads
     out = torch.empty_like(q)
     fused = FUSE_REDUCE
-    counter = torch.zeros((batch * sel_heads if fused else 1,), device=q.device, dtype=torch.int32)
+    if counter is None or not fused:
+        counter = torch.zeros(
+            (batch * sel_heads if fused else 1,), device=q.device, dtype=torch.int32
+        )
+    assert counter.dtype == torch.int32 and counter.numel() >= (batch * sel_heads if fused else 1)
     _sparse_attention_split_kernel[(batch * sel_heads, splits)](
         q,
         k_low,

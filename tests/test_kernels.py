@@ -276,6 +276,12 @@ def test_sparse_attention_split_k_and_unused_slots(monkeypatch, group_select, fu
             q, k_low, k_rest, v, idx, 1 / math.sqrt(128), num_splits=splits
         )
         torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    given = torch.full_like(q, float("nan"))  # written in place (the pipelined step's halves)
+    into = attention_module._sparse_attention_triton(
+        q, k_low, k_rest, v, idx, 1 / math.sqrt(128), num_splits=3, out=given
+    )
+    assert into is given
+    torch.testing.assert_close(given, ref, **TOL[torch.float32])
     heads = slice(4, 8) if group_select else slice(7, 8)  # the query heads of the empty row
     assert (out[1, heads] == 0).all()
     torch.testing.assert_close(sparse_attention(q, k_low, k_rest, v, idx, backend="triton"), ref,

@@ -63,19 +63,19 @@ def _scores(q, k_low, group_select, seqlens):
     return _lowrank_scores_triton(q, k_low, group_select, seqlens, counters), counters
 
 
-def _attend(q, k_low, k_rest, v, scores, idx, scale, counters):
+def _attend(q, k_low, k_rest, v, scores, idx, scale, counters, out=None):
     # One query head per index set: its scores already hold q_low·k_low for every token.
     low = scores if REUSE_LOW_SCORES and scores.shape[1] == q.shape[1] else None
     return _sparse_attention_triton(
-        q, k_low, k_rest, v, idx, scale, low_scores=low, counter=counters
+        q, k_low, k_rest, v, idx, scale, low_scores=low, counter=counters, out=out
     )  # [B, Hq, D]
 
 
-def _loki_decode_stages(q, k_low, k_rest, v, k_top, scale, group_select, seqlens):
-    """The Triton stages back to back on the current stream."""
+def _loki_decode_stages(q, k_low, k_rest, v, k_top, scale, group_select, seqlens, out=None):
+    """The Triton stages back to back on the current stream (into `out` if given)."""
     scores, counters = _scores(q, k_low, group_select, seqlens)  # [B, Hsel, S] fp32
     idx = _select_topk_triton(scores, k_top, seqlens)  # [B, Hsel, k] int32
-    return _attend(q, k_low, k_rest, v, scores, idx, scale, counters)
+    return _attend(q, k_low, k_rest, v, scores, idx, scale, counters, out)
 
 
 def _loki_decode_triton(
@@ -106,19 +106,19 @@ def _loki_decode_triton(
     first, second = slice(0, batch // 2), slice(batch // 2, batch)
     lens = [None, None] if seqlens is None else [seqlens[first], seqlens[second]]
     main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+    out = torch.empty_like(q)  # each half's attention writes its rows: no concatenation
     scores, counters = _scores(q[first], k_low[first], group_select, lens[0])
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        out_second = _loki_decode_stages(
-            q[second], k_low[second], k_rest[second], v[second], *args, lens[1]
+        _loki_decode_stages(
+            q[second], k_low[second], k_rest[second], v[second], *args, lens[1], out[second]
         )
     idx = _select_topk_triton(scores, k_top, lens[0])
-    out_first = _attend(
-        q[first], k_low[first], k_rest[first], v[first], scores, idx, scale, counters
+    _attend(
+        q[first], k_low[first], k_rest[first], v[first], scores, idx, scale, counters, out[first]
     )
     main.wait_stream(side)
-    out_second.record_stream(main)  # allocated on the side stream, read on main
-    return torch.cat([out_first, out_second])
+    return out
 
 
 def loki_decode(

@@ -245,12 +245,14 @@ def _sparse_attention_triton(
     num_splits: int | None = None,
     low_scores: torch.Tensor | None = None,
     counter: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch split + reduce. idx (B, Hsel, k) int32 with Hsel = Hq (per head) or Hkv (group).
 
     low_scores (B, Hq, S) fp32, optional with one query head per index set: the score pass's
     q_low·k_low, reused instead of gathering k_low again. counter (B·Hsel,) int32, optional:
     already zero (the decode step's score pass zeroes it), else a zeroed one is allocated.
+    out (B, Hq, D), optional: contiguous, q's dtype, written in place (else allocated).
     """
     for t in (q, idx):
         assert t.is_contiguous()
@@ -270,7 +272,9 @@ def _sparse_attention_triton(
     part_acc = torch.empty((batch, q_heads, splits, head_dim), device=q.device, dtype=torch.float32)
     part_ml = torch.empty((batch, q_heads, splits, 2), device=q.device, dtype=torch.float32)
     heads_per_set = q_heads // sel_heads
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     fused = FUSE_REDUCE
     if counter is None or not fused:
         counter = torch.zeros(

@@ -22,6 +22,7 @@ from keyspace.kernels._checks import (
     check_cache,
     check_k_top,
     check_seqlens,
+    selected_heads,
     unit_last_stride,
     use_triton,
 )
@@ -53,7 +54,7 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 def _split_counters(q, k_low, group_select):
     """The attention's per-index-set split counters, uninitialised: the score pass zeroes them."""
-    sets = q.shape[0] * (k_low.shape[1] if group_select else q.shape[1])
+    sets = q.shape[0] * selected_heads(q.shape[1], k_low.shape[1], group_select)
     return torch.empty((sets,), device=q.device, dtype=torch.int32)
 
 
@@ -100,7 +101,7 @@ def _loki_decode_triton(
     args = (k_top, scale, group_select)
     batch = q.shape[0]
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    sets = batch * (k_low.shape[1] if group_select else q.shape[1])
+    sets = batch * selected_heads(q.shape[1], k_low.shape[1], group_select)
     if not (PIPELINE and capturing and batch >= 2 and sets >= PIPELINE_MIN_SETS):
         return _loki_decode_stages(q, k_low, k_rest, v, *args, seqlens)
     first, second = slice(0, batch // 2), slice(batch // 2, batch)

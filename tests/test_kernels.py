@@ -214,7 +214,7 @@ def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
     monkeypatch.setattr(select_module, "CAND_BISECT", impl != "sampled_radix")
     monkeypatch.setattr(select_module, "BISECT_GUESS", impl != "bisect_plain")
     monkeypatch.setattr(select_module, "METHOD", impl.split("_")[0])
-    monkeypatch.setattr(select_module, "SAMPLE", 256)  # the interpreter sorts slowly
+    monkeypatch.setattr(select_module, "SAMPLE", 256)  # a wider bracket: more candidates
     gen = torch.Generator().manual_seed(5)
     if kind == "ties":  # few distinct values: the k-th is tied many times over
         scores = torch.randint(-4, 4, (2, 3, seq), generator=gen).float()
@@ -464,6 +464,66 @@ def test_sampled_select_falls_back_when_the_bracket_overflows(monkeypatch):
     scores = torch.randn(2, 2, 3000, generator=torch.Generator().manual_seed(10))
     idx = select_topk(scores, 300, backend="triton")
     assert_valid_topk(scores, idx, 300)
+
+
+def test_sampled_select_takes_radix_passes_over_a_long_candidate_list(monkeypatch):
+    # More candidates than the register row holds: radix passes over the candidates, not the
+    # register bisection (which would drop every candidate past CAND_BISECT_ROW).
+    monkeypatch.setattr(select_module, "METHOD", "sampled")
+    monkeypatch.setattr(select_module, "CAND_BISECT_ROW", 16)
+    monkeypatch.setattr(select_module, "SAMPLE", 256)
+    scores = torch.randn(2, 2, 3000, generator=torch.Generator().manual_seed(12))
+    idx = select_topk(scores, 300, backend="triton")
+    torch.testing.assert_close(
+        idx.sort(-1).values, select_topk_reference(scores, 300).sort(-1).values
+    )
+
+
+@pytest.mark.parametrize("seq,k_top", [(8192, 1024), (8192, 2048), (4000, 1000), (3000, 7)])
+def test_sampled_bracket_holds_the_kth_and_is_narrow(seq, k_top):
+    """The histogram bracket against the sorted sample it stands for, and its width on the row."""
+    gen = torch.Generator().manual_seed(seq + k_top)
+    scores = torch.randn(3, seq, generator=gen) * torch.tensor([[1.0], [30.0], [1e-3]])
+    sample, bins = select_module.SAMPLE, select_module.SAMPLE // 8
+    bracket = torch.empty(3, 2)
+    counts = torch.full((3, 2), 7, dtype=torch.int32)
+    select_module._bracket_kernel[(3,)](
+        scores, counts, bracket, counts, seq, k_top, 3, HAS_SEQLENS=False, SAMPLE=sample,
+        BINS=bins, num_warps=4,
+    )  # fmt: skip
+    assert counts.eq(0).all()  # the next launch's counters start at zero
+    hi_rank, lo_rank = select_module.bracket_ranks(k_top * sample / seq, sample)
+    drawn = scores[:, torch.arange(sample) * seq // sample]
+    for row in range(3):
+        lo, hi = bracket[row].tolist()
+        x, s = scores[row], drawn[row]
+        if hi_rank >= 0:
+            assert (s > hi).sum() <= hi_rank  # at most hi_rank sample scores above hi
+        else:
+            assert hi == float("inf")
+        if lo_rank < sample:
+            assert (s >= lo).sum() >= lo_rank + 1
+        else:
+            assert lo == float("-inf")
+        sure, cand = (x > hi).sum().item(), ((x >= lo) & (x <= hi)).sum().item()
+        assert sure <= k_top <= sure + cand  # the row's k-th lies inside
+        # About as wide as the sample ranks it stands for, plus a bin at either end.
+        assert cand <= 1.25 * select_module.expected_candidates(seq, k_top, sample)
+
+
+def test_bracket_sample_grows_until_the_candidates_fit():
+    sample = select_module._bracket_sample
+    assert sample(32768, 4096) == select_module.SAMPLE  # k = S/8: about 2400 candidates
+    assert sample(32768, 16384) == 2 * select_module.SAMPLE  # k = S/2: 3400 at 2048, 2300 at 4096
+    for seq, k_top in ((32768, 16384), (65536, 8192), (131072, 16384), (20000, 19999)):
+        n = sample(seq, k_top)
+        fits = (
+            1.25 * select_module.expected_candidates(seq, k_top, n) <= select_module.CAND_BISECT_ROW
+        )
+        assert fits or n == select_module.SAMPLE_MAX
+        if n > select_module.SAMPLE:  # the next smaller sample would not have fitted
+            smaller = select_module.expected_candidates(seq, k_top, n // 2)
+            assert 1.25 * smaller > select_module.CAND_BISECT_ROW
 
 
 def test_sampled_select_at_the_default_sample_size(monkeypatch):

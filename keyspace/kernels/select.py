@@ -19,14 +19,16 @@ a pass is skipped once the boundary bucket is taken whole. A last pass compacts:
 T is kept, and keys equal to T are kept in position order until k are chosen. Ties therefore go
 to lower positions, and the result is an exact top-k.
 
-Sampled bracket (long rows): a first launch sorts an even sample of SAMPLE scores per row
-(twice as many past SAMPLE_LONG_ROW); two of its quantiles, a few standard deviations either side
-of the k-th, bracket T. A second launch walks the rows tile by tile over the whole GPU: every
+Sampled bracket (long rows): a first launch bins an even sample of SAMPLE scores per row into a
+histogram (a larger sample where the bracket would hold too many candidates, _bracket_sample);
+two of its quantiles, a few standard deviations of the sample rank either side of the k-th,
+bracket T. A second launch walks the rows tile by tile over the whole GPU: every
 score above the bracket goes straight to the output, those inside it go with their positions to a
 scratch buffer (tiles take their ranges with atomic counters). A third selects among the
-candidates only (register bisection, or radix passes with CAND_BISECT off). If the bracket missed
-T (or held too many candidates), the row falls back to the plain radix select, so the result is
-exact either way; which of several exactly tied scores is kept is unspecified here.
+candidates only (register bisection up to CAND_BISECT_ROW of them, else radix passes). If the
+bracket missed T (or held more than CAND_CAP candidates), the row falls back to the plain radix
+select, so the result is exact either way; which of several exactly tied scores is kept is
+unspecified here.
 
 Slots past min(k, seqlens[b]) hold -1. Indices are unordered; attention does not care.
 
@@ -36,6 +38,8 @@ int32 indices.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -68,18 +72,21 @@ GUIDED_MAX_STEPS: tl.constexpr = tl.constexpr(48)
 CHUNK = 4096
 NUM_WARPS = 8
 RADIX_BITS = 8
-# Sample size of the bracket: SAMPLE for rows up to SAMPLE_LONG_ROW, twice that above. The sort is
-# most of the bracket launch; 512 cut the select at S=32k on the H100 (GQA 51 -> 47 us, MHA
-# 158 -> 141 us, tune_decode.py), and its bracket (about 15% of the row at k = S/4) still fits
-# CAND_CAP at 32k; longer rows need the narrower bracket of the larger sample.
-SAMPLE = 512
-SAMPLE_LONG_ROW = 32768
+# Sample of the bracket: SAMPLE scores in SAMPLE / 8 bins, doubled (up to SAMPLE_MAX) until the
+# candidate list expected from its width fits CAND_BISECT_ROW with 25% to spare (_bracket_sample).
+# A histogram of 2048 held about half the candidates of the sorted sample of 512 it replaced, in
+# less time than the sort took (docs/kernels.md, attempt 52).
+SAMPLE = 2048
+SAMPLE_MAX = 8192
 # Sampled bracket (see the header), for rows at least SAMPLED_MIN_LEN long: on an H100 it cut the
 # radix select by 1.5-1.9x at S=16k and 32k, and cost 1.3x at S=4k (docs/kernels.md).
 SAMPLED_MIN_LEN = 2048
 CAND_CAP = 8192  # most candidates kept per row; more falls back to the full radix select
 CAND_CHUNK = 1024  # candidates are few: a narrower chunk keeps their passes cheap
 CAND_BISECT = True  # select among the candidates by register bisection instead of radix passes
+# Longest candidate list bisected in registers; longer lists (rare: a wide bracket) take the
+# radix passes over the candidates instead of the register row's cost on every row.
+CAND_BISECT_ROW = 4096
 BRACKET_TILE = 2048  # scores per program of the bracket pass (the whole GPU walks every row)
 
 
@@ -194,20 +201,39 @@ def _bracket_kernel(
     SEL_HEADS,
     HAS_SEQLENS: tl.constexpr,
     SAMPLE: tl.constexpr,
+    BINS: tl.constexpr,
 ):
-    """Bracket the k-th score between two quantiles of an even sample of the row, about four
-    standard deviations of the sample rank either side. Above `hi`: in the top k for sure."""
+    """Bracket the k-th score between two sample quantiles, about four standard deviations of the
+    sample rank either side of rank k; above `hi` a score is in the top k for sure.
+
+    The quantiles come from a histogram of an even sample of the row. The sample's bins (BINS, even over the sample's range clipped to mean ± 8 sd) are a monotone
+    function of the score, so the bin holding sample rank r bounds the rank-r score: `hi` is the
+    largest sample score in the bin of rank hi_rank (so at most hi_rank sample scores lie above
+    it), `lo` the smallest in the bin of rank lo_rank (at least lo_rank + 1 lie at or above it).
+    """
     row = tl.program_id(0)
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     i = tl.arange(0, SAMPLE)
     sample = tl.load(scores_ptr + row.to(tl.int64) * S + (i.to(tl.int64) * length) // SAMPLE)
-    sample = tl.sort(sample, descending=True)
+    mean = tl.sum(sample, 0) / SAMPLE
+    dev = sample - mean
+    sd = tl.sqrt(tl.sum(dev * dev, 0) / SAMPLE)
+    low = tl.maximum(tl.min(sample, 0), mean - 8.0 * sd)
+    high = tl.minimum(tl.max(sample, 0), mean + 8.0 * sd)
+    scale = BINS / tl.maximum(high - low, 1e-30)
+    pos = tl.minimum(tl.maximum((sample - low) * scale, 0.0), BINS - 1.0)  # monotone in the score
+    bins = pos.to(tl.int32)
+    hist = tl.histogram(bins, BINS)
+    upto = tl.cumsum(hist, 0)  # sample scores in bins <= j
     rank = (k.to(tl.float32) * SAMPLE) / tl.maximum(length, 1)
-    margin = 4.0 * tl.sqrt(rank * (1.0 - rank / SAMPLE)) + 8.0
+    margin = 4.0 * tl.sqrt(rank * (1.0 - rank / SAMPLE)) + 8.0  # as bracket_ranks
     hi_rank = (rank - margin).to(tl.int32)
     lo_rank = (rank + margin).to(tl.int32)
-    hi = tl.sum(tl.where(i == hi_rank, sample, 0.0), 0)
-    lo = tl.sum(tl.where(i == tl.minimum(lo_rank, SAMPLE - 1), sample, 0.0), 0)
+    # bin of descending rank r: the first j with (sample scores in bins > j) <= r
+    j_hi = tl.sum((SAMPLE - upto > hi_rank).to(tl.int32), 0)
+    j_lo = tl.sum((SAMPLE - upto > lo_rank).to(tl.int32), 0)
+    hi = tl.max(tl.where(bins <= j_hi, sample, float("-inf")), 0)
+    lo = tl.min(tl.where(bins >= j_lo, sample, float("inf")), 0)
     tl.store(bracket_ptr + row * 2, tl.where(lo_rank >= SAMPLE, float("-inf"), lo))
     tl.store(bracket_ptr + row * 2 + 1, tl.where(hi_rank < 0, float("inf"), hi))
     tl.store(counts_ptr + row * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
@@ -289,7 +315,7 @@ def _radix_select_kernel(
             need = k - n_sure
             cand_val = cand_val_ptr + row.to(tl.int64) * cand_cap
             cand_pos = cand_pos_ptr + row.to(tl.int64) * cand_cap
-            if CAND_BISECT:  # the candidates fit in registers (CAND_ROW >= cand_cap)
+            if CAND_BISECT & (n_cand <= CAND_ROW):  # the candidates fit in registers
                 _bisect_row(
                     cand_val, cand_pos, out_ptr + n_sure, n_cand, need, need, CAND_ROW,
                     CAND_CHUNK, True, GUESS,
@@ -501,6 +527,26 @@ def bisect_warps(seq: int) -> int:
     return min(BISECT_MAX_WARPS, max(4, row // (32 * elems)))
 
 
+def bracket_ranks(rank: float, sample: int) -> tuple[int, int]:
+    """Sample ranks (hi_rank, lo_rank) that bracket sample rank `rank`: 4 sd of it, plus 8."""
+    margin = 4.0 * math.sqrt(max(rank * (1.0 - rank / sample), 0.0)) + 8.0
+    return int(rank - margin), int(rank + margin)
+
+
+def expected_candidates(seq: int, k_top: int, sample: int) -> float:
+    """Scores of a row of `seq` inside the bracket of a `sample`-score histogram (sample / 8
+    bins), about: the bracket's sample ranks, plus one bin's worth at either end."""
+    hi_rank, lo_rank = bracket_ranks(k_top * sample / seq, sample)
+    return seq * ((lo_rank - hi_rank) / sample + 2 * 8 / sample)
+
+
+def _bracket_sample(seq: int, k_top: int) -> int:
+    sample = SAMPLE
+    while sample < SAMPLE_MAX and 1.25 * expected_candidates(seq, k_top, sample) > CAND_BISECT_ROW:
+        sample *= 2
+    return sample
+
+
 def _select_method(seq: int, on_cuda: bool) -> str:
     if METHOD != "auto":
         if METHOD not in ("bisect", "radix", "sampled"):
@@ -545,9 +591,10 @@ def _select_topk_triton(
     counts = torch.empty((rows, 2), device=scores.device, dtype=torch.int32)
     if sampled:
         bracket = torch.empty((rows, 2), device=scores.device)
+        sample = _bracket_sample(seq, k_top)
         _bracket_kernel[(rows,)](
             scores, lens, bracket, counts, seq, k_top, sel_heads,
-            HAS_SEQLENS=seqlens is not None, SAMPLE=SAMPLE * (1 + (seq > SAMPLE_LONG_ROW)),
+            HAS_SEQLENS=seqlens is not None, SAMPLE=sample, BINS=sample // 8,
             num_warps=NUM_WARPS,
         )  # fmt: skip
         if stop_after == 1:
@@ -563,7 +610,7 @@ def _select_topk_triton(
         scores, lens, idx, counts, cand_val, cand_pos, seq, k_top, sel_heads, cand_cap,
         HAS_SEQLENS=seqlens is not None, CHUNK=CHUNK, RADIX_BITS=RADIX_BITS, SAMPLED=sampled,
         CAND_CHUNK=CAND_CHUNK, CAND_BISECT=sampled and CAND_BISECT,
-        CAND_ROW=triton.next_power_of_2(cand_cap), GUESS=BISECT_GUESS,
+        CAND_ROW=triton.next_power_of_2(min(cand_cap, CAND_BISECT_ROW)), GUESS=BISECT_GUESS,
         num_warps=NUM_WARPS,
     )  # fmt: skip
     return idx

@@ -87,7 +87,10 @@ CAND_BISECT = True  # select among the candidates by register bisection instead 
 # Longest candidate list bisected in registers; longer lists (rare: a wide bracket) take the
 # radix passes over the candidates instead of the register row's cost on every row.
 CAND_BISECT_ROW = 4096
-BRACKET_TILE = 2048  # scores per program of the bracket pass (the whole GPU walks every row)
+BRACKET_TILE = 1024  # scores per program of the bracket pass (the whole GPU walks every row)
+BRACKET_WARPS = 8  # the three launches of the sampled path: bracket, pass, candidates
+PASS_WARPS = 4
+CAND_WARPS = 8
 
 
 @triton.jit
@@ -595,14 +598,14 @@ def _select_topk_triton(
         _bracket_kernel[(rows,)](
             scores, lens, bracket, counts, seq, k_top, sel_heads,
             HAS_SEQLENS=seqlens is not None, SAMPLE=sample, BINS=sample // 8,
-            num_warps=NUM_WARPS,
+            num_warps=BRACKET_WARPS,
         )  # fmt: skip
         if stop_after == 1:
             return idx
         _bracket_pass_kernel[(rows, triton.cdiv(seq, BRACKET_TILE))](
             scores, lens, bracket, counts, idx, cand_val, cand_pos, seq, k_top, sel_heads,
             cand_cap, HAS_SEQLENS=seqlens is not None, TILE=BRACKET_TILE,
-            num_warps=4,
+            num_warps=PASS_WARPS,
         )  # fmt: skip
         if stop_after == 2:
             return idx
@@ -611,7 +614,7 @@ def _select_topk_triton(
         HAS_SEQLENS=seqlens is not None, CHUNK=CHUNK, RADIX_BITS=RADIX_BITS, SAMPLED=sampled,
         CAND_CHUNK=CAND_CHUNK, CAND_BISECT=sampled and CAND_BISECT,
         CAND_ROW=triton.next_power_of_2(min(cand_cap, CAND_BISECT_ROW)), GUESS=BISECT_GUESS,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS if not sampled else CAND_WARPS,
     )  # fmt: skip
     return idx
 

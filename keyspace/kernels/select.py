@@ -102,8 +102,10 @@ def _float_to_ordered_key(x):
 
 
 @triton.jit
-def _radix_threshold(row_ptr, length, k, CHUNK: tl.constexpr, RADIX_BITS: tl.constexpr):
-    """Radix-select the k-th largest of row_ptr[:length] (fp32).
+def _radix_threshold(
+    row_ptr, length, k, CHUNK: tl.constexpr, RADIX_BITS: tl.constexpr, STRIDE: tl.constexpr
+):
+    """Radix-select the k-th largest of row_ptr[:length * STRIDE:STRIDE] (fp32).
 
     Returns (prefix, prefix_mask, remaining): the keys whose masked bits are above `prefix` are
     all in the top k, and `remaining` more are taken from those equal to it.
@@ -122,7 +124,8 @@ def _radix_threshold(row_ptr, length, k, CHUNK: tl.constexpr, RADIX_BITS: tl.con
         end = tl.where(done, 0, length)
         for start in range(0, end, CHUNK):
             in_row = start + offs < end
-            key = _float_to_ordered_key(tl.load(row_ptr + start + offs, mask=in_row, other=0.0))
+            x = tl.load(row_ptr + (start + offs) * STRIDE, mask=in_row, other=0.0)
+            key = _float_to_ordered_key(x)
             in_bucket = in_row & ((key & prefix_mask) == prefix)
             digit = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
             hist += tl.histogram(digit, NUM_BINS, mask=in_bucket)
@@ -152,12 +155,13 @@ def _compact(
     out_ptr,
     CHUNK: tl.constexpr,
     INDIRECT: tl.constexpr,
+    STRIDE: tl.constexpr,
 ):
     """Write the positions of the top k of row_ptr[:length] to out_ptr[:k], in row order.
 
     Keys above `prefix` fill slots [0, k - remaining), ties [k - remaining, k). One scan counts
     both kinds: strictly-greater in the low 16 bits, ties in the high 16 bits. With INDIRECT the
-    position written is pos_ptr[i] instead of i.
+    position written is pos_ptr[i] instead of i. Elements (and positions) lie STRIDE apart.
     """
     offs = tl.arange(0, CHUNK)
     n_greater = k - remaining
@@ -165,7 +169,7 @@ def _compact(
     taken_equal = tl.zeros([], tl.int32)
     for start in range(0, tl.where(k > 0, length, 0), CHUNK):
         in_row = start + offs < length
-        x = tl.load(row_ptr + start + offs, mask=in_row, other=0.0)
+        x = tl.load(row_ptr + (start + offs) * STRIDE, mask=in_row, other=0.0)
         masked = _float_to_ordered_key(x) & prefix_mask
         greater = in_row & (masked > prefix)
         equal = in_row & (masked == prefix)
@@ -176,7 +180,7 @@ def _compact(
         take_equal = equal & (rank_equal < remaining)
         pos = start + offs
         if INDIRECT:
-            pos = tl.load(pos_ptr + start + offs, mask=in_row, other=0)
+            pos = tl.load(pos_ptr + (start + offs) * STRIDE, mask=in_row, other=0)
         tl.store(out_ptr + rank_greater, pos, mask=greater)
         tl.store(out_ptr + n_greater + rank_equal, pos, mask=take_equal)
         total = tl.sum(flags, 0)
@@ -249,8 +253,7 @@ def _bracket_pass_kernel(
     bracket_ptr,  # (R, 2) fp32: lo, hi
     counts_ptr,  # (R, 2) int32: sure, candidates (atomic)
     idx_ptr,  # (R, K_TOP) int32: sure positions go straight here
-    cand_val_ptr,  # (R, cand_cap) fp32
-    cand_pos_ptr,  # (R, cand_cap) int32
+    cand_ptr,  # (R, cand_cap) int64: a candidate's fp32 bits (high half) and position (low)
     S,
     K_TOP,
     SEL_HEADS,
@@ -259,7 +262,8 @@ def _bracket_pass_kernel(
     TILE: tl.constexpr,
 ):
     """One tile of a row: scores above `hi` to the output, those in [lo, hi] to the scratch.
-    Tiles take their output ranges with atomic counters, so the row order is not kept."""
+    Tiles take their output ranges with atomic counters, so the row order is not kept. A
+    candidate's value and position go out as one 8-byte store."""
     row = tl.program_id(0)
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     lo = tl.load(bracket_ptr + row * 2)
@@ -278,9 +282,8 @@ def _bracket_pass_kernel(
     rank_cand = base_cand + (packed >> 16) - 1
     tl.store(idx_ptr + row.to(tl.int64) * K_TOP + rank_sure, offs, mask=sure & (rank_sure < k))
     keep = cand & (rank_cand < cand_cap)
-    cand_row = row.to(tl.int64) * cand_cap
-    tl.store(cand_val_ptr + cand_row + rank_cand, x, mask=keep)
-    tl.store(cand_pos_ptr + cand_row + rank_cand, offs, mask=keep)
+    packed = (x.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs.to(tl.int64)
+    tl.store(cand_ptr + row.to(tl.int64) * cand_cap + rank_cand, packed, mask=keep)
 
 
 @triton.jit
@@ -289,8 +292,8 @@ def _radix_select_kernel(
     seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
     idx_ptr,  # (R, K_TOP) int32 contiguous
     counts_ptr,  # (R, 2) int32 from the bracket pass when SAMPLED, else a dummy
-    cand_val_ptr,  # (R, cand_cap) fp32 scratch
-    cand_pos_ptr,  # (R, cand_cap) int32 scratch
+    cand_val_ptr,  # (R, 2 * cand_cap) fp32 view of the pass's packed candidates (odd slots)
+    cand_pos_ptr,  # (R, 2 * cand_cap) int32 view of the same (even slots)
     S,
     K_TOP,
     SEL_HEADS,
@@ -316,24 +319,26 @@ def _radix_select_kernel(
             # The bracket holds the k-th: the top k are the sure ones plus the best candidates.
             fallback = False
             need = k - n_sure
-            cand_val = cand_val_ptr + row.to(tl.int64) * cand_cap
-            cand_pos = cand_pos_ptr + row.to(tl.int64) * cand_cap
+            cand_val = cand_val_ptr + row.to(tl.int64) * cand_cap * 2 + 1  # little-endian
+            cand_pos = cand_pos_ptr + row.to(tl.int64) * cand_cap * 2
             if CAND_BISECT & (n_cand <= CAND_ROW):  # the candidates fit in registers
                 _bisect_row(
                     cand_val, cand_pos, out_ptr + n_sure, n_cand, need, need, CAND_ROW,
-                    CAND_CHUNK, True, GUESS,
+                    CAND_CHUNK, True, GUESS, 2,
                 )  # fmt: skip
             else:
                 prefix, prefix_mask, remaining = _radix_threshold(
-                    cand_val, n_cand, need, CAND_CHUNK, RADIX_BITS
+                    cand_val, n_cand, need, CAND_CHUNK, RADIX_BITS, 2
                 )
                 _compact(
                     cand_val, cand_pos, n_cand, need, prefix, prefix_mask, remaining,
-                    out_ptr + n_sure, CAND_CHUNK, True,
+                    out_ptr + n_sure, CAND_CHUNK, True, 2,
                 )  # fmt: skip
     if fallback:
-        prefix, prefix_mask, remaining = _radix_threshold(row_ptr, length, k, CHUNK, RADIX_BITS)
-        _compact(row_ptr, row_ptr, length, k, prefix, prefix_mask, remaining, out_ptr, CHUNK, False)
+        prefix, prefix_mask, remaining = _radix_threshold(row_ptr, length, k, CHUNK, RADIX_BITS, 1)
+        _compact(
+            row_ptr, row_ptr, length, k, prefix, prefix_mask, remaining, out_ptr, CHUNK, False, 1
+        )
     offs_fill = tl.arange(0, CHUNK)
     for start in range(k, K_TOP, CHUNK):
         tl.store(out_ptr + start + offs_fill, -1, mask=start + offs_fill < K_TOP)
@@ -449,15 +454,17 @@ def _peel(key, in_row, k, lo, hi, c_hi):
 def _bisect_row(
     row_ptr, pos_ptr, out_ptr, length, k, K_TOP,
     ROW: tl.constexpr, CHUNK: tl.constexpr, INDIRECT: tl.constexpr, GUESS: tl.constexpr,
+    STRIDE: tl.constexpr,
 ):  # fmt: skip
     """Write the top k of row_ptr[:length] (fp32, ROW >= length) to out_ptr[:k], -1 up to K_TOP.
 
     The whole row is read into registers once; the bisection then needs no memory traffic. With
-    INDIRECT the position written for element i is pos_ptr[i] instead of i.
+    INDIRECT the position written for element i is pos_ptr[i] instead of i. Elements (and
+    positions) lie STRIDE apart.
     """
     offs = tl.arange(0, ROW)
     in_row = offs < length
-    x = tl.load(row_ptr + offs, mask=in_row, other=0.0)
+    x = tl.load(row_ptr + offs * STRIDE, mask=in_row, other=0.0)
     key = _float_to_ordered_key(x)
     # Keys outside the row become 0, which no midpoint (always >= 1) counts.
     key = tl.where(in_row, key, 0)
@@ -493,7 +500,7 @@ def _bisect_row(
     rank_equal = ((packed >> 16) & 0xFFFF) - 1
     pos = offs
     if INDIRECT:
-        pos = tl.load(pos_ptr + offs, mask=in_row, other=0)
+        pos = tl.load(pos_ptr + offs * STRIDE, mask=in_row, other=0)
     tl.store(out_ptr + rank_greater, pos, mask=greater)
     take_equal = equal & (rank_equal < remaining)
     tl.store(out_ptr + (k - remaining) + rank_equal, pos, mask=take_equal)
@@ -519,7 +526,7 @@ def _bisect_select_kernel(
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     row_ptr = scores_ptr + row.to(tl.int64) * S
     out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
-    _bisect_row(row_ptr, row_ptr, out_ptr, length, k, K_TOP, ROW, CHUNK, False, GUESS)
+    _bisect_row(row_ptr, row_ptr, out_ptr, length, k, K_TOP, ROW, CHUNK, False, GUESS, 1)
 
 
 def bisect_warps(seq: int) -> int:
@@ -589,8 +596,7 @@ def _select_topk_triton(
         return idx
     sampled = method == "sampled"
     cand_cap = min(CAND_CAP, seq) if sampled else 1
-    cand_val = torch.empty((rows, cand_cap), device=scores.device)
-    cand_pos = torch.empty((rows, cand_cap), device=scores.device, dtype=torch.int32)
+    cand = torch.empty((rows, cand_cap), device=scores.device, dtype=torch.int64)
     counts = torch.empty((rows, 2), device=scores.device, dtype=torch.int32)
     if sampled:
         bracket = torch.empty((rows, 2), device=scores.device)
@@ -603,14 +609,15 @@ def _select_topk_triton(
         if stop_after == 1:
             return idx
         _bracket_pass_kernel[(rows, triton.cdiv(seq, BRACKET_TILE))](
-            scores, lens, bracket, counts, idx, cand_val, cand_pos, seq, k_top, sel_heads,
+            scores, lens, bracket, counts, idx, cand, seq, k_top, sel_heads,
             cand_cap, HAS_SEQLENS=seqlens is not None, TILE=BRACKET_TILE,
             num_warps=PASS_WARPS,
         )  # fmt: skip
         if stop_after == 2:
             return idx
     _radix_select_kernel[(rows,)](
-        scores, lens, idx, counts, cand_val, cand_pos, seq, k_top, sel_heads, cand_cap,
+        scores, lens, idx, counts, cand.view(torch.float32), cand.view(torch.int32), seq, k_top,
+        sel_heads, cand_cap,
         HAS_SEQLENS=seqlens is not None, CHUNK=CHUNK, RADIX_BITS=RADIX_BITS, SAMPLED=sampled,
         CAND_CHUNK=CAND_CHUNK, CAND_BISECT=sampled and CAND_BISECT,
         CAND_ROW=triton.next_power_of_2(min(cand_cap, CAND_BISECT_ROW)), GUESS=BISECT_GUESS,

@@ -466,6 +466,20 @@ def test_sampled_select_falls_back_when_the_bracket_overflows(monkeypatch):
     assert_valid_topk(scores, idx, 300)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["one_atomic", "two_atomics"])
+def test_sampled_select_counts_sure_and_candidates(monkeypatch, packed):
+    # Rows of 2**16 or more count sure scores and candidates with an atomic each.
+    monkeypatch.setattr(select_module, "METHOD", "sampled")
+    monkeypatch.setattr(select_module, "PACKED_COUNTS_BELOW", 1 << 16 if packed else 0)
+    scores = torch.randn(2, 2, 5000, generator=torch.Generator().manual_seed(13))
+    lens = torch.tensor([5000, 3100])
+    for k_top in (600, 2500):
+        idx = select_topk(scores, k_top, lens, backend="triton")
+        torch.testing.assert_close(
+            idx.sort(-1).values, select_topk_reference(scores, k_top, lens).sort(-1).values
+        )
+
+
 def test_sampled_select_takes_radix_passes_over_a_long_candidate_list(monkeypatch):
     # More candidates than the register row holds: radix passes over the candidates, not the
     # register bisection (which would drop every candidate past CAND_BISECT_ROW).

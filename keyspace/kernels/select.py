@@ -88,7 +88,8 @@ CAND_BISECT = True  # select among the candidates by register bisection instead 
 # radix passes over the candidates instead of the register row's cost on every row.
 CAND_BISECT_ROW = 4096
 BRACKET_TILE = 1024  # scores per program of the bracket pass (the whole GPU walks every row)
-BRACKET_WARPS = 8  # the three launches of the sampled path: bracket, pass, candidates
+PACKED_COUNTS_BELOW = 1 << 16  # rows shorter than this count sure and candidates in one atomic
+BRACKET_WARPS = 4  # the three launches of the sampled path: bracket, pass, candidates
 PASS_WARPS = 4
 CAND_WARPS = 8
 
@@ -251,7 +252,7 @@ def _bracket_pass_kernel(
     scores_ptr,  # (R, S) fp32 contiguous
     seqlens_ptr,  # (B,) int, or a dummy
     bracket_ptr,  # (R, 2) fp32: lo, hi
-    counts_ptr,  # (R, 2) int32: sure, candidates (atomic)
+    counts_ptr,  # (R, 2) int32: sure, candidates (atomic); packed in [R, 0] with PACKED_COUNTS
     idx_ptr,  # (R, K_TOP) int32: sure positions go straight here
     cand_ptr,  # (R, cand_cap) int64: a candidate's fp32 bits (high half) and position (low)
     S,
@@ -260,6 +261,7 @@ def _bracket_pass_kernel(
     cand_cap,
     HAS_SEQLENS: tl.constexpr,
     TILE: tl.constexpr,
+    PACKED_COUNTS: tl.constexpr,
 ):
     """One tile of a row: scores above `hi` to the output, those in [lo, hi] to the scratch.
     Tiles take their output ranges with atomic counters, so the row order is not kept. A
@@ -276,8 +278,13 @@ def _bracket_pass_kernel(
     flags = sure.to(tl.int32) + (cand.to(tl.int32) << 16)  # two counts in one scan
     packed = tl.cumsum(flags, 0)
     total = tl.sum(flags, 0)
-    base_sure = tl.atomic_add(counts_ptr + row * 2, total & 0xFFFF, sem="relaxed")
-    base_cand = tl.atomic_add(counts_ptr + row * 2 + 1, total >> 16, sem="relaxed")
+    if PACKED_COUNTS:  # rows shorter than 2**16: both counters in one word, one atomic
+        base = tl.atomic_add(counts_ptr + row * 2, total, sem="relaxed")
+        base_sure = base & 0xFFFF
+        base_cand = (base >> 16) & 0xFFFF
+    else:
+        base_sure = tl.atomic_add(counts_ptr + row * 2, total & 0xFFFF, sem="relaxed")
+        base_cand = tl.atomic_add(counts_ptr + row * 2 + 1, total >> 16, sem="relaxed")
     rank_sure = base_sure + (packed & 0xFFFF) - 1
     rank_cand = base_cand + (packed >> 16) - 1
     tl.store(idx_ptr + row.to(tl.int64) * K_TOP + rank_sure, offs, mask=sure & (rank_sure < k))
@@ -306,6 +313,7 @@ def _radix_select_kernel(
     CAND_BISECT: tl.constexpr,
     CAND_ROW: tl.constexpr,
     GUESS: tl.constexpr,
+    PACKED_COUNTS: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = scores_ptr + row.to(tl.int64) * S
@@ -315,6 +323,9 @@ def _radix_select_kernel(
     if SAMPLED:
         n_sure = tl.load(counts_ptr + row * 2)
         n_cand = tl.load(counts_ptr + row * 2 + 1)
+        if PACKED_COUNTS:
+            n_cand = (n_sure >> 16) & 0xFFFF
+            n_sure = n_sure & 0xFFFF
         if (n_sure <= k) & (n_sure + n_cand >= k) & (n_cand <= cand_cap):
             # The bracket holds the k-th: the top k are the sure ones plus the best candidates.
             fallback = False
@@ -595,6 +606,7 @@ def _select_topk_triton(
         )  # fmt: skip
         return idx
     sampled = method == "sampled"
+    packed = seq < PACKED_COUNTS_BELOW  # the pass's two row counters fit 16 bits each
     cand_cap = min(CAND_CAP, seq) if sampled else 1
     cand = torch.empty((rows, cand_cap), device=scores.device, dtype=torch.int64)
     counts = torch.empty((rows, 2), device=scores.device, dtype=torch.int32)
@@ -610,7 +622,7 @@ def _select_topk_triton(
             return idx
         _bracket_pass_kernel[(rows, triton.cdiv(seq, BRACKET_TILE))](
             scores, lens, bracket, counts, idx, cand, seq, k_top, sel_heads,
-            cand_cap, HAS_SEQLENS=seqlens is not None, TILE=BRACKET_TILE,
+            cand_cap, HAS_SEQLENS=seqlens is not None, TILE=BRACKET_TILE, PACKED_COUNTS=packed,
             num_warps=PASS_WARPS,
         )  # fmt: skip
         if stop_after == 2:
@@ -621,6 +633,7 @@ def _select_topk_triton(
         HAS_SEQLENS=seqlens is not None, CHUNK=CHUNK, RADIX_BITS=RADIX_BITS, SAMPLED=sampled,
         CAND_CHUNK=CAND_CHUNK, CAND_BISECT=sampled and CAND_BISECT,
         CAND_ROW=triton.next_power_of_2(min(cand_cap, CAND_BISECT_ROW)), GUESS=BISECT_GUESS,
+        PACKED_COUNTS=packed,
         num_warps=NUM_WARPS if not sampled else CAND_WARPS,
     )  # fmt: skip
     return idx

@@ -214,10 +214,13 @@ def _bracket_kernel(
     """Bracket the k-th score between two sample quantiles, about four standard deviations of the
     sample rank either side of rank k; above `hi` a score is in the top k for sure.
 
-    The quantiles come from a histogram of an even sample of the row. The sample's bins (BINS, even over the sample's range clipped to mean ± 8 sd) are a monotone
-    function of the score, so the bin holding sample rank r bounds the rank-r score: `hi` is the
-    largest sample score in the bin of rank hi_rank (so at most hi_rank sample scores lie above
-    it), `lo` the smallest in the bin of rank lo_rank (at least lo_rank + 1 lie at or above it).
+    The quantiles come from a histogram of an even sample of the row. The sample's bins (BINS,
+    even over the sample's range clipped to mean ± 8 sd) are a monotone function of the score,
+    so the bin holding sample rank r bounds the rank-r score: `hi` is the upper edge of the bin
+    of rank hi_rank (at most hi_rank sample scores lie above it, up to the edge's rounding), `lo`
+    the lower edge of the bin of rank lo_rank (at least lo_rank + 1 lie at or above it). The
+    edges cost no pass over the sample (attempt 55 in docs/kernels.md); a bracket that rounding
+    or the sample gets wrong costs only its row a fallback, never exactness.
     """
     row = tl.program_id(0)
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
@@ -225,9 +228,11 @@ def _bracket_kernel(
     sample = tl.load(scores_ptr + row.to(tl.int64) * S + (i.to(tl.int64) * length) // SAMPLE)
     mean = tl.sum(sample, 0) / SAMPLE
     dev = sample - mean
-    sd = tl.sqrt(tl.sum(dev * dev, 0) / SAMPLE)
-    low = tl.maximum(tl.min(sample, 0), mean - 8.0 * sd)
-    high = tl.minimum(tl.max(sample, 0), mean + 8.0 * sd)
+    sd = tl.sqrt(tl.sum(dev * dev, 0) / SAMPLE)  # two passes: rows like 1e3 ± 1e-3 stay resolved
+    smin = tl.min(sample, 0)
+    smax = tl.max(sample, 0)
+    low = tl.maximum(smin, mean - 8.0 * sd)
+    high = tl.minimum(smax, mean + 8.0 * sd)
     scale = BINS / tl.maximum(high - low, 1e-30)
     pos = tl.minimum(tl.maximum((sample - low) * scale, 0.0), BINS - 1.0)  # monotone in the score
     bins = pos.to(tl.int32)
@@ -240,8 +245,9 @@ def _bracket_kernel(
     # bin of descending rank r: the first j with (sample scores in bins > j) <= r
     j_hi = tl.sum((SAMPLE - upto > hi_rank).to(tl.int32), 0)
     j_lo = tl.sum((SAMPLE - upto > lo_rank).to(tl.int32), 0)
-    hi = tl.max(tl.where(bins <= j_hi, sample, float("-inf")), 0)
-    lo = tl.min(tl.where(bins >= j_lo, sample, float("inf")), 0)
+    # The end bins reach the sample's extremes, past the clipped range.
+    hi = tl.where(j_hi >= BINS - 1, smax, low + (j_hi + 1).to(tl.float32) / scale)
+    lo = tl.where(j_lo <= 0, smin, low + j_lo.to(tl.float32) / scale)
     tl.store(bracket_ptr + row * 2, tl.where(lo_rank >= SAMPLE, float("-inf"), lo))
     tl.store(bracket_ptr + row * 2 + 1, tl.where(hi_rank < 0, float("inf"), hi))
     tl.store(counts_ptr + row * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))

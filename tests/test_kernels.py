@@ -526,18 +526,27 @@ def test_sampled_bracket_holds_the_kth_and_is_narrow(seq, k_top):
 
 
 def test_bracket_sample_grows_until_the_candidates_fit():
-    sample = select_module._bracket_sample
+    sample, expected = select_module._bracket_sample, select_module.expected_candidates
+    row, cap = select_module.CAND_BISECT_ROW, select_module.CAND_CAP
     assert sample(32768, 4096) == select_module.SAMPLE  # k = S/8: about 2400 candidates
     assert sample(32768, 16384) == 2 * select_module.SAMPLE  # k = S/2: 3400 at 2048, 2300 at 4096
-    for seq, k_top in ((32768, 16384), (65536, 8192), (131072, 16384), (20000, 19999)):
+    assert sample(131072, 16384) == 4096  # 6400 candidates: radix passes, not a sample of 8192
+    assert sample(131072, 32768) == 8192  # 10000 at 4096 would overflow the scratch
+    for seq, k_top in (
+        (32768, 16384),
+        (65536, 8192),
+        (131072, 16384),
+        (131072, 32768),
+        (20000, 19999),
+    ):
         n = sample(seq, k_top)
-        fits = (
-            1.25 * select_module.expected_candidates(seq, k_top, n) <= select_module.CAND_BISECT_ROW
-        )
-        assert fits or n == select_module.SAMPLE_MAX
+        fits_row = 1.25 * expected(seq, k_top, n) <= row
+        fits_cap = 1.25 * expected(seq, k_top, n) <= min(cap, seq)
+        assert fits_row or n >= select_module.SAMPLE_ROW_MAX
+        assert fits_cap or n == select_module.SAMPLE_MAX
         if n > select_module.SAMPLE:  # the next smaller sample would not have fitted
-            smaller = select_module.expected_candidates(seq, k_top, n // 2)
-            assert 1.25 * smaller > select_module.CAND_BISECT_ROW
+            smaller = 1.25 * expected(seq, k_top, n // 2)
+            assert smaller > (row if n <= select_module.SAMPLE_ROW_MAX else min(cap, seq))
 
 
 def test_sampled_select_at_the_default_sample_size(monkeypatch):

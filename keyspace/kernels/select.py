@@ -72,11 +72,14 @@ GUIDED_MAX_STEPS: tl.constexpr = tl.constexpr(48)
 CHUNK = 4096
 NUM_WARPS = 8
 RADIX_BITS = 8
-# Sample of the bracket: SAMPLE scores in SAMPLE / 8 bins, doubled (up to SAMPLE_MAX) until the
-# candidate list expected from its width fits CAND_BISECT_ROW with 25% to spare (_bracket_sample).
+# Sample of the bracket: SAMPLE scores in SAMPLE / 8 bins, doubled (up to SAMPLE_ROW_MAX) until
+# the candidate list expected from its width fits CAND_BISECT_ROW with 25% to spare, and further
+# (up to SAMPLE_MAX) only while it would overflow the CAND_CAP scratch (_bracket_sample): a
+# sample of 8192 costs more than radix passes over a long candidate list (attempt 56).
 # A histogram of 2048 held about half the candidates of the sorted sample of 512 it replaced, in
 # less time than the sort took (docs/kernels.md, attempt 52).
 SAMPLE = 2048
+SAMPLE_ROW_MAX = 4096
 SAMPLE_MAX = 8192
 # Sampled bracket (see the header), for rows at least SAMPLED_MIN_LEN long: on an H100 it cut the
 # radix select by 1.5-1.9x at S=16k and 32k, and cost 1.3x at S=4k (docs/kernels.md).
@@ -568,8 +571,13 @@ def expected_candidates(seq: int, k_top: int, sample: int) -> float:
 
 
 def _bracket_sample(seq: int, k_top: int) -> int:
+    def over(sample: int, limit: int) -> bool:
+        return 1.25 * expected_candidates(seq, k_top, sample) > limit
+
     sample = SAMPLE
-    while sample < SAMPLE_MAX and 1.25 * expected_candidates(seq, k_top, sample) > CAND_BISECT_ROW:
+    while sample < SAMPLE_ROW_MAX and over(sample, CAND_BISECT_ROW):
+        sample *= 2
+    while sample < SAMPLE_MAX and over(sample, min(CAND_CAP, seq)):
         sample *= 2
     return sample
 

@@ -75,7 +75,7 @@ RADIX_BITS = 8
 # Sample of the bracket: SAMPLE scores in SAMPLE / 8 bins, doubled (up to SAMPLE_ROW_MAX) until
 # the candidate list expected from its width fits CAND_BISECT_ROW with 25% to spare, and further
 # (up to SAMPLE_MAX) only while it would overflow the CAND_CAP scratch (_bracket_sample): a
-# sample of 8192 costs more than radix passes over a long candidate list (attempt 56).
+# sample of 8192 costs more than radix passes over a long candidate list (attempt 57).
 # A histogram of 2048 held about half the candidates of the sorted sample of 512 it replaced, in
 # less time than the sort took (docs/kernels.md, attempt 52).
 SAMPLE = 2048
@@ -222,7 +222,7 @@ def _bracket_kernel(
     so the bin holding sample rank r bounds the rank-r score: `hi` is the upper edge of the bin
     of rank hi_rank (at most hi_rank sample scores lie above it, up to the edge's rounding), `lo`
     the lower edge of the bin of rank lo_rank (at least lo_rank + 1 lie at or above it). The
-    edges cost no pass over the sample (attempt 55 in docs/kernels.md); a bracket that rounding
+    edges cost no pass over the sample (attempt 56 in docs/kernels.md); a bracket that rounding
     or the sample gets wrong costs only its row a fallback, never exactness.
     """
     row = tl.program_id(0)

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -467,17 +468,37 @@ def test_sampled_select_falls_back_when_the_bracket_overflows(monkeypatch):
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["one_atomic", "two_atomics"])
-def test_sampled_select_counts_sure_and_candidates(monkeypatch, packed):
-    # Rows of 2**16 or more count sure scores and candidates with an atomic each.
-    monkeypatch.setattr(select_module, "METHOD", "sampled")
-    monkeypatch.setattr(select_module, "PACKED_COUNTS_BELOW", 1 << 16 if packed else 0)
-    scores = torch.randn(2, 2, 5000, generator=torch.Generator().manual_seed(13))
-    lens = torch.tensor([5000, 3100])
-    for k_top in (600, 2500):
-        idx = select_topk(scores, k_top, lens, backend="triton")
-        torch.testing.assert_close(
-            idx.sort(-1).values, select_topk_reference(scores, k_top, lens).sort(-1).values
-        )
+def test_bracket_pass_counts_and_stores_sure_scores_and_candidates(packed):
+    # The pass on its own: a wrong count or word would otherwise only send rows to the fallback,
+    # which keeps the selection exact and hides it.
+    seq, k_top, rows, cap = 5000, 600, 3, 1024
+    scores = torch.randn(rows, seq, generator=torch.Generator().manual_seed(13))
+    bracket = torch.tensor([[0.9, 1.3], [1.0, 1.1], [-0.2, 0.4]])  # lo, hi per row
+    counts = torch.zeros(rows, 2, dtype=torch.int32)
+    idx = torch.full((rows, k_top), -7, dtype=torch.int32)
+    cand = torch.zeros(rows, cap, dtype=torch.int64)
+    select_module._bracket_pass_kernel[(rows, triton.cdiv(seq, 1024))](
+        scores, counts, bracket, counts, idx, cand, seq, k_top, 1, cap, HAS_SEQLENS=False,
+        TILE=1024, PACKED_COUNTS=packed, num_warps=4,
+    )  # fmt: skip
+    for row in range(rows):
+        x, (lo, hi) = scores[row], bracket[row].tolist()
+        sure = (x > hi).nonzero().flatten()
+        inside = ((x >= lo) & (x <= hi)).nonzero().flatten()
+        if packed:
+            n_sure, n_cand = int(counts[row, 0]) & 0xFFFF, int(counts[row, 0]) >> 16
+        else:
+            n_sure, n_cand = counts[row].tolist()
+        assert (n_sure, n_cand) == (len(sure), len(inside))
+        kept = min(n_sure, k_top)  # the output has room for k_top sure positions
+        assert set(idx[row, :kept].tolist()) <= set(sure.tolist())
+        assert len(set(idx[row, :kept].tolist())) == kept
+        words = cand[row, : min(n_cand, cap)]
+        positions = (words & 0xFFFFFFFF).to(torch.int32)
+        values = (words >> 32).to(torch.int32).view(torch.float32)
+        assert len(set(positions.tolist())) == min(n_cand, cap)  # every slot, none twice
+        assert set(positions.tolist()) <= set(inside.tolist())
+        torch.testing.assert_close(values, x[positions.long()], rtol=0, atol=0)
 
 
 def test_sampled_select_takes_radix_passes_over_a_long_candidate_list(monkeypatch):
@@ -498,7 +519,7 @@ def test_sampled_bracket_holds_the_kth_and_is_narrow(seq, k_top):
     """The histogram bracket against the sorted sample it stands for, and its width on the row."""
     gen = torch.Generator().manual_seed(seq + k_top)
     scores = torch.randn(3, seq, generator=gen) * torch.tensor([[1.0], [30.0], [1e-3]])
-    sample, bins = select_module.SAMPLE, select_module.SAMPLE // 8
+    sample, bins = select_module.SAMPLE, select_module.SAMPLE // select_module.SAMPLE_PER_BIN
     bracket = torch.empty(3, 2)
     counts = torch.full((3, 2), 7, dtype=torch.int32)
     select_module._bracket_kernel[(3,)](

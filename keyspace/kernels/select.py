@@ -72,13 +72,15 @@ GUIDED_MAX_STEPS: tl.constexpr = tl.constexpr(48)
 CHUNK = 4096
 NUM_WARPS = 8
 RADIX_BITS = 8
-# Sample of the bracket: SAMPLE scores in SAMPLE / 8 bins, doubled (up to SAMPLE_ROW_MAX) until
-# the candidate list expected from its width fits CAND_BISECT_ROW with 25% to spare, and further
+# Sample of the bracket: SAMPLE scores in SAMPLE / SAMPLE_PER_BIN bins, doubled (up to
+# SAMPLE_ROW_MAX) until the candidate list expected from its width fits CAND_BISECT_ROW with 25%
+# to spare, and further
 # (up to SAMPLE_MAX) only while it would overflow the CAND_CAP scratch (_bracket_sample): a
 # sample of 8192 costs more than radix passes over a long candidate list (attempt 57).
 # A histogram of 2048 held about half the candidates of the sorted sample of 512 it replaced, in
 # less time than the sort took (docs/kernels.md, attempt 52).
 SAMPLE = 2048
+SAMPLE_PER_BIN = 8
 SAMPLE_ROW_MAX = 4096
 SAMPLE_MAX = 8192
 # Sampled bracket (see the header), for rows at least SAMPLED_MIN_LEN long: on an H100 it cut the
@@ -298,8 +300,8 @@ def _bracket_pass_kernel(
     rank_cand = base_cand + (packed >> 16) - 1
     tl.store(idx_ptr + row.to(tl.int64) * K_TOP + rank_sure, offs, mask=sure & (rank_sure < k))
     keep = cand & (rank_cand < cand_cap)
-    packed = (x.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs.to(tl.int64)
-    tl.store(cand_ptr + row.to(tl.int64) * cand_cap + rank_cand, packed, mask=keep)
+    word = (x.to(tl.int32, bitcast=True).to(tl.int64) << 32) | offs.to(tl.int64)
+    tl.store(cand_ptr + row.to(tl.int64) * cand_cap + rank_cand, word, mask=keep)
 
 
 @triton.jit
@@ -330,11 +332,13 @@ def _radix_select_kernel(
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     fallback = True
     if SAMPLED:
-        n_sure = tl.load(counts_ptr + row * 2)
-        n_cand = tl.load(counts_ptr + row * 2 + 1)
         if PACKED_COUNTS:
-            n_cand = (n_sure >> 16) & 0xFFFF
-            n_sure = n_sure & 0xFFFF
+            both = tl.load(counts_ptr + row * 2)
+            n_sure = both & 0xFFFF
+            n_cand = (both >> 16) & 0xFFFF
+        else:
+            n_sure = tl.load(counts_ptr + row * 2)
+            n_cand = tl.load(counts_ptr + row * 2 + 1)
         if (n_sure <= k) & (n_sure + n_cand >= k) & (n_cand <= cand_cap):
             # The bracket holds the k-th: the top k are the sure ones plus the best candidates.
             fallback = False
@@ -564,10 +568,10 @@ def bracket_ranks(rank: float, sample: int) -> tuple[int, int]:
 
 
 def expected_candidates(seq: int, k_top: int, sample: int) -> float:
-    """Scores of a row of `seq` inside the bracket of a `sample`-score histogram (sample / 8
-    bins), about: the bracket's sample ranks, plus one bin's worth at either end."""
+    """Scores of a row of `seq` inside the bracket of a `sample`-score histogram (SAMPLE_PER_BIN
+    a bin), about: the bracket's sample ranks, plus one bin's worth at either end."""
     hi_rank, lo_rank = bracket_ranks(k_top * sample / seq, sample)
-    return seq * ((lo_rank - hi_rank) / sample + 2 * 8 / sample)
+    return seq * (lo_rank - hi_rank + 2 * SAMPLE_PER_BIN) / sample
 
 
 def _bracket_sample(seq: int, k_top: int) -> int:
@@ -629,7 +633,7 @@ def _select_topk_triton(
         sample = _bracket_sample(seq, k_top)
         _bracket_kernel[(rows,)](
             scores, lens, bracket, counts, seq, k_top, sel_heads,
-            HAS_SEQLENS=seqlens is not None, SAMPLE=sample, BINS=sample // 8,
+            HAS_SEQLENS=seqlens is not None, SAMPLE=sample, BINS=sample // SAMPLE_PER_BIN,
             num_warps=BRACKET_WARPS,
         )  # fmt: skip
         if stop_after == 1:

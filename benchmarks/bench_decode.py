@@ -1,18 +1,40 @@
 """Loki decode kernels vs dense SDPA on one CUDA GPU: the full sweep of issue 5 in one run.
 
-    PYTHONPATH=. python benchmarks/bench_decode.py --out results/
+    PYTHONPATH=. python benchmarks/bench_decode.py --out results/ [--set select_method=radix]
 
 Checks the Triton step against the fp32 oracles first, then times every row and writes
-`bench_decode.json` and `bench_decode.md` under --out. Never imported by the package.
+`bench_decode.json` and `bench_decode.md` under --out. `--set FIELD=VALUE` (repeatable) times a
+variant of the kernels' `KernelSettings`. Never imported by the package.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set takes FIELD=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _settings(pairs: list[tuple[str, str]]):
+    """DEFAULT_SETTINGS with each FIELD=VALUE applied, parsed by the field's type."""
+    import dataclasses
+
+    from keyspace.kernels import DEFAULT_SETTINGS
+
+    types = {f.name: f.type for f in dataclasses.fields(DEFAULT_SETTINGS)}
+    parse = {"int": int, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes", "on")}
+    unknown = sorted(name for name, _ in pairs if name not in types)
+    if unknown:
+        raise SystemExit(f"unknown KernelSettings fields {unknown}; known: {sorted(types)}")
+    changes = {name: parse[types[name]](value) for name, value in pairs}
+    return dataclasses.replace(DEFAULT_SETTINGS, **changes)
 
 
 def main() -> int:
@@ -26,11 +48,21 @@ def main() -> int:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--input-sets", type=int, default=2)
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness check")
+    parser.add_argument(
+        "--set", type=_setting, action="append", default=[], metavar="FIELD=VALUE",
+        help="a KernelSettings field for the whole run, e.g. attention_block_n=32; repeatable",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import torch
 
-    from keyspace.kernels.bench import BenchConfig, check_correctness, markdown_table, run_sweep
+    from keyspace.bench.kernels import (
+        BenchConfig,
+        check_correctness,
+        markdown_table,
+        run_sweep,
+        save_result,
+    )
 
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -43,10 +75,10 @@ def main() -> int:
         seqs=tuple(args.seq),
         dtype=args.dtype,
         input_sets=args.input_sets,
+        settings=_settings(args.set),
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    checks = [] if args.skip_check else check_correctness()
+    checks = [] if args.skip_check else check_correctness(settings=cfg.settings)
     for c in checks:
         print(
             f"check {c['dtype']:>8} {c['case']}: rel err {c['rel_err']:.2e}"
@@ -58,10 +90,8 @@ def main() -> int:
     result["meta"]["command"] = " ".join(sys.argv)
     result["meta"]["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     result["meta"]["wall_s"] = time.time() - started
-    table = markdown_table(result["rows"])
-    (args.out / "bench_decode.json").write_text(json.dumps(result, indent=2, default=str))
-    (args.out / "bench_decode.md").write_text(table + "\n")
-    print(table)
+    save_result(result, args.out)
+    print(markdown_table(result["rows"]))
     return 0
 
 

@@ -8,13 +8,12 @@ Rank at τ is the smallest r whose cumulative explained-variance ratio is ≥ τ
 exactly equal to τ counts. Cumulative sums carry float rounding of a few ulp (0.7 + 0.2 is
 0.8999999999999999 in float64), so a cumulative ratio within `RANK_TOLERANCE` below τ counts too.
 
-Writes `<run>/ranks.json` and `<run>/calibration.safetensors` (docs/run-format.md).
+Writes the run's ranks and calibration files (names in `keyspace.store`; docs/run-format.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -23,18 +22,25 @@ from pathlib import Path
 
 import torch
 
+from keyspace import __version__
 from keyspace.calibration import Calibration
 from keyspace.errors import KeyspaceError
-from keyspace.store import KINDS, MOMENTS, Moments, RunFolder, write_json_atomic
+from keyspace.store import (
+    DEFAULT_THRESHOLD,
+    KINDS,
+    MOMENTS,
+    Moments,
+    RunFolder,
+    calibration_path,
+    ranks_path,
+    sha256_file,
+    write_json_atomic,
+)
 
-DEFAULT_THRESHOLDS = (0.9,)
-# The threshold the Loki stage reads (`auto:0.9`); always written to ranks.json.
-REQUIRED_THRESHOLD = 0.9
+DEFAULT_THRESHOLDS = (DEFAULT_THRESHOLD,)
 # Absolute slack on cumulative ratios in [0, 1]: far above float64 rounding of a 128-term
 # cumulative sum (~1e-14), far below any variance a head could meaningfully carry.
 RANK_TOLERANCE = 1e-10
-RANKS_FILE = "ranks.json"
-CALIBRATION_FILE = "calibration.safetensors"
 RANKS_FORMAT_VERSION = 1
 
 
@@ -59,8 +65,9 @@ class AnalyzeConfig:
 
     @property
     def written_thresholds(self) -> tuple[float, ...]:
-        """Thresholds stored in ranks.json: the requested ones plus 0.9, which validate reads."""
-        return tuple(sorted(set(self.thresholds) | {REQUIRED_THRESHOLD}))
+        """Thresholds written to the ranks file: the requested ones plus DEFAULT_THRESHOLD, which
+        validate reads."""
+        return tuple(sorted(set(self.thresholds) | {DEFAULT_THRESHOLD}))
 
 
 def parse_thresholds(text: str) -> tuple[float, ...]:
@@ -311,23 +318,14 @@ def analyze_run(run_path: str | Path, config: AnalyzeConfig | None = None) -> An
         head_dim=head_dim,
         config=config,
         kinds=kinds,
-        moments_sha256=file_sha256(run.path / MOMENTS),
+        moments_sha256=sha256_file(run.path / MOMENTS),
         warnings=warnings,
         model_spec=str((run.manifest.get("model") or {}).get("spec", "")),
     )
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ranks_json(analysis: Analysis) -> dict:
-    """The ranks.json document (docs/run-format.md)."""
-    from keyspace import __version__
+    """The ranks document (docs/run-format.md)."""
 
     doc: dict = {
         "format_version": RANKS_FORMAT_VERSION,
@@ -355,8 +353,6 @@ def ranks_json(analysis: Analysis) -> dict:
 
 def calibration_of(analysis: Analysis) -> Calibration:
     """The calibration file contents: float32 mean, components, eigenvalues per kind."""
-    from keyspace import __version__
-
     kinds = analysis.kinds
     return Calibration(
         mean={k: ka.pca.mean.float() for k, ka in kinds.items()},
@@ -372,23 +368,22 @@ def calibration_of(analysis: Analysis) -> Calibration:
 
 
 def write_analysis(analysis: Analysis) -> tuple[Path, Path]:
-    """Write ranks.json and calibration.safetensors into the run folder, atomically."""
-    ranks_path = analysis.run / RANKS_FILE
-    calibration_path = analysis.run / CALIBRATION_FILE
+    """Write the ranks and calibration files into the run folder, atomically."""
+    ranks_file, calibration_file = ranks_path(analysis.run), calibration_path(analysis.run)
     try:
-        calibration_of(analysis).save(calibration_path)
-        write_json_atomic(ranks_path, ranks_json(analysis))
+        calibration_of(analysis).save(calibration_file)
+        write_json_atomic(ranks_file, ranks_json(analysis))
     except OSError as err:
         raise KeyspaceError(
             f"cannot write the analysis into {analysis.run} ({err.strerror}).",
             "Make the run folder writable, or copy it somewhere writable.",
         ) from None
-    return ranks_path, calibration_path
+    return ranks_file, calibration_file
 
 
 def read_ranks(run_path: str | Path) -> dict | None:
-    """ranks.json of a run, or None when absent or unreadable."""
-    path = Path(run_path) / RANKS_FILE
+    """The ranks document of a run, or None when absent or unreadable."""
+    path = ranks_path(run_path)
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -396,17 +391,17 @@ def read_ranks(run_path: str | Path) -> dict | None:
 
 
 def is_current(run_path: str | Path, config: AnalyzeConfig) -> bool:
-    """True when the run's ranks.json and calibration match its moments and `config`."""
+    """True when the run's ranks and calibration files match its moments and `config`."""
     run_path = Path(run_path)
     doc = read_ranks(run_path)
-    if doc is None or not (run_path / CALIBRATION_FILE).is_file():
+    if doc is None or not calibration_path(run_path).is_file():
         return False
     written = {threshold_key(t) for t in config.written_thresholds}
     return (
         doc.get("format_version") == RANKS_FORMAT_VERSION
         and doc.get("centered") == config.centered
         and written <= set(doc.get("pre", {}).get("rank_at", {}))
-        and doc.get("moments_sha256") == file_sha256(run_path / MOMENTS)
+        and doc.get("moments_sha256") == sha256_file(run_path / MOMENTS)
     )
 
 

@@ -1,6 +1,6 @@
 """The calibration file: per (kind, layer, KV head) PCA basis that the Loki stage consumes.
 
-Written by the analyzer into `<run>/calibration.safetensors`. Tensors, for kind in {pre, post}:
+Written by the analyzer into the run folder (`keyspace.store.calibration_path`). Tensors, for kind in {pre, post}:
   `{kind}.mean`        (layers, kv_heads, head_dim)            float32
   `{kind}.components`  (layers, kv_heads, head_dim, head_dim)  float32, row i = i-th direction,
                                                                 sorted by descending eigenvalue
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("pre", "post")
+from keyspace.store import atomic_path
 
 
 @dataclass
@@ -46,8 +46,6 @@ class Calibration:
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
-
-        from keyspace.store import atomic_path
 
         tensors = {}
         for kind in self.components:

@@ -20,12 +20,12 @@ from keyspace.store import (
     KINDS,
     Moments,
     load_moments,
+    progress_moments_name,
+    progress_path,
     save_moments,
     sha256_file,
     write_json_atomic,
 )
-
-PROGRESS_DIR = "progress"
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,6 @@ class FolderLock:
         self.handle.close()
 
 
-def progress_path(out: Path, rank: int) -> Path:
-    return out / PROGRESS_DIR / f"rank{rank}.json"
-
-
 def load_progress(
     out: Path, rank: int, shape: tuple[int, int, int]
 ) -> tuple[dict, dict[str, Moments]]:
@@ -102,7 +98,7 @@ def load_progress(
 
 def commit_chunk(out: Path, rank: int, progress: dict, moments: dict[str, Moments]) -> None:
     chunks = progress["chunks_done"]
-    rel = f"{PROGRESS_DIR}/moments.rank{rank}.c{chunks:05d}.safetensors"
+    rel = progress_moments_name(rank, chunks)
     save_moments(out / rel, moments)
     previous = progress.get("moments")
     progress["moments"] = {"path": rel, "sha256": sha256_file(out / rel)}

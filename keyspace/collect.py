@@ -21,7 +21,10 @@ import torch
 from keyspace import __version__
 from keyspace.capture import arch_spec, capture_keys, head_geometry
 from keyspace.checkpoint import Dist, FolderLock, commit_chunk, load_progress
+from keyspace.collect_config import CollectConfig
+from keyspace.data import load_corpus, tokenize_windows
 from keyspace.errors import KeyspaceError
+from keyspace.models import load_model
 from keyspace.store import (
     KINDS,
     MANIFEST,
@@ -30,12 +33,13 @@ from keyspace.store import (
     STATE_PARTIAL,
     Moments,
     RunFolder,
+    atomic_path,
     save_moments,
     sha256_file,
+    shard_name,
     write_json_atomic,
 )
 
-KEYS_DIR = "keys"
 SAMPLE_SEED = 0
 # Fields that must match for --resume to continue a run.
 RESUME_FIELDS = (
@@ -49,46 +53,6 @@ RESUME_FIELDS = (
     "world_size",
     "shard_windows",
 )
-
-
-@dataclass
-class CollectConfig:
-    model: str
-    dataset: str
-    out: Path
-    split: str = "validation"
-    window: int = 1024
-    max_tokens: int | None = 16384
-    keep_keys: str = "2048"
-    dtype: str = "float32"
-    device: str = "auto"
-    batch_size: int = 1
-    shard_windows: int = 4
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        if self.window <= 1:
-            raise KeyspaceError(
-                f"--window must be at least 2, got {self.window}.", "Try --window 1024."
-            )
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise KeyspaceError(
-                f"--max-tokens must be positive, got {self.max_tokens}.", "Try --max-tokens 16384."
-            )
-        if self.batch_size < 1 or self.shard_windows < 1:
-            raise KeyspaceError(
-                "--batch-size and --shard-windows must be at least 1.", "Try --batch-size 1."
-            )
-        if self.keep_keys not in ("all", "none") and not (
-            self.keep_keys.isdigit() and int(self.keep_keys) > 0
-        ):
-            raise KeyspaceError(
-                f"--keep-keys must be all, none or a positive count, got {self.keep_keys!r}.",
-                "Try --keep-keys 2048.",
-            )
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise KeyspaceError(f"unknown --device {self.device!r}.", "Use cpu, cuda or auto.")
 
 
 @dataclass
@@ -197,12 +161,10 @@ class ChunkBuffer:
 def _write_shards(cfg: CollectConfig, buffer: ChunkBuffer, rank: int, chunk: int) -> list[dict]:
     from safetensors.torch import save_file
 
-    from keyspace.store import atomic_path
-
     shards = []
     for (kind, layer), entries in sorted(buffer.kept.items()):
         keys, positions, windows = (torch.cat(parts) for parts in zip(*entries, strict=True))
-        rel = f"{KEYS_DIR}/{kind}/layer{layer:02d}/r{rank}-{chunk:05d}.safetensors"
+        rel = shard_name(kind, layer, rank, chunk)
         with atomic_path(cfg.out / rel) as tmp:
             save_file(
                 {"keys": keys.contiguous(), "positions": positions, "windows": windows}, str(tmp)
@@ -307,9 +269,6 @@ ProgressFn = Callable[[int, int], None]  # (windows done, windows total) for thi
 
 def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> CollectResult:
     """Collect keys per CollectConfig into cfg.out; see the module docstring for crash safety."""
-    from keyspace.data import load_corpus, tokenize_windows
-    from keyspace.models import load_model
-
     dist = Dist.from_env()
     existing = _check_out_folder(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -342,9 +301,7 @@ def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> Collec
         except OSError as err:
             raise _disk_error(err, cfg.out) from None
         dist.barrier()
-    return _result(
-        cfg, manifest, time.perf_counter() - started + manifest.get("_seconds", 0.0), done_before
-    )
+    return _result(cfg, manifest, time.perf_counter() - started, done_before)
 
 
 def _result(cfg: CollectConfig, manifest: dict, seconds: float, resumed: int) -> CollectResult:

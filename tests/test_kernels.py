@@ -7,16 +7,25 @@ kept small where the grid does not ask for size, because the interpreter is slow
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import math
+from dataclasses import replace
 
+import hypothesis
 import pytest
 import torch
 import triton
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
+import keyspace.kernels.attention as attention_module
+import keyspace.kernels.decode as decode_module
+import keyspace.kernels.scores as scores_module
+import keyspace.kernels.select as select_module
 from keyspace.kernels import (
+    DEFAULT_SETTINGS,
+    KernelSettings,
     dense_attention_reference,
     loki_decode,
     loki_decode_reference,
@@ -27,10 +36,6 @@ from keyspace.kernels import (
     sparse_attention,
     sparse_attention_reference,
 )
-
-select_module = importlib.import_module("keyspace.kernels.select")
-attention_module = importlib.import_module("keyspace.kernels.sparse_attention")
-scores_module = importlib.import_module("keyspace.kernels.lowrank_scores")
 
 # assert_close tolerances against the fp32 oracle, per input dtype.
 TOL = {
@@ -153,13 +158,13 @@ def test_ragged_seqlens(group_select):
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
 @pytest.mark.parametrize("kv_heads", [2, 8], ids=["gqa", "mha"])  # a tl.dot, or one GEMV row
 def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(
-    monkeypatch, group_select, kv_heads, tile_major
+    group_select, kv_heads, tile_major
 ):
-    # Both grid orders: tiles fastest, or (batch, KV head) rows fastest past the grid-y limit.
-    monkeypatch.setattr(scores_module, "TILE_MAJOR_MAX_ROWS", 65535 if tile_major else 1)
+    # Both grid orders: tiles fastest, or (batch, KV head) rows fastest (past the grid-y limit).
+    grid = replace(DEFAULT_SETTINGS, scores_tile_major=tile_major)
     q, k_low, _, _, _ = make_cache(2, 8, kv_heads, 300, 64, 16, seed=4)
     seqlens = torch.tensor([300, 123])
-    out = lowrank_scores(q, k_low, group_select, seqlens, backend="triton")
+    out = lowrank_scores(q, k_low, group_select, seqlens, backend="triton", settings=grid)
     ref = lowrank_scores_reference(q, k_low, group_select, seqlens)
     assert out.shape == (2, kv_heads if group_select else 8, 300) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, **SCORE_TOL)
@@ -167,34 +172,39 @@ def test_lowrank_scores_read_the_first_d_dims_and_mask_past_seqlens(
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_score_pass_zeroes_the_attention_split_counters(monkeypatch, group_select):
+def test_score_pass_zeroes_the_attention_split_counters(group_select):
     # The decode step gives the attention counters that only the score pass zeroes (no memset):
-    # start them at garbage, and the step must still merge every split of every index set.
-    decode_module = importlib.import_module("keyspace.kernels.decode")
+    # start them at garbage, and the stages must still merge every split of every index set.
     q, k_low, k_rest, v, _ = make_cache(2, 8, 2, 700, 64, 16, seed=13)
+    three_splits = replace(DEFAULT_SETTINGS, attention_splits=3)  # merges on the counter
     sets = 2 * (2 if group_select else 8)
     counters = torch.full((sets,), 7, dtype=torch.int32)
-    scores_module._lowrank_scores_triton(q, k_low, group_select, None, counters)
+    scores = scores_module._lowrank_scores_triton(q, k_low, group_select, None, counters)
     assert (counters == 0).all()
-    monkeypatch.setattr(
-        decode_module, "_split_counters", lambda *a: torch.full((sets,), 5, dtype=torch.int32)
+    idx = select_module._select_topk_triton(scores, 300, None)
+    counters.fill_(5)  # as the score pass left them for a step that had garbage
+    scores_module._lowrank_scores_triton(q, k_low, group_select, None, counters)
+    out = attention_module._sparse_attention_triton(
+        q, k_low, k_rest, v, idx, 1 / math.sqrt(64), counter=counters, settings=three_splits
     )
-    monkeypatch.setattr(attention_module, "_num_splits", lambda *a: 3)  # merges on the counter
-    out = loki_decode(q, k_low, k_rest, v, 300, group_select=group_select, backend="triton")
     ref = loki_decode_reference(q, k_low, k_rest, v, 300, group_select=group_select)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    out = loki_decode(q, k_low, k_rest, v, 300, group_select=group_select, backend="triton",
+                      settings=three_splits)  # fmt: skip
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
 def test_per_head_score_tile_fits_shared_memory_at_wide_d():
     # The dot path stages a BLOCK_S x BLOCK_D tile: d = 256 in fp32 (256 KB at 256 tokens) failed
     # on the H100 (227 KB of shared memory per block); the tile now shrinks to fit.
+    tile = scores_module.score_tile
     for block_d in (16, 32, 64, 128, 256):
         for elem_size in (2, 4):
-            rows = scores_module.score_tile(block_d, elem_size, one_row=False)
-            assert rows * block_d * elem_size <= scores_module.DOT_TILE_BYTES
+            rows = tile(block_d, elem_size, False, DEFAULT_SETTINGS)
+            assert rows * block_d * elem_size <= DEFAULT_SETTINGS.scores_dot_tile_bytes
             assert rows >= 16 and rows & (rows - 1) == 0
-    assert scores_module.score_tile(256, 4, one_row=False) == 128
-    assert scores_module.score_tile(256, 4, one_row=True) == scores_module.BLOCK_S
+    assert tile(256, 4, False, DEFAULT_SETTINGS) == 128
+    assert tile(256, 4, True, DEFAULT_SETTINGS) == DEFAULT_SETTINGS.scores_block_s
     q, k_low, _, _, _ = make_cache(1, 8, 2, 300, 256, 256, seed=12)  # 128-token tiles, 3 of them
     torch.testing.assert_close(
         lowrank_scores(q, k_low, backend="triton"), lowrank_scores_reference(q, k_low), **SCORE_TOL
@@ -209,13 +219,15 @@ def test_per_head_score_tile_fits_shared_memory_at_wide_d():
      ("outliers", 2048, 256), ("narrow", 1500, 700), ("exponential", 1027, 300),
      ("tied_kth2", 2048, 300), ("tied_kth3", 2048, 300)],
 )  # fmt: skip
-def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
+def test_select_topk_is_an_exact_top_k(impl, kind, seq, k_top):
     # sampled_radix: the sampled bracket with radix passes (not bisection) over its candidates.
     # bisect_plain: the register bisection without the guessed probes (_guided_search).
-    monkeypatch.setattr(select_module, "CAND_BISECT", impl != "sampled_radix")
-    monkeypatch.setattr(select_module, "BISECT_GUESS", impl != "bisect_plain")
-    monkeypatch.setattr(select_module, "METHOD", impl.split("_")[0])
-    monkeypatch.setattr(select_module, "SAMPLE", 256)  # a wider bracket: more candidates
+    method = KernelSettings(
+        select_method=impl.split("_")[0],
+        cand_bisect=impl != "sampled_radix",
+        bisect_guess=impl != "bisect_plain",
+        bracket_sample=256,  # a wider bracket: more candidates
+    )
     gen = torch.Generator().manual_seed(5)
     if kind == "ties":  # few distinct values: the k-th is tied many times over
         scores = torch.randint(-4, 4, (2, 3, seq), generator=gen).float()
@@ -240,7 +252,7 @@ def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
         scores = torch.randn(2, 3, seq, generator=gen)
     seqlens = torch.tensor([seq, max(1, seq // 3)])
     for lens in (None, seqlens):
-        idx = select_topk(scores, k_top, lens, backend="triton")
+        idx = select_topk(scores, k_top, lens, backend="triton", settings=method)
         assert idx.shape == (2, 3, k_top) and idx.dtype == torch.int32
         assert_valid_topk(scores, idx, k_top, lens)
     if kind in ("randn", "cauchy", "exponential"):  # no ties: the very same set as torch.topk
@@ -249,21 +261,19 @@ def test_select_topk_is_an_exact_top_k(monkeypatch, impl, kind, seq, k_top):
         torch.testing.assert_close(got, want)
 
 
-def test_select_topk_handles_infinities(monkeypatch):
-    monkeypatch.setattr(select_module, "SAMPLE", 256)
+def test_select_topk_handles_infinities():
     scores = torch.randn(1, 2, 3000, generator=torch.Generator().manual_seed(6))
     scores[..., ::3] = float("-inf")
     scores[..., 1] = float("inf")
     for impl in ("sampled", "radix", "bisect"):
-        monkeypatch.setattr(select_module, "METHOD", impl)
-        idx = select_topk(scores, 1500, backend="triton")
+        method = KernelSettings(select_method=impl, bracket_sample=256)
+        idx = select_topk(scores, 1500, backend="triton", settings=method)
         assert_valid_topk(scores.nan_to_num(posinf=1e30, neginf=-1e30), idx, 1500)
 
 
 @pytest.mark.parametrize("fused_reduce", [True, False], ids=["fused_reduce", "reduce_launch"])
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_sparse_attention_split_k_and_unused_slots(monkeypatch, group_select, fused_reduce):
-    monkeypatch.setattr(attention_module, "FUSE_REDUCE", fused_reduce)
+def test_sparse_attention_split_k_and_unused_slots(group_select, fused_reduce):
     q, k_low, k_rest, v, _ = make_cache(2, 8, 2, 700, 128, 32, seed=7)
     sets = 2 if group_select else 8
     gen = torch.Generator().manual_seed(8)
@@ -273,13 +283,17 @@ def test_sparse_attention_split_k_and_unused_slots(monkeypatch, group_select, fu
     idx[1, -1, :] = -1  # a row with nothing selected: zeros
     ref = sparse_attention_reference(q, k_low, k_rest, v, idx)
     for splits in (1, 3, 5):
+        split = replace(
+            DEFAULT_SETTINGS, attention_fuse_reduce=fused_reduce, attention_splits=splits
+        )
         out = attention_module._sparse_attention_triton(
-            q, k_low, k_rest, v, idx, 1 / math.sqrt(128), num_splits=splits
+            q, k_low, k_rest, v, idx, 1 / math.sqrt(128), settings=split
         )
         torch.testing.assert_close(out, ref, **TOL[torch.float32])
     given = torch.full_like(q, float("nan"))  # written in place (the pipelined step's halves)
+    split = replace(DEFAULT_SETTINGS, attention_fuse_reduce=fused_reduce, attention_splits=3)
     into = attention_module._sparse_attention_triton(
-        q, k_low, k_rest, v, idx, 1 / math.sqrt(128), num_splits=3, out=given
+        q, k_low, k_rest, v, idx, 1 / math.sqrt(128), out=given, settings=split
     )
     assert into is given
     torch.testing.assert_close(given, ref, **TOL[torch.float32])
@@ -287,51 +301,66 @@ def test_sparse_attention_split_k_and_unused_slots(monkeypatch, group_select, fu
     assert (out[1, heads] == 0).all()
     torch.testing.assert_close(sparse_attention(q, k_low, k_rest, v, idx, backend="triton"), ref,
                                **TOL[torch.float32])  # fmt: skip
+    if not group_select:  # the score pass's q_low·k_low instead of k_low: the same attention
+        low = lowrank_scores_reference(q, k_low)
+        out = sparse_attention(q, k_low, k_rest, v, idx, backend="triton", low_scores=low)
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="low_scores"):
+        sparse_attention(q, k_low, k_rest, v, idx, low_scores=torch.zeros(2, 8, 5))
+
+
+class CopyWatch(TorchFunctionMode):
+    """Records the torch calls that copy one of `watched` whole into new memory (a
+    `.contiguous()`, `.clone()`, `.to()` ...), by the name of the call."""
+
+    def __init__(self, *watched: torch.Tensor):
+        super().__init__()
+        self.watched, self.copies = watched, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if isinstance(out, torch.Tensor) and any(source is w for w in self.watched):
+            storage = out.untyped_storage().data_ptr()
+            if out.numel() == source.numel() and storage != source.untyped_storage().data_ptr():
+                self.copies.append(getattr(func, "__name__", str(func)))
+        return out
 
 
 @pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
-def test_strided_cache_views_are_read_in_place(monkeypatch, group_select):
+def test_strided_cache_views_are_read_in_place(group_select):
     """k_rest as keys[..., d:], v inside one per-token [k_rest | v] buffer, k_low as a slice of a
-    longer preallocated buffer: same result as contiguous copies, and the kernels get the views
-    themselves (no copy)."""
+    longer preallocated buffer: same result as contiguous copies, and nothing copies the views
+    on their way to the kernels."""
     q, k_low, k_rest, v, keys = make_cache(2, 8, 2, 300, 64, 16, seed=11)
     packed = torch.cat([v, k_rest], dim=-1)  # per token: v then k_rest
     v_view, rest_view = packed[..., :64], packed[..., 64:]
     assert not rest_view.is_contiguous() and not keys[..., 16:].is_contiguous()
-    seen = []
-    launch = attention_module._sparse_attention_triton
-
-    def spy(q_, k_low_, k_rest_, v_, *args, **kwargs):
-        seen.append((k_rest_.data_ptr(), v_.data_ptr()))
-        return launch(q_, k_low_, k_rest_, v_, *args, **kwargs)
-
-    decode_module = importlib.import_module("keyspace.kernels.decode")
-    monkeypatch.setattr(decode_module, "_sparse_attention_triton", spy)
     ref = loki_decode_reference(q, k_low, k_rest, v, 40, group_select=group_select)
     for rest_arg, v_arg in ((keys[..., 16:], v), (rest_view, v_view)):
-        out = loki_decode(q, k_low, rest_arg, v_arg, 40, group_select=group_select,
-                          backend="triton")  # fmt: skip
+        with CopyWatch(rest_arg, v_arg) as watch:
+            out = loki_decode(q, k_low, rest_arg, v_arg, 40, group_select=group_select,
+                              backend="triton")  # fmt: skip
         torch.testing.assert_close(out, ref, **TOL[torch.float32])
-        assert seen[-1] == (rest_arg.data_ptr(), v_arg.data_ptr())
+        assert watch.copies == []
     # k_low as the first 300 tokens of a preallocated 337-token buffer: read in place as well.
     buffer = torch.zeros(2, 2, 337, 16)
     buffer[:, :, :300] = k_low
     low_view = buffer[:, :, :300]
     assert not low_view.is_contiguous()
-    low_seen = []
-    scores_launch = decode_module._lowrank_scores_triton
-
-    def scores_spy(q_, k_low_, *args):
-        low_seen.append(k_low_.data_ptr())
-        return scores_launch(q_, k_low_, *args)
-
-    monkeypatch.setattr(decode_module, "_lowrank_scores_triton", scores_spy)
-    out = loki_decode(q, low_view, rest_view, v_view, 40, group_select=group_select,
-                      backend="triton")  # fmt: skip
+    with CopyWatch(low_view, rest_view, v_view) as watch:
+        out = loki_decode(q, low_view, rest_view, v_view, 40, group_select=group_select,
+                          backend="triton")  # fmt: skip
+        scores = lowrank_scores(q, low_view, group_select, backend="triton")
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    assert low_seen == [low_view.data_ptr()]
-    torch.testing.assert_close(lowrank_scores(q, low_view, group_select, backend="triton"),
-                               lowrank_scores_reference(q, k_low, group_select), **SCORE_TOL)  # fmt: skip
+    assert watch.copies == []
+    torch.testing.assert_close(scores, lowrank_scores_reference(q, k_low, group_select),
+                               **SCORE_TOL)  # fmt: skip
+    # The watch sees a copy where one is due: k_low whose (seq, d) rows are not one block.
+    low_strided = keys[..., :16]
+    with CopyWatch(low_strided) as watch:
+        lowrank_scores(q, low_strided, group_select, backend="triton")
+    assert watch.copies == ["contiguous"]
     idx = select_topk_reference(lowrank_scores_reference(q, k_low, group_select), 40)
     out = sparse_attention(q, k_low, rest_view, v_view, idx, backend="triton")
     torch.testing.assert_close(out, sparse_attention_reference(q, k_low, k_rest, v, idx),
@@ -347,7 +376,7 @@ def test_cpu_dispatch_runs_the_reference_and_scale_is_used():
     assert not torch.allclose(out, loki_decode_reference(q, k_low, k_rest, v, 8))
 
 
-@settings(max_examples=12, deadline=None)
+@hypothesis.settings(max_examples=12, deadline=None)
 @given(
     batch=st.integers(1, 2),
     kv_heads=st.integers(1, 3),
@@ -421,33 +450,8 @@ def test_stage_functions_validate_too():
         lowrank_scores(torch.randn(1, 3, 64), k_low)
 
 
-def test_bench_cli_needs_cuda_and_reads_model_shapes(tmp_path):
-    from typer.testing import CliRunner
-
-    from keyspace.cli.bench import model_shapes
-    from keyspace.cli.main import app
-
-    assert model_shapes("smollm2-135m") == (9, 3, 64)
-    (tmp_path / "config.json").write_text(
-        '{"model_type": "llama", "num_attention_heads": 12, "num_key_value_heads": 4,'
-        ' "hidden_size": 768}'
-    )
-    assert model_shapes(str(tmp_path)) == (12, 4, 64)
-    runner = CliRunner()
-    result = runner.invoke(app, ["bench", "--model", "smollm2-135m", "--seq", "4096"])
-    if not torch.cuda.is_available():
-        assert result.exit_code == 2
-        assert "Error: keyspace bench needs a CUDA GPU" in result.output
-    result = runner.invoke(app, ["bench", "--model", str(tmp_path / "missing")])
-    assert result.exit_code == 2 and "cannot read attention shapes" in result.output
-    result = runner.invoke(app, ["bench", "--d", "32"])
-    assert result.exit_code == 2 and "--d and --k go together" in result.output
-    result = runner.invoke(app, ["bench", "--heads", "32", "--kv-heads", "5"])
-    assert result.exit_code == 2 and "not a multiple of kv_heads=5" in result.output
-
-
 def test_bench_table_and_config_checks():
-    from keyspace.kernels.bench import TABLE_COLUMNS, BenchConfig, markdown_table
+    from keyspace.bench.kernels import TABLE_COLUMNS, BenchConfig, markdown_table
 
     row = {key: 1.0 for _, key, _ in TABLE_COLUMNS} | {"select": "group", "kv_heads": 8}
     table = markdown_table([row]).splitlines()
@@ -458,12 +462,11 @@ def test_bench_table_and_config_checks():
         BenchConfig(dtype="int8")
 
 
-def test_sampled_select_falls_back_when_the_bracket_overflows(monkeypatch):
-    monkeypatch.setattr(select_module, "METHOD", "sampled")
-    monkeypatch.setattr(select_module, "CAND_CAP", 16)  # every bracket holds more: fallback
-    monkeypatch.setattr(select_module, "SAMPLE", 256)
+def test_sampled_select_falls_back_when_the_bracket_overflows():
+    # cand_cap=16: every bracket holds more candidates, so every row falls back.
+    overflow = KernelSettings(select_method="sampled", cand_cap=16, bracket_sample=256)
     scores = torch.randn(2, 2, 3000, generator=torch.Generator().manual_seed(10))
-    idx = select_topk(scores, 300, backend="triton")
+    idx = select_topk(scores, 300, backend="triton", settings=overflow)
     assert_valid_topk(scores, idx, 300)
 
 
@@ -501,14 +504,12 @@ def test_bracket_pass_counts_and_stores_sure_scores_and_candidates(packed):
         torch.testing.assert_close(values, x[positions.long()], rtol=0, atol=0)
 
 
-def test_sampled_select_takes_radix_passes_over_a_long_candidate_list(monkeypatch):
+def test_sampled_select_takes_radix_passes_over_a_long_candidate_list():
     # More candidates than the register row holds: radix passes over the candidates, not the
-    # register bisection (which would drop every candidate past CAND_BISECT_ROW).
-    monkeypatch.setattr(select_module, "METHOD", "sampled")
-    monkeypatch.setattr(select_module, "CAND_BISECT_ROW", 16)
-    monkeypatch.setattr(select_module, "SAMPLE", 256)
+    # register bisection (which would drop every candidate past cand_bisect_row).
+    short_row = KernelSettings(select_method="sampled", cand_bisect_row=16, bracket_sample=256)
     scores = torch.randn(2, 2, 3000, generator=torch.Generator().manual_seed(12))
-    idx = select_topk(scores, 300, backend="triton")
+    idx = select_topk(scores, 300, backend="triton", settings=short_row)
     torch.testing.assert_close(
         idx.sort(-1).values, select_topk_reference(scores, 300).sort(-1).values
     )
@@ -519,7 +520,8 @@ def test_sampled_bracket_holds_the_kth_and_is_narrow(seq, k_top):
     """The histogram bracket against the sorted sample it stands for, and its width on the row."""
     gen = torch.Generator().manual_seed(seq + k_top)
     scores = torch.randn(3, seq, generator=gen) * torch.tensor([[1.0], [30.0], [1e-3]])
-    sample, bins = select_module.SAMPLE, select_module.SAMPLE // select_module.SAMPLE_PER_BIN
+    sample, per_bin = DEFAULT_SETTINGS.bracket_sample, DEFAULT_SETTINGS.bracket_sample_per_bin
+    bins = sample // per_bin
     bracket = torch.empty(3, 2)
     counts = torch.full((3, 2), 7, dtype=torch.int32)
     select_module._bracket_kernel[(3,)](
@@ -543,14 +545,22 @@ def test_sampled_bracket_holds_the_kth_and_is_narrow(seq, k_top):
         sure, cand = (x > hi).sum().item(), ((x >= lo) & (x <= hi)).sum().item()
         assert sure <= k_top <= sure + cand  # the row's k-th lies inside
         # About as wide as the sample ranks it stands for, plus a bin at either end.
-        assert cand <= 1.25 * select_module.expected_candidates(seq, k_top, sample)
+        assert cand <= 1.25 * select_module.expected_candidates(seq, k_top, sample, per_bin)
 
 
 def test_bracket_sample_grows_until_the_candidates_fit():
-    sample, expected = select_module._bracket_sample, select_module.expected_candidates
-    row, cap = select_module.CAND_BISECT_ROW, select_module.CAND_CAP
-    assert sample(32768, 4096) == select_module.SAMPLE  # k = S/8: about 2400 candidates
-    assert sample(32768, 16384) == 2 * select_module.SAMPLE  # k = S/2: 3400 at 2048, 2300 at 4096
+    tuned = DEFAULT_SETTINGS
+    per_bin, first = tuned.bracket_sample_per_bin, tuned.bracket_sample
+
+    def sample(seq, k_top):
+        return select_module._bracket_sample(seq, k_top, tuned)
+
+    def expected(seq, k_top, n):
+        return select_module.expected_candidates(seq, k_top, n, per_bin)
+
+    row, cap = tuned.cand_bisect_row, tuned.cand_cap
+    assert sample(32768, 4096) == first  # k = S/8: about 2400 candidates
+    assert sample(32768, 16384) == 2 * first  # k = S/2: 3400 at 2048, 2300 at 4096
     assert sample(131072, 16384) == 4096  # 6400 candidates: radix passes, not a sample of 8192
     assert sample(131072, 32768) == 8192  # 10000 at 4096 would overflow the scratch
     for seq, k_top in (
@@ -563,24 +573,24 @@ def test_bracket_sample_grows_until_the_candidates_fit():
         n = sample(seq, k_top)
         fits_row = 1.25 * expected(seq, k_top, n) <= row
         fits_cap = 1.25 * expected(seq, k_top, n) <= min(cap, seq)
-        assert fits_row or n >= select_module.SAMPLE_ROW_MAX
-        assert fits_cap or n == select_module.SAMPLE_MAX
-        if n > select_module.SAMPLE:  # the next smaller sample would not have fitted
+        assert fits_row or n >= tuned.bracket_sample_row_max
+        assert fits_cap or n == tuned.bracket_sample_max
+        if n > first:  # the next smaller sample would not have fitted
             smaller = 1.25 * expected(seq, k_top, n // 2)
-            assert smaller > (row if n <= select_module.SAMPLE_ROW_MAX else min(cap, seq))
+            assert smaller > (row if n <= tuned.bracket_sample_row_max else min(cap, seq))
 
 
-def test_sampled_select_at_the_default_sample_size(monkeypatch):
-    monkeypatch.setattr(select_module, "METHOD", "sampled")
+def test_sampled_select_at_the_default_sample_size():
+    sampled = replace(DEFAULT_SETTINGS, select_method="sampled")
     scores = torch.randn(1, 1, 8192, generator=torch.Generator().manual_seed(11))
-    idx = select_topk(scores, 1024, backend="triton")
+    idx = select_topk(scores, 1024, backend="triton", settings=sampled)
     assert_valid_topk(scores, idx, 1024)
 
 
 @pytest.mark.parametrize("seq", [1, 2, 5, 300, 8192, 32768])
-def test_bisect_select_edges(monkeypatch, seq):
+def test_bisect_select_edges(seq):
     """Register bisection: tiny rows, k in {1, S}, -0.0 vs 0.0, a row of equal extremes."""
-    monkeypatch.setattr(select_module, "METHOD", "bisect")
+    bisect = replace(DEFAULT_SETTINGS, select_method="bisect")
     gen = torch.Generator().manual_seed(seq)
     scores = torch.randn(2, 2, seq, generator=gen)
     scores[0, 1] = float("-inf")  # every key the lowest finite-or-not value
@@ -589,27 +599,75 @@ def test_bisect_select_edges(monkeypatch, seq):
         scores[1, 0, seq // 2 :] = 0.0
     for k_top in sorted({1, max(1, seq // 2), seq}):
         for lens in (None, torch.tensor([seq, max(1, seq - 1)])):
-            idx = select_topk(scores, k_top, lens, backend="triton")
+            idx = select_topk(scores, k_top, lens, backend="triton", settings=bisect)
             assert_valid_topk(scores.nan_to_num(neginf=-1e30), idx, k_top, lens)
 
 
-def test_select_method_choice(monkeypatch):
-    assert select_module._select_method(4096, True) == "bisect"
-    assert select_module._select_method(16384, False) == "bisect"
-    assert select_module._select_method(32768, True) == "sampled"
-    assert select_module._select_method(65536, True) == "sampled"
-    assert select_module._select_method(65536, False) == "radix"
-    monkeypatch.setattr(select_module, "METHOD", "bisect")
-    assert select_module._select_method(32768, True) == "bisect"
-    assert select_module._select_method(65536, True) == "radix"
-    monkeypatch.setattr(select_module, "METHOD", "heap")
-    with pytest.raises(ValueError, match="METHOD"):
-        select_module._select_method(4096, True)
+def test_select_method_choice():
+    def method(seq, on_cuda, tuned=DEFAULT_SETTINGS):
+        return select_module._select_method(seq, on_cuda, tuned)
+
+    assert method(4096, True) == "bisect"
+    assert method(16384, False) == "bisect"
+    assert method(32768, True) == "sampled"
+    assert method(65536, True) == "sampled"
+    assert method(65536, False) == "radix"
+    bisect = replace(DEFAULT_SETTINGS, select_method="bisect")
+    assert method(32768, True, bisect) == "bisect"
+    assert method(65536, True, bisect) == "radix"
+    with pytest.raises(ValueError, match="select_method"):
+        replace(DEFAULT_SETTINGS, select_method="heap")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"select_method": "heap"}, "select_method must be one of"),
+        ({"pipeline": "sometimes"}, "pipeline must be one of"),
+        ({"attention_block_n": 48}, "attention_block_n must be a power of two"),
+        ({"attention_block_n": 8}, "attention_block_n must be at least 16"),
+        ({"scores_num_warps": 0}, "scores_num_warps must be positive"),
+        ({"attention_splits": -1}, "attention_splits must be positive"),
+        ({"radix_bits": 3}, "radix_bits must be 1, 2, 4 or 8"),
+        ({"radix_chunk": 1 << 16}, "radix_chunk must be below"),
+        ({"bisect_auto_max": 65536}, "bisect_auto_max must be <="),
+        ({"bracket_sample": 8192, "bracket_sample_row_max": 4096}, "bracket_sample <="),
+        ({"cand_bisect": 1}, "cand_bisect must be bool"),
+        ({"cand_cap": 8.0}, "cand_cap must be int"),
+    ],
+)
+def test_kernel_settings_validate(change, message):
+    with pytest.raises(ValueError, match=message):
+        replace(DEFAULT_SETTINGS, **change)
+
+
+def test_kernel_settings_are_frozen_defaults():
+    assert KernelSettings() == DEFAULT_SETTINGS
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULT_SETTINGS.select_method = "radix"
+
+
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+def test_pipelined_step_splits_the_batch_in_halves(group_select):
+    # The two-stream step runs under CUDA-graph capture; pipeline="always" reaches it here, where
+    # the halves run in turn through the same split: batch and seqlens halves, one shared `out`,
+    # each half's split counters. Batch 3 makes the halves unequal (1 and 2).
+    q, k_low, k_rest, v, _ = make_cache(3, 8, 2, 700, 64, 16, seed=14)
+    halves = replace(DEFAULT_SETTINGS, pipeline="always", pipeline_min_sets=2, attention_splits=3)
+    assert decode_module._pipelined(q, k_low, group_select, halves)
+    assert not decode_module._pipelined(q, k_low, group_select, DEFAULT_SETTINGS)
+    assert not decode_module._pipelined(q[:1], k_low[:1], group_select, halves)
+    for seqlens in (None, torch.tensor([700, 37, 400])):
+        out = loki_decode(q, k_low, k_rest, v, 50, group_select=group_select, seqlens=seqlens,
+                          backend="triton", settings=halves)  # fmt: skip
+        ref = loki_decode_reference(q, k_low, k_rest, v, 50, group_select=group_select,
+                                    seqlens=seqlens)  # fmt: skip
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
 def test_bench_top_k_check_accepts_ties_and_rejects_a_wrong_set():
     """The GPU benchmark's selection check (pure torch, so it runs here too)."""
-    from keyspace.kernels.bench import _assert_top_k
+    from keyspace.bench.kernels import _assert_top_k
 
     gen = torch.Generator().manual_seed(12)
     scores = torch.randn(2, 3, 500, generator=gen)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_loki_fixtures import logits_of, random_bases, random_tokens
+from loki_fixtures import logits_of, random_bases, random_tokens
 
 from keyspace.loki import SparseSettings
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_loki_fixtures import HEAD_DIM, random_bases, random_tokens, tiny_llama, tiny_tokenizer
+from loki_fixtures import HEAD_DIM, random_bases, random_tokens, tiny_llama, tiny_tokenizer
 from transformers import DynamicCache
 
 from keyspace.loki.cache import LokiCache
-from keyspace.loki.decode import cache_kwargs, decode_check, greedy, loki_decoding
-from keyspace.loki.masked import SparseSettings, sparse_attention
-from keyspace.loki.passkey import ANSWER_TOKENS, passkey_prompts, run_passkey
+from keyspace.loki.decode import cache_kwargs, greedy, loki_decoding
+from keyspace.loki.masked import SparseSettings, masked_attention
+from keyspace.validate.evaluate import decode_check
+from keyspace.validate.passkey import ANSWER_TOKENS, passkey_prompts, run_passkey
 
 BASIS = random_bases(2, 2, seed=5)
 
@@ -62,7 +63,7 @@ def test_decode_step_equals_masked_row_mode_on_one_layer():
     basis, d, k = random_bases(1, 2, seed=2), 3, 0.25
     with (
         torch.no_grad(),
-        sparse_attention(
+        masked_attention(
             model,
             SparseSettings("loki", k=k, k_mode="row", dims=torch.full((1, 2), d), basis=basis),
         ),
@@ -139,7 +140,7 @@ def test_group_select_decode_step_equals_masked_group_row_mode():
     settings = SparseSettings(
         "loki", k=k, k_mode="row", dims=torch.full((1, 2), d), basis=basis, group_select=True
     )
-    with torch.no_grad(), sparse_attention(model, settings):
+    with torch.no_grad(), masked_attention(model, settings):
         masked_logits = model(tokens, use_cache=False).logits[0, -1]
     cache = LokiCache(basis, [d], k=k, group_select=True)
     with torch.no_grad(), loki_decoding(model, cache):
@@ -149,7 +150,7 @@ def test_group_select_decode_step_equals_masked_group_row_mode():
 
 
 def test_found_reads_the_key_from_generated_tokens():
-    from keyspace.loki.passkey import found
+    from keyspace.validate.passkey import found
 
     tokenizer = tiny_tokenizer()
     answer = torch.tensor(tokenizer(" 12345 .", add_special_tokens=False).input_ids)

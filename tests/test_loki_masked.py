@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from test_loki_fixtures import HEAD_DIM, logits_of, random_bases, random_tokens, tiny_llama
+from loki_fixtures import HEAD_DIM, logits_of, random_bases, random_tokens, tiny_llama
 
-from keyspace.loki.masked import SparseSettings, causal_mask, row_budgets, sparse_attention
+from keyspace.loki.masked import SparseSettings, causal_mask, masked_attention, row_budgets
 from keyspace.loki.registry import use_attention
 from keyspace.loki.selection import METHODS, LayerInputs
 
@@ -171,7 +171,7 @@ def test_model_is_restored_after_the_block_also_on_error():
     model = tiny_llama()
     before = model.config._attn_implementation
     with pytest.raises(RuntimeError, match="boom"):
-        with sparse_attention(model, SparseSettings("full")):
+        with masked_attention(model, SparseSettings("full")):
             assert model.config._attn_implementation == "keyspace"
             raise RuntimeError("boom")
     assert model.config._attn_implementation == before
@@ -223,3 +223,9 @@ def test_dispatch_outside_a_block_and_padded_masks_are_refused():
     padded[..., 0] = False
     with use_attention(model, lambda *args: None), pytest.raises(ValueError, match="unpadded"):
         _dispatch(module, q, kv, kv, padded)
+
+
+def test_random_bases_are_orthonormal():
+    basis = random_bases(2, 2)
+    eye = torch.eye(HEAD_DIM).expand_as(basis)
+    torch.testing.assert_close(basis @ basis.transpose(-1, -2), eye, atol=1e-5, rtol=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_loki_fixtures import logits_of, random_bases
+from loki_fixtures import logits_of, random_bases
 
 from keyspace.loki import LokiCache, SparseSettings, loki_decoding
 from keyspace.loki.decode import cache_kwargs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_loki_fixtures import HEAD_DIM, synthetic_model_run
+from loki_fixtures import HEAD_DIM, synthetic_model_run
 from typer.testing import CliRunner
 
 from keyspace.cli.main import app

@@ -1,4 +1,4 @@
-"""`keyspace analyze`: PCA of a run's keys per (kind, layer, KV head); writes ranks.json + calibration."""
+"""`keyspace analyze`: PCA of a run's keys per (kind, layer, KV head); writes its ranks and calibration."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def command(
         bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
     ] = False,
 ) -> None:
-    """Analyze a run: rank at τ per layer and KV head, pre and post RoPE; writes ranks.json and calibration.safetensors."""
+    """Analyze a run: rank at τ per layer and KV head, pre and post RoPE; writes the ranks and calibration files."""
     from keyspace.analyze import AnalyzeConfig, analyze_and_write, parse_thresholds, summary_json
 
     config = AnalyzeConfig(parse_thresholds(threshold), centered=not uncentered)
@@ -69,5 +69,7 @@ def print_summary(analysis) -> None:
             )
     stdout.print(table)
     stdout.print(f"Model identity: {analysis.model_identity}", soft_wrap=True)
-    written = f"Wrote {analysis.run / 'ranks.json'} and {analysis.run / 'calibration.safetensors'}"
+    from keyspace.store import calibration_path, ranks_path
+
+    written = f"Wrote {ranks_path(analysis.run)} and {calibration_path(analysis.run)}"
     stdout.print(written, soft_wrap=True)

@@ -9,35 +9,10 @@ import typer
 from keyspace.cli.common import handle_errors, print_json, stderr
 from keyspace.errors import KeyspaceError
 
-# Shapes of the aliases keyspace knows, so the bench needs no download: (Hq, Hkv, head_dim).
-KNOWN_SHAPES = {"smollm2-135m": (9, 3, 64)}
-DEFAULT_POINTS = ((32, 1 / 8), (32, 1 / 4), (16, 1 / 8), (64, 1 / 4))
-
-
-def model_shapes(spec: str) -> tuple[int, int, int]:
-    """(query heads, KV heads, head_dim) of an alias or a local folder holding config.json."""
-    if spec in KNOWN_SHAPES:
-        return KNOWN_SHAPES[spec]
-    folder = Path(spec)
-    if not (folder / "config.json").is_file():
-        raise KeyspaceError(
-            f"cannot read attention shapes for model {spec!r}.",
-            f"Pass an alias ({', '.join(KNOWN_SHAPES)}) or a folder with config.json, "
-            "or give --heads, --kv-heads and --head-dim.",
-        )
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(folder)
-    config = getattr(config, "text_config", None) or config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, kv_heads, head_dim
-
 
 @handle_errors
 def command(
-    model: str = typer.Option(None, help="Alias or local folder with config.json: its heads."),
+    model: str = typer.Option(None, help="Alias, local folder or hub id: take its head shapes."),
     batch: int = typer.Option(16, help="Sequences per decode step."),
     heads: int = typer.Option(None, help="Query heads (default 32, or the model's)."),
     kv_heads: list[int] = typer.Option(None, help="KV heads; repeat for several (default 32, 8)."),
@@ -52,27 +27,20 @@ def command(
     json_output: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
     """Time one Loki decode step (scores, top-k, sparse attention) against dense SDPA."""
-    model_heads = model_shapes(model) if model else (32, None, 128)
-    q_heads = heads or model_heads[0]
-    dim = head_dim or model_heads[2]
-    kv = tuple(kv_heads) if kv_heads else ((model_heads[1],) if model else (32, 8))
     if bool(d) != bool(k):
         raise KeyspaceError("--d and --k go together.", "Give both, e.g. --d 32 --k 0.125.")
-    if d:
-        points = tuple((dd, kk) for dd in d for kk in k)
-    else:  # the defaults assume head_dim 128: keep the ones that fit a smaller head
-        points = tuple(p for p in DEFAULT_POINTS if p[0] <= dim) or ((max(1, dim // 4), 1 / 8),)
+    from keyspace.bench.kernels import BenchConfig, default_points, model_geometry
 
-    from keyspace.kernels.bench import BenchConfig
-
+    model_heads, model_kv, model_dim = model_geometry(model) if model else (32, None, 128)
+    dim = head_dim or model_dim
     try:
         config = BenchConfig(
             batch=batch,
-            q_heads=q_heads,
-            kv_heads=kv,
+            q_heads=heads or model_heads,
+            kv_heads=tuple(kv_heads) if kv_heads else ((model_kv,) if model else (32, 8)),
             head_dim=dim,
-            seqs=tuple(seq) if seq else (4096, 16384, 32768),
-            points=points,
+            seqs=tuple(seq) if seq else BenchConfig.seqs,
+            points=tuple((dd, kk) for dd in d for kk in k) if d else default_points(dim),
             dtype=dtype,
             per_head_under_gqa=per_head,
         )
@@ -86,18 +54,14 @@ def command(
             "keyspace bench needs a CUDA GPU, and torch sees none on this machine.",
             "Run it on a machine with an NVIDIA GPU; the kernels' CPU tests run with `make test`.",
         )
-    from keyspace.kernels.bench import check_correctness, markdown_table, run_sweep
+    from keyspace.bench.kernels import check_correctness, markdown_table, run_sweep, save_result
 
     if check:
         for row in check_correctness((dtype,)):
             stderr.print(f"check {row['dtype']} {row['case']}: rel err {row['rel_err']:.1e}")
     result = run_sweep(config, log=stderr.print)
     if out:
-        import json
-
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_decode.json").write_text(json.dumps(result, indent=2, default=str))
-        (out / "bench_decode.md").write_text(markdown_table(result["rows"]) + "\n")
+        save_result(result, out)
     if json_output:
         print_json(result)
     else:

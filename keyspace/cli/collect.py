@@ -4,77 +4,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from keyspace.cli.common import handle_errors, print_json, progress_enabled, stderr, stdout
-
-
-def _parse_max_tokens(value: str) -> int | None:
-    return None if value == "all" else int(value) if value.lstrip("-").isdigit() else -1
+from keyspace.cli.options import config_options
+from keyspace.collect_config import CollectConfig
 
 
 @handle_errors
+@config_options(CollectConfig)
 def command(
-    out: Path = typer.Option(
-        ...,
-        "--out",
-        "-o",
-        help="Run folder to write (new, or an existing partial run with --resume).",
-    ),
-    model: str = typer.Option(
-        "smollm2-135m",
-        "--model",
-        "-m",
-        help="Alias (smollm2-135m), .gguf file, local HF folder or hub id.",
-    ),
-    dataset: str = typer.Option(
-        "wikitext",
-        "--dataset",
-        "-d",
-        help="wikitext, pydoc, a .txt file, or a folder of .txt/.jsonl/.parquet.",
-    ),
-    split: str = typer.Option("validation", help="Split for `wikitext` (validation, test, train)."),
-    window: int = typer.Option(1024, help="Tokens per window (non-overlapping)."),
-    max_tokens: str = typer.Option(
-        "16384", help="Stop after this many tokens (whole windows), or `all`."
-    ),
-    keep_keys: str = typer.Option(
-        "2048", help="Keys to keep on disk per layer: all, none, or a uniform sample of N tokens."
-    ),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, float16, bfloat16."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    batch_size: int = typer.Option(1, help="Windows per forward pass."),
-    shard_windows: int = typer.Option(4, help="Windows per shard and per resumable checkpoint."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a partial run in --out."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    config: CollectConfig,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Collect pre- and post-RoPE keys of every layer and KV head into a run folder."""
-    from keyspace.collect import CollectConfig, collect
-    from keyspace.errors import KeyspaceError
+    from keyspace.collect import collect
 
-    max_tok = _parse_max_tokens(max_tokens)
-    if max_tok == -1:
-        raise KeyspaceError(
-            f"--max-tokens must be a positive number or `all`, got {max_tokens!r}.",
-            "Try --max-tokens 16384.",
-        )
-    cfg = CollectConfig(
-        model=model,
-        dataset=dataset,
-        out=out,
-        split=split,
-        window=window,
-        max_tokens=max_tok,
-        keep_keys=keep_keys,
-        dtype=dtype,
-        device=device,
-        batch_size=batch_size,
-        shard_windows=shard_windows,
-        resume=resume,
-    )
+    cfg = config
     result = _run_with_progress(cfg, collect)
     summary = {
         "out": str(result.out),

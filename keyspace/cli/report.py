@@ -38,9 +38,7 @@ def command(
         stderr.print(f"Warning: {warning}", soft_wrap=True)
     for label, fresh in zip(report.labels, report.reanalyzed, strict=True):
         if fresh:
-            stderr.print(
-                f"Analyzed {label}: wrote ranks.json and calibration.safetensors", soft_wrap=True
-            )
+            stderr.print(f"Analyzed {label}: wrote its ranks and calibration files", soft_wrap=True)
     if as_json:
         print_json(report.to_json())
     elif report.index is not None:

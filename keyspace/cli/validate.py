@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from keyspace.cli.common import handle_errors, print_json, stderr, stdout
-
-ALL_METHODS = "loki,full,exact-topk,h2o,pcaattn,sparq,streaming"
-
-
-def _ints(text: str, option: str) -> tuple[int, ...]:
-    from keyspace.errors import KeyspaceError
-
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise KeyspaceError(
-            f"{option} must be a comma list of positive integers, got {text!r}.",
-            f"Example: {option} 2048,8192.",
-        )
-    return tuple(int(p) for p in parts)
+from keyspace.cli.options import config_options
+from keyspace.validate.config import ValidateConfig
 
 
 def _print_table(doc: dict) -> None:
@@ -67,96 +56,25 @@ def _print_table(doc: dict) -> None:
 
 
 @handle_errors
+@config_options(ValidateConfig)
 def command(
-    run: Path = typer.Option(
-        ..., "--run", "-r", help="Run folder with calibration (from `keyspace analyze`)."
-    ),
-    d: str = typer.Option(
-        None,
-        "--d",
-        help="Low-rank dims: 32, 16,32,64, or auto:0.9 (per head rank). Default: head_dim/2.",
-    ),
-    k: str = typer.Option(
-        "0.125", "--k", help="Fractions of context kept, in (0, 1]: 0.125 or 0.125,0.25."
-    ),
-    k_mode: str = typer.Option(
-        "window", "--k-mode", help="Budget protocol: window, row, or window,row."
-    ),
-    gqa_select: str = typer.Option(
-        "head",
-        "--gqa-select",
-        help="Loki under GQA: one token set per query head (paper) or per KV-head group.",
-    ),
-    rotary: str = typer.Option(
-        "post", "--rotary", help="Which calibrated basis: post- or pre-RoPE keys."
-    ),
-    methods: str = typer.Option(ALL_METHODS, "--methods", help="Comma list of methods."),
-    dataset: str = typer.Option(
-        None,
-        "--dataset",
-        help="wikitext, pydoc, a .txt file or folder. Default: WikiText-2 test, else pydoc.",
-    ),
-    split: str = typer.Option("test", "--split", help="Split for wikitext."),
-    max_tokens: int = typer.Option(
-        2048, "--max-tokens", help="Evaluation tokens (whole windows) per method."
-    ),
-    window: int = typer.Option(1024, "--window", help="Tokens per evaluation window."),
-    recall_windows: int = typer.Option(
-        1, "--recall-windows", help="Windows used for the recall-vs-rank study (0: skip)."
-    ),
-    decode_prompts: int = typer.Option(
-        2, "--decode-prompts", help="Prompts for the real-decoding check (0: skip)."
-    ),
-    decode_prompt_tokens: int = typer.Option(
-        128, "--decode-prompt-tokens", help="Tokens per decode prompt."
-    ),
-    decode_tokens: int = typer.Option(
-        16, "--decode-tokens", help="Greedy tokens generated per prompt."
-    ),
-    passkey_lengths: str = typer.Option(
-        "", "--passkey-lengths", help="Passkey prompt lengths, e.g. 2048,8192 (empty: skip)."
-    ),
-    passkey_count: int = typer.Option(
-        2, "--passkey-count", help="Passkey prompts per length (depths spread evenly)."
-    ),
-    out: Path = typer.Option(
-        None,
-        "--out",
-        "-o",
-        help="Folder for validate.json and the report. Default: <run>/validate.",
-    ),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
-    as_json: bool = typer.Option(False, "--json", help="Print validate.json on stdout."),
+    config: ValidateConfig,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Folder for validate.json and the report. Default: <run>/validate."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print validate.json on stdout.")] = False,
 ) -> None:
     """Perplexity of Loki and baselines at an equal budget, recall vs rank, real decoding, passkey."""
-    from keyspace.loki.results import write_outputs
-    from keyspace.validate import ValidateConfig, run_validate
+    from keyspace.store import validate_dir
+    from keyspace.validate.results import write_outputs
+    from keyspace.validate.run import run_validate
 
-    config = ValidateConfig(
-        run=run,
-        d=d,
-        k=k,
-        k_modes=k_mode,
-        rotary=rotary,
-        gqa_select=gqa_select,
-        methods=methods,
-        dataset=dataset,
-        split=split,
-        max_tokens=max_tokens,
-        window=window,
-        recall_windows=recall_windows,
-        decode_prompts=decode_prompts,
-        decode_tokens=decode_tokens,
-        decode_prompt_tokens=decode_prompt_tokens,
-        passkey_lengths=_ints(passkey_lengths, "--passkey-lengths"),
-        passkey_count=passkey_count,
-        device=device,
-        dtype=dtype,
-    )
     result = run_validate(config, log=lambda line: stderr.print(line))
     doc = result.to_json()
-    paths = write_outputs(doc, out or run / "validate")
+    paths = write_outputs(doc, out or validate_dir(config.run))
     if as_json:
         print_json(doc)
         return

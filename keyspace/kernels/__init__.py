@@ -1,15 +1,25 @@
 """Loki decode kernels: Triton on CUDA, plain torch elsewhere. They know nothing of models.
 
 `loki_decode` runs one decode step; its stages are `lowrank_scores`, `select_topk` and
-`sparse_attention`. Each has a `*_reference` in plain torch beside it.
+`sparse_attention`, public so that a benchmark can time each alone (`sparse_attention` takes the
+score pass's `low_scores` as the step does). Each has a `*_reference` in plain torch beside it.
+Every function takes `backend=` ("auto", "triton", "torch") and `settings=`, a frozen
+`KernelSettings` of Triton launch parameters whose defaults (`DEFAULT_SETTINGS`) are the tuned
+values; build variants with `dataclasses.replace(DEFAULT_SETTINGS, ...)`.
+
+Modules: `scores` (low-rank scores), `select` (top-k), `attention` (sparse attention), `decode`
+(the step), `settings`.
 """
 
+from keyspace.kernels.attention import sparse_attention, sparse_attention_reference
 from keyspace.kernels.decode import dense_attention_reference, loki_decode, loki_decode_reference
-from keyspace.kernels.lowrank_scores import lowrank_scores, lowrank_scores_reference
+from keyspace.kernels.scores import lowrank_scores, lowrank_scores_reference
 from keyspace.kernels.select import select_topk, select_topk_reference
-from keyspace.kernels.sparse_attention import sparse_attention, sparse_attention_reference
+from keyspace.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
 __all__ = [
+    "DEFAULT_SETTINGS",
+    "KernelSettings",
     "dense_attention_reference",
     "loki_decode",
     "loki_decode_reference",

@@ -1,8 +1,8 @@
 """One Loki decode step: low-rank scores, exact top-k, exact attention over the kept rows.
 
 Three stages, three launches (scores, select, split-K attention whose last split per index set
-merges the partials); see `lowrank_scores.py`, `select.py` and `sparse_attention.py` for each
-kernel and its bytes.
+merges the partials); see `scores.py`, `select.py` and `attention.py` for each kernel and its
+bytes.
 
 Bytes moved per step (es = element size, k = k_top, Hsel = Hkv with group_select, else Hq):
     k_low once:              B·Hkv·S·d·es
@@ -14,6 +14,7 @@ against 2·B·Hkv·S·D·es for dense attention.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,21 +27,16 @@ from keyspace.kernels._checks import (
     unit_last_stride,
     use_triton,
 )
-from keyspace.kernels.lowrank_scores import (
+from keyspace.kernels.attention import _sparse_attention_triton, sparse_attention_reference
+from keyspace.kernels.scores import (
     _lowrank_scores_triton,
     lowrank_scores_reference,
     rows_contiguous_view,
 )
 from keyspace.kernels.select import _select_topk_triton, select_topk_reference
-from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
+from keyspace.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
-# Per-head selection reuses the score pass's q_low·k_low in attention (4 bytes a row, not d·es).
-REUSE_LOW_SCORES = True
-# Overlap the two halves of the batch on two streams in CUDA graphs (see _loki_decode_triton).
-PIPELINE = True
-# ... when the step has at least this many index sets (B·Hsel): with fewer, each half leaves SMs
-# idle and the step got slower on the H100 (GQA group_select at B=16: 128 sets).
-PIPELINE_MIN_SETS = 256
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -49,34 +45,71 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
 def _split_counters(q, k_low, group_select):
     """The attention's per-index-set split counters, uninitialised: the score pass zeroes them."""
     sets = q.shape[0] * selected_heads(q.shape[1], k_low.shape[1], group_select)
     return torch.empty((sets,), device=q.device, dtype=torch.int32)
 
 
-def _scores(q, k_low, group_select, seqlens):
+def _scores(q, k_low, group_select, seqlens, settings):
     """Score pass that also zeroes the attention's split counters: (scores, counters)."""
     counters = _split_counters(q, k_low, group_select)
-    return _lowrank_scores_triton(q, k_low, group_select, seqlens, counters), counters
+    scores = _lowrank_scores_triton(q, k_low, group_select, seqlens, counters, settings)
+    return scores, counters
 
 
-def _attend(q, k_low, k_rest, v, scores, idx, scale, counters, out=None):
+def _attend(q, k_low, k_rest, v, scores, idx, scale, counters, out, settings):
     # One query head per index set: its scores already hold q_low·k_low for every token.
-    low = scores if REUSE_LOW_SCORES and scores.shape[1] == q.shape[1] else None
+    per_head = scores.shape[1] == q.shape[1]
+    low = scores if settings.reuse_low_scores and per_head else None
     return _sparse_attention_triton(
-        q, k_low, k_rest, v, idx, scale, low_scores=low, counter=counters, out=out
+        q, k_low, k_rest, v, idx, scale, low, counters, out, settings
     )  # [B, Hq, D]
 
 
-def _loki_decode_stages(q, k_low, k_rest, v, k_top, scale, group_select, seqlens, out=None):
+def _loki_decode_stages(q, k_low, k_rest, v, k_top, scale, group_select, seqlens, out, settings):
     """The Triton stages back to back on the current stream (into `out` if given)."""
-    scores, counters = _scores(q, k_low, group_select, seqlens)  # [B, Hsel, S] fp32
-    idx = _select_topk_triton(scores, k_top, seqlens)  # [B, Hsel, k] int32
-    return _attend(q, k_low, k_rest, v, scores, idx, scale, counters, out)
+    scores, counters = _scores(q, k_low, group_select, seqlens, settings)  # [B, Hsel, S] fp32
+    idx = _select_topk_triton(scores, k_top, seqlens, settings)  # [B, Hsel, k] int32
+    return _attend(q, k_low, k_rest, v, scores, idx, scale, counters, out, settings)
+
+
+def _pipelined(q, k_low, group_select: bool, settings: KernelSettings) -> bool:
+    """Whether the step runs as two half-batches (see `_loki_decode_pipelined`)."""
+    batch = q.shape[0]
+    sets = batch * selected_heads(q.shape[1], k_low.shape[1], group_select)
+    if settings.pipeline == "never" or batch < 2 or sets < settings.pipeline_min_sets:
+        return False
+    # Eager steps are bound by the host's launch time: twice the launches cost more than the
+    # overlap saves, so by default only a captured CUDA graph pipelines.
+    return settings.pipeline == "always" or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _loki_decode_pipelined(q, k_low, k_rest, v, k_top, scale, group_select, seqlens, settings):
+    """The batch cut in two halves; the second runs on a side stream that starts once the first
+    half's scores are queued, so the selection of one half (latency-bound, light on memory)
+    overlaps the memory-bound score or attention pass of the other. Off CUDA the halves run in
+    turn on the current stream, through the same split."""
+    batch = q.shape[0]
+    first, second = slice(0, batch // 2), slice(batch // 2, batch)
+    lens = [None, None] if seqlens is None else [seqlens[first], seqlens[second]]
+    out = torch.empty_like(q)  # each half's attention writes its rows: no concatenation
+    main = torch.cuda.current_stream(q.device) if q.is_cuda else None
+    side = _side_stream(q.device) if q.is_cuda else None
+    scores, counters = _scores(q[first], k_low[first], group_select, lens[0], settings)
+    if side is not None:
+        side.wait_stream(main)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        _loki_decode_stages(
+            q[second], k_low[second], k_rest[second], v[second], k_top, scale, group_select,
+            lens[1], out[second], settings,
+        )  # fmt: skip
+    idx = _select_topk_triton(scores, k_top, lens[0], settings)
+    cache = (q[first], k_low[first], k_rest[first], v[first])
+    _attend(*cache, scores, idx, scale, counters, out[first], settings)
+    if side is not None:
+        main.wait_stream(side)
+    return out
 
 
 def _loki_decode_triton(
@@ -88,38 +121,17 @@ def _loki_decode_triton(
     scale: float,
     group_select: bool,
     seqlens: torch.Tensor | None,
+    settings: KernelSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """The Triton stages; no host synchronisation, so a CUDA graph can capture the step.
 
-    While a CUDA graph is being captured (PIPELINE, batch >= 2, at least PIPELINE_MIN_SETS index
-    sets), the batch is cut in two halves and the second half runs on a side stream that starts
-    once the first half's scores are written. The selection of one half (latency-bound, light on
-    memory) then overlaps the memory-bound score or attention pass of the other. Eager calls are
-    bound by the host's launch time, where twice the launches would cost more than the overlap
-    saves.
+    With `settings.pipeline` "capture" (while a CUDA graph is being captured) or "always", a
+    batch of at least 2 with at least `pipeline_min_sets` index sets runs as two half-batches.
     """
-    args = (k_top, scale, group_select)
-    batch = q.shape[0]
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    sets = batch * selected_heads(q.shape[1], k_low.shape[1], group_select)
-    if not (PIPELINE and capturing and batch >= 2 and sets >= PIPELINE_MIN_SETS):
-        return _loki_decode_stages(q, k_low, k_rest, v, *args, seqlens)
-    first, second = slice(0, batch // 2), slice(batch // 2, batch)
-    lens = [None, None] if seqlens is None else [seqlens[first], seqlens[second]]
-    main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-    out = torch.empty_like(q)  # each half's attention writes its rows: no concatenation
-    scores, counters = _scores(q[first], k_low[first], group_select, lens[0])
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        _loki_decode_stages(
-            q[second], k_low[second], k_rest[second], v[second], *args, lens[1], out[second]
-        )
-    idx = _select_topk_triton(scores, k_top, lens[0])
-    _attend(
-        q[first], k_low[first], k_rest[first], v[first], scores, idx, scale, counters, out[first]
-    )
-    main.wait_stream(side)
-    return out
+    args = (q, k_low, k_rest, v, k_top, scale, group_select, seqlens)
+    if _pipelined(q, k_low, group_select, settings):
+        return _loki_decode_pipelined(*args, settings)
+    return _loki_decode_stages(*args, None, settings)
 
 
 def loki_decode(
@@ -132,6 +144,7 @@ def loki_decode(
     group_select: bool = False,
     seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    settings: KernelSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """Loki sparse attention for one decode step.
 
@@ -149,6 +162,7 @@ def loki_decode(
             KV head, so each selected row is read once for the group.
         seqlens: (batch,) valid length per sequence, each in [1, seq]; None means all seq.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        settings: the Triton launch parameters (`KernelSettings`); the default is tuned.
 
     Returns:
         (batch, q_heads, head_dim) in q's dtype. At k_top = seq this is dense attention.
@@ -161,7 +175,7 @@ def loki_decode(
         return loki_decode_reference(q, k_low, k_rest, v, k_top, scale, group_select, seqlens)
     q, k_low = q.contiguous(), rows_contiguous_view(k_low)  # each head's (S, d) block streamed
     k_rest, v = unit_last_stride(k_rest), unit_last_stride(v)  # gathered rows: views are fine
-    return _loki_decode_triton(q, k_low, k_rest, v, k_top, scale, group_select, seqlens)
+    return _loki_decode_triton(q, k_low, k_rest, v, k_top, scale, group_select, seqlens, settings)
 
 
 def loki_decode_reference(

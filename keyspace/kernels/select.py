@@ -1,34 +1,34 @@
 """Exact top-k selection over the fp32 score bits.
 
 Each fp32 score is mapped to a uint32 key whose unsigned order is the float order. Three exact
-methods; `METHOD` picks one. In each, one program owns one score row (one query head, or one KV
-group with group_select).
+methods; `KernelSettings.select_method` picks one ("auto": by row length). In each, one program
+owns one score row (one query head, or one KV group with group_select).
 
-Register bisection (default for rows up to BISECT_AUTO_MAX): the program loads its whole row into
-registers once and searches the key range for the k-th largest key T: each probe counts the keys
-at or above a threshold with one block-wide sum, and the search stops as soon as a threshold has
-exactly k keys at or above it. With BISECT_GUESS the first probes are guessed (the row's normal
+Register bisection (rows up to `bisect_auto_max`): the program loads its whole row into registers
+once and searches the key range for the k-th largest key T: each probe counts the keys at or
+above a threshold with one block-wide sum, and the search stops as soon as a threshold has
+exactly k keys at or above it. With `bisect_guess` the first probes are guessed (the row's normal
 quantile, then regula falsi on the counts; about 5 probes on bell-shaped scores, see
 _guided_search), and once the bracket is one key from the k-th, one max (or min) and one count
 pin it (_peel); plain halving of the [min, max] key range finishes (at most 32 halvings). One
 packed scan over the same registers then compacts. Nothing is re-read per probe.
 
-Radix select: Up to four passes of an 8-bit
-histogram (`tl.histogram`) walk the key from its top byte down and pin the k-th largest key T;
-a pass is skipped once the boundary bucket is taken whole. A last pass compacts: every key above
-T is kept, and keys equal to T are kept in position order until k are chosen. Ties therefore go
-to lower positions, and the result is an exact top-k.
+Radix select: up to 32 / `radix_bits` passes of a histogram (`tl.histogram`, 8-bit digits by
+default) walk the key from its top digit down and pin the k-th largest key T; a pass is skipped
+once the boundary bucket is taken whole. A last pass compacts: every key above T is kept, and
+keys equal to T are kept in position order until k are chosen. Ties therefore go to lower
+positions, and the result is an exact top-k.
 
-Sampled bracket (long rows): a first launch bins an even sample of SAMPLE scores per row into a
-histogram (a larger sample where the bracket would hold too many candidates, _bracket_sample);
-two of its quantiles, a few standard deviations of the sample rank either side of the k-th,
-bracket T. A second launch walks the rows tile by tile over the whole GPU: every
-score above the bracket goes straight to the output, those inside it go with their positions to a
-scratch buffer (tiles take their ranges with atomic counters). A third selects among the
-candidates only (register bisection up to CAND_BISECT_ROW of them, else radix passes). If the
-bracket missed T (or held more than CAND_CAP candidates), the row falls back to the plain radix
-select, so the result is exact either way; which of several exactly tied scores is kept is
-unspecified here.
+Sampled bracket (long rows on CUDA): a first launch bins an even sample of `bracket_sample`
+scores per row into a histogram (a larger sample where the bracket would hold too many
+candidates, _bracket_sample); two of its quantiles, a few standard deviations of the sample rank
+either side of the k-th, bracket T. A second launch walks the rows tile by tile over the whole
+GPU: every score above the bracket goes straight to the output, those inside it go with their
+positions to a scratch buffer (tiles take their ranges with atomic counters). A third selects
+among the candidates only (register bisection up to `cand_bisect_row` of them, else radix
+passes). If the bracket missed T (or held more than `cand_cap` candidates), the row falls back to
+the plain radix select, so the result is exact either way; which of several exactly tied scores
+is kept is unspecified here.
 
 Slots past min(k, seqlens[b]) hold -1. Indices are unordered; attention does not care.
 
@@ -46,57 +46,10 @@ import triton
 import triton.language as tl
 
 from keyspace.kernels._checks import check_k_top, use_triton
+from keyspace.kernels.settings import BISECT_MAX_ROW, DEFAULT_SETTINGS, KernelSettings
 
-# "auto": register bisection for rows up to BISECT_AUTO_MAX, else the sampled bracket on CUDA and
-# the plain radix select elsewhere. "bisect", "radix" or "sampled" force one (tests, tuning).
-METHOD = "auto"
-BISECT_MAX = 32768  # longest row bisected at all: the packed compaction scan's 16-bit fields
-# On the H100 the bisection beat the sampled bracket up to 16k and lost at 32k (0.30 vs 0.16 ms
-# at B=16, H=32, where a 32-warp program's one-scan compaction is slow; docs/kernels.md).
-BISECT_AUTO_MAX = 16384
-# Sets the bisect kernel's warps: 16384 scores -> 16 warps (at least 4). On the H100 with the peel
-# (docs/kernels.md, attempt 38), 32 against 64 at 16k: MHA step 0.443 -> 0.434 ms, GQA step
-# within 0.3% (its select alone 19.8 -> 20.3 us); 16 a thread lost at both.
-BISECT_ELEMS_PER_THREAD = 32
-# Rows up to BISECT_SHORT_ROW take BISECT_ELEMS_SHORT a thread (4096 -> 8 warps instead of 4): on
-# the H100 (attempt 44) GQA 4k select 9.2 -> 8.7 us, steps -0.8% (GQA) and -1.3% (MHA); 8 a thread
-# lost, and 16 lost at 8192.
-BISECT_ELEMS_SHORT = 16
-BISECT_SHORT_ROW = 4096
-BISECT_MAX_WARPS = 32
-# Guess the k-th score from the row's mean and spread, then refine by regula falsi, before plain
-# halving (see _guided_search); at most GUIDED_MAX_STEPS guessed probes.
-BISECT_GUESS = True
-GUIDED_MAX_STEPS: tl.constexpr = tl.constexpr(48)
-# 4096 fp32 per chunk: 16 per thread at 8 warps, one chunk per pass at S=4096.
-CHUNK = 4096
-NUM_WARPS = 8
-RADIX_BITS = 8
-# Sample of the bracket: SAMPLE scores in SAMPLE / SAMPLE_PER_BIN bins, doubled (up to
-# SAMPLE_ROW_MAX) until the candidate list expected from its width fits CAND_BISECT_ROW with 25%
-# to spare, and further
-# (up to SAMPLE_MAX) only while it would overflow the CAND_CAP scratch (_bracket_sample): a
-# sample of 8192 costs more than radix passes over a long candidate list (attempt 57).
-# A histogram of 2048 held about half the candidates of the sorted sample of 512 it replaced, in
-# less time than the sort took (docs/kernels.md, attempt 52).
-SAMPLE = 2048
-SAMPLE_PER_BIN = 8
-SAMPLE_ROW_MAX = 4096
-SAMPLE_MAX = 8192
-# Sampled bracket (see the header), for rows at least SAMPLED_MIN_LEN long: on an H100 it cut the
-# radix select by 1.5-1.9x at S=16k and 32k, and cost 1.3x at S=4k (docs/kernels.md).
-SAMPLED_MIN_LEN = 2048
-CAND_CAP = 8192  # most candidates kept per row; more falls back to the full radix select
-CAND_CHUNK = 1024  # candidates are few: a narrower chunk keeps their passes cheap
-CAND_BISECT = True  # select among the candidates by register bisection instead of radix passes
-# Longest candidate list bisected in registers; longer lists (rare: a wide bracket) take the
-# radix passes over the candidates instead of the register row's cost on every row.
-CAND_BISECT_ROW = 4096
-BRACKET_TILE = 1024  # scores per program of the bracket pass (the whole GPU walks every row)
-PACKED_COUNTS_BELOW = 1 << 16  # rows shorter than this count sure and candidates in one atomic
-BRACKET_WARPS = 4  # the three launches of the sampled path: bracket, pass, candidates
-PASS_WARPS = 4
-CAND_WARPS = 8
+# Rows shorter than this count sure scores and candidates in one atomic (16 bits each).
+PACKED_COUNTS_BELOW = 1 << 16
 
 
 @triton.jit
@@ -224,8 +177,8 @@ def _bracket_kernel(
     so the bin holding sample rank r bounds the rank-r score: `hi` is the upper edge of the bin
     of rank hi_rank (at most hi_rank sample scores lie above it, up to the edge's rounding), `lo`
     the lower edge of the bin of rank lo_rank (at least lo_rank + 1 lie at or above it). The
-    edges cost no pass over the sample (attempt 56 in docs/kernels.md); a bracket that rounding
-    or the sample gets wrong costs only its row a fallback, never exactness.
+    edges cost no pass over the sample; a bracket that rounding or the sample gets wrong costs
+    only its row a fallback, never exactness.
     """
     row = tl.program_id(0)
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
@@ -323,7 +276,7 @@ def _radix_select_kernel(
     CAND_CHUNK: tl.constexpr,
     CAND_BISECT: tl.constexpr,
     CAND_ROW: tl.constexpr,
-    GUESS: tl.constexpr,
+    GUESS_STEPS: tl.constexpr,  # most guessed probes before plain halving; 0: none
     PACKED_COUNTS: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -348,7 +301,7 @@ def _radix_select_kernel(
             if CAND_BISECT & (n_cand <= CAND_ROW):  # the candidates fit in registers
                 _bisect_row(
                     cand_val, cand_pos, out_ptr + n_sure, n_cand, need, need, CAND_ROW,
-                    CAND_CHUNK, True, GUESS, 2,
+                    CAND_CHUNK, True, GUESS_STEPS, 2,
                 )  # fmt: skip
             else:
                 prefix, prefix_mask, remaining = _radix_threshold(
@@ -477,7 +430,7 @@ def _peel(key, in_row, k, lo, hi, c_hi):
 @triton.jit
 def _bisect_row(
     row_ptr, pos_ptr, out_ptr, length, k, K_TOP,
-    ROW: tl.constexpr, CHUNK: tl.constexpr, INDIRECT: tl.constexpr, GUESS: tl.constexpr,
+    ROW: tl.constexpr, CHUNK: tl.constexpr, INDIRECT: tl.constexpr, GUESS_STEPS: tl.constexpr,
     STRIDE: tl.constexpr,
 ):  # fmt: skip
     """Write the top k of row_ptr[:length] (fp32, ROW >= length) to out_ptr[:k], -1 up to K_TOP.
@@ -498,9 +451,9 @@ def _bisect_row(
     c_hi = tl.zeros([], tl.int32)
     # k >= length keeps the whole row: every key is above lo - 1.
     found = (k <= 0) | ((k >= length) & (lo >= 1))
-    if GUESS:
+    if GUESS_STEPS > 0:
         lo, hi, c_hi, found = _guided_search(
-            x, key, in_row, length, k, lo, hi, c_hi, found, GUIDED_MAX_STEPS
+            x, key, in_row, length, k, lo, hi, c_hi, found, GUESS_STEPS
         )
     while (hi - lo > 1) & (found == 0):
         mid = (lo + hi) // 2
@@ -544,21 +497,22 @@ def _bisect_select_kernel(
     HAS_SEQLENS: tl.constexpr,
     ROW: tl.constexpr,  # next power of two >= S: the whole row sits in registers
     CHUNK: tl.constexpr,
-    GUESS: tl.constexpr,
+    GUESS_STEPS: tl.constexpr,  # most guessed probes before plain halving; 0: none
 ):
     row = tl.program_id(0)
     length, k = _row_bounds(seqlens_ptr, row, S, K_TOP, SEL_HEADS, HAS_SEQLENS)
     row_ptr = scores_ptr + row.to(tl.int64) * S
     out_ptr = idx_ptr + row.to(tl.int64) * K_TOP
-    _bisect_row(row_ptr, row_ptr, out_ptr, length, k, K_TOP, ROW, CHUNK, False, GUESS, 1)
+    _bisect_row(row_ptr, row_ptr, out_ptr, length, k, K_TOP, ROW, CHUNK, False, GUESS_STEPS, 1)
 
 
-def bisect_warps(seq: int) -> int:
-    """Warps of a register-bisection program: about BISECT_ELEMS_PER_THREAD scores a thread
-    (BISECT_ELEMS_SHORT for rows up to BISECT_SHORT_ROW), at least 4 warps."""
+def bisect_warps(seq: int, settings: KernelSettings) -> int:
+    """Warps of a register-bisection program: about `bisect_elems_per_thread` scores a thread
+    (`bisect_elems_short` for rows up to `bisect_short_row`), at least 4 warps."""
     row = triton.next_power_of_2(seq)
-    elems = BISECT_ELEMS_SHORT if row <= BISECT_SHORT_ROW else BISECT_ELEMS_PER_THREAD
-    return min(BISECT_MAX_WARPS, max(4, row // (32 * elems)))
+    short = row <= settings.bisect_short_row
+    elems = settings.bisect_elems_short if short else settings.bisect_elems_per_thread
+    return min(settings.bisect_max_warps, max(4, row // (32 * elems)))
 
 
 def bracket_ranks(rank: float, sample: int) -> tuple[int, int]:
@@ -567,92 +521,95 @@ def bracket_ranks(rank: float, sample: int) -> tuple[int, int]:
     return int(rank - margin), int(rank + margin)
 
 
-def expected_candidates(seq: int, k_top: int, sample: int) -> float:
-    """Scores of a row of `seq` inside the bracket of a `sample`-score histogram (SAMPLE_PER_BIN
-    a bin), about: the bracket's sample ranks, plus one bin's worth at either end."""
+def expected_candidates(seq: int, k_top: int, sample: int, per_bin: int) -> float:
+    """Scores of a row of `seq` inside the bracket of a `sample`-score histogram (`per_bin`
+    sample scores a bin), about: the bracket's sample ranks, plus one bin's worth at either end."""
     hi_rank, lo_rank = bracket_ranks(k_top * sample / seq, sample)
-    return seq * (lo_rank - hi_rank + 2 * SAMPLE_PER_BIN) / sample
+    return seq * (lo_rank - hi_rank + 2 * per_bin) / sample
 
 
-def _bracket_sample(seq: int, k_top: int) -> int:
+def _bracket_sample(seq: int, k_top: int, settings: KernelSettings) -> int:
+    """The bracket's sample size: doubled until the expected candidates fit the register row
+    (with 25% to spare), then further only while they would overflow the scratch; past that a
+    larger sample costs more than radix passes over a long candidate list."""
+
     def over(sample: int, limit: int) -> bool:
-        return 1.25 * expected_candidates(seq, k_top, sample) > limit
+        expected = expected_candidates(seq, k_top, sample, settings.bracket_sample_per_bin)
+        return 1.25 * expected > limit
 
-    sample = SAMPLE
-    while sample < SAMPLE_ROW_MAX and over(sample, CAND_BISECT_ROW):
+    sample = settings.bracket_sample
+    while sample < settings.bracket_sample_row_max and over(sample, settings.cand_bisect_row):
         sample *= 2
-    while sample < SAMPLE_MAX and over(sample, min(CAND_CAP, seq)):
+    while sample < settings.bracket_sample_max and over(sample, min(settings.cand_cap, seq)):
         sample *= 2
     return sample
 
 
-def _select_method(seq: int, on_cuda: bool) -> str:
-    if METHOD != "auto":
-        if METHOD not in ("bisect", "radix", "sampled"):
-            raise ValueError(f"select METHOD must be auto, bisect, radix or sampled: {METHOD!r}")
-        if METHOD == "bisect" and seq > BISECT_MAX:
-            return "radix"  # the row would not fit in registers
-        if METHOD == "sampled" and seq < SAMPLED_MIN_LEN:
-            return "radix"
-        return METHOD
-    if seq <= BISECT_AUTO_MAX:
+def _select_method(seq: int, on_cuda: bool, settings: KernelSettings) -> str:
+    method = settings.select_method
+    if method == "bisect" and seq > BISECT_MAX_ROW:
+        return "radix"  # the row would not fit the packed compaction scan
+    if method == "sampled" and seq < settings.sampled_min_len:
+        return "radix"
+    if method != "auto":
+        return method
+    if seq <= settings.bisect_auto_max:
         return "bisect"
     return "sampled" if on_cuda else "radix"  # the interpreter's sort is slow; tests force it
 
 
 def _select_topk_triton(
-    scores: torch.Tensor, k_top: int, seqlens: torch.Tensor | None, stop_after: int = 0
+    scores: torch.Tensor,
+    k_top: int,
+    seqlens: torch.Tensor | None,
+    settings: KernelSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
-    """Launch the select. scores (B, Hsel, S) fp32 contiguous -> (B, Hsel, k_top) int32.
-
-    stop_after (tuning only): launch just the first 1 or 2 kernels of the sampled path; the
-    result is then incomplete.
-    """
+    """Launch the select. scores (B, Hsel, S) fp32 contiguous -> (B, Hsel, k_top) int32."""
     assert scores.dtype == torch.float32 and scores.is_contiguous() and scores.dim() == 3
     batch, sel_heads, seq = scores.shape
-    assert 1 <= k_top <= seq and CHUNK < 1 << 16  # the packed scans count in 16 bits
+    assert 1 <= k_top <= seq
     idx = torch.empty((batch, sel_heads, k_top), device=scores.device, dtype=torch.int32)
-    method = _select_method(seq, scores.is_cuda)
+    method = _select_method(seq, scores.is_cuda, settings)
     rows = batch * sel_heads
     lens = seqlens if seqlens is not None else idx
+    guess_steps = settings.bisect_guess_steps if settings.bisect_guess else 0
+    chunk = settings.radix_chunk
     if method == "bisect":
         row = triton.next_power_of_2(seq)
         _bisect_select_kernel[(rows,)](
             scores, lens, idx, seq, k_top, sel_heads, HAS_SEQLENS=seqlens is not None,
-            ROW=row, CHUNK=min(CHUNK, row), GUESS=BISECT_GUESS,
-            num_warps=bisect_warps(seq),
+            ROW=row, CHUNK=min(chunk, row), GUESS_STEPS=guess_steps,
+            num_warps=bisect_warps(seq, settings),
         )  # fmt: skip
         return idx
     sampled = method == "sampled"
     packed = seq < PACKED_COUNTS_BELOW  # the pass's two row counters fit 16 bits each
-    cand_cap = min(CAND_CAP, seq) if sampled else 1
+    cand_cap = min(settings.cand_cap, seq) if sampled else 1
     cand = torch.empty((rows, cand_cap), device=scores.device, dtype=torch.int64)
     counts = torch.empty((rows, 2), device=scores.device, dtype=torch.int32)
     if sampled:
         bracket = torch.empty((rows, 2), device=scores.device)
-        sample = _bracket_sample(seq, k_top)
+        sample = _bracket_sample(seq, k_top, settings)
         _bracket_kernel[(rows,)](
             scores, lens, bracket, counts, seq, k_top, sel_heads,
-            HAS_SEQLENS=seqlens is not None, SAMPLE=sample, BINS=sample // SAMPLE_PER_BIN,
-            num_warps=BRACKET_WARPS,
+            HAS_SEQLENS=seqlens is not None, SAMPLE=sample,
+            BINS=sample // settings.bracket_sample_per_bin, num_warps=settings.bracket_warps,
         )  # fmt: skip
-        if stop_after == 1:
-            return idx
-        _bracket_pass_kernel[(rows, triton.cdiv(seq, BRACKET_TILE))](
+        tile = settings.bracket_tile
+        _bracket_pass_kernel[(rows, triton.cdiv(seq, tile))](
             scores, lens, bracket, counts, idx, cand, seq, k_top, sel_heads,
-            cand_cap, HAS_SEQLENS=seqlens is not None, TILE=BRACKET_TILE, PACKED_COUNTS=packed,
-            num_warps=PASS_WARPS,
+            cand_cap, HAS_SEQLENS=seqlens is not None, TILE=tile, PACKED_COUNTS=packed,
+            num_warps=settings.bracket_pass_warps,
         )  # fmt: skip
-        if stop_after == 2:
-            return idx
+    cand_row = triton.next_power_of_2(min(cand_cap, settings.cand_bisect_row))
     _radix_select_kernel[(rows,)](
         scores, lens, idx, counts, cand.view(torch.float32), cand.view(torch.int32), seq, k_top,
         sel_heads, cand_cap,
-        HAS_SEQLENS=seqlens is not None, CHUNK=CHUNK, RADIX_BITS=RADIX_BITS, SAMPLED=sampled,
-        CAND_CHUNK=CAND_CHUNK, CAND_BISECT=sampled and CAND_BISECT,
-        CAND_ROW=triton.next_power_of_2(min(cand_cap, CAND_BISECT_ROW)), GUESS=BISECT_GUESS,
-        PACKED_COUNTS=packed,
-        num_warps=NUM_WARPS if not sampled else CAND_WARPS,
+        HAS_SEQLENS=seqlens is not None, CHUNK=chunk, RADIX_BITS=settings.radix_bits,
+        SAMPLED=sampled, CAND_CHUNK=settings.cand_chunk,
+        CAND_BISECT=sampled and settings.cand_bisect, CAND_ROW=cand_row,
+        GUESS_STEPS=guess_steps, PACKED_COUNTS=packed,
+        num_warps=settings.cand_warps if sampled else settings.radix_warps,
     )  # fmt: skip
     return idx
 
@@ -662,6 +619,7 @@ def select_topk(
     k_top: int,
     seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    settings: KernelSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """Exact top-k positions of each score row.
 
@@ -670,6 +628,7 @@ def select_topk(
         k_top: positions kept per row, in [1, seq].
         seqlens: (batch,) valid length per sequence; positions past it are never chosen.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        settings: the Triton launch parameters (`KernelSettings`), e.g. `select_method`.
 
     Returns:
         (batch, heads, k_top) int32 positions, in no particular order; -1 pads rows whose
@@ -684,7 +643,7 @@ def select_topk(
         )
     if not use_triton(backend, scores):
         return select_topk_reference(scores, k_top, seqlens)
-    return _select_topk_triton(scores.float().contiguous(), k_top, seqlens)
+    return _select_topk_triton(scores.float().contiguous(), k_top, seqlens, settings)
 
 
 def select_topk_reference(

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
+from keyspace.kernels import loki_decode
 from keyspace.loki.cache import LokiCache
 from keyspace.loki.masked import causal_mask, fraction_of
 from keyspace.loki.registry import use_attention
@@ -44,7 +44,6 @@ def _dense_prefill(query_rot, keys_rot, values, scale) -> torch.Tensor:
 
 def decode_handler(cache: LokiCache):
     """Attention for a model whose cache is `cache`: dense when q_len > 1, Loki kernels when q_len == 1."""
-    from keyspace.kernels import loki_decode
 
     def handler(module, query, key, value, scale):
         layer = cache.layers[module.layer_idx]
@@ -119,61 +118,4 @@ def greedy(
     """Prefill prompt (1, P) into `cache`, then `continue_greedy`."""
     return continue_greedy(
         model, cache, prefill(model, cache, prompt), new_tokens, forced, report_argmax
-    )
-
-
-@dataclass
-class DecodeCheck:
-    """Greedy decoding with the dense cache vs LokiCache over some prompts.
-
-    token_agreement: share of positions where Loki's free-running greedy token equals the dense one
-        (after a first disagreement the two continuations drift apart, so this is a harsh measure)
-    forced_agreement: share of steps where Loki's argmax equals the dense argmax, both fed the dense
-        continuation (teacher forcing): per-step agreement without drift
-    nll_sparse / nll_dense: mean NLL of the dense greedy continuation, teacher-forced through each cache
-    """
-
-    prompts: int
-    prompt_tokens: int
-    tokens: int
-    token_agreement: float
-    forced_agreement: float
-    nll_sparse: float
-    nll_dense: float
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.token_agreement <= 1.0:
-            raise ValueError("token_agreement is a share")
-
-
-def decode_check(model, prompts: torch.Tensor, new_tokens: int, make_cache) -> DecodeCheck:
-    """prompts (M, P); make_cache() -> a fresh LokiCache. Dense runs use transformers' DynamicCache."""
-    from transformers import DynamicCache
-
-    agree, forced_agree, sparse_nll, dense_nll = [], [], [], []
-    for prompt in prompts:
-        prompt = prompt[None]
-        dense_tokens, dense_token_nll = greedy(model, DynamicCache(), prompt, new_tokens)
-        cache = make_cache()
-        with loki_decoding(model, cache):
-            loki_tokens, _ = greedy(model, cache, prompt, new_tokens)
-            cache.crop(
-                0
-            )  # the same cache, emptied: teacher-force the dense continuation through Loki
-            forced_choice, forced_nll = greedy(
-                model, cache, prompt, new_tokens, forced=dense_tokens, report_argmax=True
-            )
-        agree.append((loki_tokens == dense_tokens).double().mean())
-        forced_agree.append((forced_choice == dense_tokens).double().mean())
-        sparse_nll.append(forced_nll.mean())
-        dense_nll.append(dense_token_nll.mean())
-    mean = lambda xs: float(torch.stack(xs).mean())  # noqa: E731
-    return DecodeCheck(
-        len(prompts),
-        prompts.shape[1],
-        new_tokens,
-        mean(agree),
-        mean(forced_agree),
-        mean(sparse_nll),
-        mean(dense_nll),
     )

@@ -1,6 +1,6 @@
 """Masked mode: whole windows in one forward, every query row attending only to its selected keys.
 
-with sparse_attention(model, SparseSettings("loki", k=0.125, dims=dims, basis=basis)):
+with masked_attention(model, SparseSettings("loki", k=0.125, dims=dims, basis=basis)):
     logits = model(input_ids, use_cache=False).logits
 """
 
@@ -115,7 +115,7 @@ def masked_handler(settings: SparseSettings):
 
 
 @contextlib.contextmanager
-def sparse_attention(model: torch.nn.Module, settings: SparseSettings) -> Iterator[torch.nn.Module]:
+def masked_attention(model: torch.nn.Module, settings: SparseSettings) -> Iterator[torch.nn.Module]:
     """Run `model` with masked-mode sparse attention; the model is restored on exit."""
     with use_attention(model, masked_handler(settings)):
         yield model

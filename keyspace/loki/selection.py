@@ -54,11 +54,11 @@ class LayerInputs:
         return self.query @ self.key.transpose(-1, -2)
 
     @functools.cached_property
-    def low_rank_scores(self) -> torch.Tensor:
-        """q·k over each head's first d PCA components: (batch, q_heads, q_len, kv_len)."""
+    def pca_scores(self) -> torch.Tensor:
+        """q·k over each head's first d PCA components (Loki's selection scores): (batch, q_heads, q_len, kv_len)."""
         if self.basis is None or self.dims is None:
             raise ValueError("this method needs a PCA basis and d")
-        return low_rank_scores(self.query, self.key, self.basis, self.dims)
+        return pca_scores(self.query, self.key, self.basis, self.dims)
 
 
 def rotate(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ def first_dims_mask(dims: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (torch.arange(head_dim, device=dims.device)[None, :] < dims[:, None]).float()
 
 
-def low_rank_scores(query, key, basis, dims) -> torch.Tensor:
+def pca_scores(query, key, basis, dims) -> torch.Tensor:
     """Loki's approximate scores q[:d]·k[:d] in the PCA basis; shapes as in `LayerInputs`."""
     top = int(dims.max())  # only the first d_max directions are ever used
     mask = first_dims_mask(dims.to(query.device), top).to(query.dtype)
@@ -109,7 +109,7 @@ def group_sum(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def loki(inp: LayerInputs) -> torch.Tensor:
-    scores = inp.low_rank_scores
+    scores = inp.pca_scores
     if inp.group_select:
         scores = group_sum(scores, inp.group_size)
     keep = keep_top(scores, inp.budget, inp.causal)
@@ -118,7 +118,7 @@ def loki(inp: LayerInputs) -> torch.Tensor:
 
 def pcaattn(inp: LayerInputs) -> torch.Tensor:
     """Attention computed from the d-dimensional scores alone, over the whole causal context."""
-    return masked(inp.low_rank_scores, inp.causal)
+    return masked(inp.pca_scores, inp.causal)
 
 
 def sparq(inp: LayerInputs) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Compute happens in keyspace.analyze / keyspace.transfer; this module turns their results into
 plain numbers, figures (figures.py) and HTML (html.py). All numbers shown come from the same
-Analysis objects whose ranks.json is on disk, so the page and the JSON agree by construction.
+Analysis objects whose ranks file is on disk, so the page and the JSON agree by construction.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from keyspace.analyze import (
-    REQUIRED_THRESHOLD,
     Analysis,
     AnalyzeConfig,
     analyze_and_write,
@@ -24,7 +23,7 @@ from keyspace.analyze import (
 )
 from keyspace.errors import KeyspaceError
 from keyspace.reports import figures, html
-from keyspace.store import RunFolder
+from keyspace.store import DEFAULT_THRESHOLD, RunFolder
 from keyspace.transfer import (
     CorpusTransfer,
     SequenceTransfer,
@@ -34,7 +33,7 @@ from keyspace.transfer import (
     require_same_model,
 )
 
-FIGURE_TAU = REQUIRED_THRESHOLD
+FIGURE_TAU = DEFAULT_THRESHOLD
 
 
 @dataclass
@@ -106,7 +105,7 @@ def prepare_out(out: Path) -> Path:
 
 
 def ensure_analysis(path: Path, config: AnalyzeConfig) -> tuple[Analysis, bool]:
-    """The run's analysis; (re)writes ranks.json + calibration when they are missing or stale."""
+    """The run's analysis; (re)writes the ranks and calibration files when they are missing or stale."""
     if is_current(path, config):
         return analyze_run(path, config), False
     return analyze_and_write(path, config), True

@@ -12,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
-from keyspace.loki.masked import SparseSettings, attend, layer_inputs, sparse_attention
+from keyspace.loki.decode import greedy, loki_decoding
+from keyspace.loki.masked import SparseSettings, attend, layer_inputs, masked_attention
 from keyspace.loki.registry import use_attention
 from keyspace.loki.selection import group_sum, keep_top, masked
 
@@ -59,7 +61,7 @@ def perplexity(
     device = next(model.parameters()).device
     # `full` runs the model's own attention: the fastest dense path, equal to ours (tests/test_loki_masked.py).
     dense = settings.method == "full"
-    with contextlib.nullcontext() if dense else sparse_attention(model, settings):
+    with contextlib.nullcontext() if dense else masked_attention(model, settings):
         for first in range(0, windows.shape[0], batch_size):
             total += window_nll(model, windows[first : first + batch_size].to(device)).sum()
             if progress is not None:
@@ -105,7 +107,7 @@ class _RecallRecorder:
         inputs = layer_inputs(self.settings, module.layer_idx, query, key, scale)
         logits = masked(inputs.exact_scores, inputs.causal)
         probs = torch.softmax(logits.float() * scale, dim=-1)  # [B, Hq, T, S]
-        approx = inputs.low_rank_scores
+        approx = inputs.pca_scores
         if inputs.group_select:
             approx = group_sum(approx, inputs.group_size)
         chosen = keep_top(approx, inputs.budget, inputs.causal)
@@ -141,3 +143,58 @@ def loki_recall(model, windows: torch.Tensor, settings: SparseSettings) -> Recal
         for window in windows:
             model(window[None].to(device), use_cache=False)
     return recorder.result()
+
+
+@dataclass
+class DecodeCheck:
+    """Greedy decoding with the dense cache vs LokiCache over some prompts.
+
+    token_agreement: share of positions where Loki's free-running greedy token equals the dense one
+        (after a first disagreement the two continuations drift apart, so this is a harsh measure)
+    forced_agreement: share of steps where Loki's argmax equals the dense argmax, both fed the dense
+        continuation (teacher forcing): per-step agreement without drift
+    nll_sparse / nll_dense: mean NLL of the dense greedy continuation, teacher-forced through each cache
+    """
+
+    prompts: int
+    prompt_tokens: int
+    tokens: int
+    token_agreement: float
+    forced_agreement: float
+    nll_sparse: float
+    nll_dense: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.token_agreement <= 1.0:
+            raise ValueError("token_agreement is a share")
+
+
+def decode_check(model, prompts: torch.Tensor, new_tokens: int, make_cache) -> DecodeCheck:
+    """prompts (M, P); make_cache() -> a fresh LokiCache. Dense runs use transformers' DynamicCache."""
+    agree, forced_agree, sparse_nll, dense_nll = [], [], [], []
+    for prompt in prompts:
+        prompt = prompt[None]
+        dense_tokens, dense_token_nll = greedy(model, DynamicCache(), prompt, new_tokens)
+        cache = make_cache()
+        with loki_decoding(model, cache):
+            loki_tokens, _ = greedy(model, cache, prompt, new_tokens)
+            cache.crop(
+                0
+            )  # the same cache, emptied: teacher-force the dense continuation through Loki
+            forced_choice, forced_nll = greedy(
+                model, cache, prompt, new_tokens, forced=dense_tokens, report_argmax=True
+            )
+        agree.append((loki_tokens == dense_tokens).double().mean())
+        forced_agree.append((forced_choice == dense_tokens).double().mean())
+        sparse_nll.append(forced_nll.mean())
+        dense_nll.append(dense_token_nll.mean())
+    mean = lambda xs: float(torch.stack(xs).mean())  # noqa: E731
+    return DecodeCheck(
+        len(prompts),
+        prompts.shape[1],
+        new_tokens,
+        mean(agree),
+        mean(forced_agree),
+        mean(sparse_nll),
+        mean(dense_nll),
+    )

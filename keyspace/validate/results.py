@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
+
+from keyspace.reports.validate_report import write_validate_report
+from keyspace.store import atomic_path
 
 VALIDATE_JSON = "validate.json"
 
@@ -51,8 +56,6 @@ class ValidateResult:
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> dict:
     """Spearman's ρ and its p-value over matching entries; None where either side is constant."""
-    from scipy.stats import spearmanr
-
     a, b = x.flatten().double().numpy(), y.flatten().double().numpy()
     if a.std() == 0 or b.std() == 0:
         return {"rho": None, "p": None, "n": int(a.size)}
@@ -79,11 +82,6 @@ def speed_ceilings(rows: list[ResultRow]) -> dict:
 
 def write_outputs(doc: dict, out: str | Path) -> list[Path]:
     """validate.json, then the HTML + PNG report beside it; returns the paths written."""
-    import json
-
-    from keyspace.reports.validate_report import write_validate_report
-    from keyspace.store import atomic_path
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / VALIDATE_JSON) as tmp:

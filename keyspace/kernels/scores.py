@@ -1,9 +1,9 @@
 """Low-rank scores: `q[:, :, :d] · k_lowᵀ` for every cached token, in fp32.
 
-One program owns a tile of BLOCK_S tokens of one (batch, KV head) and scores it for all G query
-heads of that KV head at once, so each KV head's `k_low` is read exactly once (GQA included).
-With `group_select` the G scores are summed and one row per KV head is written: as (Σ_h q_h)·k,
-a GEMV, which is also the path for G = 1; per-head rows under GQA use a tensor-core dot.
+One program owns a tile of `scores_block_s` tokens of one (batch, KV head) and scores it for all G
+query heads of that KV head at once, so each KV head's `k_low` is read exactly once (GQA included).
+With `group_select` the G scores are summed and one row per KV head is written: as (Σ_h q_h)·k, a
+GEMV, which is also the path for G = 1; per-head rows under GQA use a tensor-core dot.
 
 Bytes moved: reads B·Hkv·S·d·es of `k_low` (es = element size) plus the queries; writes
 B·Hsel·S·4 bytes of fp32 scores (Hsel = Hkv with group_select, else Hq). Positions at or past
@@ -17,15 +17,8 @@ import triton
 import triton.language as tl
 
 from keyspace.kernels._checks import check_cache, check_seqlens, selected_heads, use_triton
+from keyspace.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
-# A tile of 256 tokens × d=32 fp16 is 16 KB: enough bytes in flight per program on an H100.
-BLOCK_S = 256
-# The per-head path's tl.dot stages its k_low tile in shared memory: at most this many bytes, so
-# that d = 256 in fp32 (256 KB at 256 tokens) still fits the H100's 227 KB.
-DOT_TILE_BYTES = 128 * 1024
-NUM_WARPS = 4
-# k_low is read once per step: "evict_first" lets L2 keep the scores the select reads next.
-EVICT_FIRST = True
 TILE_MAJOR_MAX_ROWS = 65535  # CUDA's limit on a grid's second dimension
 
 
@@ -99,7 +92,7 @@ def _lowrank_scores_kernel(
     if ONE_ROW:
         # One row per KV head (the group's sum, or G = 1): the G scores sum to (Σ_h q_h)·k, one
         # multiply-add per element of k_low in fp32 instead of a tensor-core dot over G query rows
-        # padded to 16 (on the H100: GQA 16k 53.2 -> 51.3 us, MHA 32k 435 -> 385 us).
+        # padded to 16.
         q_sum = tl.sum(q_low.to(tl.float32), axis=0)  # [BLOCK_D]
         row = tl.sum(k_tile.to(tl.float32) * q_sum[None, :], axis=1)  # [BLOCK_S]
         row = tl.where(valid, row, float("-inf"))
@@ -128,11 +121,13 @@ def rows_contiguous_view(k_low: torch.Tensor) -> torch.Tensor:
     return k_low if rows_contiguous(k_low) else k_low.contiguous()
 
 
-def score_tile(block_d: int, elem_size: int, one_row: bool) -> int:
-    """Tokens per program: BLOCK_S, fewer where the dot path's tile would pass DOT_TILE_BYTES."""
+def score_tile(block_d: int, elem_size: int, one_row: bool, settings: KernelSettings) -> int:
+    """Tokens per program: `scores_block_s`, fewer where the dot path's tile in shared memory
+    would pass `scores_dot_tile_bytes` (d = 256 in fp32 must fit the H100's 227 KB)."""
+    block_s = settings.scores_block_s
     if one_row:
-        return BLOCK_S  # the GEMV keeps its tile in registers
-    return max(16, min(BLOCK_S, DOT_TILE_BYTES // (block_d * elem_size)))
+        return block_s  # the GEMV keeps its tile in registers
+    return max(16, min(block_s, settings.scores_dot_tile_bytes // (block_d * elem_size)))
 
 
 def _lowrank_scores_triton(
@@ -141,6 +136,7 @@ def _lowrank_scores_triton(
     group_select: bool,
     seqlens: torch.Tensor | None,
     counters: torch.Tensor | None = None,
+    settings: KernelSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """Launch the score kernel. q (B, Hq, >=d) with unit last stride; k_low (B, Hkv, S, d).
 
@@ -156,13 +152,11 @@ def _lowrank_scores_triton(
     out = torch.empty((batch, out_heads, seq), device=q.device, dtype=torch.float32)
     assert counters is None or (counters.numel() == batch * out_heads and counters.is_contiguous())
     group = q_heads // kv_heads
-    # Consecutive programs take consecutive tiles of one (b, KV head): on the H100 1% faster than
-    # the other order (GQA 32k step 244.2 -> 241.2 us, MHA 16k 433 -> 428). A grid's second
-    # dimension is at most 65535, so very large B·Hkv keep the other order.
-    tile_major = batch * kv_heads <= TILE_MAJOR_MAX_ROWS
+    # Tiles fastest in the grid where its second dimension (at most 65535) can hold B·Hkv.
+    tile_major = settings.scores_tile_major and batch * kv_heads <= TILE_MAJOR_MAX_ROWS
     one_row = group_select or group == 1
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
-    block_s = score_tile(block_d, k_low.element_size(), one_row)
+    block_s = score_tile(block_d, k_low.element_size(), one_row, settings)
     tiles = triton.cdiv(seq, block_s)
     grid = (tiles, batch * kv_heads) if tile_major else (batch * kv_heads, tiles)
     _lowrank_scores_kernel[grid](
@@ -185,10 +179,10 @@ def _lowrank_scores_triton(
         ONE_ROW=one_row,
         HAS_SEQLENS=seqlens is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        EVICT="evict_first" if EVICT_FIRST else "",
+        EVICT="evict_first" if settings.scores_evict_first else "",
         TILE_MAJOR=tile_major,
         ZERO_COUNTERS=counters is not None,
-        num_warps=NUM_WARPS,
+        num_warps=settings.scores_num_warps,
     )
     return out
 
@@ -199,6 +193,7 @@ def lowrank_scores(
     group_select: bool = False,
     seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    settings: KernelSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """Score every cached token with the first d PCA components.
 
@@ -208,6 +203,7 @@ def lowrank_scores(
         group_select: sum the scores of each KV head's query heads into one row.
         seqlens: (batch,) valid length per sequence; positions past it score -inf.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        settings: the Triton launch parameters (`KernelSettings`).
 
     Returns:
         (batch, kv_heads if group_select else q_heads, seq) float32 scores.
@@ -218,7 +214,8 @@ def lowrank_scores(
         return lowrank_scores_reference(q, k_low, group_select, seqlens)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    return _lowrank_scores_triton(q, rows_contiguous_view(k_low), group_select, seqlens)
+    k_low = rows_contiguous_view(k_low)
+    return _lowrank_scores_triton(q, k_low, group_select, seqlens, settings=settings)
 
 
 def lowrank_scores_reference(

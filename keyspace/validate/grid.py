@@ -8,13 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from keyspace.errors import KeyspaceError
-from keyspace.loki.selection import METHODS
-
-RANKS_FILE = "ranks.json"
-
-
-def _error(message: str, hint: str) -> KeyspaceError:
-    return KeyspaceError(message, hint)
+from keyspace.loki import METHODS
+from keyspace.store import RANKS
 
 
 @dataclass
@@ -46,21 +41,17 @@ class SweepPoint:
     k_mode: str | None
 
 
-def _error(message: str, hint: str) -> KeyspaceError:
-    return KeyspaceError(message, hint)
-
-
 def parse_k(text: str) -> list[float]:
     values = []
     for part in text.split(","):
         try:
             k = float(part)
         except ValueError:
-            raise _error(
+            raise KeyspaceError(
                 f"--k {part!r} is not a number.", "Give fractions in (0, 1], e.g. --k 0.125,0.25."
             ) from None
         if not 0.0 < k <= 1.0 or math.isnan(k):
-            raise _error(
+            raise KeyspaceError(
                 f"--k {part} is outside (0, 1].",
                 "k is the fraction of context kept, e.g. --k 0.125.",
             )
@@ -72,23 +63,25 @@ def parse_names(text: str, known: tuple[str, ...], option: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     for name in names:
         if name not in known:
-            raise _error(f"unknown {option} value {name!r}.", f"Choose from: {', '.join(known)}.")
+            raise KeyspaceError(
+                f"unknown {option} value {name!r}.", f"Choose from: {', '.join(known)}."
+            )
     if not names:
-        raise _error(f"{option} is empty.", f"Choose from: {', '.join(known)}.")
+        raise KeyspaceError(f"{option} is empty.", f"Choose from: {', '.join(known)}.")
     return list(dict.fromkeys(names))
 
 
 def ranks_at(ranks: dict | None, kind: str, tau: float) -> torch.Tensor:
-    """rank@τ per (layer, KV head) from ranks.json, long (layers, kv_heads)."""
+    """rank@τ per (layer, KV head) from the run's ranks document, long (layers, kv_heads)."""
     hint = f"Run `keyspace analyze <run> --threshold {tau}` to write ranks at τ={tau}."
     if ranks is None:
-        raise _error(f"--d auto:{tau} needs {RANKS_FILE}, and the run has none.", hint)
+        raise KeyspaceError(f"--d auto:{tau} needs {RANKS}, and the run has none.", hint)
     table = ranks.get(kind, {}).get("rank_at", {})
     for key, value in table.items():
         if abs(float(key) - tau) < 1e-9:
             return torch.tensor(value, dtype=torch.long)
-    raise _error(
-        f"{RANKS_FILE} has no {kind} ranks at τ={tau} (it has {', '.join(table) or 'none'}).", hint
+    raise KeyspaceError(
+        f"{RANKS} has no {kind} ranks at τ={tau} (it has {', '.join(table) or 'none'}).", hint
     )
 
 
@@ -103,19 +96,19 @@ def parse_d(
             try:
                 tau = float(part[5:])
             except ValueError:
-                raise _error(
+                raise KeyspaceError(
                     f"--d {part!r}: τ is not a number.", "Write it like auto:0.9."
                 ) from None
             choices.append(DChoice(part, ranks_at(ranks, kind, tau).clamp(min=1)))
             continue
         if not part.isdigit():
-            raise _error(
+            raise KeyspaceError(
                 f"--d {part!r} is not an integer or auto:τ.",
                 "Examples: --d 32, --d 16,32,64, --d auto:0.9.",
             )
         d = int(part)
         if not 1 <= d <= head_dim:
-            raise _error(
+            raise KeyspaceError(
                 f"--d {d} is outside [1, head_dim={head_dim}].", f"Pick d between 1 and {head_dim}."
             )
         choices.append(DChoice(part, torch.full(shape, d, dtype=torch.long)))

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
+
+from keyspace.loki.decode import greedy, loki_decoding
 
 INTRO = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
 FILLER = (
@@ -71,10 +74,6 @@ def run_passkey(model, tokenizer, prompts: list[PasskeyPrompt], variants: dict) 
 
     Loki variants that share a cache factory's split (same d) could share a prefill; kept separate for clarity.
     """
-    from transformers import DynamicCache
-
-    from keyspace.loki.decode import greedy, loki_decoding
-
     device = next(model.parameters()).device
     correct = dict.fromkeys(variants, 0)
     for prompt in prompts:

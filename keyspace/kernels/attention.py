@@ -6,7 +6,7 @@ scores them over all D dims for every query head that shares the set (tl.dot, fp
 and runs an online softmax. It writes an unnormalised partial (acc, max, sum) per query head.
 Stage 2 merges the partials of each query head and normalises: by default inside the same launch,
 in the last split of each index set to finish (an atomic counter per set), else as a second
-launch (FUSE_REDUCE = False).
+launch (`attention_fuse_reduce=False`).
 
 Bytes moved: Hsel·k rows of (d + (D-d) + D)·es bytes, i.e. 2·D·es per row; with group_select
 each chosen row is read once for all G query heads of its group. The partials cost
@@ -23,13 +23,8 @@ import triton
 import triton.language as tl
 
 from keyspace.kernels._checks import check_cache, unit_last_stride, use_triton
+from keyspace.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
-BLOCK_N = 64  # selected rows per inner step: 64 × 2·D·es = 32 KB at D=128 fp16
-NUM_WARPS = 4
-NUM_STAGES = 2
-PROGRAMS_PER_SM = 2  # split-K target: about one wave of programs (3 fit an SM at D=128)
-# The last split of each index set merges the partials (no separate reduce launch).
-FUSE_REDUCE = True
 LOG2E = 1.4426950408889634
 
 
@@ -226,13 +221,15 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_splits(k_top: int, n_sets: int, device: torch.device) -> int:
-    """Split-K so that about PROGRAMS_PER_SM programs run per SM (one chunk per set on CPU)."""
+def _num_splits(k_top: int, n_sets: int, device: torch.device, settings: KernelSettings) -> int:
+    """`attention_splits` if set, else split-K for about `attention_programs_per_sm` programs
+    per SM (one chunk per set off CUDA)."""
+    if settings.attention_splits:
+        return settings.attention_splits
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(n_sets, 1))
-    return max(1, min(wanted, triton.cdiv(k_top, BLOCK_N)))
+    wanted = triton.cdiv(settings.attention_programs_per_sm * _sm_count(device), max(n_sets, 1))
+    return max(1, min(wanted, triton.cdiv(k_top, settings.attention_block_n)))
 
 
 def _sparse_attention_triton(
@@ -242,10 +239,10 @@ def _sparse_attention_triton(
     v: torch.Tensor,
     idx: torch.Tensor,
     scale: float,
-    num_splits: int | None = None,
     low_scores: torch.Tensor | None = None,
     counter: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    settings: KernelSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """Launch split + reduce. idx (B, Hsel, k) int32 with Hsel = Hq (per head) or Hkv (group).
 
@@ -266,8 +263,9 @@ def _sparse_attention_triton(
     if low_scores is not None:
         assert sel_heads == q_heads and low_scores.shape == (batch, q_heads, seq)
         assert low_scores.dtype == torch.float32 and low_scores.is_contiguous()
-    splits = num_splits or _num_splits(k_top, batch * sel_heads, q.device)
-    rows_per_split = triton.cdiv(triton.cdiv(k_top, splits), BLOCK_N) * BLOCK_N
+    block_n = settings.attention_block_n
+    splits = _num_splits(k_top, batch * sel_heads, q.device, settings)
+    rows_per_split = triton.cdiv(triton.cdiv(k_top, splits), block_n) * block_n
     splits = triton.cdiv(k_top, rows_per_split)
     part_acc = torch.empty((batch, q_heads, splits, head_dim), device=q.device, dtype=torch.float32)
     part_ml = torch.empty((batch, q_heads, splits, 2), device=q.device, dtype=torch.float32)
@@ -275,7 +273,7 @@ def _sparse_attention_triton(
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    fused = FUSE_REDUCE
+    fused = settings.attention_fuse_reduce
     if counter is None or not fused:
         counter = torch.zeros(
             (batch * sel_heads if fused else 1,), device=q.device, dtype=torch.int32
@@ -309,14 +307,14 @@ def _sparse_attention_triton(
         BLOCK_DL=max(16, triton.next_power_of_2(d)),
         BLOCK_DR=max(16, triton.next_power_of_2(max(head_dim - d, 1))),
         BLOCK_DV=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         LOW_SCORES=low_scores is not None,
         FUSED_REDUCE=fused,
         BLOCK_G=triton.next_power_of_2(heads_per_set),
         BLOCK_SPLITS=triton.next_power_of_2(splits),
-        num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        num_warps=settings.attention_num_warps,
+        num_stages=settings.attention_num_stages,
     )
     if fused:
         return out
@@ -340,6 +338,8 @@ def sparse_attention(
     idx: torch.Tensor,
     scale: float | None = None,
     backend: str = "auto",
+    low_scores: torch.Tensor | None = None,
+    settings: KernelSettings = DEFAULT_SETTINGS,
 ) -> torch.Tensor:
     """Exact softmax attention of each query head over its selected cache rows.
 
@@ -353,6 +353,10 @@ def sparse_attention(
             each KV group; -1 marks an unused slot.
         scale: softmax scale, default 1/sqrt(head_dim).
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        low_scores: (batch, q_heads, seq) float32, optional with one index set per query head:
+            `lowrank_scores(q, k_low)`, whose q_low·k_low the kernel then reads (4 bytes a row)
+            instead of gathering k_low again, as a decode step does. The reference ignores it.
+        settings: the Triton launch parameters (`KernelSettings`).
 
     Returns:
         (batch, q_heads, head_dim) in q's dtype.
@@ -365,11 +369,24 @@ def sparse_attention(
         )
     if idx.dtype.is_floating_point or idx.shape[2] < 1:
         raise ValueError("idx must be a non-empty integer tensor of positions")
+    if low_scores is not None and (
+        idx.shape[1] != q_heads
+        or low_scores.shape != (batch, q_heads, seq)
+        or low_scores.dtype != torch.float32
+    ):
+        raise ValueError(
+            f"low_scores must be float32 ({batch}, {q_heads}, {seq}) with one index set per "
+            f"query head, got {low_scores.dtype} {tuple(low_scores.shape)} for idx "
+            f"{tuple(idx.shape)}"
+        )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not use_triton(backend, q, k_low, k_rest, v, idx):
         return sparse_attention_reference(q, k_low, k_rest, v, idx, scale)
     tensors = [q.contiguous()] + [unit_last_stride(t) for t in (k_low, k_rest, v)]
-    return _sparse_attention_triton(*tensors, idx.to(torch.int32).contiguous(), scale)
+    idx = idx.to(torch.int32).contiguous()
+    if low_scores is not None:
+        low_scores = low_scores.contiguous()
+    return _sparse_attention_triton(*tensors, idx, scale, low_scores, settings=settings)
 
 
 def sparse_attention_reference(

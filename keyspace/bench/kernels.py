@@ -2,25 +2,39 @@
 
 `run_sweep` returns plain rows (dicts); `benchmarks/bench_decode.py` and `keyspace bench` print
 them. Whole decode steps are timed as CUDA-graph replays, rotating over several input sets so that
-no step finds its cache in L2; each stage is also timed alone, and `torch.topk` beside the radix
-select. Bytes are the algorithmic floor: each input read once, the output written once.
+no step finds its cache in L2; each stage is also timed alone, and `torch.topk` beside the
+selection. Bytes are the algorithmic floor: each input read once, the output written once.
+
+Only the public entry points of `keyspace.kernels` are timed, with `backend="triton"` and the
+sweep's `KernelSettings`, so a variant is a `BenchConfig(settings=replace(DEFAULT_SETTINGS, ...))`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from keyspace.kernels.decode import _loki_decode_triton, dense_attention_reference
-from keyspace.kernels.lowrank_scores import _lowrank_scores_triton, lowrank_scores_reference
-from keyspace.kernels.select import _select_topk_triton
-from keyspace.kernels.sparse_attention import _sparse_attention_triton, sparse_attention_reference
+from keyspace.errors import KeyspaceError
+from keyspace.kernels import (
+    DEFAULT_SETTINGS,
+    KernelSettings,
+    dense_attention_reference,
+    loki_decode,
+    lowrank_scores,
+    lowrank_scores_reference,
+    select_topk,
+    sparse_attention,
+    sparse_attention_reference,
+)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Relative L2 error allowed against the fp32 oracle (‖out − ref‖ / ‖ref‖).
@@ -43,6 +57,7 @@ class BenchConfig:
     replays: int = 10
     per_head_under_gqa: bool = True  # also time per-query-head selection when Hkv < Hq
     label: str = field(default="")
+    settings: KernelSettings = DEFAULT_SETTINGS  # the kernels' launch parameters
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -57,6 +72,41 @@ class BenchConfig:
                 raise ValueError(f"k fraction {frac} must lie in (0, 1]")
         if min(self.seqs) < 1 or self.batch < 1 or self.input_sets < 1:
             raise ValueError("batch, seq and input_sets must be positive")
+
+
+def model_geometry(spec: str) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of a model, from its config alone (no weights read).
+
+    `spec` is an alias (its config is built in, no download), a local folder with config.json,
+    or a hub id whose config is cached or reachable."""
+    from transformers import AutoConfig
+
+    from keyspace.capture import head_geometry
+    from keyspace.models import ALIASES, alias_config
+
+    folder = Path(spec).expanduser()
+    hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not folder.exists()
+    error = KeyspaceError(
+        f"cannot read attention shapes for model {spec!r}.",
+        f"Pass an alias ({', '.join(ALIASES)}), a folder with config.json or a hub id, "
+        "or give --heads, --kv-heads and --head-dim.",
+    )
+    if spec in ALIASES:
+        config = alias_config(spec)
+    elif (folder / "config.json").is_file() or hub_id:
+        try:
+            config = AutoConfig.from_pretrained(folder if not hub_id else spec)
+        except (OSError, ValueError):
+            raise error from None
+    else:
+        raise error
+    return head_geometry(getattr(config, "text_config", None) or config)
+
+
+def default_points(head_dim: int) -> tuple[tuple[int, float], ...]:
+    """The default (d, k fraction) points that fit `head_dim` (they assume 128), or d = D/4."""
+    points = tuple(p for p in BenchConfig.points if p[0] <= head_dim)
+    return points or ((max(1, head_dim // 4), 1 / 8),)
 
 
 def memory_bandwidth_gbps(nbytes: int = 4 << 30) -> dict:
@@ -157,54 +207,38 @@ def _time_sdpa(sets: list[dict], cfg: BenchConfig) -> dict:
 
 
 def _time_loki(sets: list[dict], cfg: BenchConfig, d: int, k_top: int, group: bool) -> dict:
-    scale = 1.0 / math.sqrt(cfg.head_dim)
-    steps, scores, idx = [], [], []
+    kernel = {"backend": "triton", "settings": cfg.settings}
+    steps, scores, idx, low = [], [], [], []
     for s in sets:
         steps.append(
-            lambda s=s: _loki_decode_triton(
-                s["q"], s["k_low"], s["k_rest"], s["v"], k_top, scale, group, None
+            lambda s=s: loki_decode(
+                s["q"], s["k_low"], s["k_rest"], s["v"], k_top, group_select=group, **kernel
             )
         )
-        scores.append(_lowrank_scores_triton(s["q"], s["k_low"], group, None))
-        idx.append(_select_topk_triton(scores[-1], k_top, None))
-    pairs = list(zip(sets, scores, idx, strict=True))
-    row = {
-        "loki_ms": _graph_ms(steps, cfg.reps, cfg.replays),
-        "loki_eager_ms": _eager_ms(steps),
-        "scores_ms": _graph_ms(
-            [lambda s=s: _lowrank_scores_triton(s["q"], s["k_low"], group, None) for s in sets],
-            cfg.reps,
-            cfg.replays,
-        ),
-        "select_ms": _graph_ms(
-            [lambda sc=sc: _select_topk_triton(sc, k_top, None) for sc in scores],
-            cfg.reps,
-            cfg.replays,
-        ),
-        "topk_torch_ms": _graph_ms(
-            [lambda sc=sc: torch.topk(sc, k_top, dim=-1, sorted=False) for sc in scores],
-            cfg.reps,
-            cfg.replays,
-        ),
-        "attention_ms": _graph_ms(
-            [
-                lambda s=s, sc=sc, i=i: _sparse_attention_triton(
-                    s["q"], s["k_low"], s["k_rest"], s["v"], i, scale, low_scores=_low(s, sc)
-                )
-                for s, sc, i in pairs
-            ],
-            cfg.reps,
-            cfg.replays,
-        ),
+        scores.append(lowrank_scores(s["q"], s["k_low"], group, **kernel))
+        idx.append(select_topk(scores[-1], k_top, **kernel))
+        # The step hands per-head attention the score pass's q_low·k_low: time it the same way.
+        per_head = scores[-1].shape[1] == s["q"].shape[1]
+        low.append(scores[-1] if cfg.settings.reuse_low_scores and per_head else None)
+    stages = list(zip(sets, idx, low, strict=True))
+    timed = {
+        "scores_ms": [
+            lambda s=s: lowrank_scores(s["q"], s["k_low"], group, **kernel) for s in sets
+        ],
+        "select_ms": [lambda sc=sc: select_topk(sc, k_top, **kernel) for sc in scores],
+        "topk_torch_ms": [
+            lambda sc=sc: torch.topk(sc, k_top, dim=-1, sorted=False) for sc in scores
+        ],
+        "attention_ms": [
+            lambda s=s, i=i, lo=lo: sparse_attention(
+                s["q"], s["k_low"], s["k_rest"], s["v"], i, low_scores=lo, **kernel
+            )
+            for s, i, lo in stages
+        ],
     }
+    row = {"loki_ms": _graph_ms(steps, cfg.reps, cfg.replays), "loki_eager_ms": _eager_ms(steps)}
+    row.update({name: _graph_ms(fns, cfg.reps, cfg.replays) for name, fns in timed.items()})
     return row
-
-
-def _low(s: dict, scores: torch.Tensor) -> torch.Tensor | None:
-    """The scores the decode step hands to attention (see decode.REUSE_LOW_SCORES)."""
-    from keyspace.kernels import decode
-
-    return scores if decode.REUSE_LOW_SCORES and scores.shape[1] == s["q"].shape[1] else None
 
 
 def _floor_bytes(cfg: BenchConfig, kv_heads: int, seq: int, d: int, k_top: int, group: bool):
@@ -230,7 +264,7 @@ def run_sweep(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "triton": triton.__version__,
         **rates,
         "floor_gbps": peak,
-        "config": {k: v for k, v in cfg.__dict__.items()},
+        "config": dataclasses.asdict(cfg),
     }
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -314,14 +348,19 @@ def _assert_top_k(scores: torch.Tensor, idx: torch.Tensor, k_top: int, lens, wha
     assert (low >= high - 1e-5 * finite).all(), f"{what}: the chosen positions are not a top-k"
 
 
-def check_correctness(dtypes: Sequence[str] = ("float16", "bfloat16", "float32")) -> list[dict]:
+def check_correctness(
+    dtypes: Sequence[str] = ("float16", "bfloat16", "float32"),
+    settings: KernelSettings = DEFAULT_SETTINGS,
+) -> list[dict]:
     """Triton step vs the fp32 oracles on the GPU, as plain launches and replayed from a CUDA
-    graph (with the batch pipeline at 512 index sets); raises AssertionError past REL_TOL.
+    graph (with the default settings, the batch pipeline at 512 index sets); raises
+    AssertionError past REL_TOL.
 
     The selection is checked to be a top-k of the fp32 reference scores; the attention is then
     compared with the fp32 reference over the very positions chosen, since exactly tied scores
     at the k-th may be chosen either way. At k_top = S it is compared with dense attention."""
     gen = torch.Generator(device="cuda").manual_seed(1)
+    kernel = {"backend": "triton", "settings": settings}
     cases = [  # (B, Hq, Hkv, S, D, d, k_top, group, ragged)
         (4, 32, 32, 4096, 128, 32, 512, False, False),
         (4, 32, 8, 4133, 128, 32, 1033, True, True),
@@ -349,10 +388,11 @@ def check_correctness(dtypes: Sequence[str] = ("float16", "bfloat16", "float32")
         def step(
             q=q, k_low=k_low, k_rest=k_rest, v=v, k_top=k_top, group=group, lens=lens, scale=scale
         ):
-            return _loki_decode_triton(q, k_low, k_rest, v, k_top, scale, group, lens)
+            return loki_decode(q, k_low, k_rest, v, k_top, scale, group, lens, **kernel)
 
         what = f"{name} {case}"
-        idx = _select_topk_triton(_lowrank_scores_triton(q, k_low, group, lens), k_top, lens)
+        scores = lowrank_scores(q, k_low, group, lens, **kernel)
+        idx = select_topk(scores, k_top, lens, **kernel)
         _assert_top_k(lowrank_scores_reference(q, k_low, group, lens), idx, k_top, lens, what)
         ref = sparse_attention_reference(q, k_low, k_rest, v, idx, scale).float()
         if k_top == seq:
@@ -365,6 +405,13 @@ def check_correctness(dtypes: Sequence[str] = ("float16", "bfloat16", "float32")
         for err in errs:
             assert err <= REL_TOL[dtype], f"{what}: relative error {err:.2e}"
     return results
+
+
+def save_result(result: dict, folder: Path) -> None:
+    """Write a sweep as bench_decode.json (everything) and bench_decode.md (the table)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench_decode.json").write_text(json.dumps(result, indent=2, default=str))
+    (folder / "bench_decode.md").write_text(markdown_table(result["rows"]) + "\n")
 
 
 def format_row(row: dict) -> str:

@@ -1,25 +1,115 @@
-"""validate's decode-mode stages: real decoding check, passkey, and (on CUDA) kernel timing.
+"""validate's stages, one per section of validate.json: perplexity, recall vs rank, real decoding,
+passkey, and (on CUDA) measured speed.
 
-Each takes the loaded model and the checked `keyspace.validate.Inputs`, and returns JSON-ready rows.
+Each takes the loaded model and the checked `Inputs`, and returns JSON-ready rows.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import asdict
 
 import torch
 
+from keyspace.bench.kernels import BenchConfig, run_sweep
 from keyspace.errors import KeyspaceError
+from keyspace.loki import METHODS, LokiCache, SparseSettings
+from keyspace.loki.selection import kv_bytes_fraction
+from keyspace.store import DEFAULT_THRESHOLD
+from keyspace.validate.config import Log, ValidateConfig
+from keyspace.validate.evaluate import decode_check, loki_recall, perplexity
+from keyspace.validate.grid import DChoice, SweepPoint, ranks_at
+from keyspace.validate.inputs import Inputs
+from keyspace.validate.passkey import passkey_prompts, run_passkey
+from keyspace.validate.results import ResultRow, spearman
 
-if TYPE_CHECKING:
-    from keyspace.loki.grid import DChoice
-    from keyspace.validate import Inputs, Log, ValidateConfig
+# Recall is correlated with each head's rank at this explained-variance threshold.
+RECALL_THRESHOLD = DEFAULT_THRESHOLD
+SPEED_SEQS = (4096, 16384)  # the model's own long-context shapes plus a longer cache
+
+
+def settings_for(point: SweepPoint, inputs: Inputs) -> SparseSettings:
+    spec = METHODS[point.method]
+    return SparseSettings(
+        point.method,
+        k=point.k if point.k is not None else 1.0,
+        k_mode=point.k_mode or "window",
+        dims=point.d.dims if point.d is not None else None,
+        basis=inputs.components if spec.uses_basis else None,
+        group_select=inputs.group_select and point.method == "loki",
+    )
+
+
+def measure_perplexity(
+    model, windows: torch.Tensor, point: SweepPoint, inputs: Inputs, log: Log
+) -> ResultRow:
+    label = f"{point.method} d={point.d.label if point.d else '-'} k={point.k or '-'} {point.k_mode or ''}"
+    result = perplexity(model, windows, settings_for(point, inputs))
+    log(f"{label}: ppl {result.ppl:.3f} ({result.seconds:.0f} s)")
+    d_mean = point.d.mean if point.d else None
+    return ResultRow(
+        point.method,
+        point.d.value if point.d else None,
+        d_mean,
+        point.k,
+        point.k_mode,
+        result.ppl,
+        result.nll,
+        result.tokens,
+        result.predicted_tokens,
+        kv_bytes_fraction(point.method, d_mean, point.k, inputs.head_dim),
+        result.seconds,
+    )
+
+
+def recall_entry(
+    model, windows: torch.Tensor, d: DChoice, k: float, k_mode: str, inputs: Inputs, kind: str
+) -> dict:
+    """Loki's recall per (layer, query head) at one (d, k), and its link to each head's rank@90."""
+    recall = loki_recall(
+        model,
+        windows,
+        SparseSettings("loki", k, k_mode, d.dims, inputs.components, inputs.group_select),
+    )
+    groups = recall.mass.shape[1] // d.dims.shape[1]
+    relative = recall.mass / recall.exact_mass.clamp(min=1e-12)  # Loki's mass / the best possible
+    entry = {
+        "d": d.value,
+        "k": k,
+        "k_mode": k_mode,
+        "rows": recall.rows,
+        "topk_recall": recall.topk.tolist(),
+        "mass_recall": recall.mass.tolist(),
+        "exact_topk_mass": recall.exact_mass.tolist(),
+        "relative_mass_recall": relative.tolist(),
+        "per_layer": {
+            "topk_recall": recall.topk.mean(1).tolist(),
+            "mass_recall": recall.mass.mean(1).tolist(),
+            "exact_topk_mass": recall.exact_mass.mean(1).tolist(),
+            "relative_mass_recall": relative.mean(1).tolist(),
+        },
+        "rank_kind": kind,
+        "rank_threshold": RECALL_THRESHOLD,
+        "rank": None,
+        "spearman_rank_vs_topk": None,
+        "spearman_rank_vs_mass": None,
+        "spearman_rank_vs_relative_mass": None,
+    }
+    try:
+        rank = ranks_at(inputs.ranks, kind, RECALL_THRESHOLD)
+    except KeyspaceError:
+        return entry
+    rank = rank.repeat_interleave(groups, dim=1)  # [L, Hq]
+    entry.update(
+        rank=rank.tolist(),
+        spearman_rank_vs_topk=spearman(rank, recall.topk),
+        spearman_rank_vs_mass=spearman(rank, recall.mass),
+        spearman_rank_vs_relative_mass=spearman(rank, relative),
+    )
+    return entry
 
 
 def cache_factory(inputs: Inputs, d: DChoice, k: float):
     """A fresh LokiCache per call; a layer's split width is the largest d among its KV heads."""
-    from keyspace.loki.cache import LokiCache
-
     per_layer = d.dims.max(dim=1).values.tolist()
     return lambda: LokiCache(inputs.components, per_layer, k, group_select=inputs.group_select)
 
@@ -39,10 +129,6 @@ def decode_entries(
     model, windows: torch.Tensor, inputs: Inputs, config: ValidateConfig, log: Log
 ) -> list[dict]:
     """Real decoding with LokiCache vs the dense cache, for every (d, k), on prompts cut from the windows."""
-    from dataclasses import asdict
-
-    from keyspace.loki.decode import decode_check
-
     if config.decode_prompts == 0 or "loki" not in inputs.methods:
         return []
     prompts = decode_prompts(windows, config.decode_prompts, config.decode_prompt_tokens).to(
@@ -70,8 +156,6 @@ def passkey_entries(
     model, tokenizer, inputs: Inputs, config: ValidateConfig, log: Log
 ) -> list[dict]:
     """Passkey accuracy per length for the dense cache and Loki at every (d, k)."""
-    from keyspace.loki.passkey import passkey_prompts, run_passkey
-
     variants = {("full", None, None): None}
     if "loki" in inputs.methods:
         variants.update(
@@ -101,16 +185,11 @@ def passkey_entries(
     return entries
 
 
-SPEED_SEQS = (4096, 16384)  # the model's own long-context shapes plus a longer cache
-
-
 def measured_speed(model, inputs: Inputs, config: ValidateConfig, log: Log) -> list[dict] | None:
     """On CUDA: the kernel benchmark (CUDA-graph replays, same cache for SDPA and Loki) at the model's
     attention shapes, batch 16, for every fixed d and k of the grid. None elsewhere."""
     if not config.device.startswith("cuda"):
         return None
-    from keyspace.kernels.bench import BenchConfig, run_sweep
-
     fixed = sorted({int(d.dims.max()) for d in inputs.ds if not d.label.startswith("auto")})
     if not fixed:  # the kernels take one d per cache; auto:τ varies per head
         return None

@@ -1,0 +1,105 @@
+"""`ValidateConfig`: every validate option, declared once.
+
+Each field's metadata carries its CLI flag and help, so `keyspace validate` is built from these
+fields (keyspace.cli.options) rather than repeating them. No torch import at module level:
+the CLI reads this module at start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from keyspace.errors import KeyspaceError
+from keyspace.options import option, parse_positive_ints
+
+Log = Callable[[str], None]
+# Every masked-mode method, in the order reports list them; equals `keyspace.loki.METHODS`'s keys
+# (tests/test_validate_cli.py checks), spelled out so the CLI needs no torch import.
+ALL_METHODS = ("loki", "full", "exact-topk", "h2o", "pcaattn", "sparq", "streaming")
+
+
+@dataclass
+class ValidateConfig:
+    """What to validate. `d`, `k`, `methods`, `k_modes` are comma lists, parsed into the grid."""
+
+    run: Path = option(
+        "--run", "Run folder with calibration (from `keyspace analyze`).", ..., short="-r"
+    )
+    d: str | None = option(
+        "--d", "Low-rank dims: 32, 16,32,64, or auto:0.9 (per head rank). Default: head_dim/2."
+    )
+    k: str = option("--k", "Fractions of context kept, in (0, 1]: 0.125 or 0.125,0.25.", "0.125")
+    k_modes: str = option("--k-mode", "Budget protocol: window, row, or window,row.", "window")
+    gqa_select: str = option(
+        "--gqa-select",
+        "Loki under GQA: one token set per query head (paper) or per KV-head group.",
+        "head",
+    )
+    rotary: str = option("--rotary", "Which calibrated basis: post- or pre-RoPE keys.", "post")
+    methods: str = option("--methods", "Comma list of methods.", ",".join(ALL_METHODS))
+    dataset: str | None = option(
+        "--dataset", "wikitext, pydoc, a .txt file or folder. Default: WikiText-2 test, else pydoc."
+    )
+    split: str = option("--split", "Split for wikitext.", "test")
+    max_tokens: int = option("--max-tokens", "Evaluation tokens (whole windows) per method.", 2048)
+    window: int = option("--window", "Tokens per evaluation window.", 1024)
+    recall_windows: int = option(
+        "--recall-windows", "Windows used for the recall-vs-rank study (0: skip).", 1
+    )
+    decode_prompts: int = option(
+        "--decode-prompts", "Prompts for the real-decoding check (0: skip).", 2
+    )
+    decode_prompt_tokens: int = option("--decode-prompt-tokens", "Tokens per decode prompt.", 128)
+    decode_tokens: int = option("--decode-tokens", "Greedy tokens generated per prompt.", 16)
+    passkey_lengths: tuple[int, ...] = option(
+        "--passkey-lengths",
+        "Passkey prompt lengths, e.g. 2048,8192 (empty: skip).",
+        (),
+        cli_type=str,
+    )
+    passkey_count: int = option(
+        "--passkey-count", "Passkey prompts per length (depths spread evenly).", 2
+    )
+    device: str = option("--device", "cpu or cuda.", "cpu")
+    dtype: str = option("--dtype", "float32, float16 or bfloat16.", "float32")
+
+    def __post_init__(self) -> None:
+        self.run = Path(self.run)
+        self.passkey_lengths = parse_positive_ints(self.passkey_lengths, "--passkey-lengths")
+        if self.gqa_select not in ("head", "group"):
+            raise KeyspaceError(
+                f"--gqa-select must be head or group, got {self.gqa_select!r}.",
+                "Use head (one token set per query head, as in the paper) or group.",
+            )
+        if self.rotary not in ("pre", "post"):
+            raise KeyspaceError(
+                f"--rotary must be pre or post, got {self.rotary!r}.",
+                "Use --rotary post (default) or --rotary pre.",
+            )
+        for name in ("max_tokens", "window", "passkey_count", "decode_tokens"):
+            self._check_at_least(name, 1, "Give a positive integer.")
+        self._check_at_least("decode_prompt_tokens", 1, "Give a positive integer.")
+        for name in ("recall_windows", "decode_prompts"):
+            self._check_at_least(name, 0, "Use 0 to skip.")
+        if self.window < 2:
+            raise KeyspaceError("--window must be at least 2.", "Try --window 1024.")
+        self._check_device()
+
+    def _check_at_least(self, name: str, low: int, hint: str) -> None:
+        if getattr(self, name) < low:
+            flag = f"--{name.replace('_', '-')}"
+            raise KeyspaceError(f"{flag} must be {'positive' if low else '0 or more'}.", hint)
+
+    def _check_device(self) -> None:
+        if not self.device.startswith("cuda"):
+            if self.device != "cpu":
+                raise KeyspaceError(f"--device {self.device!r} is unknown.", "Use cpu or cuda.")
+            return
+        import torch
+
+        if not torch.cuda.is_available():
+            raise KeyspaceError(
+                f"--device {self.device}: no CUDA device is visible.", "Use --device cpu."
+            )

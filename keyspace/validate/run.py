@@ -1,0 +1,89 @@
+"""`run_validate`: load the run's model, check it against the calibration, then run every stage
+on the same token windows. The JSON written from `ValidateResult.to_json()` is documented in
+docs/validate.md.
+"""
+
+from __future__ import annotations
+
+from keyspace import __version__
+from keyspace.data import load_corpus, load_token_windows
+from keyspace.errors import KeyspaceError
+from keyspace.models import load_model
+from keyspace.validate.config import Log, ValidateConfig
+from keyspace.validate.grid import sweep_points
+from keyspace.validate.inputs import check_model, check_passkey_lengths, open_inputs
+from keyspace.validate.results import ValidateResult, speed_ceilings
+from keyspace.validate.stages import (
+    decode_entries,
+    decode_prompts,
+    measure_perplexity,
+    measured_speed,
+    passkey_entries,
+    recall_entry,
+)
+
+
+def default_dataset(log: Log) -> str:
+    """WikiText-2 when it can be found (hub or local copy), else the embedded pydoc corpus."""
+    try:
+        load_corpus("wikitext", "test")
+        return "wikitext"
+    except KeyspaceError as err:
+        log(f"WikiText-2 not available ({err.message}); evaluating on pydoc.")
+        return "pydoc"
+
+
+def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateResult:
+    """Open, load, check, then measure every sweep point on the same windows."""
+    inputs = open_inputs(config)
+    loaded = load_model(
+        inputs.run.manifest["model"]["spec"], dtype=config.dtype, device=config.device
+    )
+    check_model(loaded.model, loaded.identity, inputs)
+    check_passkey_lengths(loaded.model, config.passkey_lengths)
+    dataset = config.dataset or default_dataset(log)
+    windows = load_token_windows(
+        dataset, loaded.tokenizer, config.window, config.max_tokens, config.split
+    )
+    if (
+        config.decode_prompts and "loki" in inputs.methods
+    ):  # fail now, not after the perplexity passes
+        decode_prompts(windows, config.decode_prompts, config.decode_prompt_tokens)
+    log(
+        f"evaluating on {windows.shape[0]} windows of {windows.shape[1]} tokens from {dataset} ({config.split})"
+    )
+    rows = [
+        measure_perplexity(loaded.model, windows, p, inputs, log)
+        for p in sweep_points(inputs.methods, inputs.ds, inputs.ks, inputs.k_modes)
+    ]
+    sample = windows[: config.recall_windows]
+    recall = [
+        recall_entry(loaded.model, sample, d, k, inputs.k_modes[0], inputs, config.rotary)
+        for d in inputs.ds
+        for k in inputs.ks
+        if "loki" in inputs.methods and config.recall_windows > 0
+    ]
+    decode = decode_entries(loaded.model, windows, inputs, config, log)
+    passkey = passkey_entries(loaded.model, loaded.tokenizer, inputs, config, log)
+    header = {
+        "keyspace_version": __version__,
+        "run": str(inputs.run.path),
+        "model": {"spec": inputs.run.manifest["model"]["spec"], "identity": loaded.identity},
+        "dataset": {
+            "spec": dataset,
+            "split": config.split,
+            "window": config.window,
+            "windows": int(windows.shape[0]),
+        },
+        "rotary": config.rotary,
+        "gqa_select": config.gqa_select,
+        "head_dim": inputs.head_dim,
+        "k_modes": inputs.k_modes,
+        "grid": {"d": [d.value for d in inputs.ds], "k": inputs.ks, "methods": inputs.methods},
+        "device": config.device,
+        "dtype": config.dtype,
+    }
+    result = ValidateResult(header, rows, recall, decode, passkey)
+    result.speed = speed_ceilings(rows)
+    result.speed["measured"] = measured_speed(loaded.model, inputs, config, log)
+    return result

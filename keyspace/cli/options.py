@@ -1,6 +1,6 @@
 """Build a typer command's options from a config dataclass, so each option is declared once.
 
-A field takes part when its metadata holds `flags` and `help` (see `keyspace.validate.config.option`).
+A field takes part when its metadata holds `flags` and `help` (see `keyspace.options.option`).
 The decorated command receives `config`, built from those options, plus its own parameters.
 """
 

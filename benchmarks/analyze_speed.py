@@ -16,7 +16,7 @@ import torch
 
 from keyspace.analyze import AnalyzeConfig, analyze_kind, analyze_run, write_analysis
 from keyspace.reports.build import build_report, render
-from keyspace.store import KINDS, Moments, save_moments, write_json_atomic
+from keyspace.store import KINDS, Moments, save_moments, write_manifest
 
 LAYERS, KV_HEADS, HEAD_DIM, TOKENS = 30, 3, 64, 16384
 
@@ -35,7 +35,7 @@ def random_moments(seed: int) -> Moments:
 
 def write_fake_run(path: Path, seed: int, corpus: str) -> Path:
     path.mkdir(parents=True)
-    save_moments(
+    digest = save_moments(
         path / "moments.safetensors", {k: random_moments(seed + i) for i, k in enumerate(KINDS)}
     )
     manifest = {
@@ -51,9 +51,10 @@ def write_fake_run(path: Path, seed: int, corpus: str) -> Path:
         "num_kv_heads": KV_HEADS,
         "head_dim": HEAD_DIM,
         "shards": [],
+        "moments": {"path": "moments.safetensors", "sha256": digest},
         "state": "complete",
     }
-    write_json_atomic(path / "manifest.json", manifest)
+    write_manifest(path, manifest)
     return path
 
 

@@ -9,6 +9,8 @@ exactly equal to τ counts. Cumulative sums carry float rounding of a few ulp (0
 0.8999999999999999 in float64), so a cumulative ratio within `RANK_TOLERANCE` below τ counts too.
 
 Writes the run's ranks and calibration files (names in `keyspace.store`; docs/run-format.md).
+The ranks document is analyze's record: it holds the sha256 of the calibration file and of the
+moments it was computed from, and a checksum of its own content, so readers verify both files.
 """
 
 from __future__ import annotations
@@ -23,17 +25,22 @@ from pathlib import Path
 import torch
 
 from keyspace import __version__
-from keyspace.calibration import Calibration
-from keyspace.errors import KeyspaceError
+from keyspace.calibration import Calibration, calibration_from_bytes
+from keyspace.errors import FileSystemError, KeyspaceError, shell_command
+from keyspace.store import CHECKSUM_FIELD as CHECKSUM_FIELD  # the ranks document's checksum
 from keyspace.store import (
     DEFAULT_THRESHOLD,
     KINDS,
-    MOMENTS,
+    RANKS,
     Moments,
     RunFolder,
     calibration_path,
+    check_writable,
     ranks_path,
-    sha256_file,
+    read_file,
+    read_verified,
+    seal_problem,
+    sealed,
     write_json_atomic,
 )
 
@@ -298,12 +305,7 @@ def analyze_run(run_path: str | Path, config: AnalyzeConfig | None = None) -> An
     kinds: dict[str, KindAnalysis] = {}
     counts = []
     for kind in KINDS:
-        moments = run.moments(kind)
-        if tuple(moments.sum.shape) != (layers, heads, head_dim):
-            raise KeyspaceError(
-                f"{kind} moments in {run.path} have shape {tuple(moments.sum.shape)}, manifest says {(layers, heads, head_dim)}.",
-                "The run folder is inconsistent; re-collect it.",
-            )
+        moments = run.moments(kind)  # verified against the manifest, shape checked
         counts.append(int(moments.count.min()))
         kinds[kind] = analyze_kind(moments, config)
     tokens = min(counts)
@@ -318,7 +320,7 @@ def analyze_run(run_path: str | Path, config: AnalyzeConfig | None = None) -> An
         head_dim=head_dim,
         config=config,
         kinds=kinds,
-        moments_sha256=sha256_file(run.path / MOMENTS),
+        moments_sha256=run.moments_sha256 or "",
         warnings=warnings,
         model_spec=str((run.manifest.get("model") or {}).get("spec", "")),
     )
@@ -367,46 +369,89 @@ def calibration_of(analysis: Analysis) -> Calibration:
     )
 
 
+def analyze_command(run_path: str | Path) -> str:
+    return shell_command("keyspace", "analyze", run_path)
+
+
+def analyze_hint(run_path: str | Path) -> str:
+    return f"`{analyze_command(run_path)}` rewrites the analysis from the run's moments."
+
+
+def write_ranks(run_path: str | Path, doc: dict) -> Path:
+    """Seal the ranks document with its checksum and write it atomically: analyze's commit point."""
+    path = ranks_path(run_path)
+    write_json_atomic(path, sealed(doc))
+    return path
+
+
 def write_analysis(analysis: Analysis) -> tuple[Path, Path]:
-    """Write the ranks and calibration files into the run folder, atomically."""
-    ranks_file, calibration_file = ranks_path(analysis.run), calibration_path(analysis.run)
-    try:
-        calibration_of(analysis).save(calibration_file)
-        write_json_atomic(ranks_file, ranks_json(analysis))
-    except OSError as err:
-        raise KeyspaceError(
-            f"cannot write the analysis into {analysis.run} ({err.strerror}).",
-            "Make the run folder writable, or copy it somewhere writable.",
-        ) from None
-    return ranks_file, calibration_file
+    """Write the calibration, then the ranks document recording its sha256, atomically."""
+    calibration_file = calibration_path(analysis.run)
+    doc = {
+        **ranks_json(analysis),
+        "calibration_sha256": calibration_of(analysis).save(calibration_file),
+    }
+    return write_ranks(analysis.run, doc), calibration_file
 
 
 def read_ranks(run_path: str | Path) -> dict | None:
-    """The ranks document of a run, or None when absent or unreadable."""
-    path = ranks_path(run_path)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    """The ranks document of a run, verified by its checksum; None when the run has none."""
+    path, hint = ranks_path(run_path), analyze_hint(run_path)
+    if not path.exists():
         return None
+    try:
+        doc = json.loads(read_file(path, hint))
+    except ValueError as err:
+        raise KeyspaceError(f"{path} is damaged: it is not valid JSON ({err}).", hint) from None
+    problem = seal_problem(doc)
+    if problem:
+        raise KeyspaceError(f"{path} is damaged: {problem}.", hint)
+    return doc
+
+
+def read_calibration(run_path: str | Path, ranks: dict | None = None) -> Calibration:
+    """The run's calibration, verified against the sha256 its ranks document records."""
+    path, hint = calibration_path(run_path), analyze_hint(run_path)
+    ranks = ranks if ranks is not None else read_ranks(run_path)
+    if ranks is None:
+        what = (
+            "no analysis"
+            if not path.exists()
+            else f"a {path.name} but no {RANKS} recording its hash"
+        )
+        raise KeyspaceError(f"run {run_path} has {what}.", hint)
+    data = read_verified(path, ranks.get("calibration_sha256"), hint)
+    return calibration_from_bytes(data, path, hint)
 
 
 def is_current(run_path: str | Path, config: AnalyzeConfig) -> bool:
-    """True when the run's ranks and calibration files match its moments and `config`."""
-    run_path = Path(run_path)
+    """True when the run's ranks and calibration files match its moments and `config`.
+
+    Both files are verified first: a damaged one is an error, not a stale analysis.
+    """
     doc = read_ranks(run_path)
     if doc is None or not calibration_path(run_path).is_file():
         return False
+    read_calibration(run_path, doc)
     written = {threshold_key(t) for t in config.written_thresholds}
     return (
         doc.get("format_version") == RANKS_FORMAT_VERSION
         and doc.get("centered") == config.centered
         and written <= set(doc.get("pre", {}).get("rank_at", {}))
-        and doc.get("moments_sha256") == sha256_file(run_path / MOMENTS)
+        and doc.get("moments_sha256") == RunFolder.open(run_path).moments_sha256
     )
 
 
 def analyze_and_write(run_path: str | Path, config: AnalyzeConfig | None = None) -> Analysis:
-    """analyze_run + write_analysis: what `keyspace analyze` does."""
+    """analyze_run + write_analysis: what `keyspace analyze` does. The run folder is checked for
+    writability before any work."""
+    RunFolder.open(run_path)
+    try:
+        check_writable(run_path)
+    except FileSystemError as err:
+        copy = Path(run_path).resolve().name + "-copy"
+        err.hint = f"Analyze a writable copy: `{shell_command('cp', '-r', run_path, copy)}`, then `{analyze_command(copy)}`."
+        raise
     analysis = analyze_run(run_path, config)
     write_analysis(analysis)
     return analysis

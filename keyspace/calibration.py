@@ -10,12 +10,17 @@ Metadata (str -> str): model_identity, centered ("true"/"false"), tokens, keyspa
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from keyspace.store import atomic_path
+from keyspace.errors import KeyspaceError
+from keyspace.store import parse_tensors, read_file, save_tensors
+
+PARTS = ("mean", "components", "eigenvalues")
 
 
 @dataclass
@@ -44,27 +49,36 @@ class Calibration:
     def model_identity(self) -> str:
         return self.metadata.get("model_identity", "")
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
+    def save(self, path: str | Path) -> str:
+        """Write the file atomically; returns its sha256."""
         tensors = {}
         for kind in self.components:
-            tensors[f"{kind}.mean"] = self.mean[kind].float().contiguous()
-            tensors[f"{kind}.components"] = self.components[kind].float().contiguous()
-            tensors[f"{kind}.eigenvalues"] = self.eigenvalues[kind].float().contiguous()
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in self.metadata.items()})
+            tensors[f"{kind}.mean"] = self.mean[kind].float()
+            tensors[f"{kind}.components"] = self.components[kind].float()
+            tensors[f"{kind}.eigenvalues"] = self.eigenvalues[kind].float()
+        return save_tensors(path, tensors, metadata={k: str(v) for k, v in self.metadata.items()})
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes: the header is a little-endian u64 length + JSON."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return dict(json.loads(data[8 : 8 + length]).get("__metadata__") or {})
+
+
+def calibration_from_bytes(data: bytes, path: Path, hint: str = "") -> Calibration:
+    """Parse a calibration file already read (and verified); a malformed one names the file."""
+    tensors = parse_tensors(data, path, hint)
+    parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in PARTS}
+    try:
+        for name, tensor in tensors.items():
+            kind, part = name.split(".", 1)
+            parts[part][kind] = tensor
+        return Calibration(**parts, metadata=safetensors_metadata(data))
+    except (KeyError, ValueError) as err:
+        raise KeyspaceError(f"{path} is not a calibration file ({err}).", hint) from None
 
 
 def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration file written by `Calibration.save`."""
-    from safetensors import safe_open
-
-    mean, components, eigenvalues = {}, {}, {}
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-        for name in f.keys():
-            kind, what = name.split(".", 1)
-            target = {"mean": mean, "components": components, "eigenvalues": eigenvalues}[what]
-            target[kind] = f.get_tensor(name)
-    return Calibration(mean, components, eigenvalues, metadata)
+    """Read a calibration file written by `Calibration.save`, unverified (validate reads it
+    through `keyspace.analyze.read_calibration`, which checks its hash first)."""
+    return calibration_from_bytes(read_file(Path(path), ""), Path(path))

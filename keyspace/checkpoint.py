@@ -1,7 +1,8 @@
 """Checkpoints of a collect run: per-rank progress files, the folder lock, and the rank layout.
 
 The progress file `progress/rank{r}.json` is a rank's commit point: it names the key shards
-and the moments file of every committed chunk, each with its sha256.
+and the moments file of every committed chunk, each with its sha256, and keeps a copy of the
+run's manifest (without shards) so that a lost manifest can be rebuilt by `--resume`.
 """
 
 from __future__ import annotations
@@ -9,21 +10,27 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from keyspace.errors import KeyspaceError
+from keyspace.errors import FileSystemError, KeyspaceError
 from keyspace.store import (
     KINDS,
+    MANIFEST,
+    MOMENTS,
+    OK,
     Moments,
-    load_moments,
+    file_state,
+    moments_from_bytes,
     progress_moments_name,
     progress_path,
+    read_verified,
     save_moments,
-    sha256_file,
+    seal_problem,
+    sealed,
     write_json_atomic,
 )
 
@@ -57,7 +64,10 @@ class FolderLock:
         self.handle: Any = None
 
     def __enter__(self) -> FolderLock:
-        self.handle = open(self.path, "w")
+        try:
+            self.handle = open(self.path, "w")
+        except OSError as err:
+            raise FileSystemError(self.path, err) from None
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -73,35 +83,154 @@ class FolderLock:
         self.handle.close()
 
 
-def load_progress(
-    out: Path, rank: int, shape: tuple[int, int, int]
-) -> tuple[dict, dict[str, Moments]]:
-    """This rank's committed progress, with every file it names verified by sha256."""
+def rank_chunks(n_windows: int, rank: int, world: int, shard_windows: int) -> list[list[int]]:
+    """The windows of each of this rank's chunks: rank r takes windows r, r+W, ..."""
+    mine = list(range(rank, n_windows, world))
+    return [mine[i : i + shard_windows] for i in range(0, len(mine), shard_windows)]
+
+
+@dataclass
+class RankState:
+    """A rank's committed progress after verification: what to keep, and what to recompute.
+
+    redo: committed chunks whose key shards are missing or damaged (their moments are intact).
+    notes: one line per problem found, for the user.
+    """
+
+    progress: dict
+    moments: dict[str, Moments]
+    redo: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.redo and not self.notes
+
+
+def _progress_problem(progress: object, chunks_total: int | None) -> str | None:
+    """What makes a parsed progress file unusable, or None."""
+    if not isinstance(progress, dict):
+        return "it is not a JSON object"
+    done, shards, record = (progress.get(k) for k in ("chunks_done", "shards", "moments"))
+    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+        return f"chunks_done is {done!r}"
+    if chunks_total is not None and done > chunks_total:
+        return f"it counts {done} chunks, but the rank has {chunks_total}"
+    if not isinstance(shards, list) or not all(_shard_ok(s, done) for s in shards):
+        return "a shard entry is malformed"
+    if done and not (
+        isinstance(record, dict)
+        and _inside(record.get("path"))
+        and isinstance(record.get("sha256"), str)
+    ):
+        return "its moments record is malformed"
+    return None
+
+
+def _inside(path: object) -> bool:
+    """A relative path that stays inside the run folder."""
+    return isinstance(path, str) and not Path(path).is_absolute() and ".." not in Path(path).parts
+
+
+def _shard_ok(shard: object, chunks_done: int) -> bool:
+    if not isinstance(shard, dict):
+        return False
+    index = shard.get("index")
+    return (
+        _inside(shard.get("path"))
+        and isinstance(shard.get("sha256"), str)
+        and isinstance(index, int)
+        and 0 <= index < chunks_done
+    )
+
+
+def read_progress(out: Path, rank: int, chunks_total: int | None = None) -> dict | None:
+    """A rank's progress file, parsed and checked; None when it has none. Raises KeyspaceError."""
     path = progress_path(out, rank)
-    if not path.is_file():
-        return {"chunks_done": 0, "shards": [], "moments": None}, {
-            k: Moments.zeros(*shape) for k in KINDS
-        }
-    progress = json.loads(path.read_text())
-    files = [(s["path"], s["sha256"]) for s in progress["shards"]] + [
-        (progress["moments"]["path"], progress["moments"]["sha256"])
+    if not path.exists():
+        return None
+    try:
+        progress = json.loads(path.read_bytes())
+        problem = seal_problem(progress) or _progress_problem(progress, chunks_total)
+    except OSError as err:
+        problem = err.strerror or str(err)
+    except ValueError as err:
+        problem = f"it is not valid JSON ({err})"
+    if problem:
+        raise KeyspaceError(f"{path} is damaged: {problem}.")
+    return progress
+
+
+def fresh_progress() -> dict:
+    return {"chunks_done": 0, "shards": [], "moments": None}
+
+
+def load_progress(
+    out: Path, rank: int, shape: tuple[int, int, int], chunks_total: int | None = None
+) -> RankState:
+    """This rank's committed progress, with every file it names verified by sha256.
+
+    A damaged progress file or moments file loses the rank's sums: it restarts from chunk 0.
+    A damaged or missing shard only needs its chunk's keys again: it goes into `redo`.
+    """
+    zeros = {k: Moments.zeros(*shape) for k in KINDS}
+    restart = f"rank {rank}'s windows will be recomputed from the start"
+    try:
+        progress = read_progress(out, rank, chunks_total)
+        if progress is None:
+            return RankState(fresh_progress(), zeros)
+        moments = zeros
+        if progress["chunks_done"]:
+            record = progress["moments"]
+            data = read_verified(out / record["path"], record["sha256"], "")
+            moments = moments_from_bytes(data, out / record["path"], "", shape)
+    except KeyspaceError as err:
+        return RankState(fresh_progress(), zeros, notes=[f"{err.message} So {restart}."])
+    redo = sorted(
+        {s["index"] for s in progress["shards"] if file_state(out / s["path"], s["sha256"]) != OK}
+    )
+    notes = [
+        f"rank {rank}'s key shards of chunk {c} are missing or damaged; that chunk's windows will be recomputed."
+        for c in redo
     ]
-    for rel, digest in files:
-        target = out / rel
-        if not target.is_file() or sha256_file(target) != digest:
-            raise KeyspaceError(
-                f"{target} is missing or corrupt (sha256 does not match the run's record); the run cannot be resumed safely.",
-                "Delete the run folder and collect again.",
-            )
-    return progress, load_moments(out / progress["moments"]["path"])
+    return RankState(progress, moments, redo, notes)
+
+
+def write_progress(out: Path, rank: int, progress: dict) -> None:
+    write_json_atomic(progress_path(out, rank), sealed(progress))
 
 
 def commit_chunk(out: Path, rank: int, progress: dict, moments: dict[str, Moments]) -> None:
+    """Write this rank's moments, then its progress file: the commit point of a chunk."""
     chunks = progress["chunks_done"]
     rel = progress_moments_name(rank, chunks)
-    save_moments(out / rel, moments)
     previous = progress.get("moments")
-    progress["moments"] = {"path": rel, "sha256": sha256_file(out / rel)}
-    write_json_atomic(progress_path(out, rank), progress)
+    progress["moments"] = {"path": rel, "sha256": save_moments(out / rel, moments)}
+    write_progress(out, rank, progress)
     if previous and previous["path"] != rel:
         (out / previous["path"]).unlink(missing_ok=True)
+
+
+def final_problems(
+    out: Path, manifest: dict, states: list[RankState], totals: list[int]
+) -> list[str]:
+    """Why a complete run's files do not match its verified progress ([] when they do).
+
+    totals[r]: how many chunks rank r commits in all.
+    """
+    problems = [note for state in states for note in state.notes]
+    for rank, (state, total) in enumerate(zip(states, totals, strict=True)):
+        done = state.progress["chunks_done"]
+        if not state.notes and done != total:
+            problems.append(
+                f"{progress_path(out, rank)} is missing or behind; rank {rank}'s chunks from"
+                f" {done} on will be recomputed."
+            )
+    record = manifest.get("moments") or {}
+    if file_state(out / MOMENTS, record.get("sha256")) != OK:
+        problems.append(f"{out / MOMENTS} is missing or damaged; it will be merged again.")
+    listed = sorted((s["path"], s["sha256"]) for s in manifest["shards"])
+    committed = sorted((s["path"], s["sha256"]) for st in states for s in st.progress["shards"])
+    if not problems and listed != committed:
+        problems.append(f"the shard list in {out / MANIFEST} disagrees with the progress files.")
+    return problems

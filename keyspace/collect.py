@@ -5,6 +5,10 @@ key shards, then this rank's moments, then this rank's progress file are written
 the progress file is the commit point. `--resume` restarts after the last committed chunk,
 so a killed run resumes without duplicating or dropping a window. Data-parallel under
 torchrun: rank r takes windows r, r+W, ...; rank 0 merges the moments when all ranks are done.
+
+Repair: `--resume` first verifies every committed file by sha256, also on a complete run. A
+missing or damaged shard has its chunk's windows recomputed (keys only: the chunk's moments are
+committed); a damaged progress or moments file restarts that rank; then rank 0 merges again.
 """
 
 from __future__ import annotations
@@ -20,10 +24,19 @@ import torch
 
 from keyspace import __version__
 from keyspace.capture import arch_spec, capture_keys, head_geometry
-from keyspace.checkpoint import Dist, FolderLock, commit_chunk, load_progress
+from keyspace.checkpoint import (
+    Dist,
+    FolderLock,
+    RankState,
+    commit_chunk,
+    final_problems,
+    load_progress,
+    rank_chunks,
+    write_progress,
+)
 from keyspace.collect_config import CollectConfig
 from keyspace.data import load_corpus, tokenize_windows
-from keyspace.errors import KeyspaceError
+from keyspace.errors import FileSystemError, Interrupted, KeyspaceError
 from keyspace.models import load_model
 from keyspace.store import (
     KINDS,
@@ -33,11 +46,14 @@ from keyspace.store import (
     STATE_PARTIAL,
     Moments,
     RunFolder,
-    atomic_path,
+    check_writable,
+    progress_path,
+    resume_command,
     save_moments,
-    sha256_file,
+    save_tensors,
     shard_name,
-    write_json_atomic,
+    unverified_manifest,
+    write_manifest,
 )
 
 SAMPLE_SEED = 0
@@ -66,6 +82,7 @@ class CollectResult:
     shards: int
     resumed_windows: int = 0
     extra: dict = field(default_factory=dict)
+    repairs: list[str] = field(default_factory=list)  # what --resume found damaged and recomputed
 
     @property
     def tokens_per_second(self) -> float:
@@ -81,10 +98,17 @@ def _get(d: dict, dotted: str) -> Any:
 
 
 def _check_out_folder(cfg: CollectConfig) -> dict | None:
-    """Return the existing manifest (resume) or None (new run); refuse anything else."""
-    manifest = cfg.out / MANIFEST
-    if manifest.is_file():
-        existing = RunFolder.open(cfg.out).manifest
+    """Return the existing manifest (resume) or None (new run); refuse anything else.
+
+    With --resume, a damaged or deleted manifest is rebuilt from the copy in rank 0's progress.
+    """
+    if (cfg.out / MANIFEST).exists() or progress_path(cfg.out, 0).is_file():
+        try:
+            existing = RunFolder.open(cfg.out).manifest
+        except KeyspaceError:
+            existing = unverified_manifest(cfg.out)  # rebuilt by finalizing again
+            if not cfg.resume or existing is None:
+                raise
         if not cfg.resume:
             raise KeyspaceError(
                 f"{cfg.out} already holds a run (state={existing.get('state')}).",
@@ -159,16 +183,13 @@ class ChunkBuffer:
 
 
 def _write_shards(cfg: CollectConfig, buffer: ChunkBuffer, rank: int, chunk: int) -> list[dict]:
-    from safetensors.torch import save_file
-
     shards = []
     for (kind, layer), entries in sorted(buffer.kept.items()):
         keys, positions, windows = (torch.cat(parts) for parts in zip(*entries, strict=True))
         rel = shard_name(kind, layer, rank, chunk)
-        with atomic_path(cfg.out / rel) as tmp:
-            save_file(
-                {"keys": keys.contiguous(), "positions": positions, "windows": windows}, str(tmp)
-            )
+        digest = save_tensors(
+            cfg.out / rel, {"keys": keys, "positions": positions, "windows": windows}
+        )
         shards.append(
             {
                 "kind": kind,
@@ -177,22 +198,32 @@ def _write_shards(cfg: CollectConfig, buffer: ChunkBuffer, rank: int, chunk: int
                 "rank": rank,
                 "path": rel,
                 "tokens": int(keys.shape[0]),
-                "sha256": sha256_file(cfg.out / rel),
+                "sha256": digest,
             }
         )
     return shards
 
 
-def _disk_error(err: OSError, out: Path) -> KeyspaceError:
-    what = (
-        "the disk is full"
-        if err.errno == errno.ENOSPC
-        else f"a write failed ({err.strerror or err})"
-    )
-    return KeyspaceError(
-        f"{what} while writing {out}; the run stays partial and resumable.",
-        "Free space, then rerun the same command with --resume.",
-    )
+def _stopped(cfg: CollectConfig, err: FileSystemError | None = None) -> tuple[str, str]:
+    """(what happened to the run, how to go on) after Ctrl-C or a failed write."""
+    try:
+        run = RunFolder.open(cfg.out)
+        if run.is_complete:
+            return f"the run in {cfg.out} is unchanged and complete", ""
+        manifest = run.manifest
+    except KeyspaceError:
+        manifest = unverified_manifest(cfg.out)
+    if manifest is None:
+        return f"nothing was committed to {cfg.out}", "Run the same command again."
+    go_on = f"resume with `{resume_command(manifest, cfg.out)}`; committed chunks are kept."
+    first = "Fix the cause"
+    if err is not None and err.no_space:
+        first = "Free some space"
+    elif err is not None and err.code == errno.EISDIR:
+        first = "Remove the folder that stands where a file should be"
+    if err is None:
+        return "the run stays partial and resumable", go_on[0].upper() + go_on[1:]
+    return "the run stays partial and resumable", f"{first}, then {go_on}"
 
 
 def _base_manifest(cfg: CollectConfig, loaded: Any, tw: Any, dist: Dist, device: str) -> dict:
@@ -240,27 +271,32 @@ def _base_manifest(cfg: CollectConfig, loaded: Any, tw: Any, dist: Dist, device:
 
 
 def _finalize(cfg: CollectConfig, manifest: dict, dist: Dist, shape: tuple[int, int, int]) -> dict:
-    """Rank 0: merge every rank's moments, list every shard, mark the run complete."""
+    """Rank 0: merge every rank's verified moments, list every shard, mark the run complete."""
     merged = {k: Moments.zeros(*shape) for k in KINDS}
     shards = []
     for rank in range(dist.world):
-        progress, moments = load_progress(cfg.out, rank, shape)
-        merged = {k: merged[k].merge(moments[k]) for k in KINDS}
-        shards += progress["shards"]
+        total = len(rank_chunks(manifest["num_windows"], rank, dist.world, cfg.shard_windows))
+        state = load_progress(cfg.out, rank, shape, total)
+        if not state.clean or state.progress["chunks_done"] != total:
+            raise KeyspaceError(
+                f"rank {rank}'s progress in {cfg.out} changed while it was being merged ({'; '.join(state.notes)}).",
+                f"Resume again with `{resume_command(manifest, cfg.out)}`.",
+            )
+        merged = {k: merged[k].merge(state.moments[k]) for k in KINDS}
+        shards += state.progress["shards"]
     expected = manifest["num_windows"] * manifest["window"]
     if int(merged["pre"].count[0]) != expected:
         raise KeyspaceError(
             f"merged moments cover {int(merged['pre'].count[0])} tokens, expected {expected}.",
-            "Rerun with --resume.",
+            f"Resume again with `{resume_command(manifest, cfg.out)}`.",
         )
-    save_moments(cfg.out / MOMENTS, merged)
     manifest = {
         **manifest,
         "shards": sorted(shards, key=lambda s: (s["kind"], s["layer"], s["rank"], s["index"])),
+        "moments": {"path": MOMENTS, "sha256": save_moments(cfg.out / MOMENTS, merged)},
+        "state": STATE_COMPLETE,
     }
-    manifest["moments"] = {"path": MOMENTS, "sha256": sha256_file(cfg.out / MOMENTS)}
-    manifest["state"] = STATE_COMPLETE
-    write_json_atomic(cfg.out / MANIFEST, manifest)
+    write_manifest(cfg.out, manifest)
     return manifest
 
 
@@ -268,40 +304,67 @@ ProgressFn = Callable[[int, int], None]  # (windows done, windows total) for thi
 
 
 def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> CollectResult:
-    """Collect keys per CollectConfig into cfg.out; see the module docstring for crash safety."""
+    """Collect keys per CollectConfig into cfg.out; see the module docstring for crash safety.
+
+    Ctrl-C raises `Interrupted` and a failed write a `FileSystemError`, each saying how to resume.
+    """
     dist = Dist.from_env()
     existing = _check_out_folder(cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    with FolderLock(cfg.out, dist.rank):
-        device = _resolve_device(cfg.device)
-        corpus = load_corpus(cfg.dataset, cfg.split)  # before the model: bad data fails fast
-        loaded = load_model(cfg.model, cfg.dtype, device)
-        arch_spec(
-            loaded.model.config
-        )  # an unsupported architecture fails before anything is written
-        tw = tokenize_windows(corpus, loaded.tokenizer, cfg.window, cfg.max_tokens)
-        manifest = _base_manifest(cfg, loaded, tw, dist, device)
-        if existing is not None:
-            _check_resume(existing, manifest)
-            if existing["state"] == STATE_COMPLETE:
-                return _result(cfg, existing, 0.0, existing["num_windows"])
-        elif dist.rank == 0:
-            write_json_atomic(cfg.out / MANIFEST, manifest)
-        started = time.perf_counter()
+    check_writable(cfg.out)
+    try:
         try:
-            done_before = _run_chunks(cfg, loaded.model, tw.windows, manifest, dist, on_progress)
-            dist.barrier()
-            if dist.rank == 0:
-                manifest = _finalize(
-                    cfg,
-                    manifest,
-                    dist,
-                    (manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"]),
-                )
-        except OSError as err:
-            raise _disk_error(err, cfg.out) from None
-        dist.barrier()
-    return _result(cfg, manifest, time.perf_counter() - started, done_before)
+            with FolderLock(cfg.out, dist.rank):
+                return _collect(cfg, existing, dist, on_progress)
+        except OSError as err:  # one that escaped the write boundary (a read, a lock)
+            raise FileSystemError(err.filename or cfg.out, err) from None
+    except KeyboardInterrupt:
+        what, hint = _stopped(cfg)
+        raise Interrupted(f"collect stopped; {what}.", hint) from None
+    except FileSystemError as err:
+        if (cfg.out / MANIFEST).exists():
+            what, err.hint = _stopped(cfg, err)
+            err.message = f"{err.message} {what[0].upper()}{what[1:]}."
+        raise
+
+
+def _collect(
+    cfg: CollectConfig, existing: dict | None, dist: Dist, on_progress: ProgressFn | None
+) -> CollectResult:
+    device = _resolve_device(cfg.device)
+    corpus = load_corpus(cfg.dataset, cfg.split)  # before the model: bad data fails fast
+    loaded = load_model(cfg.model, cfg.dtype, device)
+    arch_spec(loaded.model.config)  # an unsupported architecture fails before anything is written
+    tw = tokenize_windows(corpus, loaded.tokenizer, cfg.window, cfg.max_tokens)
+    manifest = _base_manifest(cfg, loaded, tw, dist, device)
+    if existing is not None:
+        _check_resume(existing, manifest)
+    shape = (manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"])
+    n_windows = manifest["num_windows"]
+    totals = [
+        len(rank_chunks(n_windows, r, dist.world, cfg.shard_windows)) for r in range(dist.world)
+    ]
+    states = [load_progress(cfg.out, r, shape, totals[r]) for r in range(dist.world)]
+    dist.barrier()  # every rank has read every rank's files before any rank writes
+    repairs: list[str] = []
+    if existing is not None and existing["state"] == STATE_COMPLETE:
+        repairs = final_problems(cfg.out, existing, states, totals)
+        if not repairs:
+            return _result(cfg, existing, 0.0, n_windows)
+    else:
+        repairs = [note for state in states for note in state.notes]
+    if dist.rank == 0:  # partial until _finalize: a repair in progress is not a complete run
+        write_manifest(cfg.out, manifest)
+    started = time.perf_counter()
+    done_before = _run_chunks(
+        cfg, loaded.model, tw.windows, manifest, dist, states[dist.rank], on_progress
+    )
+    dist.barrier()
+    if dist.rank == 0:
+        manifest = _finalize(cfg, manifest, dist, shape)
+    dist.barrier()
+    result = _result(cfg, manifest, time.perf_counter() - started, done_before)
+    result.repairs = repairs
+    return result
 
 
 def _result(cfg: CollectConfig, manifest: dict, seconds: float, resumed: int) -> CollectResult:
@@ -324,30 +387,55 @@ def _run_chunks(
     windows: torch.Tensor,
     manifest: dict,
     dist: Dist,
+    state: RankState,
     on_progress: ProgressFn | None,
 ) -> int:
-    """Process this rank's remaining chunks; returns how many of its windows were already done."""
+    """Recompute this rank's damaged chunks, then process its remaining ones; returns how many of
+    its windows were already done."""
     shape = (manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"])
-    mine = list(range(dist.rank, windows.shape[0], dist.world))
-    chunks = [mine[i : i + cfg.shard_windows] for i in range(0, len(mine), cfg.shard_windows)]
-    progress, moments = load_progress(cfg.out, dist.rank, shape)
+    chunks = rank_chunks(windows.shape[0], dist.rank, dist.world, cfg.shard_windows)
+    progress, moments = state.progress, state.moments
+    progress["manifest"] = {k: v for k, v in manifest.items() if k not in ("shards", "moments")}
     keep = _keep_mask(cfg.keep_keys, windows.numel())
-    done_before = sum(len(c) for c in chunks[: progress["chunks_done"]])
-    done = done_before
     device = next(model.parameters()).device
-    if on_progress:
-        on_progress(done, len(mine))
+    for chunk_index in state.redo:  # the chunk's moments are committed: recompute its keys only
+        buffer = ChunkBuffer({k: Moments.zeros(*shape) for k in KINDS}, keep, windows.shape[1])
+        _forward(model, windows, chunks[chunk_index], buffer, cfg.batch_size, device)
+        kept = [s for s in progress["shards"] if s["index"] != chunk_index]
+        progress["shards"] = kept + _write_shards(cfg, buffer, dist.rank, chunk_index)
+        write_progress(cfg.out, dist.rank, progress)
+    done_before = sum(len(c) for c in chunks[: progress["chunks_done"]])
+    done = [done_before]
+    total = sum(len(c) for c in chunks)
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if on_progress:
+            on_progress(done[0], total)
+
+    tick(0)
     for chunk_index in range(progress["chunks_done"], len(chunks)):
         buffer = ChunkBuffer(moments, keep, windows.shape[1])
-        with torch.inference_mode(), capture_keys(model, buffer.on_keys):
-            chunk = chunks[chunk_index]
-            for start in range(0, len(chunk), cfg.batch_size):
-                buffer.window_ids = torch.tensor(chunk[start : start + cfg.batch_size])
-                model(windows[buffer.window_ids].to(device), use_cache=False)
-                done += len(buffer.window_ids)
-                if on_progress:
-                    on_progress(done, len(mine))
+        _forward(model, windows, chunks[chunk_index], buffer, cfg.batch_size, device, tick)
         progress["shards"] += _write_shards(cfg, buffer, dist.rank, chunk_index)
         progress["chunks_done"] = chunk_index + 1
         commit_chunk(cfg.out, dist.rank, progress, moments)
     return done_before
+
+
+def _forward(
+    model: Any,
+    windows: torch.Tensor,
+    chunk: list[int],
+    buffer: ChunkBuffer,
+    batch_size: int,
+    device: Any,
+    tick: Callable[[int], None] | None = None,
+) -> None:
+    """Run the model over one chunk's windows (batches of `batch_size`), capturing into `buffer`."""
+    with torch.inference_mode(), capture_keys(model, buffer.on_keys):
+        for start in range(0, len(chunk), batch_size):
+            buffer.window_ids = torch.tensor(chunk[start : start + batch_size])
+            model(windows[buffer.window_ids].to(device), use_cache=False)
+            if tick:
+                tick(len(buffer.window_ids))

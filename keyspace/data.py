@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keyspace.errors import KeyspaceError
+from keyspace.errors import FileSystemError, KeyspaceError, shell_command
 
 DOC_SEPARATOR = "\n\n"
 WIKITEXT_LOCAL_ENV = "KEYSPACE_WIKITEXT_DIR"
@@ -82,41 +82,71 @@ def _wikitext_corpus(split: str) -> Corpus:
     for folder in _local_wikitext_dirs():
         if name and (folder / name).is_file():
             print(f"wikitext: hub unreachable; using local copy {folder / name}", file=sys.stderr)
-            return Corpus([(folder / name).read_text()], f"file:{(folder / name).resolve()}")
+            return Corpus([_read_text(folder / name)], f"file:{(folder / name).resolve()}")
     raise KeyspaceError(
         f"could not load wikitext ({split}) from the Hugging Face hub: {reason}",
         f"Pass a local file, e.g. --dataset ../shared/data/wikitext-2/valid.txt, or set {WIKITEXT_LOCAL_ENV}.",
     )
 
 
+def _read_text(path: Path) -> str:
+    """A text file as UTF-8; bad bytes or an unreadable file are an error naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise FileSystemError(path, err, "read") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise KeyspaceError(
+            f"{path} is not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}).",
+            f"Convert it first, e.g. `{shell_command('iconv', '-f', 'latin1', '-t', 'utf-8', path)}`.",
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    for line_no, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            docs.append(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+            text = None
+        if not isinstance(text, str):
             raise KeyspaceError(
-                f"{path}:{line_no} is not a JSON object with a 'text' field.",
-                'Each line needs {"text": ...}.',
-            ) from None
+                f"{path}:{line_no} is not a JSON object with a string 'text' field.",
+                'Each line needs {"text": "..."}.',
+            )
+        docs.append(text)
     return docs
 
 
 def _read_parquet(path: Path) -> list[str]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # ArrowInvalid, ArrowIOError, OSError: a damaged or foreign file
+        raise KeyspaceError(
+            f"{path} is not a readable parquet file ({str(err).splitlines()[0]}).",
+            "Check the file, or pass text as .txt or .jsonl.",
+        ) from None
     if "text" not in table.column_names:
         raise KeyspaceError(
             f"{path} has no 'text' column.", f"Columns: {', '.join(table.column_names)}."
         )
-    return [t for t in table.column("text").to_pylist() if t]
+    texts = table.column("text").to_pylist()
+    if not all(t is None or isinstance(t, str) for t in texts):
+        raise KeyspaceError(
+            f"{path}'s 'text' column holds {table.schema.field('text').type} values, not strings.",
+            "Store the text as a string column.",
+        )
+    return [t for t in texts if t]
 
 
 def _folder_corpus(folder: Path) -> Corpus:
-    readers = {".txt": lambda p: [p.read_text()], ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+    readers = {".txt": lambda p: [_read_text(p)], ".jsonl": _read_jsonl, ".parquet": _read_parquet}
     files = sorted(p for p in folder.iterdir() if p.suffix in readers)
     if not files:
         raise KeyspaceError(
@@ -149,7 +179,7 @@ def _load_corpus(spec: str, split: str) -> Corpus:
                 _read_jsonl(path) if path.suffix == ".jsonl" else _read_parquet(path),
                 f"file:{path.resolve()}",
             )
-        return Corpus([path.read_text(errors="replace")], f"file:{path.resolve()}")
+        return Corpus([_read_text(path)], f"file:{path.resolve()}")
     raise KeyspaceError(
         f"dataset {spec!r} not found.",
         "Use `wikitext`, `pydoc`, a .txt file, or a folder of .txt/.jsonl/.parquet files.",

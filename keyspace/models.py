@@ -254,8 +254,15 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         info.update(files={gguf.name: digest}, resolved=str(gguf))
         identity = f"gguf:{digest}"
     elif kind == "folder":
-        model, tokenizer = _from_folder(location, torch_dtype, device)
-        files = _weights_digest(Path(location))
+        try:
+            model, tokenizer = _from_folder(location, torch_dtype, device)
+            files = _weights_digest(Path(location))
+        except Exception as err:  # transformers raises many types for a damaged folder
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise KeyspaceError(
+                f"could not load the model in {location} ({reason}).",
+                "The folder needs a readable config.json, weights and tokenizer files.",
+            ) from None
         info.update(files=files, resolved=str(Path(location).resolve()))
         identity = "weights:" + ",".join(f"{k}={v[:16]}" for k, v in files.items())
     else:

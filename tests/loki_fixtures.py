@@ -88,10 +88,10 @@ def synthetic_model_run(
 
     The calibration holds random orthonormal bases; ranks.json has rank_at 0.9 for pre and post.
     """
-    import json
-
+    from keyspace.analyze import write_ranks
     from keyspace.calibration import Calibration
     from keyspace.models import load_model
+    from keyspace.store import write_manifest
 
     model_dir, run = root / "model", root / "run"
     tiny_llama().save_pretrained(model_dir)
@@ -113,20 +113,20 @@ def synthetic_model_run(
         "shards": [],
         "state": "complete",
     }
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(run, manifest)
+    ranks = {"thresholds": [0.9], "head_dim": HEAD_DIM}
     if with_calibration:
         eigen = torch.linspace(2.0, 0.1, HEAD_DIM).expand(layers, kv_heads, HEAD_DIM).contiguous()
         kinds = ("pre", "post")
-        Calibration(
+        ranks["calibration_sha256"] = Calibration(
             mean={k: torch.zeros(layers, kv_heads, HEAD_DIM) for k in kinds},
             components={k: random_bases(layers, kv_heads, seed=i) for i, k in enumerate(kinds)},
             eigenvalues={k: eigen.clone() for k in kinds},
             metadata={"model_identity": identity},
         ).save(run / "calibration.safetensors")
     if with_ranks:
-        ranks = {"thresholds": [0.9], "head_dim": HEAD_DIM}
         for offset, kind in enumerate(("pre", "post")):
             ranks[kind] = {"rank_at": {"0.9": [[3 + offset, 6], [9, 12 + offset]]}}
-        (run / "ranks.json").write_text(json.dumps(ranks))
+        write_ranks(run, ranks)  # sealed as analyze seals it, recording the calibration's hash
     write_text_corpus(root / "corpus.txt")
     return run

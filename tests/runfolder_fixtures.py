@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from keyspace.store import KINDS, Moments, save_moments, sha256_file, write_json_atomic
+from keyspace.store import KINDS, Moments, save_moments, sha256_file, write_manifest
 
 
 def low_rank_keys(
@@ -61,13 +61,14 @@ def write_run(
             if keep_keys:
                 shards += write_shards(path, kind, layer, keys[kind][layer], positions, windows)
         moments[kind] = m
-    save_moments(path / "moments.safetensors", moments)
-    write_json_atomic(
-        path / "manifest.json",
-        manifest(
-            model_identity, dataset, window, tokens, keys["pre"].shape, shards, state, keep_keys
-        ),
+    doc = manifest(
+        model_identity, dataset, window, tokens, keys["pre"].shape, shards, state, keep_keys
     )
+    doc["moments"] = {
+        "path": "moments.safetensors",
+        "sha256": save_moments(path / "moments.safetensors", moments),
+    }
+    write_manifest(path, doc)
     return path
 
 

@@ -20,7 +20,7 @@ def test_help_does_not_import_heavy_libraries():
 
 def test_every_command_has_help():
     runner = CliRunner()
-    for name in ("collect", "analyze", "rank-report", "validate", "bench"):
+    for name in ("collect", "analyze", "rank-report", "validate", "bench", "verify"):
         result = runner.invoke(app, [name, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, name
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -111,9 +112,9 @@ def test_resume_after_interrupt_is_identical(model_dir, corpus, tmp_path, monkey
         return real_commit(*args)
 
     monkeypatch.setattr(mod, "commit_chunk", failing_commit)
-    with pytest.raises(KeyspaceError, match="disk is full") as err:
+    with pytest.raises(KeyspaceError, match="no space left") as err:
         collect(_cfg(model_dir, corpus, tmp_path / "cut"))
-    assert "--resume" in err.value.hint
+    assert "Free some space" in err.value.hint and "--resume" in err.value.hint
     assert RunFolder.open(tmp_path / "cut").manifest["state"] == "partial"
     monkeypatch.setattr(mod, "commit_chunk", real_commit)
     resumed = collect(_cfg(model_dir, corpus, tmp_path / "cut", resume=True))
@@ -144,9 +145,12 @@ def test_existing_run_needs_resume_and_same_model(model_dir, corpus, tmp_path):
         collect(_cfg(model_dir, corpus, tmp_path / "run", resume=True, window=16))
 
 
-def test_corrupt_shard_is_refused_on_resume(model_dir, corpus, tmp_path, monkeypatch):
+def test_damaged_shard_of_a_partial_run_is_recomputed_on_resume(
+    model_dir, corpus, tmp_path, monkeypatch
+):
     import keyspace.collect as mod
 
+    whole = collect(_cfg(model_dir, corpus, tmp_path / "whole"))
     real_commit = mod.commit_chunk
     calls = {"n": 0}
 
@@ -162,9 +166,64 @@ def test_corrupt_shard_is_refused_on_resume(model_dir, corpus, tmp_path, monkeyp
     monkeypatch.setattr(mod, "commit_chunk", real_commit)
     shard = next((tmp_path / "run" / "keys").rglob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncate
-    with pytest.raises(KeyspaceError, match="corrupt"):
-        collect(_cfg(model_dir, corpus, tmp_path / "run", resume=True))
-    assert RunFolder.open(tmp_path / "run").manifest["state"] == "partial"
+    resumed = collect(_cfg(model_dir, corpus, tmp_path / "run", resume=True))
+    assert resumed.state == "complete" and "chunk 0" in " ".join(resumed.repairs)
+    _assert_same_run(whole.out, resumed.out)
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "moments flipped": lambda run: _flip(run / "moments.safetensors"),
+    "moments deleted": lambda run: (run / "moments.safetensors").unlink(),
+    "shard flipped": lambda run: _flip(next((run / "keys").rglob("r0-00001.safetensors"))),
+    "shard deleted": lambda run: next((run / "keys").rglob("r0-00002.safetensors")).unlink(),
+    "progress truncated": lambda run: (run / "progress" / "rank0.json").write_text('{"chunks'),
+    "rank moments flipped": lambda run: _flip(next((run / "progress").glob("moments.*"))),
+    "manifest truncated": lambda run: (run / "manifest.json").write_text('{"state": "comp'),
+    "manifest deleted": lambda run: (run / "manifest.json").unlink(),
+    "manifest shard hash edited": lambda run: _edit_manifest(
+        run, lambda m: m["shards"][0].update(sha256="0" * 64)
+    ),
+}
+
+
+def _edit_manifest(run: Path, edit) -> None:
+    manifest = json.loads((run / "manifest.json").read_text())
+    edit(manifest)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def complete_run(model_dir, corpus, tmp_path_factory):
+    return collect(_cfg(model_dir, corpus, tmp_path_factory.mktemp("complete") / "run")).out
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_the_hint_for_a_damaged_complete_run_really_repairs_it(complete_run, tmp_path, damage):
+    """analyze refuses the damaged run; the command its hint names restores it bit for bit."""
+    import shlex
+    import shutil
+
+    run = tmp_path / "my run"  # a space: the hint's command must be quoted
+    shutil.copytree(complete_run, run)
+    DAMAGE[damage](run)
+    runner = CliRunner()
+    refused = runner.invoke(app, ["verify", str(run)])
+    assert refused.exit_code == 2 and refused.stderr.count("Error:") == 1, refused.output
+    hint = refused.stderr.split("Hint:", 1)[1]
+    repair = shlex.split(hint.split("`")[1])
+    assert repair[:3] == ["keyspace", "collect", "--resume"], hint
+    repaired = runner.invoke(app, repair[1:])
+    assert repaired.exit_code == 0, repaired.output
+    assert "Repaired" in repaired.stderr or damage.startswith("manifest")
+    assert runner.invoke(app, ["verify", str(run)]).exit_code == 0
+    _assert_same_run(complete_run, run)
+    assert runner.invoke(app, ["analyze", str(run)]).exit_code == 0
 
 
 def test_second_collector_is_refused(model_dir, corpus, tmp_path):
@@ -267,32 +326,63 @@ def _cli(*args, env=None):
     return [sys.executable, "-m", "keyspace", "collect", *args]
 
 
-def test_sigkill_then_resume_is_bit_identical(model_dir, corpus, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "Ctrl-C"])
+def test_killed_then_resumed_is_bit_identical(model_dir, corpus, tmp_path, sig):
     big = write_corpus(tmp_path / "big.txt", repeats=2)
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model on a shared 2-core machine
     args = ["--model", str(model_dir), "--dataset", str(big), "--window", "32"]
     args += ["--max-tokens", str(32 * 24), "--keep-keys", "all", "--shard-windows", "1"]
-    subprocess.run(_cli(*args, "--out", str(tmp_path / "whole")), check=True, capture_output=True)
+    subprocess.run(
+        _cli(*args, "--out", str(tmp_path / "whole")),
+        check=True,
+        capture_output=True,
+        env=one_thread,
+    )
     n_windows = RunFolder.open(tmp_path / "whole").manifest["num_windows"]
     assert n_windows == 24
     proc = subprocess.Popen(
         _cli(*args, "--out", str(tmp_path / "killed")),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=one_thread,
     )
     progress = tmp_path / "killed" / "progress" / "rank0.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if progress.is_file() and json.loads(progress.read_text())["chunks_done"] >= 3:
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, sig)
             break
         time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "collector finished before it could be killed"
+    stderr = proc.communicate()[1]
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, "collector finished before it could be killed"
+        resume = _cli(*args, "--out", str(tmp_path / "killed"), "--resume")
+    else:  # one line that says how to resume, and the shell's exit code for SIGINT
+        assert proc.returncode == 130, stderr
+        lines = stderr.strip().splitlines()
+        assert (
+            len(lines) == 1 and lines[0].startswith("Interrupted: ") and "Traceback" not in stderr
+        )
+        command = shlex.split(lines[0].split("Hint:", 1)[1].split("`")[1])
+        assert command[:3] == ["keyspace", "collect", "--resume"]
+        resume = [sys.executable, "-m", *command]
     assert RunFolder.open(tmp_path / "killed").manifest["state"] == "partial"
-    subprocess.run(
-        _cli(*args, "--out", str(tmp_path / "killed"), "--resume"), check=True, capture_output=True
-    )
+    subprocess.run(resume, check=True, capture_output=True, env=one_thread)
     _assert_same_run(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_run_files_get_the_usual_permissions_and_next_is_quoted(model_dir, corpus, tmp_path):
+    out = tmp_path / "my run"
+    args = ["collect", "--model", str(model_dir), "--dataset", str(corpus), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--window", "32", "--max-tokens", "64"])
+    assert result.exit_code == 0, result.output
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+    next_line = next(line for line in result.stdout.splitlines() if "Next:" in line)
+    assert shlex.split(next_line.split("Next:", 1)[1])[2] == str(out)
 
 
 def test_torchrun_two_ranks_match_one_process(model_dir, corpus, tmp_path):

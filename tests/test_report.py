@@ -1,36 +1,58 @@
-"""rank-report: files, self-containment, HTML numbers equal ranks.json, and the CLI's errors."""
+"""rank-report: files, self-containment, headline and HTML numbers equal ranks.json, the run
+folder left untouched, and the CLI's errors. The page checks here serve test_validate_report too."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 from runfolder_fixtures import low_rank_keys, synthetic_run, write_run
 from typer.testing import CliRunner
 
-from keyspace.analyze import AnalyzeConfig
+from keyspace.analyze import (
+    CHECKSUM_FIELD,
+    AnalyzeConfig,
+    analyze_and_write,
+    read_ranks,
+    write_ranks,
+)
 from keyspace.cli.main import app
+from keyspace.reports import build, figures
 from keyspace.reports.build import build_report
+from keyspace.reports.rank_page import head_selection
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
 
 
 class Tables(HTMLParser):
-    """Collect every table (by class) as rows of cell texts, and every <img>."""
+    """Collect every table (by class) as rows of cell texts, every <img>, every src/href, the
+    headline, the warning boxes and the related-report links."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tables: list[tuple[dict, list[list[str]]]] = []
         self.images: list[dict] = []
+        self.links: list[tuple[str, str, str]] = []  # (tag, attribute, value)
+        self.headline = ""
+        self.warnings: list[str] = []
+        self.related: list[str] = []
         self._cell: list[str] | None = None
+        self._block: list[str] | None = None
+        self._into = ""
+        self._in_related = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        self.links += [(tag, k, v or "") for k, v in attrs.items() if k in ("src", "href")]
+        css = attrs.get("class") or ""
         if tag == "table":
             self.tables.append((attrs, []))
         elif tag == "tr" and self.tables:
@@ -39,15 +61,32 @@ class Tables(HTMLParser):
             self._cell = []
         elif tag == "img":
             self.images.append(attrs)
+        elif tag == "p" and css == "headline" or tag == "div" and css == "warning":
+            self._block, self._into = [], css
+        elif tag == "nav" and css == "related":
+            self._in_related = True
+        elif tag == "a" and self._in_related:
+            self.related.append(attrs["href"])
 
     def handle_endtag(self, tag):
         if tag in ("td", "th") and self._cell is not None:
             self.tables[-1][1][-1].append("".join(self._cell).strip())
             self._cell = None
+        elif tag in ("p", "div") and self._block is not None:
+            text = "".join(self._block).strip()
+            if self._into == "headline":
+                self.headline = text
+            else:
+                self.warnings.append(text)
+            self._block = None
+        elif tag == "nav":
+            self._in_related = False
 
     def handle_data(self, data):
         if self._cell is not None:
             self._cell.append(data)
+        if self._block is not None:
+            self._block.append(data)
 
     def table(self, css_class: str, **attrs) -> list[list[str]]:
         for table_attrs, rows in self.tables:
@@ -62,6 +101,40 @@ def parse(index: Path) -> Tables:
     parser = Tables()
     parser.feed(index.read_text(encoding="utf-8"))
     return parser
+
+
+SIBLING_LINKS = ("../index.html", "validate/validate.html")
+
+
+def assert_self_contained(page: Path) -> Tables:
+    """Every image is a data URI; links stay in the page or go to a sibling report only."""
+    text = page.read_text(encoding="utf-8")
+    parsed = parse(page)
+    for tag, attribute, value in parsed.links:
+        if attribute == "src":
+            assert value.startswith("data:image/png;base64,"), f"<{tag} src={value[:40]}>"
+        else:
+            assert value.startswith("#") or value in SIBLING_LINKS, f"<{tag} href={value}>"
+    assert not re.search(r"""\b(src|href)\s*=\s*["']?(https?:|//|file:)""", text, re.I)
+    assert not re.search(r"<(script|link|iframe|object|embed)\b", text, re.I)
+    assert parsed.images and all(img["data-file"].endswith(".png") for img in parsed.images)
+    return parsed
+
+
+def test_self_containment_check_catches_file_images(tmp_path):
+    page = tmp_path / "page.html"
+    for bad in ('<img src="x.png" data-file="x.png">', '<a href="https://example.org">x</a>'):
+        page.write_text(f"<html><body>{bad}</body></html>")
+        with pytest.raises(AssertionError):
+            assert_self_contained(page)
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +163,36 @@ def test_report_files_and_self_contained(two_runs):
         "transfer-corpora.png",
         "transfer-sequences.png",
     } <= pngs
-    assert all(img["src"].startswith("data:image/png;base64,") for img in parser.images)
     assert all((out / name).read_bytes()[:8] == PNG_MAGIC for name in pngs)
+    assert_self_contained(report.index)
+    assert parser.related == []  # no validate report beside it
     text = report.index.read_text(encoding="utf-8")
-    assert "http://" not in text and "https://" not in text
     assert "pydoc: no kept key shards" in text
+
+
+def test_headline_states_median_ranks(two_runs):
+    wiki, pydoc, _, report = two_runs
+    docs = {run.name: json.loads((run / "ranks.json").read_text()) for run in (wiki, pydoc)}
+
+    def medians(kind):
+        return ", ".join(f"{docs[n][kind]['summary']['0.9']['median']:g} ({n})" for n in docs)
+
+    assert parse(report.index).headline == (
+        f"Post-RoPE keys need a median {medians('post')} of 16 dimensions to hold 90% of their"
+        f" variance; pre-RoPE keys need {medians('pre')} (tiny, 3 layers × 2 KV heads)."
+    )
+
+
+def test_small_sample_warning_only_for_one_window(two_runs, tmp_path):
+    assert parse(two_runs[3].index).warnings == []
+    run = synthetic_run(tmp_path / "one", layers=2, heads=2, tokens=256, window=256)
+    report = build_report([run], tmp_path / "out", AnalyzeConfig((0.9,)))
+    parsed = parse(report.index)
+    assert parsed.warnings == [
+        "Small sample: one: keys come from 1 window of 256 tokens; ranks may not hold for other"
+        " text, and transfer across windows cannot be measured. Collect more with --max-tokens."
+    ]
+    assert "1 windows" not in report.index.read_text(encoding="utf-8")
 
 
 def test_html_numbers_equal_ranks_json(two_runs):
@@ -212,3 +310,92 @@ def test_cli_different_models(tmp_path):
     b = synthetic_run(tmp_path / "b", layers=1, heads=1, model_identity="other/model@1")
     line = error_line(runner.invoke(app, ["rank-report", str(a), str(b), "--json"]))
     assert "different models" in line
+
+
+# ---- reports read runs and never write into them --------------------------------------------
+
+
+def test_rank_report_leaves_an_analyzed_run_byte_identical(tmp_path):
+    run = synthetic_run(tmp_path / "run", layers=2, heads=2, head_dim=16)
+    analyze_and_write(run, AnalyzeConfig((0.9,)))
+    before = hashes(run)
+    for extra in ([], ["--threshold", "0.8,0.95"], ["--uncentered"]):
+        result = runner.invoke(app, ["rank-report", str(run), "--out", str(tmp_path / "r"), *extra])
+        assert result.exit_code == 0, result.output
+        assert hashes(run) == before
+    assert "Analyzed" not in result.stderr
+
+
+def test_rank_report_on_a_stale_analysis_says_so_and_writes_nothing(tmp_path):
+    run = synthetic_run(tmp_path / "run", layers=2, heads=2, head_dim=16)
+    analyze_and_write(run, AnalyzeConfig((0.9,)))
+    ranks = read_ranks(run)
+    ranks["moments_sha256"] = "0" * 64  # as if collect had added keys since
+    write_ranks(run, {k: v for k, v in ranks.items() if k != CHECKSUM_FIELD})
+    before = hashes(run)
+    result = runner.invoke(app, ["rank-report", str(run), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert hashes(run) == before
+    assert "does not match its moments" in result.stderr
+    warnings = parse(tmp_path / "r" / "index.html").warnings
+    assert len(warnings) == 1 and warnings[0].startswith("Stale analysis:")
+
+
+def test_rank_report_on_an_unanalyzed_run_uses_the_analyze_writer(tmp_path, monkeypatch):
+    run = synthetic_run(tmp_path / "run", layers=2, heads=2, head_dim=16)
+    before = hashes(run)
+    calls = []
+
+    def spy(path, config):
+        calls.append(Path(path))
+        return analyze_and_write(path, config)
+
+    monkeypatch.setattr(build, "analyze_and_write", spy)
+    report = build_report([run], tmp_path / "out", AnalyzeConfig((0.9,)))
+    assert calls == [run] and report.reanalyzed == [True]
+    after = hashes(run)
+    assert set(after) - set(before) == {"ranks.json", "calibration.safetensors"}
+    assert {k: after[k] for k in before} == before
+    build_report([run], tmp_path / "again", AnalyzeConfig((0.9,)))
+    assert calls == [run] and hashes(run) == after
+
+
+def test_report_folder_inside_the_run_is_refused(tmp_path):
+    run = synthetic_run(tmp_path / "run", layers=1, heads=1)
+    before = hashes(run)
+    line = error_line(runner.invoke(app, ["rank-report", str(run), "--out", str(run / "report")]))
+    assert "inside the run folder" in line
+    assert hashes(run) == before
+
+
+# ---- figures --------------------------------------------------------------------------------
+
+
+def test_heatmap_colour_scale_spans_zero_to_head_dim():
+    ranks = {"pre": np.array([[2, 3], [4, 5]]), "post": np.array([[4, 5], [6, 7]])}
+    fig = figures.rank_heatmaps(ranks, 16, 0.9, "t")
+    try:
+        meshes = [ax.collections[0] for ax in fig.axes[:2]]
+        assert [m.get_clim() for m in meshes] == [(0, 16), (0, 16)]
+        colorbar = meshes[0].colorbar
+        assert (colorbar.vmin, colorbar.vmax) == (0, 16)
+        assert colorbar.ax.get_ylabel() == "rank@0.9 (of head_dim 16)"
+    finally:
+        plt.close(fig)
+
+
+def test_a_head_has_one_colour_in_every_panel():
+    rng = np.random.default_rng(0)
+    ranks = {kind: rng.integers(1, 16, (4, 3)) for kind in ("pre", "post")}
+    ratios = {kind: np.sort(rng.dirichlet(np.ones(16), (4, 3)))[..., ::-1] for kind in ranks}
+    curves = head_selection(ranks, ratios)
+    for draw in (figures.cumulative_curves, figures.eigen_spectra):
+        fig = draw(curves, 0.9, "t") if draw is figures.cumulative_curves else draw(curves, "t")
+        try:
+            pre, post = (
+                {line.get_label(): line.get_color() for line in ax.get_lines()}
+                for ax in fig.axes[:2]
+            )
+            assert {c.label for c in curves} <= set(pre) and pre == post
+        finally:
+            plt.close(fig)

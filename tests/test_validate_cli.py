@@ -53,12 +53,10 @@ def test_sweep_writes_validate_json_and_report(synthetic):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc == json.loads((out / "validate.json").read_text())
-    assert {
-        "validate.html",
-        "validate_pareto.png",
-        "validate_recall_vs_rank.png",
-        "validate_recall_per_layer.png",
-    } <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"validate.html", "validate_pareto-window.png", "validate_pareto-row.png"} <= written
+    assert any(n.startswith("validate_recall_vs_rank-") for n in written)
+    assert any(n.startswith("validate_recall_per_layer-") for n in written)
     rows = doc["results"]
     assert {r["method"] for r in rows} == {
         "loki",
@@ -99,8 +97,9 @@ def test_sweep_writes_validate_json_and_report(synthetic):
             for loki, exact, relative in zip(loki_row, exact_row, relative_row, strict=True):
                 assert loki <= exact + 1e-9 and relative == pytest.approx(loki / exact)
     html = (out / "validate.html").read_text()
-    assert "exact-topk" in html and "validate_pareto.png" in html
-    assert "mass recall / exact top-k mass" in html and f"{recall[0]['rows']}</td>" in html
+    assert "exact-topk" in html and "data:image/png;base64," in html
+    assert 'src="validate_' not in html  # images are inlined: the page stands alone
+    assert "mass / exact top-k mass" in html and f"{recall[0]['rows']}</td>" in html
 
 
 def test_group_select_runs_and_is_recorded(synthetic):
@@ -233,10 +232,12 @@ def test_run_without_calibration_or_ranks_or_with_another_models_calibration(tmp
     bare = synthetic_model_run(tmp_path / "a", with_calibration=False, with_ranks=False)
     result = invoke(tmp_path / "a", bare)
     assert result.exit_code == 2 and "keyspace analyze" in result.stderr
-    other = synthetic_model_run(tmp_path / "b", identity="weights:someone-else", with_ranks=False)
-    result = invoke(tmp_path / "b", other, "--d", "auto:0.9")
-    assert result.exit_code == 2 and "needs ranks.json" in result.stderr
-    result = invoke(tmp_path / "b", other, "--d", "4")
+    # A calibration without the ranks document that records its hash is not trusted.
+    unsealed = synthetic_model_run(tmp_path / "b", with_ranks=False)
+    result = invoke(tmp_path / "b", unsealed, "--d", "4")
+    assert result.exit_code == 2 and "keyspace analyze" in result.stderr
+    other = synthetic_model_run(tmp_path / "c", identity="weights:someone-else")
+    result = invoke(tmp_path / "c", other, "--d", "4")
     assert (
         result.exit_code == 2
         and "weights:someone-else" in result.stderr
@@ -247,6 +248,7 @@ def test_run_without_calibration_or_ranks_or_with_another_models_calibration(tmp
 def test_calibration_identity_must_match_the_run(synthetic, tmp_path):
     import shutil
 
+    from keyspace.analyze import read_ranks, write_ranks
     from keyspace.calibration import load_calibration
 
     root, run = synthetic
@@ -254,6 +256,8 @@ def test_calibration_identity_must_match_the_run(synthetic, tmp_path):
     shutil.copytree(run, copy)
     calibration = load_calibration(copy / "calibration.safetensors")
     calibration.metadata["model_identity"] = "gguf:another-model"
-    calibration.save(copy / "calibration.safetensors")
+    ranks = read_ranks(copy)
+    ranks["calibration_sha256"] = calibration.save(copy / "calibration.safetensors")
+    write_ranks(copy, ranks)
     result = invoke(root, copy, "--d", "4")
     assert result.exit_code == 2 and "calibrated on gguf:another-model" in result.stderr

@@ -25,8 +25,23 @@ def command(
     check: bool = typer.Option(True, help="Check the kernels against the fp32 oracle first."),
     out: Path = typer.Option(None, help="Folder for bench_decode.json and bench_decode.md."),
     json_output: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+    e2e: bool = typer.Option(
+        False, "--e2e", help="Time whole decode steps of a model instead: dense vs Loki, tokens/s."
+    ),
+    config: str = typer.Option(
+        None, help="With --e2e: random-init shape llama3-8b, llama2-7b or smollm2-135m."
+    ),
+    layers: int = typer.Option(None, help="With --e2e: keep the first N decoder layers."),
+    steps: int = typer.Option(64, help="With --e2e: timed decode steps per row."),
 ) -> None:
-    """Time one Loki decode step (scores, top-k, sparse attention) against dense SDPA."""
+    """Time one Loki decode step (scores, top-k, sparse attention) against dense SDPA; with --e2e,
+    whole decode steps of a model (CUDA-graph loop, dense vs Loki, and transformers' generate)."""
+    if out is not None:  # before any work: a sweep is minutes of GPU time
+        from keyspace.store import check_writable
+
+        check_writable(out)
+    if e2e:
+        return _e2e(model, config, layers, batch, seq, d, k, steps, dtype, check, out, json_output)
     if bool(d) != bool(k):
         raise KeyspaceError("--d and --k go together.", "Give both, e.g. --d 32 --k 0.125.")
     from keyspace.bench.kernels import BenchConfig, default_points, model_geometry
@@ -45,7 +60,7 @@ def command(
             per_head_under_gqa=per_head,
         )
     except ValueError as err:
-        raise KeyspaceError(str(err), "See `keyspace bench --help`.") from None
+        raise KeyspaceError(f"{str(err).rstrip('.')}.", "See `keyspace bench --help`.") from None
 
     import torch
 
@@ -62,6 +77,47 @@ def command(
     result = run_sweep(config, log=stderr.print)
     if out:
         save_result(result, out)
+    if json_output:
+        print_json(result)
+    else:
+        print(markdown_table(result["rows"]))
+
+
+def _e2e(model, config, layers, batch, seq, d, k, steps, dtype, check, out, json_output) -> None:
+    """`keyspace bench --e2e`: build the sweep's config and run it (keyspace.bench.e2e)."""
+    if bool(d) != bool(k):
+        raise KeyspaceError("--d and --k go together.", "Give both, e.g. --d 32 --k 0.125.")
+    from keyspace.bench.e2e import E2EConfig
+
+    try:
+        cfg = E2EConfig(
+            config=None if model else (config or "llama3-8b"),
+            model=model,
+            layers=layers,
+            batches=(batch,),
+            seqs=tuple(seq) if seq else E2EConfig.seqs,
+            steps=steps,
+            points=tuple((dd, kk) for dd in d for kk in k) if d else E2EConfig.points,
+            dtype=dtype,
+            check=check,
+        )
+    except ValueError as err:
+        raise KeyspaceError(f"{str(err).rstrip('.')}.", "See `keyspace bench --help`.") from None
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise KeyspaceError(
+            "keyspace bench --e2e needs a CUDA GPU, and torch sees none on this machine.",
+            "Run it on a machine with an NVIDIA GPU; the decode loop's CPU tests run with "
+            "`make test`.",
+        )
+    from keyspace.bench.e2e import markdown_table, run_e2e, save_result
+
+    save = (lambda result: save_result(result, out)) if out else None
+    result = run_e2e(cfg, log=stderr.print, save=save)
+    for row in result["checks"]:
+        stderr.print(f"check {row['check']}: {row['value']:.3f}")
     if json_output:
         print_json(result)
     else:

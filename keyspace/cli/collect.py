@@ -11,6 +11,7 @@ import typer
 from keyspace.cli.common import handle_errors, print_json, progress_enabled, stderr, stdout
 from keyspace.cli.options import config_options
 from keyspace.collect_config import CollectConfig
+from keyspace.errors import shell_command
 
 
 @handle_errors
@@ -24,6 +25,8 @@ def command(
 
     cfg = config
     result = _run_with_progress(cfg, collect)
+    for line in result.repairs:
+        stderr.print(f"Repaired: {line}", soft_wrap=True)
     summary = {
         "out": str(result.out),
         "state": result.state,
@@ -34,15 +37,25 @@ def command(
         "seconds": round(result.seconds, 2),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "shards": result.shards,
+        "repaired": result.repairs,
     }
     if as_json:
         print_json(summary)
         return
-    stdout.print(f"[bold]Run {result.state}[/bold]: {result.out}")
-    stdout.print(
-        f"  {result.tokens} tokens in {result.windows} windows, {summary['tokens_per_second']} tokens/s, {result.shards} key shards"
+    stdout.print(f"[bold]Run {result.state}[/bold]: ", end="")
+    stdout.print(str(result.out), soft_wrap=True, markup=False)
+    speed = (
+        "all collected before"
+        if result.resumed_windows == result.windows
+        else f"{summary['tokens_per_second']} tokens/s"
     )
-    stdout.print(f"  Next: keyspace rank-report {result.out} --out reports/{result.out.name}")
+    stdout.print(
+        f"  {result.tokens} tokens in {result.windows} windows, {speed}, {result.shards} key shards"
+    )
+    report = shell_command(
+        "keyspace", "rank-report", result.out, "--out", f"reports/{result.out.name}"
+    )
+    stdout.print(f"  Next: {report}", soft_wrap=True, markup=False)
 
 
 def _run_with_progress(cfg: Any, collect: Callable) -> Any:

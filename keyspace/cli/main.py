@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from keyspace.cli import analyze, bench, collect, report, validate
+from keyspace.cli import analyze, bench, collect, report, validate, verify
 
 app = typer.Typer(
     name="keyspace",
@@ -18,6 +18,7 @@ app.command("analyze")(analyze.command)
 app.command("rank-report")(report.command)
 app.command("validate")(validate.command)
 app.command("bench")(bench.command)
+app.command("verify")(verify.command)
 
 
 def main() -> None:

@@ -49,6 +49,12 @@ def _print_table(doc: dict) -> None:
         stdout.print(
             f"decode {entry['method']}: token agreement {entry['token_agreement']:.3f} (teacher-forced {entry['forced_agreement']:.3f}), NLL of the dense continuation {entry['nll_sparse']:.3f} vs {entry['nll_dense']:.3f} dense"
         )
+    for entry in (doc.get("speed") or {}).get("decode") or []:
+        stdout.print(
+            f"decode speed d={entry['d']} k={entry['k']:g} (B={entry['batch']}, S={entry['seq']}): "
+            f"{entry['loki_tokens_per_s']:.0f} tokens/s vs {entry['dense_tokens_per_s']:.0f} dense, "
+            f"{entry['speedup']:.2f}x"
+        )
     for entry in doc["passkey"]:
         stdout.print(
             f"passkey {entry['method']} @ {entry['length']} tokens: {entry['correct']}/{entry['count']}"
@@ -68,15 +74,11 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print validate.json on stdout.")] = False,
 ) -> None:
     """Perplexity of Loki and baselines at an equal budget, recall vs rank, real decoding, passkey."""
-    from keyspace.store import validate_dir
-    from keyspace.validate.results import write_outputs
-    from keyspace.validate.run import run_validate
+    from keyspace.validate.run import validate_into
 
-    result = run_validate(config, log=lambda line: stderr.print(line))
-    doc = result.to_json()
-    paths = write_outputs(doc, out or validate_dir(config.run))
+    doc, paths = validate_into(config, out, log=lambda line: stderr.print(line))
     if as_json:
         print_json(doc)
         return
     _print_table(doc)
-    stdout.print(f"wrote {', '.join(str(p) for p in paths)}")
+    stdout.print(f"wrote {', '.join(str(p) for p in paths)}", soft_wrap=True, markup=False)

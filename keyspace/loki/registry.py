@@ -56,7 +56,8 @@ def use_attention(model: torch.nn.Module, handler: Handler) -> Iterator[torch.nn
             "this model already runs keyspace attention; nest blocks on distinct models only."
         )
     previous = model.config._attn_implementation
-    AttentionInterface.register(ATTENTION_NAME, _dispatch)
+    # Opaque to torch.compile: handlers pick kernels and budgets from Python state at each call.
+    AttentionInterface.register(ATTENTION_NAME, torch.compiler.disable(_dispatch))
     _ACTIVE[key] = handler
     try:
         model.set_attn_implementation(ATTENTION_NAME)

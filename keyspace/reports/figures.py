@@ -1,13 +1,18 @@
-"""Pure plotting: arrays in, matplotlib Figure out. No torch, no files except `save_png`.
+"""Pure plotting for the rank report: arrays in, matplotlib Figure out. No torch, no files.
 
-Every function builds a new figure under the non-interactive Agg backend; `save_png` writes it and
-closes it, so a long report never accumulates open figures.
+Every function builds a new figure under the non-interactive Agg backend; `to_png` renders it
+and closes it, so a long report never accumulates open figures. Figures are at most
+`MAX_WIDTH_IN` wide, so at their CSS size (DPI px per inch) they fit the page at 1366 px and
+their fonts never shrink below legibility.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib
 
@@ -19,23 +24,63 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from keyspace.reports.html import Png  # noqa: E402
+
 KIND_COLORS = {"pre": "#1f77b4", "post": "#d62728"}
 KIND_TITLES = {"pre": "pre-RoPE", "post": "post-RoPE"}
+# CSS pixels per inch; figures are drawn at PIXEL_RATIO times that for high-density screens.
 DPI = 110
+PIXEL_RATIO = 2
+MAX_WIDTH_IN = 10.0
+FONT = {"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 10, "figure.titlesize": 11}
 # Annotate heatmap cells only while they stay legible.
 MAX_ANNOTATED_CELLS = 400
 
 
 @dataclass(frozen=True)
 class HeadCurve:
-    """One (layer, head) to draw: its explained-variance ratios (head_dim,), descending."""
+    """One (layer, head) to draw in every kind's panel, in one colour.
+
+    ratios[kind]: its explained-variance ratios (head_dim,), descending.
+    """
 
     label: str
-    ratios: np.ndarray
+    ratios: dict[str, np.ndarray]
 
     def __post_init__(self) -> None:
-        if self.ratios.ndim != 1:
-            raise ValueError("HeadCurve.ratios must be 1-D (head_dim,)")
+        if any(r.ndim != 1 for r in self.ratios.values()):
+            raise ValueError("HeadCurve.ratios must be 1-D (head_dim,) per kind")
+
+
+def to_png(fig: Figure, name: str) -> Png:
+    """Render `fig` as a PNG named `name` (the file it gets beside the page) and close it."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=DPI * PIXEL_RATIO, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Png(name, buffer.getvalue(), PIXEL_RATIO)
+
+
+def styled(plot: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Draw under the report's font sizes without touching matplotlib's global settings."""
+
+    @functools.wraps(plot)
+    def draw(*args, **kwargs) -> Figure:
+        with plt.rc_context(FONT):
+            return plot(*args, **kwargs)
+
+    return draw
+
+
+def new_figure(**subplots) -> tuple[Figure, np.ndarray]:
+    """plt.subplots, always with a 2-D array of axes."""
+    return plt.subplots(squeeze=False, **subplots)
+
+
+def wrap(title: str, width_in: float) -> str:
+    """Break a title into lines that fit a figure `width_in` wide (about 9 characters an inch)."""
+    return "\n".join(textwrap.wrap(title, max(20, int(width_in * 9))))
 
 
 def color_floor(arrays: list[np.ndarray]) -> float:
@@ -44,159 +89,153 @@ def color_floor(arrays: list[np.ndarray]) -> float:
     return min(0.5, np.floor(low * 10) / 10)
 
 
-def save_png(fig: Figure, path: str | Path) -> Path:
-    """Write `fig` as PNG and close it."""
-    path = Path(path)
-    try:
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
-
-
+@styled
 def rank_heatmaps(ranks: dict[str, np.ndarray], head_dim: int, tau: float, title: str) -> Figure:
-    """Side-by-side heatmaps of rank@τ, layer × KV head, one per kind; ranks[kind]: (layers, heads)."""
+    """Heatmaps of rank@τ, layer × KV head, one per kind, on one scale [0, head_dim].
+
+    ranks[kind]: (layers, heads).
+    """
     kinds = list(ranks)
     layers, heads = ranks[kinds[0]].shape
-    height = max(3.0, 0.26 * layers + 1.6)
-    fig, axes = plt.subplots(
-        1,
-        len(kinds),
-        figsize=(1.2 + 2.6 * len(kinds) + 0.35 * heads * len(kinds), height),
-        squeeze=False,
+    width = min(MAX_WIDTH_IN, 2.0 + (1.8 + 0.4 * heads) * len(kinds))
+    fig, axes = new_figure(
+        ncols=len(kinds), figsize=(width, max(3.4, 0.26 * layers + 1.8)), layout="constrained"
     )
-    vmax = max(int(r.max()) for r in ranks.values())
     annotate = layers * heads <= MAX_ANNOTATED_CELLS
     for ax, kind in zip(axes[0], kinds, strict=True):
         sns.heatmap(
-            ranks[kind], ax=ax, vmin=0, vmax=max(vmax, 1), cmap="viridis", annot=annotate, fmt="d",
-            annot_kws={"fontsize": 7}, cbar_kws={"label": f"rank@{tau:g} (of {head_dim})"},
+            ranks[kind], ax=ax, vmin=0, vmax=head_dim, cmap="viridis", annot=annotate, fmt="d",
+            annot_kws={"fontsize": 8}, cbar=False,
             xticklabels=[f"h{h}" for h in range(heads)], yticklabels=list(range(layers)),
         )  # fmt: skip
-        ax.set_title(f"{KIND_TITLES.get(kind, kind)}: rank@{tau:g}")
+        ax.set_title(f"{KIND_TITLES.get(kind, kind)}")
         ax.set_xlabel("KV head")
         ax.set_ylabel("layer")
-        ax.tick_params(axis="y", labelsize=7, rotation=0)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        ax.tick_params(axis="y", labelsize=8, rotation=0)
+    fig.colorbar(
+        axes[0][0].collections[0],
+        ax=axes,
+        shrink=0.6,
+        label=f"rank@{tau:g} (of head_dim {head_dim})",
+    )
+    fig.suptitle(wrap(title, width))
     return fig
 
 
+@styled
 def per_layer_ranks(ranks: dict[str, np.ndarray], head_dim: int, tau: float, title: str) -> Figure:
     """Mean rank@τ per layer over KV heads, with a min–max band, all kinds on one axis."""
-    fig, ax = plt.subplots(figsize=(8.0, 3.6))
+    fig, axes = new_figure(figsize=(9.0, 3.8), layout="constrained")
+    ax = axes[0][0]
     for kind, r in ranks.items():
         layers = np.arange(r.shape[0])
-        color = KIND_COLORS.get(kind)
-        ax.plot(
-            layers,
-            r.mean(axis=1),
-            marker="o",
-            markersize=3,
-            color=color,
-            label=f"{KIND_TITLES.get(kind, kind)} mean over heads",
-        )
+        color, name = KIND_COLORS.get(kind), KIND_TITLES.get(kind, kind)
+        ax.plot(layers, r.mean(axis=1), marker="o", markersize=3, color=color, label=f"{name} mean")
         ax.fill_between(
-            layers,
-            r.min(axis=1),
-            r.max(axis=1),
-            color=color,
-            alpha=0.18,
-            label=f"{KIND_TITLES.get(kind, kind)} min–max",
+            layers, r.min(axis=1), r.max(axis=1), color=color, alpha=0.18, label=f"{name} min–max"
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel(f"rank@{tau:g} (of {head_dim})")
     ax.set_ylim(0, head_dim)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    ax.legend(ncol=2, loc="lower right")
+    ax.set_title(wrap(title, 9.0))
     return fig
 
 
-def cumulative_curves(curves: dict[str, list[HeadCurve]], tau: float, title: str) -> Figure:
-    """Cumulative explained variance vs number of components, one panel per kind."""
-    fig, axes = plt.subplots(
-        1, len(curves), figsize=(5.0 * len(curves), 3.8), squeeze=False, sharey=True
-    )
-    for ax, (kind, heads) in zip(axes[0], curves.items(), strict=True):
-        for curve in heads:
-            r = np.arange(1, curve.ratios.shape[0] + 1)
-            ax.plot(r, np.cumsum(curve.ratios), label=curve.label, linewidth=1.4)
-        ax.axhline(tau, color="gray", linestyle="--", linewidth=0.8)
-        ax.text(1, tau + 0.01, f"τ = {tau:g}", fontsize=7, color="gray", va="bottom")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("number of components r (log scale)")
-        ax.set_title(KIND_TITLES.get(kind, kind))
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    axes[0][0].set_ylabel("cumulative explained variance")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def eigen_spectra(curves: dict[str, list[HeadCurve]], title: str) -> Figure:
-    """Eigenvalues as fractions of total variance on a log axis, one panel per kind."""
-    fig, axes = plt.subplots(
-        1, len(curves), figsize=(5.0 * len(curves), 3.8), squeeze=False, sharey=True
-    )
-    for ax, (kind, heads) in zip(axes[0], curves.items(), strict=True):
-        for curve in heads:
-            r = np.arange(1, curve.ratios.shape[0] + 1)
-            ax.semilogy(r, np.clip(curve.ratios, 1e-12, None), label=curve.label, linewidth=1.4)
-        ax.set_xlabel("component index")
+def head_panels(curves: list[HeadCurve], title: str, draw, ylabel: str) -> Figure:
+    """One panel per kind, each head in the same colour in every panel, one legend below."""
+    kinds = list(curves[0].ratios)
+    fig, axes = new_figure(ncols=len(kinds), figsize=(9.5, 4.6), sharey=True, layout="constrained")
+    colors = plt.get_cmap("tab10").colors
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for i, curve in enumerate(curves):
+            draw(ax, curve.ratios[kind], color=colors[i % len(colors)], label=curve.label)
         ax.set_title(KIND_TITLES.get(kind, kind))
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper right")
-    axes[0][0].set_ylabel("eigenvalue / total variance")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False)
+    fig.suptitle(wrap(title, 9.5))
     return fig
 
 
+@styled
+def cumulative_curves(curves: list[HeadCurve], tau: float, title: str) -> Figure:
+    """Cumulative explained variance against the number of components r (log axis)."""
+
+    def draw(ax, ratios, **style):
+        ax.plot(np.arange(1, ratios.shape[0] + 1), np.cumsum(ratios), linewidth=1.6, **style)
+        ax.axhline(tau, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("components r (log scale)")
+
+    fig = head_panels(curves, title, draw, "cumulative explained variance")
+    for ax in fig.axes:
+        ax.text(1, tau + 0.01, f"τ = {tau:g}", fontsize=9, color="gray", va="bottom")
+    return fig
+
+
+@styled
+def eigen_spectra(curves: list[HeadCurve], title: str) -> Figure:
+    """Eigenvalues as fractions of each head's total variance, log axis."""
+
+    def draw(ax, ratios, **style):
+        index = np.arange(1, ratios.shape[0] + 1)
+        ax.semilogy(index, np.clip(ratios, 1e-12, None), linewidth=1.6, **style)
+        ax.set_xlabel("component index")
+
+    return head_panels(curves, title, draw, "eigenvalue / total variance")
+
+
+@styled
 def transfer_heatmaps(
     labels: list[str], matrices: dict[str, dict[str, np.ndarray]], title: str
 ) -> Figure:
     """Grid kind × r spec of (basis run × keys run) captured-variance matrices in [0, 1]."""
     kinds = list(matrices)
     specs = list(matrices[kinds[0]])
-    cell = 0.55 * len(labels) + 1.6
+    cell = 0.5 * len(labels) + 1.4
     vmin = color_floor([m for specs_of in matrices.values() for m in specs_of.values()])
-    size = (cell * len(specs) + 1.2, cell * len(kinds) + 0.6)
-    fig, axes = plt.subplots(
-        len(kinds), len(specs), figsize=size, squeeze=False, layout="constrained"
-    )
+    width = min(MAX_WIDTH_IN, cell * len(specs) + 1.4)
+    fig, axes = new_figure(
+        nrows=len(kinds), ncols=len(specs), figsize=(width, cell * len(kinds) + 0.8),
+        layout="constrained",
+    )  # fmt: skip
     for i, kind in enumerate(kinds):
         for j, spec in enumerate(specs):
             ax = axes[i][j]
             sns.heatmap(
                 matrices[kind][spec], ax=ax, vmin=vmin, vmax=1.0, cmap="magma", annot=True, fmt=".3f",
-                annot_kws={"fontsize": 8}, cbar=False, xticklabels=labels, yticklabels=labels, square=True,
+                annot_kws={"fontsize": 9}, cbar=False, xticklabels=labels, yticklabels=labels, square=True,
             )  # fmt: skip
-            ax.set_title(f"{KIND_TITLES.get(kind, kind)}, top {spec}", fontsize=9)
+            ax.set_title(f"{KIND_TITLES.get(kind, kind)}, top {spec}", fontsize=10)
             ax.set_xlabel("keys of" if i == len(kinds) - 1 else "")
             ax.set_ylabel("basis from" if j == 0 else "")
-            ax.tick_params(labelsize=7)
+            ax.tick_params(labelsize=9)
     fig.colorbar(
         axes[0][0].collections[0], ax=axes, shrink=0.8, label="fraction of variance captured"
     )
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(wrap(title, width))
     return fig
 
 
+@styled
 def sequence_transfer_heatmap(
     rows: list[str], specs: list[str], values: np.ndarray, title: str
 ) -> Figure:
     """Captured fraction per (run · test · kind) row and r spec column; values: (rows, specs)."""
-    fig, ax = plt.subplots(figsize=(3.2 + 1.5 * len(specs), 0.45 * len(rows) + 1.4))
+    label_in = max(len(r) for r in rows) * 0.075  # about 0.075 in per 9-pt character
+    width = min(MAX_WIDTH_IN, label_in + 1.6 + 1.1 * len(specs))
+    fig, axes = new_figure(figsize=(width, 0.42 * len(rows) + 1.5), layout="constrained")
+    ax = axes[0][0]
     sns.heatmap(
-        values, ax=ax, vmin=color_floor([values]), vmax=1.0, cmap="magma", annot=True, fmt=".3f", annot_kws={"fontsize": 8},
-        xticklabels=[f"top {s}" for s in specs], yticklabels=rows, cbar_kws={"label": "fraction of held-out variance"},
+        values, ax=ax, vmin=color_floor([values]), vmax=1.0, cmap="magma", annot=True, fmt=".3f",
+        annot_kws={"fontsize": 9}, xticklabels=[f"top {s}" for s in specs], yticklabels=rows,
+        cbar_kws={"label": "fraction of held-out variance"},
     )  # fmt: skip
-    ax.tick_params(axis="y", rotation=0, labelsize=8)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    ax.tick_params(axis="y", rotation=0, labelsize=9)
+    ax.set_title(wrap(title, width))
     return fig

@@ -1,16 +1,23 @@
-"""HTML assembly: escaped fragments (tables, figures, sections) poured into one page template.
-
-Images are embedded as base64 data URIs, so index.html is a single self-contained file.
+"""The one HTML assembly of every report: escaped fragments (tables, figures, sections) poured
+into the page template. Images are embedded as base64 data URIs, so a page is a single
+self-contained file; the only links that leave it point to a sibling report (see `relink`).
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from keyspace.reports.template import PAGE
+from keyspace.reports.template import PAGE, RELATED_END, RELATED_START
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NUMBER = re.compile(r"[-+−]?\.?\d")
+BLANKS = ("", "-", "–", "n/a")
 
 
 def esc(value: object) -> str:
@@ -21,29 +28,96 @@ def attributes(attrs: dict[str, object] | None) -> str:
     return "".join(f' {esc(k)}="{esc(v)}"' for k, v in (attrs or {}).items())
 
 
+def plural(count: int, word: str) -> str:
+    """'1 window', '2 windows'."""
+    return f"{count} {word if count == 1 else word + 's'}"
+
+
+def is_number(cell: object) -> bool:
+    """Cells that right-align: numbers, with any unit or bracket after them, and blanks."""
+    return bool(NUMBER.match(str(cell))) or str(cell) in BLANKS
+
+
+def header_cell(header: str, text: bool) -> str:
+    """A <th>; long headers wrap at spaces only (never after a hyphen), and not into slivers."""
+    classes = ["text"] * text + ["long"] * (len(header) > 12 and " " in header)
+    cls = f' class="{" ".join(classes)}"' if classes else ""
+    words = (
+        f'<span class="nowrap">{esc(w)}</span>' if "-" in w else esc(w) for w in header.split(" ")
+    )
+    return f"<th{cls}>{' '.join(words)}</th>"
+
+
 def table(
     headers: list[str],
     rows: list[list[object]],
     css_class: str,
     attrs: dict[str, object] | None = None,
     row_attrs: list[dict] | None = None,
+    tall: bool = False,
 ) -> str:
-    """An HTML table; every cell is escaped. row_attrs[i] adds attributes to row i."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    """An HTML table in its own scroll box, so a wide or long table never widens the page.
+
+    Every cell is escaped; row_attrs[i] adds attributes to row i; tall caps the box's height.
+    """
+    text = [not all(is_number(row[j]) for row in rows) for j in range(len(headers))]
+    cls = [' class="text"' if t else "" for t in text]
+    head = "".join(header_cell(h, c) for h, c in zip(headers, text, strict=True))
     body = []
     for i, row in enumerate(rows):
         extra = attributes(row_attrs[i]) if row_attrs else ""
-        body.append(f"<tr{extra}>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
-    return f'<table class="{esc(css_class)}"{attributes(attrs)}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-
-
-def figure(png: Path, caption: str) -> str:
-    """An embedded PNG with its caption; the caption is also the alt text."""
-    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+        cells = "".join(f"<td{c}>{esc(v)}</td>" for v, c in zip(row, cls, strict=True))
+        body.append(f"<tr{extra}>{cells}</tr>")
+    box = "table-box tall" if tall else "table-box"
     return (
-        f'<figure><img src="data:image/png;base64,{data}" alt="{esc(caption)}" data-file="{esc(Path(png).name)}">'
-        f"<figcaption>{esc(caption)}</figcaption></figure>"
+        f'<div class="{box}"><table class="{esc(css_class)}"{attributes(attrs)}>'
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
     )
+
+
+@dataclass(frozen=True)
+class Png:
+    """A rendered figure: the file name it gets beside the page, its bytes, and the pixel ratio
+    it was drawn at (2 = drawn at twice its CSS size, sharp on high-density screens)."""
+
+    name: str
+    data: bytes
+    ratio: int = 1
+
+    def __post_init__(self) -> None:
+        if self.data[:8] != PNG_MAGIC:
+            raise ValueError(f"{self.name} is not a PNG")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """CSS (width, height): the PNG's pixel size over `ratio`."""
+        width, height = struct.unpack(">II", self.data[16:24])
+        return width // self.ratio, height // self.ratio
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / self.name
+        path.write_bytes(self.data)
+        return path
+
+
+def image(png: Png, alt: str) -> str:
+    data = base64.b64encode(png.data).decode("ascii")
+    width, height = png.size
+    return (
+        f'<img src="data:image/png;base64,{data}" width="{width}" height="{height}"'
+        f' alt="{esc(alt)}" data-file="{esc(png.name)}">'
+    )
+
+
+def figure(pngs: Png | list[Png], caption: str, wide: bool = False) -> str:
+    """Embedded PNGs with one caption (also their alt text). Several PNGs flow as panels that
+    wrap onto more rows on narrow screens; wide panels take half a wide screen each."""
+    if isinstance(pngs, Png) or len(pngs) == 1:
+        png = pngs if isinstance(pngs, Png) else pngs[0]
+        return f"<figure>{image(png, caption)}<figcaption>{esc(caption)}</figcaption></figure>"
+    panels = "".join(image(p, caption) for p in pngs)
+    grid = "panels wide" if wide else "panels"
+    return f'<figure><div class="{grid}">{panels}</div><figcaption>{esc(caption)}</figcaption></figure>'
 
 
 def paragraph(text: str, css_class: str = "") -> str:
@@ -51,22 +125,72 @@ def paragraph(text: str, css_class: str = "") -> str:
     return f"<p{cls}>{esc(text)}</p>"
 
 
+def warning(text: str, label: str = "Warning") -> str:
+    return f'<div class="warning"><strong>{esc(label)}:</strong> {esc(text)}</div>'
+
+
 def section(title: str, parts: list[str], anchor: str) -> str:
     return f'<section id="{esc(anchor)}"><h2>{esc(title)}</h2>{"".join(parts)}</section>'
 
 
-def wide(content: str) -> str:
-    """Scroll sideways inside the page rather than widening it."""
-    return f'<div class="wide">{content}</div>'
+def related_nav(links: list[tuple[str, str]]) -> str:
+    """Links to sibling reports: (relative href, label) pairs; empty when there are none."""
+    if not links:
+        return ""
+    items = " · ".join(f'<a href="{esc(href)}">{esc(label)}</a>' for href, label in links)
+    return f'<nav class="related">Related report: {items}</nav>'
 
 
-def scroll_box(content: str) -> str:
-    return f'<div class="scroll">{content}</div>'
-
-
-def page(title: str, subtitle: str, sections: list[str], navigation: list[tuple[str, str]]) -> str:
-    """The whole document. navigation: (anchor, label) pairs for the contents line."""
+def page(
+    *,
+    title: str,
+    subtitle: str,
+    headline: str,
+    sections: list[str],
+    navigation: list[tuple[str, str]],
+    footer: str,
+    generator: str,
+    warnings: list[tuple[str, str]] = (),
+    related: list[tuple[str, str]] = (),
+) -> str:
+    """The whole document. navigation: (anchor, label) pairs for the contents line; warnings:
+    (label, text) boxes shown under the headline; related: (href, label) sibling reports."""
     nav = " · ".join(f'<a href="#{esc(a)}">{esc(label)}</a>' for a, label in navigation)
     return Template(PAGE).substitute(
-        title=esc(title), subtitle=esc(subtitle), nav=nav, body="\n".join(sections)
+        title=esc(title),
+        subtitle=esc(subtitle),
+        headline=esc(headline),
+        warnings="\n".join(warning(text, label) for label, text in warnings),
+        nav=nav,
+        related=related_nav(list(related)),
+        body="\n".join(sections),
+        footer=esc(footer),
+        generator=esc(generator),
     )
+
+
+def is_report(path: Path) -> bool:
+    """True when `path` is a page written by this module (it carries the related-reports slot)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return RELATED_START in text and RELATED_END in text
+
+
+def relink(path: Path, links: list[tuple[str, str]]) -> bool:
+    """Set the related-reports links of an existing report page; False when `path` is no report.
+
+    Only the marked slot changes, so a report written earlier learns of a sibling written later.
+    """
+    if not is_report(path):
+        return False
+    text = path.read_text(encoding="utf-8")
+    head, rest = text.split(RELATED_START, 1)
+    _, tail = rest.split(RELATED_END, 1)
+    updated = f"{head}{RELATED_START}{related_nav(links)}{RELATED_END}{tail}"
+    if updated != text:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(updated, encoding="utf-8")
+        tmp.replace(path)
+    return True

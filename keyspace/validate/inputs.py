@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from keyspace.analyze import read_ranks
-from keyspace.calibration import load_calibration
+from keyspace.analyze import analyze_hint, read_calibration, read_ranks
 from keyspace.errors import KeyspaceError
 from keyspace.loki import K_MODES, METHODS
 from keyspace.store import RunFolder, calibration_path
@@ -39,24 +38,22 @@ def open_inputs(config: ValidateConfig) -> Inputs:
     k_modes = parse_names(config.k_modes, K_MODES, "--k-mode")
     ks = parse_k(config.k)
     run = RunFolder.open(config.run).require_complete()
-    cal_path = calibration_path(run.path)
-    if not cal_path.is_file():
+    ranks = read_ranks(run.path)  # verified by its checksum
+    calibration = read_calibration(run.path, ranks)  # verified against the ranks record
+    hint = analyze_hint(run.path)
+    if ranks.get("moments_sha256") != run.moments_sha256:
         raise KeyspaceError(
-            f"run {run.path} has no {cal_path.name}.",
-            f"Run `keyspace analyze {run.path}` first.",
+            f"the analysis in {run.path} was computed from other moments than the run holds now.",
+            hint,
         )
-    calibration = load_calibration(cal_path)
     if calibration.model_identity and calibration.model_identity != run.model_identity:
         raise KeyspaceError(
-            f"{cal_path} was calibrated on {calibration.model_identity}, but the run's model is {run.model_identity}.",
-            f"Re-run `keyspace analyze {run.path}` so the calibration matches the run.",
+            f"{calibration_path(run.path)} was calibrated on {calibration.model_identity}, but the run's model is {run.model_identity}.",
+            hint,
         )
     if config.rotary not in calibration.components:
-        raise KeyspaceError(
-            f"{cal_path} has no {config.rotary} basis.", f"Re-run `keyspace analyze {run.path}`."
-        )
+        raise KeyspaceError(f"{calibration_path(run.path)} has no {config.rotary} basis.", hint)
     components = calibration.components[config.rotary]
-    ranks = read_ranks(run.path)
     ds = parse_d(config.d, components.shape[-1], tuple(components.shape[:2]), ranks, config.rotary)
     return Inputs(run, components, ranks, ds, ks, k_modes, methods, config.gqa_select == "group")
 
@@ -85,5 +82,5 @@ def check_model(model, identity: str, inputs: Inputs) -> None:
     if tuple(inputs.components.shape) != expected:
         raise KeyspaceError(
             f"calibration shape {tuple(inputs.components.shape)} does not fit the model {expected}.",
-            f"Re-run `keyspace analyze {run.path}`.",
+            analyze_hint(run.path),
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from scipy.stats import spearmanr
 
 from keyspace.reports.validate_report import write_validate_report
-from keyspace.store import atomic_path
+from keyspace.store import write_json_atomic
 
 VALIDATE_JSON = "validate.json"
 
@@ -83,7 +82,5 @@ def speed_ceilings(rows: list[ResultRow]) -> dict:
 def write_outputs(doc: dict, out: str | Path) -> list[Path]:
     """validate.json, then the HTML + PNG report beside it; returns the paths written."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / VALIDATE_JSON) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    write_json_atomic(out / VALIDATE_JSON, doc)
     return [out / VALIDATE_JSON, *write_validate_report(doc, out)]

@@ -5,18 +5,22 @@ docs/validate.md.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from keyspace import __version__
 from keyspace.data import load_corpus, load_token_windows
 from keyspace.errors import KeyspaceError
 from keyspace.models import load_model
+from keyspace.store import check_writable, validate_dir
 from keyspace.validate.config import Log, ValidateConfig
 from keyspace.validate.grid import sweep_points
-from keyspace.validate.inputs import check_model, check_passkey_lengths, open_inputs
-from keyspace.validate.results import ValidateResult, speed_ceilings
+from keyspace.validate.inputs import Inputs, check_model, check_passkey_lengths, open_inputs
+from keyspace.validate.results import ValidateResult, speed_ceilings, write_outputs
 from keyspace.validate.stages import (
     decode_entries,
     decode_prompts,
     measure_perplexity,
+    measured_decode,
     measured_speed,
     passkey_entries,
     recall_entry,
@@ -33,9 +37,22 @@ def default_dataset(log: Log) -> str:
         return "pydoc"
 
 
-def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateResult:
-    """Open, load, check, then measure every sweep point on the same windows."""
+def validate_into(
+    config: ValidateConfig, out: Path | None, log: Log = lambda _: None
+) -> tuple[dict, list[Path]]:
+    """What `keyspace validate` does: open the run's inputs, check the output folder (default
+    <run>/validate) is writable before any work, run, then write validate.json and the report."""
     inputs = open_inputs(config)
+    out = check_writable(out or validate_dir(inputs.run.path))
+    doc = run_validate(config, log, inputs).to_json()
+    return doc, write_outputs(doc, out)
+
+
+def run_validate(
+    config: ValidateConfig, log: Log = lambda _: None, inputs: Inputs | None = None
+) -> ValidateResult:
+    """Open, load, check, then measure every sweep point on the same windows."""
+    inputs = inputs or open_inputs(config)
     loaded = load_model(
         inputs.run.manifest["model"]["spec"], dtype=config.dtype, device=config.device
     )
@@ -86,4 +103,5 @@ def run_validate(config: ValidateConfig, log: Log = lambda _: None) -> ValidateR
     result = ValidateResult(header, rows, recall, decode, passkey)
     result.speed = speed_ceilings(rows)
     result.speed["measured"] = measured_speed(loaded.model, inputs, config, log)
+    result.speed["decode"] = measured_decode(loaded.model, inputs, config, log)
     return result

@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import torch
 
+from keyspace.bench.e2e import decode_speed
 from keyspace.bench.kernels import BenchConfig, run_sweep
 from keyspace.errors import KeyspaceError
 from keyspace.loki import METHODS, LokiCache, SparseSettings
@@ -25,6 +26,9 @@ from keyspace.validate.results import ResultRow, spearman
 # Recall is correlated with each head's rank at this explained-variance threshold.
 RECALL_THRESHOLD = DEFAULT_THRESHOLD
 SPEED_SEQS = (4096, 16384)  # the model's own long-context shapes plus a longer cache
+DECODE_BATCH = 16  # sequences per decode step in the end-to-end timing
+DECODE_SEQ = 4096  # prompt tokens before the timed decode steps (capped by the model's limit)
+DECODE_STEPS = 32  # timed decode steps; the median step is reported
 
 
 def settings_for(point: SweepPoint, inputs: Inputs) -> SparseSettings:
@@ -190,8 +194,8 @@ def measured_speed(model, inputs: Inputs, config: ValidateConfig, log: Log) -> l
     attention shapes, batch 16, for every fixed d and k of the grid. None elsewhere."""
     if not config.device.startswith("cuda"):
         return None
-    fixed = sorted({int(d.dims.max()) for d in inputs.ds if not d.label.startswith("auto")})
-    if not fixed:  # the kernels take one d per cache; auto:τ varies per head
+    fixed = fixed_dims(inputs)
+    if not fixed:
         return None
     cfg = BenchConfig(
         batch=16,
@@ -203,3 +207,50 @@ def measured_speed(model, inputs: Inputs, config: ValidateConfig, log: Log) -> l
         dtype="float16",
     )
     return run_sweep(cfg, log=log)["rows"]
+
+
+def fixed_dims(inputs: Inputs) -> list[int]:
+    """The grid's fixed d values: the kernels and caches take one d per layer, auto:τ varies."""
+    return sorted({int(d.dims.max()) for d in inputs.ds if not d.label.startswith("auto")})
+
+
+def decode_seq(model) -> int:
+    """DECODE_SEQ, or less when the model's context cannot hold it plus the timed steps."""
+    limit = getattr(model.config, "max_position_embeddings", None) or DECODE_SEQ
+    return min(DECODE_SEQ, limit - DECODE_STEPS - 1)
+
+
+def measured_decode(model, inputs: Inputs, config: ValidateConfig, log: Log) -> list[dict] | None:
+    """On CUDA: this model's decode tokens/s through the CUDA-graph loop, dense and with Loki at
+    every fixed d and k of the grid, on the run's calibrated basis. None elsewhere."""
+    if not config.device.startswith("cuda") or "loki" not in inputs.methods:
+        return None
+    parameter = next(model.parameters())
+    basis = inputs.components.to(parameter.device, parameter.dtype)
+    seq, rows = decode_seq(model), []
+    for d in fixed_dims(inputs):
+        for k in inputs.ks:
+            speed = decode_speed(
+                model, DECODE_BATCH, seq, DECODE_STEPS, d, k, basis, inputs.group_select
+            )
+            dense, loki = speed["dense"], speed["loki"]
+            log(
+                f"decode speed d={d} k={k:g}: {loki['tokens_per_s']:.0f} tokens/s vs "
+                f"{dense['tokens_per_s']:.0f} dense ({speed['speedup']:.2f}x)"
+            )
+            rows.append(
+                {
+                    "d": d,
+                    "k": k,
+                    "batch": DECODE_BATCH,
+                    "seq": seq,
+                    "steps": DECODE_STEPS,
+                    "gqa_select": "group" if inputs.group_select else "head",
+                    "dense_step_ms": dense["step_ms"],
+                    "loki_step_ms": loki["step_ms"],
+                    "dense_tokens_per_s": dense["tokens_per_s"],
+                    "loki_tokens_per_s": loki["tokens_per_s"],
+                    "speedup": speed["speedup"],
+                }
+            )
+    return rows

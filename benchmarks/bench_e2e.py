@@ -1,0 +1,221 @@
+"""Whole-model decode speed on one CUDA GPU (issue 14): dense and Loki through the same model,
+each decode step one CUDA-graph replay, against transformers' own `generate`.
+
+    PYTHONPATH=. python benchmarks/bench_e2e.py --config llama3-8b --batch 16 \\
+        --seq 4096 --seq 16384 --seq 32768 --point 32:0.125 --out results/e2e
+
+`--loop FIELD=VALUE` (repeatable) sets a field of the loop's `DecodeLoopSettings`;
+`--variant NAME:FIELD=VALUE,...` (repeatable) times each named loop variant on the same prefilled
+caches. `--attention` instead times the dense decode attention candidates alone (one layer's
+cache). Writes e2e.json and e2e.md (or dense_attention.json) under --out. Never imported by the
+package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _loop_settings(pairs: list[str], base=None):
+    """DecodeLoopSettings (or `base`) with each FIELD=VALUE applied, parsed by the field's type;
+    `kernel.FIELD=VALUE` sets a field of the Loki kernels' KernelSettings."""
+    from keyspace.kernels import DEFAULT_SETTINGS
+    from keyspace.loki.graphs import DecodeLoopSettings
+
+    base = base or DecodeLoopSettings()
+    loop, kernel = {}, {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        owner = kernel if name.startswith("kernel.") else loop
+        owner[name.removeprefix("kernel.")] = value
+    loop = _parsed(loop, base)
+    if kernel:
+        loop["kernels"] = dataclasses.replace(
+            base.kernels or DEFAULT_SETTINGS, **_parsed(kernel, DEFAULT_SETTINGS)
+        )
+    return dataclasses.replace(base, **loop)
+
+
+def _parsed(values: dict[str, str], settings) -> dict:
+    types = {f.name: f.type for f in dataclasses.fields(settings)}
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise SystemExit(
+            f"unknown {type(settings).__name__} fields {unknown}; known: {sorted(types)}"
+        )
+    parse = {"int": int, "bool": lambda v: v.lower() in ("1", "true", "yes", "on")}
+    return {name: parse.get(types[name], str)(value) for name, value in values.items()}
+
+
+def _point(text: str) -> tuple[int, float]:
+    d, _, k = text.partition(":")
+    return int(d), float(k)
+
+
+def graph_ms(fn, replays: int = 20, reps: int = 5) -> float:
+    """Median ms per call of `fn` captured in a CUDA graph (after two eager warm-up calls)."""
+    import statistics
+
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return statistics.median(times)
+
+
+def time_dense_attention(shape, batch: int, seq: int, bucket: int = 256) -> list[dict]:
+    """Each dense decode candidate (kind x SDPA backend) alone, on one layer's static cache holding
+    `seq` valid tokens inside a bucket that ends past them: relative L2 error against the fp32
+    oracle, ms per call (graph replays), and GB/s of the valid K and V. The last row is SDPA over
+    exactly the valid tokens with no mask (flash), which no single graph can do as S grows."""
+    import torch
+    import torch.nn.functional as F
+
+    from keyspace.kernels import dense_attention_reference
+    from keyspace.loki.graphs import DENSE_DECODE, SDPA_BACKENDS, bucket_end, sdpa_backend
+    from keyspace.loki.static_cache import StaticKVLayer
+
+    dtype = {2: torch.float16, 4: torch.float32}[shape.element_size]
+    kv_shape = (batch, shape.kv_heads, seq, shape.head_dim)
+    keys, values = (torch.randn(kv_shape, device="cuda", dtype=dtype) for _ in range(2))
+    query = torch.randn(batch, shape.q_heads, 1, shape.head_dim, device="cuda", dtype=dtype)
+    layer = StaticKVLayer(seq + bucket)
+    layer.update(keys, values)
+    end, scale = bucket_end(seq + 1, bucket, layer.capacity), shape.head_dim**-0.5
+    oracle = dense_attention_reference(query[:, :, 0], keys, values, scale)  # [B, Hq, D] fp32
+    gbytes = 2 * keys.numel() * keys.element_size() / 1e9
+    candidates = [("varlen", "auto")] + [
+        (kind, backend) for kind in DENSE_DECODE if kind != "varlen" for backend in SDPA_BACKENDS
+    ]
+    rows = []
+    for kind, backend in candidates:
+
+        def call(kind=kind, backend=backend):
+            with sdpa_backend(backend):
+                return DENSE_DECODE[kind](query, layer, end, scale)
+
+        rows.append(_time_candidate(f"{kind}/{backend}", call, oracle, gbytes))
+
+    def exact():
+        with sdpa_backend("flash"):
+            out = F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    rows.append(_time_candidate("exact length, no mask/flash", exact, oracle, gbytes))
+    return [{**row, "batch": batch, "seq": seq, "view": end} for row in rows]
+
+
+def _time_candidate(name: str, call, oracle, gbytes: float) -> dict:
+    try:
+        out = call()[:, 0].float()  # [B, Hq, D]
+        err = float((out - oracle).norm() / oracle.norm())
+        ms = graph_ms(call)
+    except Exception as error:  # a backend that refuses these inputs
+        return {"candidate": name, "error": f"{type(error).__name__}: {str(error)[:120]}"}
+    return {"candidate": name, "rel_err": err, "ms": ms, "gbps": gbytes / ms * 1e3}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="llama3-8b, llama2-7b or smollm2-135m")
+    parser.add_argument("--model", default=None, help="a real model (alias or folder)")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batch", type=int, action="append")
+    parser.add_argument("--seq", type=int, action="append")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--point", type=_point, action="append", help="d:k, e.g. 32:0.125")
+    parser.add_argument("--per-head", action="store_true", help="per-query-head selection")
+    parser.add_argument("--generate-steps", type=int, default=4)
+    parser.add_argument("--no-split", action="store_true")
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--loop", action="append", default=[], help="FIELD=VALUE")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:FIELD=VALUE,...")
+    parser.add_argument("--attention", action="store_true", help="time dense candidates alone")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("Error: the end-to-end bench needs a CUDA GPU.", file=sys.stderr)
+        return 2
+    from keyspace.bench import e2e
+
+    loop = _loop_settings(args.loop)
+    cfg = e2e.E2EConfig(
+        config=args.config or (None if args.model else "llama3-8b"),
+        model=args.model,
+        layers=args.layers,
+        batches=tuple(args.batch or (16,)),
+        seqs=tuple(args.seq or (4096, 16384, 32768)),
+        steps=args.steps,
+        points=tuple(args.point or ((32, 0.125),)),
+        group_select=not args.per_head,
+        generate_steps=args.generate_steps,
+        split=not args.no_split,
+        check=not args.no_check,
+        loop=loop,
+    )
+    variants = None
+    if args.variant:
+        variants = {}
+        for text in args.variant:
+            name, _, fields = text.partition(":")
+            variants[name] = _loop_settings([f for f in fields.split(",") if f], loop)
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    if args.attention:
+        dtype_size = 2 if cfg.dtype in ("float16", "bfloat16") else 4
+        shape = e2e.Shape.from_config(e2e.model_config(cfg.config or "llama3-8b"), dtype_size)
+        rows = []
+        for batch in cfg.batches:
+            for seq in cfg.seqs:
+                rows += time_dense_attention(shape, batch, seq, loop.bucket)
+                torch.cuda.empty_cache()
+        for row in rows:
+            print(json.dumps(row))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "dense_attention.json").write_text(json.dumps(rows, indent=2))
+        return 0
+
+    def save(result: dict) -> None:
+        if args.out:
+            e2e.save_result(result, args.out)
+
+    result = e2e.run_e2e(cfg, log, variants, save)
+    save(result)
+    table = e2e.markdown_table(result["rows"])
+    for check in result["checks"]:
+        print(f"check {check['check']}: {check['value']:.3f}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,542 @@
+"""Whole-model decode speed on one CUDA GPU: dense against Loki through the same model and loop.
+
+Both paths run `keyspace.loki.graphs.DecodeLoop` (static cache, eager chunked prefill, each decode
+step one CUDA-graph replay); only the cache and its attention differ. transformers' own `generate`
+(DynamicCache, SDPA, a Python loop) is the everyday second baseline.
+
+Per row: prefill seconds; the median decode step (CUDA events around each replay) and tokens/s;
+the step's byte floor (weights once, all but the embedding table, of which B rows are read; plus
+the KV read: dense 2·S·D per KV head, Loki S·d + k_top·(2D − d) per index set) at the measured
+DRAM read rate, and the % of it reached; the split of the step into attention and the rest (the
+same step captured with attention skipped); the speedups over the dense loop and `generate`.
+
+Speed does not depend on the weights: the `--config` models are random-init at real shapes, and
+the Loki bases random orthonormal matrices unless a calibration's are passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from keyspace.loki.graphs import DecodeLoop, DecodeLoopSettings, bucket_end, decode_budget
+from keyspace.loki.static_cache import StaticKVCache, StaticLokiCache
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Real shapes, random weights. smollm2-135m comes from keyspace.models.alias_config.
+_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+}
+MODEL_CONFIGS = {
+    "llama3-8b": {
+        **_LLAMA,
+        "intermediate_size": 14336,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+    },
+    "llama2-7b": {
+        **_LLAMA,
+        "intermediate_size": 11008,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "rope_theta": 10000.0,
+    },
+}
+CONFIG_NAMES = (*MODEL_CONFIGS, "smollm2-135m")
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """One end-to-end sweep: every (batch, seq), dense and each (d, k) point, on one model."""
+
+    config: str | None = "llama3-8b"  # random-init at a real shape (CONFIG_NAMES) ...
+    model: str | None = None  # ... or a real model (alias, folder), loaded by keyspace.models
+    layers: int | None = None  # keep the first N decoder layers
+    batches: tuple[int, ...] = (16,)
+    seqs: tuple[int, ...] = (4096, 16384, 32768)
+    steps: int = 64  # timed decode steps per row
+    points: tuple[tuple[int, float], ...] = ((32, 0.125),)
+    group_select: bool = True
+    dtype: str = "float16"
+    generate_steps: int = 4  # transformers' generate baseline; 0 skips it
+    split: bool = True  # also time the step with attention skipped
+    check: bool = True  # graph == eager tokens, Loki at k=1 against dense, before timing
+    loop: DecodeLoopSettings = field(default_factory=DecodeLoopSettings)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.config is None) == (self.model is None):
+            raise ValueError("give exactly one of config (a random-init shape) or model")
+        if self.config is not None and self.config not in CONFIG_NAMES:
+            raise ValueError(f"config must be one of {CONFIG_NAMES}, got {self.config!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if min(self.batches) < 1 or min(self.seqs) < 2 or self.steps < 1:
+            raise ValueError("batch and steps must be positive and seq at least 2")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError("layers must be positive")
+        for d, k in self.points:
+            if d < 1 or not 0 < k <= 1:
+                raise ValueError(f"bad (d, k) point ({d}, {k}): d >= 1 and k in (0, 1]")
+
+
+# --- models and byte arithmetic ----------------------------------------------------------------
+
+
+def model_config(name: str, layers: int | None = None):
+    """The transformers config of a known shape, cut to `layers` decoder layers."""
+    from transformers import AutoConfig
+
+    if name == "smollm2-135m":
+        from keyspace.models import alias_config
+
+        config = alias_config(name)
+    else:
+        settings = dict(MODEL_CONFIGS[name])
+        config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    if layers is not None:
+        config.num_hidden_layers = min(layers, config.num_hidden_layers)
+    config.max_position_embeddings = max(config.max_position_embeddings, 131072)
+    return config
+
+
+def build_model(cfg: E2EConfig, device: str = "cuda"):
+    """A random-init model at `cfg.config`'s shape (made on the device), or the real `cfg.model`."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.model is not None:
+        from keyspace.models import load_model
+
+        model = load_model(cfg.model, dtype=cfg.dtype, device=device).model
+        if cfg.layers is not None:
+            model.model.layers = model.model.layers[: cfg.layers]
+            model.config.num_hidden_layers = len(model.model.layers)
+        return model.eval()
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(cfg.config, cfg.layers), dtype=dtype)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the byte floor needs to know of a model."""
+
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    element_size: int
+
+    @classmethod
+    def of(cls, model) -> Shape:
+        return cls.from_config(model.config, next(model.parameters()).element_size())
+
+    @classmethod
+    def from_config(cls, config, element_size: int) -> Shape:
+        heads = config.num_attention_heads
+        return cls(
+            layers=config.num_hidden_layers,
+            q_heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            element_size=element_size,
+        )
+
+
+def weight_bytes(model, batch: int) -> int:
+    """Bytes of weights a decode step reads: every parameter once, except the input embedding table,
+    of which only the batch's rows are read (unless the head shares it and reads it whole)."""
+    table = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == table.data_ptr()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # shared counted once
+    rows = batch * table.shape[1] * table.element_size()
+    return total - (0 if tied else table.numel() * table.element_size()) + rows
+
+
+def kv_bytes(
+    shape: Shape,
+    batch: int,
+    seq: int,
+    d: int | None = None,
+    k_top: int | None = None,
+    group_select: bool = True,
+) -> int:
+    """Bytes of cache a decode step reads at `seq` tokens: dense K and V, or Loki's k_low over all
+    rows plus the rest of the key and the value of the k_top selected rows of each index set."""
+    es, dim = shape.element_size, shape.head_dim
+    if d is None:
+        return shape.layers * 2 * batch * shape.kv_heads * seq * dim * es
+    sets = shape.kv_heads if group_select else shape.q_heads
+    per_layer = shape.kv_heads * seq * d + sets * k_top * (2 * dim - d)
+    return shape.layers * batch * per_layer * es
+
+
+def floor_ms(nbytes: int, gbps: float) -> float:
+    return nbytes / gbps / 1e6
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def random_bases(shape: Shape, device, seed: int = 0) -> torch.Tensor:
+    """(layers, kv_heads, D, D) random orthonormal bases, rows as directions."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    raw = torch.randn(
+        shape.layers, shape.kv_heads, shape.head_dim, shape.head_dim, generator=gen, device=device
+    )
+    return torch.linalg.qr(raw)[0].transpose(-1, -2).contiguous()
+
+
+def time_steps(loop: DecodeLoop, steps: int) -> list[float]:
+    """ms of each of `steps` decode steps, by CUDA events around each replay (graphs captured first)."""
+    loop.prepare(steps)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for i in range(steps):
+        loop.step()
+        events[i + 1].record()
+    events[-1].synchronize()
+    return [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
+
+
+def prefill(model, cache, prompt: torch.Tensor, settings: DecodeLoopSettings) -> tuple:
+    """Prefill `cache` with `prompt` through the loop: (first token (B,), seconds)."""
+    with DecodeLoop(model, cache, settings) as loop:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        first = loop.prefill(prompt)
+        torch.cuda.synchronize()
+    return first, time.perf_counter() - start
+
+
+def run_path(model, cache, first: torch.Tensor, seq: int, cfg: E2EConfig) -> dict:
+    """Time `cfg.steps` decode steps from a cache holding `seq` prompt tokens and the prefill's
+    token `first`, then the same steps with attention skipped; rewind the cache to `seq`."""
+    result = {}
+    with DecodeLoop(model, cache, cfg.loop) as loop:
+        loop.resume(first, seq)
+        result["times_ms"] = time_steps(loop, cfg.steps)
+    if cfg.split:
+        with DecodeLoop(model, cache, cfg.loop, attend=False) as loop:
+            loop.resume(first, seq)
+            result["rest_ms"] = statistics.median(time_steps(loop, cfg.steps))
+    cache.set_length(seq)
+    return result
+
+
+def generate_baseline(model, prompt: torch.Tensor, steps: int, prefill_chunk: int) -> dict | None:
+    """transformers' default greedy `generate` (DynamicCache, the model's attention; its own chunked
+    prefill): prefill seconds and the median ms of its decode steps, each timed between two
+    logits-processor calls. None if it runs out of device memory."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
+    clock = Clock()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            model.generate(
+                prompt,
+                max_new_tokens=steps + 1,
+                min_new_tokens=steps + 1,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([clock]),
+                pad_token_id=0,
+                prefill_chunk_size=prefill_chunk,
+            )
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+    gaps = [(b - a) * 1e3 for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    return {"prefill_s": clock.times[0] - start, "step_ms": statistics.median(gaps)}
+
+
+def _row(batch, seq, method, path, weights, kv, gbps, **point) -> dict:
+    """One table row from a timed path; `point` is the Loki (d, k, k_top) when method is loki."""
+    step = statistics.median(path["times_ms"])
+    row = {"batch": batch, "seq": seq, "method": method, "d": None, "k": None, "k_top": None}
+    row |= point | {
+        "prefill_s": path["prefill_s"],
+        "step_ms": step,
+        "tokens_per_s": batch * 1e3 / step,
+        "weights_gb": weights / 1e9,
+        "kv_gb": kv / 1e9,
+        "floor_ms": floor_ms(weights + kv, gbps),
+    }
+    row["floor_pct"] = 100 * row["floor_ms"] / step
+    if "rest_ms" in path:
+        row["rest_ms"], row["attention_ms"] = path["rest_ms"], step - path["rest_ms"]
+        row["rest_floor_ms"], row["attention_floor_ms"] = (
+            floor_ms(weights, gbps),
+            floor_ms(kv, gbps),
+        )
+    return row
+
+
+def run_point(
+    model,
+    cfg: E2EConfig,
+    batch: int,
+    seq: int,
+    gbps: float,
+    log: Callable[[str], None] = print,
+    variants: dict[str, DecodeLoopSettings] | None = None,
+) -> list[dict]:
+    """Rows of one (batch, seq): dense, then each (d, k), each under every loop variant (default:
+    cfg.loop alone) on one prefilled cache per kind; speedups against dense and `generate`."""
+    variants = variants or {"": cfg.loop}
+    shape, device = Shape.of(model), next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + seq)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, seq), device=device, generator=gen)
+    capacity = bucket_end(seq + cfg.steps + 1, cfg.loop.bucket, 1 << 62)  # masks stay aligned
+    weights, rows = weight_bytes(model, batch), []
+    baseline = None
+    if cfg.generate_steps:
+        log(f"B={batch} S={seq}: transformers generate")
+        baseline = generate_baseline(model, prompt, cfg.generate_steps, cfg.loop.prefill_chunk)
+
+    def time_cache(cache, method, kv, first=None, prefill_s=None, **point):
+        if first is None:
+            first, prefill_s = prefill(model, cache, prompt, cfg.loop)
+        for name, loop in variants.items():
+            log(f"B={batch} S={seq}: {method} {point or ''} {name}")
+            try:
+                path = run_path(model, cache, first, seq, dataclasses.replace(cfg, loop=loop))
+            except Exception as error:  # one broken variant must not cost the sweep
+                log(f"  variant {name!r} failed: {type(error).__name__}: {error}")
+                cache.set_length(seq)
+                continue
+            path["prefill_s"] = prefill_s
+            row = _row(batch, seq, method, path, weights, kv, gbps, **point)
+            rows.append({**row, "variant": name})
+        return first, prefill_s
+
+    time_cache(StaticKVCache(shape.layers, capacity), "dense", kv_bytes(shape, batch, seq))
+    torch.cuda.empty_cache()
+    bases = random_bases(shape, device, cfg.seed)
+    for d in sorted({d for d, _ in cfg.points}):
+        cache, first, prefill_s = None, None, None
+        for k in [k for dd, k in cfg.points if dd == d]:
+            if cache is None:
+                cache = StaticLokiCache(bases, [d] * shape.layers, k, capacity, cfg.group_select)
+            cache.k, k_top = k, decode_budget(k, seq)
+            kv = kv_bytes(shape, batch, seq, d, k_top, cfg.group_select)
+            first, prefill_s = time_cache(
+                cache, "loki", kv, first, prefill_s, d=d, k=k, k_top=k_top
+            )
+        del cache
+        torch.cuda.empty_cache()
+    dense = {row["variant"]: row["step_ms"] for row in rows if row["method"] == "dense"}
+    for row in rows:
+        if row["variant"] in dense:
+            row["speedup_vs_dense"] = dense[row["variant"]] / row["step_ms"]
+        if baseline is not None:
+            row["generate_step_ms"] = baseline["step_ms"]
+            row["generate_prefill_s"] = baseline["prefill_s"]
+            row["speedup_vs_generate"] = baseline["step_ms"] / row["step_ms"]
+    return rows
+
+
+# --- correctness, on the GPU -------------------------------------------------------------------
+
+
+def _loop_tokens(model, cache, prompt, steps, settings, graphs: bool) -> torch.Tensor:
+    with DecodeLoop(model, cache, settings, graphs=graphs) as loop:
+        return loop.generate(prompt, steps)
+
+
+def check_loop(model, cfg: E2EConfig, batch: int, steps: int = 12) -> list[dict]:
+    """The graph loop's tokens against the same loop run eagerly (must be equal), and agreement
+    shares of Loki at k=1 against dense and of the dense loop against transformers' generate. The
+    prompt ends a few tokens before a bucket end, so the steps cross into the next bucket."""
+    shape, device = Shape.of(model), next(model.parameters()).device
+    seq = max(2, cfg.loop.bucket - steps // 2)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, seq), device=device, generator=gen)
+    capacity, bases = seq + steps + 1, random_bases(shape, device, cfg.seed)
+    checks = []
+
+    def make(d=None, k=None):
+        if d is None:
+            return StaticKVCache(shape.layers, capacity)
+        return StaticLokiCache(bases, [d] * shape.layers, k, capacity, cfg.group_select)
+
+    def agree(a, b) -> float:
+        return float((a == b).double().mean())
+
+    dense = None
+    for d, k in [(None, None), *cfg.points, (cfg.points[0][0], 1.0)]:
+        graph = _loop_tokens(model, make(d, k), prompt, steps, cfg.loop, graphs=True)
+        eager = _loop_tokens(model, make(d, k), prompt, steps, cfg.loop, graphs=False)
+        name = "dense" if d is None else f"loki d={d} k={k:g}"
+        checks.append({"check": f"{name}: graph == eager", "value": agree(graph, eager)})
+        if d is None:
+            dense = graph
+        elif k == 1.0:
+            checks.append({"check": f"{name}: tokens equal to dense", "value": agree(graph, dense)})
+    with torch.no_grad():
+        hf = model.generate(prompt, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    checks.append(
+        {"check": "dense: tokens equal to generate", "value": agree(dense, hf[:, seq:].cpu())}
+    )
+    return checks
+
+
+# --- the sweep ---------------------------------------------------------------------------------
+
+
+def run_e2e(
+    cfg: E2EConfig,
+    log: Callable[[str], None] = print,
+    variants: dict[str, DecodeLoopSettings] | None = None,
+    save: Callable[[dict], None] | None = None,
+) -> dict:
+    """The whole sweep on this machine's GPU: {"meta": ..., "checks": [...], "rows": [...]}.
+    `variants` (name -> loop settings) are each timed on the same prefilled caches; `save` gets
+    the result so far after each (batch, seq)."""
+    from keyspace.bench.kernels import memory_bandwidth_gbps
+
+    model = build_model(cfg)
+    bandwidth = memory_bandwidth_gbps()
+    log(f"DRAM read {bandwidth['read_gbps']:.0f} GB/s, copy {bandwidth['copy_gbps']:.0f} GB/s")
+    checks = check_loop(model, cfg, min(cfg.batches)) if cfg.check else []
+    for check in checks:
+        log(f"check {check['check']}: {check['value']:.3f}")
+    result = {"meta": _meta(cfg, model, bandwidth), "checks": checks, "rows": []}
+    for batch in cfg.batches:
+        for seq in cfg.seqs:
+            point = run_point(model, cfg, batch, seq, bandwidth["read_gbps"], log, variants)
+            for row in point:
+                log(format_row(row))
+            result["rows"] += point
+            if save is not None:
+                save(result)
+    return result
+
+
+def _meta(cfg: E2EConfig, model, bandwidth: dict) -> dict:
+    import transformers
+
+    shape = Shape.of(model)
+    return {
+        "card": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "config": cfg.config,
+        "model": cfg.model,
+        "shape": dataclasses.asdict(shape),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loop": dataclasses.asdict(cfg.loop),
+        "group_select": cfg.group_select,
+        "steps": cfg.steps,
+        "bandwidth_gbps": bandwidth,
+    }
+
+
+def decode_speed(
+    model,
+    batch: int,
+    seq: int,
+    steps: int = 32,
+    d: int = 32,
+    k: float = 0.125,
+    basis: torch.Tensor | None = None,
+    group_select: bool = True,
+    settings: DecodeLoopSettings | None = None,
+) -> dict:
+    """Decode tokens/s of `model` (on CUDA) with a dense static cache and with Loki at (d, k), both
+    through the graph loop from a random prompt of `seq` tokens. `basis` (layers, kv_heads, D, D)
+    defaults to random orthonormal bases. Returns {"dense": {...}, "loki": {...}, "speedup": x}."""
+    shape, device = Shape.of(model), next(model.parameters()).device
+    cfg = E2EConfig(steps=steps, split=False, loop=settings or DecodeLoopSettings())
+    prompt = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    basis = random_bases(shape, device) if basis is None else basis
+    capacity, out = bucket_end(seq + steps + 1, cfg.loop.bucket, 1 << 62), {}
+    for name in ("dense", "loki"):
+        if name == "dense":
+            cache = StaticKVCache(shape.layers, capacity)
+        else:
+            cache = StaticLokiCache(basis, [d] * shape.layers, k, capacity, group_select)
+        first, prefill_s = prefill(model, cache, prompt, cfg.loop)
+        step = statistics.median(run_path(model, cache, first, seq, cfg)["times_ms"])
+        out[name] = {"step_ms": step, "tokens_per_s": batch * 1e3 / step, "prefill_s": prefill_s}
+        del cache
+        torch.cuda.empty_cache()
+    out["speedup"] = out["dense"]["step_ms"] / out["loki"]["step_ms"]
+    return out
+
+
+def save_result(result: dict, folder: Path) -> None:
+    """Write a sweep as e2e.json (everything) and e2e.md (the table)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "e2e.json").write_text(json.dumps(result, indent=2, default=str))
+    (folder / "e2e.md").write_text(markdown_table(result["rows"]) + "\n")
+
+
+# --- presentation ------------------------------------------------------------------------------
+
+
+def _label(row: dict) -> str:
+    label = "dense" if row["method"] == "dense" else f"Loki d={row['d']} k={row['k']:g}"
+    return f"{label} [{row['variant']}]" if row.get("variant") else label
+
+
+def format_row(row: dict) -> str:
+    return (
+        f"B={row['batch']} S={row['seq']} {_label(row)}: {row['step_ms']:.2f} ms/step, "
+        f"{row['tokens_per_s']:.0f} tok/s, {row['floor_pct']:.0f}% of floor, "
+        f"{row.get('speedup_vs_dense', float('nan')):.2f}x dense"
+    )
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """One line per row: step time, tokens/s, the byte floor and % reached, the split, speedups."""
+
+    def cell(row, key, fmt):
+        value = row.get(key)
+        return "–" if value is None else format(value, fmt)
+
+    head = (
+        "| B | S | method | prefill s | step ms | tok/s | floor ms | % floor | attention ms "
+        "(floor) | rest ms (floor) | × dense loop | generate ms | × generate |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        attention = f"{cell(r, 'attention_ms', '.2f')} ({cell(r, 'attention_floor_ms', '.2f')})"
+        rest = f"{cell(r, 'rest_ms', '.2f')} ({cell(r, 'rest_floor_ms', '.2f')})"
+        lines.append(
+            f"| {r['batch']} | {r['seq']} | {_label(r)} | {cell(r, 'prefill_s', '.1f')} "
+            f"| {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {r['floor_ms']:.2f} "
+            f"| {r['floor_pct']:.0f}% | {attention} | {rest} | {cell(r, 'speedup_vs_dense', '.2f')}× "
+            f"| {cell(r, 'generate_step_ms', '.1f')} | {cell(r, 'speedup_vs_generate', '.1f')}× |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""Static caches for a fast decode loop: preallocated once, each token written in place.
+
+Two transformers `Cache`s with the same bookkeeping, for the same model:
+  StaticKVCache    dense keys and values, stored token-major (B, capacity, Hkv, D), flash's layout;
+                   `keys` / `values` are (B, Hkv, capacity, D) views of that storage.
+  StaticLokiCache  keys rotated into the PCA basis and split at d, like `LokiCache`:
+                   k_low  (B, Hkv, capacity, d)      each head's (capacity, d) block contiguous, so
+                                                      `k_low[:, :, :L]` is read in place by the kernels
+                   k_rest (B, Hkv, capacity, D - d)
+                   values (B, Hkv, capacity, D)
+
+`update` returns whole buffers, as transformers' `StaticLayer` does (one shape at every step, so a
+compiled caller never respecializes); attention reads the valid part. Each layer keeps its valid
+length twice: `seqlens` (B,) int64 on the device, the truth that a
+captured CUDA graph reads and advances, and `length`, a host mirror for transformers' Python side
+(`get_seq_length`, eager slicing). `update` writes at `seqlens` and advances both; a graph replay
+advances only the device side, so its owner calls `set_length` afterwards. Rows share one length
+(unpadded batches).
+
+`view_length` (None, or a bucket end set by the decode loop) is how far attention looks: None means
+the exact length, as in eager use through `generate()`; see `keyspace.loki.graphs`.
+
+    cache = StaticLokiCache(basis, dims, k=0.125, capacity=4096)
+    with use_attention(model, static_attention(cache)):
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=32, do_sample=False)
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from keyspace.loki.selection import rotate
+
+
+class _StaticLayer(CacheLayerMixin):
+    """Bookkeeping shared by both static layers: capacity, device and host lengths, positions."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False  # a compileable cache makes generate() compile the model on CUDA
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        if capacity < 1:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.capacity, self.length = int(capacity), 0
+        self.seqlens = None  # (B,) int64 on the device, once initialized
+
+    def _init_lengths(self, batch: int, device: torch.device) -> None:
+        self.batch_size, self.device = batch, device
+        self.seqlens = torch.zeros(batch, dtype=torch.long, device=device)
+        self._steps = torch.arange(self.capacity, device=device)  # write offsets of a chunk
+
+    def _positions(self, tokens: int) -> torch.Tensor:
+        """Where the next `tokens` tokens go: (tokens,) long on the device, read from `seqlens`."""
+        if self.length + tokens > self.capacity:
+            raise ValueError(
+                f"the static cache holds {self.capacity} tokens; {self.length} + {tokens} do not fit"
+            )
+        start = self.seqlens[:1]  # rows share one length
+        return start if tokens == 1 else start + self._steps[:tokens]
+
+    def _advance(self, tokens: int) -> None:
+        self.seqlens.add_(tokens)
+        self.length += tokens
+
+    def set_length(self, length: int) -> None:
+        """Declare the first `length` tokens valid (host mirror and device lengths)."""
+        if not 0 <= length <= self.capacity:
+            raise ValueError(f"length must be in [0, {self.capacity}], got {length}")
+        self.length = int(length)
+        if self.is_initialized:
+            self.seqlens.fill_(self.length)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.capacity, 0  # `update` returns the whole buffers, as transformers' StaticLayer
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` tokens (negative: drop that many from the end)."""
+        keep = max_length if max_length >= 0 else self.length + max_length
+        self.set_length(max(0, min(keep, self.length)))
+
+    def reset(self) -> None:
+        self.set_length(0)
+
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder rows in place: the buffers keep their addresses, so captured graphs stay valid."""
+        if self.is_initialized:
+            index = beam_idx.to(self.device)
+            for buffer in self._buffers():
+                buffer.copy_(buffer.index_select(0, index))
+
+    def offload(self) -> None:  # preallocated for a captured graph: stays on its device
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+
+class StaticKVLayer(_StaticLayer):
+    """One layer's dense keys and values, preallocated to `capacity` tokens."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        shape = (batch, self.capacity, heads, dim)
+        self.key_store = key_states.new_zeros(shape)  # [B, capacity, Hkv, D]
+        self.value_store = value_states.new_zeros(shape[:-1] + (value_states.shape[-1],))
+        self.keys, self.values = self.key_store.transpose(1, 2), self.value_store.transpose(1, 2)
+        self._init_lengths(batch, key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write keys and values (B, Hkv, T, D) at the valid length; return the whole buffers as
+        (B, Hkv, capacity, D) views: one shape at every step, so compiled callers never respecialize."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = self._positions(key_states.shape[-2])
+        self.key_store.index_copy_(1, positions, key_states.transpose(1, 2))
+        self.value_store.index_copy_(1, positions, value_states.transpose(1, 2))
+        self._advance(key_states.shape[-2])
+        return self.keys, self.values
+
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.key_store, self.value_store
+
+
+class StaticLokiLayer(_StaticLayer):
+    """One layer's rotated, split keys and values, preallocated. basis: (Hkv, D, D), rows = directions."""
+
+    def __init__(self, basis: torch.Tensor, d: int, capacity: int):
+        super().__init__(capacity)
+        if not 1 <= d <= basis.shape[-1]:
+            raise ValueError(f"d must be in [1, {basis.shape[-1]}], got {d}")
+        self.basis, self.d = basis, int(d)
+        self.query_basis = None  # (Hq, D, D): basis repeated to query heads, set by the handler
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        empty = key_states.new_zeros
+        self.k_low = empty(batch, heads, self.capacity, self.d)  # [B, Hkv, capacity, d]
+        self.k_rest = empty(batch, heads, self.capacity, dim - self.d)
+        self.values = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
+        self.basis = self.basis.to(key_states.device, key_states.dtype)
+        self._init_lengths(batch, key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write post-RoPE keys (B, Hkv, T, D) rotated and split, and values; return the whole
+        (k_low, values) buffers."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = self._positions(key_states.shape[-2])
+        rotated = rotate(key_states, self.basis)  # [B, Hkv, T, D]
+        self.k_low.index_copy_(2, positions, rotated[..., : self.d])
+        self.k_rest.index_copy_(2, positions, rotated[..., self.d :])
+        self.values.index_copy_(2, positions, value_states)
+        self._advance(key_states.shape[-2])
+        return self.k_low, self.values
+
+    def rotated_keys(self, end: int | None = None) -> torch.Tensor:
+        """The first `end` (default: the valid length) cached keys in the PCA basis: (B, Hkv, end, D)."""
+        end = self.length if end is None else end
+        return torch.cat([self.k_low[:, :, :end], self.k_rest[:, :, :end]], dim=-1)
+
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.k_low, self.k_rest, self.values
+
+
+class _StaticCache(Cache):
+    """Cache-wide settings of the static caches: capacity and the attention's view length."""
+
+    def __init__(self, layers: list[_StaticLayer]):
+        super().__init__(layers=layers)
+        self.view_length: int | None = None  # None: attend over the exact valid length
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].capacity
+
+    @torch.compiler.disable
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """`Cache.update`, opaque to torch.compile: it keeps host-side lengths."""
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def set_length(self, length: int) -> None:
+        """Declare the first `length` tokens of every layer valid (after graph replays, or to rewind)."""
+        for layer in self.layers:
+            layer.set_length(length)
+
+    def crop(self, max_length: int) -> None:
+        for layer in self.layers:
+            layer.crop(max_length)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.capacity
+
+
+class StaticKVCache(_StaticCache):
+    """Dense keys and values of `num_layers` layers, each preallocated to `capacity` tokens."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        super().__init__([StaticKVLayer(capacity) for _ in range(num_layers)])
+
+
+class StaticLokiCache(_StaticCache):
+    """A StaticLokiLayer per model layer, plus the decode budget.
+
+    basis: (layers, kv_heads, D, D) PCA directions as rows
+    dims:  d per layer (layers,), one split width for all KV heads of a layer
+    k:     fraction of the cached tokens attended at each decode step, in (0, 1]
+    group_select: under GQA, one token set per KV head (summed group scores) instead of per query head
+    capacity: tokens each layer holds (prompt plus generated tokens)
+    """
+
+    def __init__(
+        self,
+        basis: torch.Tensor,
+        dims: list[int] | torch.Tensor,
+        k: float,
+        capacity: int,
+        group_select: bool = False,
+    ):
+        dims = [int(d) for d in dims]
+        if len(dims) != basis.shape[0]:
+            raise ValueError("need one d per layer")
+        if not 0.0 < k <= 1.0:
+            raise ValueError(f"k must be in (0, 1], got {k}")
+        super().__init__([StaticLokiLayer(basis[i], d, capacity) for i, d in enumerate(dims)])
+        self.k, self.group_select = k, group_select

@@ -1,0 +1,316 @@
+"""Pure plotting for the validate report: validate.json's records in, matplotlib Figure out.
+
+The records are the plain dicts of validate.json (ResultRow and recall entries); nothing here
+computes a statistic that the page does not also show. Render with figures.to_png.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, PercentFormatter
+
+from keyspace.reports.figures import new_figure, styled, wrap
+
+METHOD_STYLE = {  # colour, marker; Loki stands out, dense is black
+    "loki": ("#d62728", "o"),
+    "full": ("#000000", "*"),
+    "exact-topk": ("#7f7f7f", "D"),
+    "sparq": ("#1f77b4", "s"),
+    "h2o": ("#2ca02c", "^"),
+    "streaming": ("#9467bd", "v"),
+    "pcaattn": ("#ff7f0e", "P"),
+}
+OTHER_COLORS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22")
+ENTRY_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+# Perplexities above this multiple of dense sit on the top edge and are named in the title.
+PPL_CAP = 2.5
+NICE = (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+K_MODE_TITLES = {"window": "k per window", "row": "k per query row"}
+
+
+def method_style(method: str, methods: list[str]) -> tuple[str, str]:
+    if method in METHOD_STYLE:
+        return METHOD_STYLE[method]
+    return OTHER_COLORS[methods.index(method) % len(OTHER_COLORS)], "X"
+
+
+def fraction_label(k: float) -> str:
+    """0.125 -> '1/8'; other values as %g."""
+    if k > 0 and abs(1 / k - round(1 / k)) < 1e-9:
+        return f"1/{round(1 / k)}"
+    return f"{k:g}"
+
+
+def point_label(row: dict) -> str:
+    parts = [f"d={row['d']}"] if row.get("d") is not None else []
+    if row.get("k") is not None:
+        parts.append(f"k={fraction_label(row['k'])}")
+    return ", ".join(parts) or row["method"]
+
+
+def nice_ticks(low: float, high: float) -> list[float]:
+    """Round values (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8 × 10^n) spanning [low, high], at most 8."""
+    ticks = [
+        m * 10**e
+        for e in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+        for m in NICE
+    ]
+    inside = [t for t in ticks if low <= t <= high]
+    while len(inside) > 8:
+        inside = inside[::2]
+    return inside or [round(low, 2), round(high, 2)]
+
+
+def ppl_axis(ax, values: list[float], top: float) -> None:
+    """A perplexity axis with labelled ticks near the data: log when the values span > 2.5×."""
+    low = min(values) * 0.96
+    if top / low > 2.5:
+        ax.set_yscale("log")
+    ax.set_ylim(low, top)
+    log = ax.get_yscale() == "log"
+    ax.yaxis.set_major_locator(
+        FixedLocator(nice_ticks(low, top)) if log else MaxNLocator(6, steps=[1, 2, 2.5, 5, 10])
+    )
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter("{x:g}")
+    ax.grid(alpha=0.3)
+
+
+def dodge(rows: list[dict], x_of, width: float) -> dict[int, float]:
+    """Spread points that share an x value sideways by up to ±width/2, keyed by id(row)."""
+    groups: dict[float, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[round(x_of(row), 6)].append(row)
+    shifts = {}
+    for group in groups.values():
+        step = width / max(1, len(group) - 1) if len(group) > 1 else 0.0
+        for i, row in enumerate(sorted(group, key=lambda r: r["ppl"])):
+            shifts[id(row)] = (i - (len(group) - 1) / 2) * step
+    return shifts
+
+
+def draw_points(ax, rows, x_of, methods, top, label_methods=("loki",), dodge_width=0.0):
+    """Scatter rows by method and label the methods under test. Rows above `top` sit on the top
+    edge. Returns (the labels, to place with `repel`; 'name: value' of each row above `top`)."""
+    shifts = dodge(rows, x_of, dodge_width)
+    labels, off_scale = [], []
+    for row in rows:
+        color, marker = method_style(row["method"], methods)
+        x, y = x_of(row) + shifts[id(row)], row["ppl"]
+        if y > top:
+            ax.scatter(x, top, color=color, marker=6, s=80, clip_on=False, zorder=3)
+            off_scale.append(f"{row['method']} {point_label(row)}: {y:.1f}")
+            continue
+        size = {"loki": 90, "full": 160}.get(row["method"], 55)
+        ax.scatter(x, y, color=color, marker=marker, s=size, edgecolor="white", lw=0.6, zorder=3)
+        if row["method"] in label_methods:
+            labels.append(
+                ax.annotate(
+                    point_label(row),
+                    (x, y),
+                    xytext=(7, 0),
+                    va="center",
+                    textcoords="offset points",
+                    fontsize=9,
+                    color=color,
+                    zorder=2.5,
+                    bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
+                )
+            )
+    return labels, off_scale
+
+
+# Where a point's label may go, tried in order: (offset in points, ha, va).
+LABEL_SPOTS = (
+    ((7, 0), "left", "center"),
+    ((-7, 0), "right", "center"),
+    ((4, 7), "left", "bottom"),
+    ((4, -7), "left", "top"),
+    ((-4, 7), "right", "bottom"),
+    ((-4, -7), "right", "top"),
+)
+
+
+def overlap(a, b) -> float:
+    """Area shared by two display-space boxes."""
+    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+
+
+def marker_boxes(fig: Figure) -> list:
+    """Display-space boxes of every scatter marker in the figure."""
+    from matplotlib.transforms import Bbox
+
+    boxes = []
+    for ax in fig.axes:
+        for collection in ax.collections:
+            sizes = collection.get_sizes()
+            centers = ax.transData.transform(collection.get_offsets())
+            for i, (x, y) in enumerate(centers):
+                radius = (sizes[i % len(sizes)] ** 0.5) / 2 * fig.dpi / 72 if len(sizes) else 3
+                boxes.append(Bbox([[x - radius, y - radius], [x + radius, y + radius]]))
+    return boxes
+
+
+def repel(fig: Figure, labels: list) -> None:
+    """Put each point label in the first spot around its point (LABEL_SPOTS) that covers no
+    other label or marker and stays inside its axes; else in the least covered spot."""
+    if not labels:
+        return
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    markers, placed = marker_boxes(fig), []
+    for label in labels:
+        anchor = label.axes.transData.transform(label.xy)
+        others = [m for m in markers if not m.contains(*anchor)]
+        frame = label.axes.get_window_extent(renderer)
+        costs = []
+        for offset, ha, va in LABEL_SPOTS:
+            label.xyann = offset
+            label.set(ha=ha, va=va)
+            box = label.get_window_extent(renderer)
+            cost = sum(overlap(box, o) for o in others + placed)
+            cost += box.width * box.height - overlap(box, frame)  # the part outside the axes
+            costs.append((cost, offset, ha, va))
+            if cost == 0:
+                break
+        _, offset, ha, va = min(costs, key=lambda c: c[0])
+        label.xyann = offset
+        label.set(ha=ha, va=va)
+        placed.append(label.get_window_extent(renderer))
+
+
+def method_legend(fig: Figure, methods: list[str], width: float) -> None:
+    handles = []
+    for method in methods:
+        color, marker = method_style(method, methods)
+        label = "dense (full)" if method == "full" else method
+        (handle,) = fig.axes[0].plot([], [], ls="", color=color, marker=marker, ms=8, label=label)
+        handles.append(handle)
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=min(len(handles), max(2, int(width / 1.1))),
+        frameon=False,
+    )
+
+
+def pareto_modes(rows: list[dict], k_modes: list[str]) -> list[str | None]:
+    """The k-modes that have rows, in `k_modes` order: one Pareto panel each."""
+    return [m for m in k_modes if any(r["k_mode"] == m for r in rows)] or [None]
+
+
+@styled
+def pareto(rows: list[dict], mode: str | None, width: float = 8.0) -> Figure:
+    """Perplexity against the share of dense KV bytes read, for the rows of one k-mode.
+
+    rows: validate.json results; methods without a k-mode (dense, pcaattn) appear in every mode.
+    The mode's own rows set the perplexity range; a row far above them and dense (PCAAttn) sits
+    on the top edge and is named in the title rather than squeezing the rest.
+    """
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "loki", m != "full", m))
+    dense = next((r["ppl"] for r in rows if r["method"] == "full"), None)
+    shown = [r for r in rows if r["k_mode"] in (mode, None)]
+    own = [r["ppl"] for r in shown if r["k_mode"] == mode] or [r["ppl"] for r in shown]
+    cap = (dense or min(own)) * PPL_CAP
+    top = max(min(max(own), cap), dense or 0) * 1.06
+    fig, axes = new_figure(figsize=(width, 5.2 if width < 7 else 5.4), layout="constrained")
+    ax = axes[0][0]
+    labels, off_scale = draw_points(
+        ax, shown, lambda r: r["kv_bytes_fraction"], methods, top, dodge_width=0.03
+    )
+    if dense:
+        dense_line(ax, dense)
+    ppl_axis(ax, [r["ppl"] for r in shown if r["ppl"] <= top], top)
+    ax.set_xlim(0, 1.08)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel("KV bytes read per decode step (% of dense)")
+    ax.set_ylabel("perplexity (lower is better)")
+    title = K_MODE_TITLES.get(mode, mode or "")
+    if off_scale:
+        title += "\n" + wrap("▲ off the scale: " + "; ".join(off_scale), width)
+    ax.set_title(title.strip(), fontsize=10)
+    method_legend(fig, [m for m in methods if any(r["method"] == m for r in shown)], width)
+    repel(fig, labels)
+    return fig
+
+
+def dense_line(ax, dense: float) -> None:
+    ax.axhline(dense, color="black", ls=":", lw=0.9, zorder=1)
+    ax.annotate(
+        f"dense {dense:.2f}", (0, dense), xycoords=("axes fraction", "data"), xytext=(4, 3),
+        textcoords="offset points", fontsize=8.5, va="bottom",
+    )  # fmt: skip
+
+
+@styled
+def measured_pareto(points: list[tuple[dict, float]], dense_ppl: float | None) -> Figure:
+    """Perplexity against measured Loki time / dense SDPA time; points: (result row, ratio)."""
+    fig, axes = new_figure(figsize=(8.0, 4.4), layout="constrained")
+    ax = axes[0][0]
+    rows = [dict(row, ratio=ratio) for row, ratio in points]
+    top = max(r["ppl"] for r in rows) * 1.06
+    labels, _ = draw_points(ax, rows, lambda r: r["ratio"], ["loki"], top)
+    ax.axvline(1.0, color="grey", ls="--", lw=0.9)
+    ax.text(1.0, top, " dense SDPA", va="top", fontsize=9, color="grey")
+    if dense_ppl:
+        dense_line(ax, dense_ppl)
+    values = [r["ppl"] for r in rows] + ([dense_ppl] if dense_ppl else [])
+    ppl_axis(ax, values, top)
+    ratios = [r["ratio"] for r in rows] + [1.0]
+    ax.set_xlim(min(ratios) * 0.85, max(ratios) * 1.2)
+    ax.set_xlabel("measured decode-step time, Loki / dense SDPA (lower is faster)")
+    ax.set_ylabel("perplexity (lower is better)")
+    repel(fig, labels)
+    return fig
+
+
+def entry_label(entry: dict) -> str:
+    return f"d={entry['d']}, k={fraction_label(entry['k'])}"
+
+
+@styled
+def recall_vs_rank(entries: list[dict], field: str, title: str, rank_label: str) -> Figure:
+    """One recall of every (layer, query head) against its rank; entries: validate.json recall.
+
+    Ranks are integers, so each point is shifted sideways by up to ±0.3 to show how many share one.
+    """
+    fig, axes = new_figure(figsize=(3.8, 3.9), layout="constrained")
+    ax = axes[0][0]
+    jitter = np.random.default_rng(0)
+    for i, entry in enumerate(entries):
+        ranks = np.array(entry["rank"], dtype=float).ravel()
+        values = np.array(entry[field], dtype=float).ravel()
+        rho = (entry.get(f"spearman_rank_vs_{field.removesuffix('_recall')}") or {}).get("rho")
+        label = f"{entry_label(entry)}: ρ {'n/a' if rho is None else f'{rho:+.2f}'}"
+        ranks = ranks + jitter.uniform(-0.3, 0.3, ranks.shape)
+        color = ENTRY_COLORS[i % len(ENTRY_COLORS)]
+        ax.scatter(ranks, values, s=10, alpha=0.55, color=color, label=label, lw=0)
+    ax.set_xlabel(rank_label)
+    ax.set_ylabel(title)
+    ax.set_title(wrap(f"{title} vs rank", 3.8))
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=2, frameon=False, markerscale=2, fontsize=8.5)
+    return fig
+
+
+@styled
+def recall_per_layer(entries: list[dict], field: str, title: str) -> Figure:
+    """One recall per layer (mean over query heads), a line per (d, k)."""
+    fig, axes = new_figure(figsize=(3.8, 3.5), layout="constrained")
+    ax = axes[0][0]
+    for i, entry in enumerate(entries):
+        values = entry["per_layer"][field]
+        color = ENTRY_COLORS[i % len(ENTRY_COLORS)]
+        ax.plot(values, marker="o", ms=3, color=color, label=entry_label(entry))
+    low = min(min(e["per_layer"][field]) for e in entries)
+    ax.set_ylim(min(0.5, math.floor(low * 10) / 10), 1.01)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{title}, mean over heads")
+    ax.set_title(wrap(f"{title} per layer", 3.8))
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=2, frameon=False, fontsize=8.5)
+    return fig

@@ -1,0 +1,143 @@
+"""The validate report's tables and number formats: validate.json records in, HTML tables out.
+
+Fields newer than a document (forced_agreement, relative mass recall, the % of byte floor)
+show as n/a.
+"""
+
+from __future__ import annotations
+
+from keyspace.reports import html
+from keyspace.reports.validate_figures import fraction_label
+
+
+def fmt_d(row: dict) -> str:
+    """'32', or 'auto:0.9 (mean 40.0)' for per-head ranks; '-' when the method has no d."""
+    d = row.get("d")
+    if d is None:
+        return "-"
+    mean = row.get("d_mean")
+    return f"{d} (mean {mean:.1f})" if str(d).startswith("auto") and mean else str(d)
+
+
+def fmt_k(k: float | None) -> str:
+    return "-" if k is None else fraction_label(k)
+
+
+def setting(row: dict) -> str:
+    """'d=32, k=1/8' (with the mean d of an auto setting), leaving out what the method lacks."""
+    parts = [f"d={fmt_d(row)}"] if row.get("d") is not None else []
+    parts += [f"k={fmt_k(row['k'])}"] if row.get("k") is not None else []
+    return ", ".join(parts) or "its only setting"
+
+
+def change(value: float, reference: float) -> str:
+    return f"{100 * (value / reference - 1):+.1f}%"
+
+
+def dense_ppl(doc: dict) -> float | None:
+    return next((r["ppl"] for r in doc["results"] if r["method"] == "full"), None)
+
+
+def perplexity_table(doc: dict) -> str:
+    """Dense first, then grouped by k-mode and k (equal budgets together), best first; the
+    change against dense when the run measured dense."""
+    modes = list(doc.get("k_modes") or [])
+    dense = dense_ppl(doc)
+
+    def order(r: dict):
+        mode = modes.index(r["k_mode"]) if r["k_mode"] in modes else len(modes)
+        return (r["method"] != "full", mode, r["k"] or 1.0, r["ppl"])
+
+    rows, attrs, group = [], [], None
+    for r in sorted(doc["results"], key=order):
+        bytes_read = r["kv_bytes_fraction"]
+        rows.append(
+            [r["method"], fmt_d(r), fmt_k(r["k"]), r["k_mode"] or "-", f"{r['ppl']:.3f}"]
+            + ([change(r["ppl"], dense)] if dense else [])
+            + [f"{100 * bytes_read:.1f}%", f"{1 / bytes_read:.2f}×", r["tokens"]]
+        )
+        css = [{"loki": "ours", "full": "baseline"}.get(r["method"], "")]
+        if group is not None and order(r)[:3] != group:
+            css.append("group")  # a new (k-mode, k) budget starts: a rule above the row
+        group = order(r)[:3]
+        attrs.append({"class": " ".join(c for c in css if c), "data-method": r["method"]})
+    headers = ["method", "d", "k", "k-mode", "perplexity"] + ["vs dense"] * bool(dense)
+    headers += ["KV bytes read (% of dense)", "byte-floor speed-up", "tokens"]
+    return html.table(headers, rows, "perplexity", row_attrs=attrs)
+
+
+def recall_table(doc: dict, fields: list[tuple[str, str]]) -> str:
+    """Per (d, k) and recall: its mean over (layer, query head) and its Spearman ρ with rank."""
+
+    def mean(table: list[list[float]]) -> str:
+        return f"{sum(map(sum, table)) / sum(map(len, table)):.3f}"
+
+    def rho(entry: dict, field: str) -> list[str]:
+        stat = entry.get(f"spearman_rank_vs_{field.removesuffix('_recall')}") or {}
+        if stat.get("rho") is None:
+            return ["n/a", "n/a"]
+        return [f"{stat['rho']:+.2f}", f"{stat['p']:.1g}"]
+
+    headers = ["d", "k", "k-mode", "rows", "recall", "mean", "ρ with rank", "p"]
+    rows, attrs = [], []
+    for e in doc["recall"]:
+        for i, (field, title) in enumerate(fields):
+            setting_cells = [fmt_d(e), fmt_k(e["k"]), e["k_mode"], e["rows"]]
+            rows.append(setting_cells + [title, mean(e[field])] + rho(e, field))
+            attrs.append({"class": "group" if i == 0 and rows[:-1] else "", "data-field": field})
+    return html.table(headers, rows, "recall", row_attrs=attrs)
+
+
+def decode_table(doc: dict) -> str:
+    """The agreements and NLLs first, so a narrow screen shows them before it must scroll."""
+
+    def share(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    headers = ["method", "d", "k", "k-mode", "teacher-forced agreement", "free-running agreement"]
+    headers += ["NLL Loki", "NLL dense", "selection", "prompts", "prompt tokens", "new tokens"]
+    rows = [
+        [e["method"], fmt_d(e), fmt_k(e["k"]), e.get("k_mode") or "-"]
+        + [share(e.get("forced_agreement")), share(e["token_agreement"])]
+        + [f"{e['nll_sparse']:.3f}", f"{e['nll_dense']:.3f}", e.get("gqa_select") or "-"]
+        + [e["prompts"], e.get("prompt_tokens", "n/a"), e["tokens"]]
+        for e in doc["decode"]
+    ]
+    return html.table(headers, rows, "decode")
+
+
+def timing_table(measured: list[dict]) -> str:
+    headers = ["cache S", "d", "k", "selection", "SDPA ms", "Loki ms", "speed-up"]
+    headers += ["byte-floor speed-up", "Loki % of byte floor"]
+    rows = [
+        [m["seq"], m["d"], fmt_k(m["k_frac"]), m["select"], f"{m['sdpa_ms']:.3f}"]
+        + [f"{m['loki_ms']:.3f}", f"{m['speedup']:.2f}×", f"{m['floor_speedup']:.2f}×"]
+        + [f"{m['loki_pct_floor']:.0f}%" if "loki_pct_floor" in m else "n/a"]
+        for m in measured
+    ]
+    return html.table(headers, rows, "timing")
+
+
+def decode_speed_table(decode: list[dict]) -> str:
+    """The model's own decode loop: dense and Loki tokens/s per (d, k)."""
+    headers = ["d", "k", "selection", "batch", "prompt S", "dense ms/step", "Loki ms/step"]
+    headers += ["dense tokens/s", "Loki tokens/s", "speed-up"]
+    rows = [
+        [m["d"], fmt_k(m["k"]), m["gqa_select"], m["batch"], m["seq"]]
+        + [f"{m['dense_step_ms']:.2f}", f"{m['loki_step_ms']:.2f}"]
+        + [
+            f"{m['dense_tokens_per_s']:.0f}",
+            f"{m['loki_tokens_per_s']:.0f}",
+            f"{m['speedup']:.2f}×",
+        ]
+        for m in decode
+    ]
+    return html.table(headers, rows, "timing")
+
+
+def passkey_table(doc: dict) -> str:
+    rows = [
+        [e["method"], fmt_d(e), fmt_k(e.get("k")), e["length"], f"{e['correct']}/{e['count']}"]
+        for e in doc["passkey"]
+    ]
+    return html.table(["method", "d", "k", "context length", "correct"], rows, "passkey")

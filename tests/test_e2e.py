@@ -1,0 +1,206 @@
+"""The decode loop (run eagerly on CPU through the reference dispatch), its bucket rule, the byte
+floor of the end-to-end bench, and `keyspace bench --e2e` without a GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from loki_fixtures import HEAD_DIM, random_bases, random_tokens, tiny_llama
+
+from keyspace.loki.graphs import DecodeLoop, DecodeLoopSettings, bucket_end, decode_budget
+from keyspace.loki.static_cache import StaticKVCache, StaticLokiCache
+
+BASIS = random_bases(2, 2, seed=5)
+# Small buckets and chunks, so a short prompt takes several prefill chunks and crosses buckets.
+SETTINGS = DecodeLoopSettings(bucket=4, prefill_chunk=5)
+
+
+def hf_greedy(model, prompt, new_tokens):
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+    return out[:, prompt.shape[1] :]
+
+
+def loop_tokens(model, cache, prompt, new_tokens, settings=SETTINGS):
+    with DecodeLoop(model, cache, settings) as loop:
+        tokens = loop.generate(prompt, new_tokens)
+    assert cache.get_seq_length() == prompt.shape[1] + new_tokens - 1
+    return tokens
+
+
+@pytest.mark.parametrize("prompt_len", [11, 12])  # 11: the last chunk would be one token
+def test_eager_loop_equals_transformers_greedy_generate(prompt_len):
+    model, prompt = tiny_llama(), random_tokens(batch=2, length=prompt_len)
+    tokens = loop_tokens(model, StaticKVCache(2, capacity=32), prompt, 9)
+    assert torch.equal(tokens, hf_greedy(model, prompt, 9))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_loki_loop_at_k_1_equals_dense():
+    model, prompt = tiny_llama(), random_tokens(batch=2, length=12)
+    cache = StaticLokiCache(BASIS, [4, 7], 1.0, capacity=32, group_select=True)
+    assert torch.equal(loop_tokens(model, cache, prompt, 9), hf_greedy(model, prompt, 9))
+
+
+def test_loop_with_one_token_buckets_equals_generate_with_the_static_cache():
+    """bucket=1 attends over exactly the valid length: the budget of the dynamic path."""
+    from keyspace.loki.decode import cache_kwargs
+    from keyspace.loki.graphs import static_attention
+    from keyspace.loki.registry import use_attention
+
+    model, prompt = tiny_llama(), random_tokens(batch=2, length=12)
+    cache = StaticLokiCache(BASIS, [3, 5], 0.25, capacity=24)
+    with torch.no_grad(), use_attention(model, static_attention(cache)):
+        name = "cache" if "cache" in cache_kwargs(model, cache) else "past_key_values"
+        expected = model.generate(prompt, max_new_tokens=8, do_sample=False, **{name: cache})
+    cache = StaticLokiCache(BASIS, [3, 5], 0.25, capacity=24)
+    settings = DecodeLoopSettings(bucket=1, prefill_chunk=64)
+    assert torch.equal(loop_tokens(model, cache, prompt, 8, settings), expected[:, 12:])
+
+
+def test_bucket_rule_rounds_the_budget_up_to_the_bucket_end(monkeypatch):
+    import keyspace.kernels
+
+    calls, decode = [], keyspace.kernels.loki_decode
+
+    def spy(q, k_low, k_rest, v, k_top, *args, seqlens=None, **kwargs):
+        calls.append((k_low.shape[2], k_top, int(seqlens[0])))
+        return decode(q, k_low, k_rest, v, k_top, *args, seqlens=seqlens, **kwargs)
+
+    monkeypatch.setattr(keyspace.kernels, "loki_decode", spy)
+    model, prompt = tiny_llama(), random_tokens(batch=1, length=10)
+    loop_tokens(model, StaticLokiCache(BASIS, [4, 4], 0.3, capacity=17), prompt, 8)
+    for end, k_top, valid in calls:
+        assert end == bucket_end(valid, 4, 17) and valid <= end
+        assert k_top == min(math.ceil(0.3 * end), end) >= math.ceil(0.3 * valid)
+    assert {end for end, _, _ in calls} == {12, 16, 17}  # 17: the bucket is cut at capacity
+
+
+def test_bucket_end_and_budget():
+    assert [bucket_end(n, 256, 20_000) for n in (1, 256, 257, 16_385)] == [256, 256, 512, 16_640]
+    assert bucket_end(300, 256, 290) == 290
+    assert decode_budget(0.125, 16_640) == 2080 and decode_budget(0.1, 30) == 3
+    assert decode_budget(1.0, 7) == 7 and decode_budget(0.01, 5) == 1
+
+
+def test_compiled_layers_keep_tokens_and_restore_the_model():
+    model, prompt = tiny_llama(), random_tokens(batch=2, length=12)
+    settings = DecodeLoopSettings(bucket=4, compile="layers", compile_backend="eager")
+    layers = list(model.model.layers)
+    assert torch.equal(
+        loop_tokens(model, StaticKVCache(2, capacity=24), prompt, 6, settings),
+        hf_greedy(model, prompt, 6),
+    )
+    assert (
+        list(model.model.layers) == layers
+        and model.model.norm.__class__.__name__ != "OptimizedModule"
+    )
+
+
+def test_attention_can_be_skipped_and_the_loop_resumed():
+    model, prompt = tiny_llama(), random_tokens(batch=2, length=8)
+    cache = StaticKVCache(2, capacity=16)
+    with DecodeLoop(model, cache, SETTINGS) as loop:
+        first = loop.prefill(prompt)
+    with DecodeLoop(model, cache, SETTINGS, attend=False) as loop:
+        loop.resume(first, 8)
+        loop.step()
+        assert loop.tokens().shape == (2, 2) and cache.get_seq_length() == 9
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        DecodeLoop(model, cache, SETTINGS, graphs=True)
+
+
+def test_loop_settings_are_checked():
+    with pytest.raises(ValueError, match="dense_attention"):
+        DecodeLoopSettings(dense_attention="nope")
+    with pytest.raises(ValueError, match="compile"):
+        DecodeLoopSettings(compile="everything")
+    with pytest.raises(ValueError, match="bucket"):
+        DecodeLoopSettings(bucket=0)
+
+
+# --- the end-to-end bench ----------------------------------------------------------------------
+
+
+def test_byte_floor_matches_a_hand_count():
+    from keyspace.bench.e2e import Shape, kv_bytes, model_config, weight_bytes
+
+    shape = Shape.from_config(model_config("llama3-8b"), element_size=2)
+    dense = kv_bytes(shape, batch=16, seq=16384)
+    assert dense == 32 * 2 * 16 * 8 * 16384 * 128 * 2  # 34.4 GB
+    loki = kv_bytes(shape, 16, 16384, d=32, k_top=2048, group_select=True)
+    assert loki == 32 * 16 * (8 * 16384 * 32 + 8 * 2048 * (256 - 32)) * 2
+    assert loki / dense == pytest.approx(0.234, abs=1e-3)
+    per_head = kv_bytes(shape, 16, 16384, d=32, k_top=2048, group_select=False)
+    assert per_head == 32 * 16 * (8 * 16384 * 32 + 32 * 2048 * 224) * 2
+
+    model = tiny_llama()  # untied: every weight but the embedding table, plus B rows of it
+    params = sum(p.numel() for p in model.parameters())
+    assert weight_bytes(model, batch=3) == (params - 128 * 64 + 3 * 64) * 4
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied: the head reads the table
+    params = sum(p.numel() for p in model.parameters())
+    assert weight_bytes(model, batch=3) == (params + 3 * 64) * 4
+
+
+def test_llama3_shape_weights_are_15_gb():
+    from keyspace.bench.e2e import model_config
+
+    config = model_config("llama3-8b")
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    attention = hidden * (32 * 128) * 2 + hidden * (8 * 128) * 2  # q, o, k, v
+    per_layer = attention + 3 * hidden * inter + 2 * hidden  # MLP, two norms
+    weights = layers * per_layer + hidden + config.vocab_size * hidden  # final norm, head
+    assert weights * 2 / 1e9 == pytest.approx(15.0, abs=0.05)
+    assert model_config("llama3-8b", layers=8).num_hidden_layers == 8
+
+
+def test_e2e_config_and_table():
+    from keyspace.bench.e2e import E2EConfig, markdown_table
+
+    with pytest.raises(ValueError, match="exactly one"):
+        E2EConfig(config=None)
+    with pytest.raises(ValueError, match="config must be"):
+        E2EConfig(config="gpt-5")
+    with pytest.raises(ValueError, match="bad"):
+        E2EConfig(points=((32, 1.5),))
+    row = {
+        "batch": 16,
+        "seq": 16384,
+        "method": "loki",
+        "d": 32,
+        "k": 0.125,
+        "prefill_s": 12.0,
+        "step_ms": 9.1,
+        "tokens_per_s": 1758.0,
+        "floor_ms": 5.41,
+        "floor_pct": 59.0,
+        "attention_ms": 3.5,
+        "attention_floor_ms": 1.9,
+        "rest_ms": 5.6,
+        "rest_floor_ms": 3.5,
+        "speedup_vs_dense": 1.5,
+    }
+    table = markdown_table([row]).splitlines()
+    assert len(table) == 3 and table[0].count("|") == table[2].count("|")
+    assert "Loki d=32 k=0.125" in table[2] and "1.50×" in table[2] and "–" in table[2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_e2e_needs_cuda():
+    from typer.testing import CliRunner
+
+    from keyspace.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "--e2e", "--seq", "4096"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0].startswith("Error: keyspace bench --e2e needs a CUDA GPU")
+    assert sum(line.startswith("Error:") for line in lines) == 1
+    result = CliRunner().invoke(app, ["bench", "--e2e", "--config", "gpt-5"])
+    assert result.exit_code == 2 and "config must be one of" in result.output
+
+
+def test_head_dim_of_the_fixture():
+    assert HEAD_DIM == 16  # the bases above are (2, 2, 16, 16)

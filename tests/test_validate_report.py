@@ -1,0 +1,329 @@
+"""The validate report: one self-contained page whose headline and tables hold validate.json's
+numbers, a small-sample warning only when the sample is small, and the cross-link to a rank
+report only when one sits beside it."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import matplotlib.pyplot as plt
+import pytest
+from runfolder_fixtures import synthetic_run
+from test_report import assert_self_contained, parse
+
+from keyspace.analyze import AnalyzeConfig
+from keyspace.reports.build import build_report
+from keyspace.reports.validate_report import write_validate_report
+
+LAYERS, Q_HEADS, HEAD_DIM = 3, 4, 64
+RANKS = [[20, 24, 30, 36], [40, 40, 44, 48], [12, 40, 50, 52]]  # median 40
+
+
+def result(method, d, k, mode, ppl, share):
+    return {
+        "method": method,
+        "d": d,
+        "d_mean": float(d) if d else None,
+        "k": k,
+        "k_mode": mode,
+        "ppl": ppl,
+        "nll": 0.0,
+        "tokens": 4096,
+        "predicted_tokens": 4092,
+        "kv_bytes_fraction": share,
+        "seconds": 1.0,
+    }
+
+
+def recall(d, k, level):
+    grid = [[level + 0.01 * (layer + head) for head in range(Q_HEADS)] for layer in range(LAYERS)]
+    per_layer = [sum(row) / Q_HEADS for row in grid]
+    stat = {"rho": -0.5, "p": 0.01, "n": LAYERS * Q_HEADS}
+    fields = ("topk_recall", "mass_recall", "relative_mass_recall")
+    return {
+        "d": d,
+        "k": k,
+        "k_mode": "window",
+        "rows": 3584,
+        **{f: grid for f in fields},
+        "per_layer": {f: per_layer for f in fields},
+        "rank_kind": "post",
+        "rank_threshold": 0.9,
+        "rank": RANKS,
+        "spearman_rank_vs_topk": stat,
+        "spearman_rank_vs_mass": stat,
+        "spearman_rank_vs_relative_mass": stat,
+    }
+
+
+def make_doc(windows: int = 4, prompts: int = 4, trials: int = 4) -> dict:
+    results = [
+        result("full", None, None, None, 20.0, 1.0),
+        result("loki", "16", 0.125, "window", 26.0, 0.25),
+        result("loki", "32", 0.25, "window", 20.5, 0.5),
+        result("loki", "16", 0.125, "row", 58.0, 0.25),
+        result("h2o", None, 0.125, "window", 22.4, 0.125),
+        result("pcaattn", "16", None, None, 174.0, 0.625),
+    ]
+    measured = [
+        {"batch": 16, "q_heads": 9, "kv_heads": 3, "head_dim": 64, "seq": 4096, "d": 16,
+         "k_frac": 0.125, "select": "group", "dtype": "float16", "sdpa_ms": 0.04, "loki_ms": 0.03,
+         "speedup": 1.33, "floor_speedup": 3.99, "loki_pct_floor": 16.0},
+    ]  # fmt: skip
+    return {
+        "keyspace_version": "0.1.0",
+        "run": "runs/x",
+        "model": {"spec": "smollm2-135m", "identity": "gguf:abc"},
+        "dataset": {"spec": "wikitext", "split": "test", "window": 1024, "windows": windows},
+        "rotary": "post",
+        "gqa_select": "head",
+        "head_dim": HEAD_DIM,
+        "k_modes": ["window", "row"],
+        "grid": {"d": ["16", "32"], "k": [0.125, 0.25], "methods": ["loki", "full"]},
+        "device": "cpu",
+        "dtype": "float32",
+        "results": results,
+        "recall": [recall("16", 0.125, 0.7), recall("32", 0.25, 0.85)],
+        "decode": [
+            {
+                "method": "loki",
+                "d": "32",
+                "k": 0.125,
+                "k_mode": "row",
+                "gqa_select": "head",
+                "prompts": prompts,
+                "prompt_tokens": 512,
+                "tokens": 32,
+                "token_agreement": 0.34375,
+                "forced_agreement": 0.90625,
+                "nll_sparse": 0.95,
+                "nll_dense": 0.87,
+            },
+        ],  # fmt: skip
+        "passkey": [
+            {
+                "method": "full",
+                "d": None,
+                "k": None,
+                "length": 2048,
+                "count": trials,
+                "correct": trials,
+                "accuracy": 1.0,
+            },
+            {
+                "method": "loki",
+                "d": "32",
+                "k": 0.125,
+                "length": 2048,
+                "count": trials,
+                "correct": trials - 1,
+                "accuracy": (trials - 1) / trials,
+            },
+        ],  # fmt: skip
+        "speed": {"analytic": [], "measured": measured},
+    }
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "validate"
+    paths = write_validate_report(make_doc(), out)
+    return out, paths
+
+
+def test_files_and_self_contained(page):
+    out, paths = page
+    assert paths[0] == out / "validate.html" and all(p.is_file() for p in paths)
+    assert plt.get_fignums() == []
+    parsed = assert_self_contained(paths[0])
+    assert {img["data-file"] for img in parsed.images} == {p.name for p in paths[1:]}
+    assert {"validate_pareto-window.png", "validate_pareto-row.png"} <= {p.name for p in paths}
+    assert "validate_pareto_time.png" in {p.name for p in paths}
+    assert parsed.related == []  # no rank report one folder up
+
+
+def test_headline_numbers_come_from_the_document(page):
+    assert parse(page[0] / "validate.html").headline == (
+        "Post-RoPE keys need a median 40 of 64 dimensions for 90% of their variance; Loki's"
+        " perplexity is 26.00 vs 20.00 dense (+30.0%) at d=16, k=1/8, reading 25% of the KV"
+        " bytes, and 20.50 (+2.5%) at d=32, k=1/4, reading 50%, on 4 windows of 1024 tokens of"
+        " wikitext (test) with k chosen per window."
+    )
+
+
+def test_headline_with_one_setting_and_no_ranks(tmp_path):
+    doc = make_doc(windows=1)
+    doc["results"] = [r for r in doc["results"] if r["method"] != "loki" or r["d"] == "32"]
+    doc["recall"], doc["k_modes"] = [], ["window"]
+    write_validate_report(doc, tmp_path)
+    assert parse(tmp_path / "validate.html").headline == (
+        "Loki's perplexity is 20.50 vs 20.00 dense (+2.5%) at d=32, k=1/4, reading 50% of the KV"
+        " bytes, on 1 window of 1024 tokens of wikitext (test)."
+    )
+
+
+def test_tables_hold_the_numbers(page):
+    parsed = parse(page[0] / "validate.html")
+    rows = parsed.table("perplexity")
+    header = rows[0]
+    assert "KV bytes read (% of dense)" in header
+    cells = {(r[0], r[1], r[2], r[3]): dict(zip(header, r, strict=True)) for r in rows[1:]}
+    assert len(cells) == len(make_doc()["results"])
+    for r in make_doc()["results"]:
+        d = r["d"] or "-"
+        k = {None: "-", 0.125: "1/8", 0.25: "1/4"}[r["k"]]
+        row = cells[(r["method"], d, k, r["k_mode"] or "-")]
+        assert row["perplexity"] == f"{r['ppl']:.3f}"
+        assert row["KV bytes read (% of dense)"] == f"{100 * r['kv_bytes_fraction']:.1f}%"
+        assert row["vs dense"] == f"{100 * (r['ppl'] / 20.0 - 1):+.1f}%"
+    decode = parsed.table("decode")
+    row = dict(zip(decode[0], decode[1], strict=True))
+    assert row["k-mode"] == "row" and row["teacher-forced agreement"] == "0.906"
+    assert row["free-running agreement"] == "0.344" and row["NLL Loki"] == "0.950"
+    passkey = parsed.table("passkey")
+    assert passkey[0] == ["method", "d", "k", "context length", "correct"]
+    assert passkey[2] == ["loki", "32", "1/8", "2048", "3/4"]
+    recall = parsed.table("recall")
+    grid = make_doc()["recall"][0]["topk_recall"]
+    mean = sum(map(sum, grid)) / (LAYERS * Q_HEADS)
+    assert recall[1] == [
+        "16",
+        "1/8",
+        "window",
+        "3584",
+        "top-k recall",
+        f"{mean:.3f}",
+        "-0.50",
+        "0.01",
+    ]
+    timing = parsed.table("timing")
+    assert timing[1][:7] == ["4096", "16", "1/8", "group", "0.040", "0.030", "1.33×"]
+
+
+@pytest.mark.parametrize(
+    ("windows", "prompts", "trials", "expected"),
+    [
+        (4, 4, 4, []),
+        (1, 4, 4, ["1 window of 1024 tokens"]),
+        (4, 2, 4, ["used 2 prompts"]),
+        (4, 4, 1, ["used 1 prompt per length"]),
+        (1, 1, 2, ["1 window of", "used 1 prompt;", "used 2 prompts per length"]),
+    ],
+)
+def test_small_sample_warning_only_when_small(tmp_path, windows, prompts, trials, expected):
+    write_validate_report(make_doc(windows, prompts, trials), tmp_path)
+    text = (tmp_path / "validate.html").read_text(encoding="utf-8")
+    warnings = parse(tmp_path / "validate.html").warnings
+    assert "1 windows" not in text and "1 prompts" not in text
+    if not expected:
+        assert warnings == []
+        return
+    assert len(warnings) == 1 and warnings[0].startswith("Small sample:")
+    assert all(part in warnings[0] for part in expected)
+
+
+def test_older_documents_without_newer_fields_render(tmp_path):
+    doc = make_doc()
+    for entry in doc["recall"]:
+        del entry["relative_mass_recall"], entry["per_layer"]["relative_mass_recall"]
+    del doc["decode"][0]["forced_agreement"], doc["decode"][0]["k_mode"]
+    doc["speed"] = {"analytic": [], "measured": None}
+    paths = write_validate_report(doc, tmp_path)
+    parsed = assert_self_contained(paths[0])
+    decode = parsed.table("decode")
+    assert dict(zip(decode[0], decode[1], strict=True))["teacher-forced agreement"] == "n/a"
+    assert "mass / exact top-k mass" not in {r[4] for r in parsed.table("recall")[1:]}
+    assert not any("timing" == attrs.get("class") for attrs, _ in parsed.tables)
+
+
+def test_without_dense_the_page_says_so(tmp_path):
+    doc = make_doc()
+    doc["results"] = [r for r in doc["results"] if r["method"] != "full"]
+    write_validate_report(doc, tmp_path)
+    parsed = parse(tmp_path / "validate.html")
+    assert parsed.headline.endswith("; this run measured no dense baseline.")
+    assert "vs dense" not in parsed.table("perplexity")[0]
+
+
+def test_a_minimal_document_renders(tmp_path):
+    doc = make_doc()
+    doc["results"] = [r for r in doc["results"] if r["method"] in ("full", "h2o")]
+    doc.update(recall=[], decode=[], passkey=[], speed={})
+    write_validate_report(doc, tmp_path)
+    parsed = parse(tmp_path / "validate.html")
+    assert parsed.headline == (
+        "No Loki setting was measured; h2o's perplexity is 22.40 vs 20.00 dense (+12.0%) at"
+        " k=1/8, reading 12% of the KV bytes, on 4 windows of 1024 tokens of wikitext (test)"
+        " with k chosen per window."
+    )
+    assert [attrs["class"] for attrs, _ in parsed.tables] == ["perplexity"]
+
+
+# ---- the two reports link to each other when they sit side by side --------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return synthetic_run(tmp_path_factory.mktemp("runs") / "run", layers=2, heads=2)
+
+
+def rank_report(run, out):
+    return build_report([run], out, AnalyzeConfig((0.9,))).index
+
+
+@pytest.mark.parametrize("rank_first", [True, False])
+def test_reports_side_by_side_link_both_ways(run, tmp_path, rank_first):
+    index = tmp_path / "index.html"
+    if rank_first:
+        rank_report(run, tmp_path)
+        write_validate_report(make_doc(), tmp_path / "validate")
+    else:
+        write_validate_report(make_doc(), tmp_path / "validate")
+        rank_report(run, tmp_path)
+    assert parse(index).related == ["validate/validate.html"]
+    assert parse(tmp_path / "validate" / "validate.html").related == ["../index.html"]
+    assert_self_contained(index)
+    assert_self_contained(tmp_path / "validate" / "validate.html")
+
+
+def test_no_link_without_a_sibling(run, tmp_path):
+    rank_report(run, tmp_path / "rank")
+    write_validate_report(make_doc(), tmp_path / "rank" / "elsewhere")  # not validate/
+    (tmp_path / "validate").mkdir()
+    (tmp_path / "index.html").write_text("<html>not a keyspace report</html>")
+    write_validate_report(make_doc(), tmp_path / "validate")
+    assert parse(tmp_path / "rank" / "index.html").related == []
+    assert parse(tmp_path / "rank" / "elsewhere" / "validate.html").related == []
+    assert parse(tmp_path / "validate" / "validate.html").related == []
+    assert (tmp_path / "index.html").read_text() == "<html>not a keyspace report</html>"
+
+
+def test_validate_outputs_call_site(tmp_path):
+    """validate's writer (wherever the validate stage keeps it) still writes JSON + report."""
+    results = pytest.importorskip("keyspace.validate.results")
+    doc = make_doc()
+    paths = results.write_outputs(copy.deepcopy(doc), tmp_path)
+    assert json.loads((tmp_path / "validate.json").read_text()) == doc
+    assert tmp_path / "validate.html" in paths
+
+
+def test_the_models_own_decode_speed_is_shown_and_drives_the_time_pareto(tmp_path):
+    doc = make_doc()
+    doc["speed"]["decode"] = [
+        {"d": 16, "k": 0.125, "batch": 16, "seq": 4061, "steps": 32, "gqa_select": "group",
+         "dense_step_ms": 8.0, "loki_step_ms": 5.0, "dense_tokens_per_s": 2000.0,
+         "loki_tokens_per_s": 3200.0, "speedup": 1.6},
+    ]  # fmt: skip
+    write_validate_report(doc, tmp_path)
+    text = (tmp_path / "validate.html").read_text()
+    assert "3200" in text and "2000" in text and "1.60×" in text and "4061-token prompt" in text
+    assert (tmp_path / "validate_pareto_time.png").is_file()
+    from keyspace.reports.validate_report import measured_time_points
+
+    ratios = {(r["d"], r["k"]): ratio for r, ratio in measured_time_points(doc)}
+    assert ratios == {("16", 0.125): pytest.approx(5.0 / 8.0)}  # the decode loop, not the kernels
+    doc["speed"]["decode"] = None
+    assert {(r["d"], r["k"]): x for r, x in measured_time_points(doc)} == {
+        ("16", 0.125): pytest.approx(0.03 / 0.04)
+    }

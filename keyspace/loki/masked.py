@@ -27,6 +27,8 @@ class SparseSettings:
     dims:   (layers, kv_heads) long, d per KV head; needed by loki, pcaattn, sparq
     basis:  (layers, kv_heads, head_dim, head_dim), rows = PCA directions; needed by loki, pcaattn
     group_select: loki keeps one token set per KV head (summed group scores), not per query head
+    dense_rows: rows at positions < dense_rows keep their whole context (a dense prefill); the rows
+        after it are decode steps at the budget. 0: every row is sparse
     """
 
     method: str
@@ -35,6 +37,7 @@ class SparseSettings:
     dims: torch.Tensor | None = None
     basis: torch.Tensor | None = None
     group_select: bool = False
+    dense_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -43,6 +46,8 @@ class SparseSettings:
             raise ValueError(f"k must be in (0, 1], got {self.k}")
         if self.k_mode not in K_MODES:
             raise ValueError(f"k_mode must be one of {K_MODES}, got {self.k_mode!r}")
+        if self.dense_rows < 0:
+            raise ValueError(f"dense_rows must be >= 0, got {self.dense_rows}")
         spec = METHODS[self.method]
         if spec.uses_d and self.dims is None:
             raise ValueError(f"{self.method} needs dims")
@@ -62,12 +67,19 @@ def fraction_of(k: float, n: torch.Tensor | int) -> torch.Tensor:
     return torch.ceil(torch.round(k * n, decimals=6)).clamp(min=1).long()
 
 
-def row_budgets(k: float, k_mode: str, q_len: int, kv_len: int) -> torch.Tensor:
-    """Tokens kept by each query row: (q_len,) long. Row i sees kv_len - q_len + i + 1 keys."""
+def row_budgets(
+    k: float, k_mode: str, q_len: int, kv_len: int, dense_rows: int = 0
+) -> torch.Tensor:
+    """Tokens kept by each query row: (q_len,) long. Row i sees kv_len - q_len + i + 1 keys.
+
+    Rows at positions < dense_rows keep all of them.
+    """
     context = torch.arange(kv_len - q_len + 1, kv_len + 1)
     if k_mode == "window":
-        return torch.minimum(fraction_of(k, kv_len).expand_as(context), context)
-    return torch.minimum(fraction_of(k, context), context)
+        budget = torch.minimum(fraction_of(k, kv_len).expand_as(context), context)
+    else:
+        budget = torch.minimum(fraction_of(k, context), context)
+    return torch.where(context <= dense_rows, context, budget)
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -89,7 +101,9 @@ def layer_inputs(settings: SparseSettings, layer: int, query, key, scale: float)
         key=key.repeat_interleave(groups, dim=1),
         scale=scale,
         causal=causal_mask(q_len, kv_len, query.device),
-        budget=row_budgets(settings.k, settings.k_mode, q_len, kv_len).to(query.device),
+        budget=row_budgets(settings.k, settings.k_mode, q_len, kv_len, settings.dense_rows).to(
+            query.device
+        ),
         basis=per_query_head(settings.basis),
         dims=per_query_head(settings.dims),
         group_size=groups,

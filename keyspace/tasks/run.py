@@ -1,0 +1,78 @@
+"""Run tasks for several decoding variants: one row per (method, d, k, task, length).
+
+variants = {("full", None, None): cache_decoder(), ("exact-topk", None, 0.125): masked_decoder(...)}
+rows = run_tasks(model, tokenizer, variants, ["niah", "vt"], [2048, 4096], count=50)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Sequence
+
+from keyspace.tasks.decoders import Decoder
+from keyspace.tasks.haystack import Haystack, load_haystack
+from keyspace.tasks.prompt import TaskPrompt
+from keyspace.tasks.scoring import interval
+from keyspace.tasks.suite import DEFAULT_TASKS, TaskSpec, make_prompts, task_spec
+
+VariantKey = tuple[str, Hashable, Hashable]  # (method, d, k)
+
+
+def score_prompts(
+    model, tokenizer, decoder: Decoder, spec: TaskSpec, prompts: list[TaskPrompt]
+) -> list[float]:
+    """Each prompt's score: the decoder's answer, decoded to text, against the expected answers."""
+    scores = []
+    for prompt in prompts:
+        tokens = decoder(model, prompt.ids, spec.answer_tokens)
+        text = tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+        scores.append(spec.scorer(text, prompt.answers))
+    return scores
+
+
+def result_row(key: VariantKey, spec: TaskSpec, length: int, scores: list[float]) -> dict:
+    method, d, k = key
+    low, high = interval(spec.scoring, scores)
+    return {
+        "method": method,
+        "d": d,
+        "k": k,
+        "task": spec.name,
+        "length": length,
+        "accuracy": sum(scores) / len(scores),
+        "ci_low": low,
+        "ci_high": high,
+        "count": len(scores),
+        "scoring": spec.scoring,
+    }
+
+
+def run_tasks(
+    model,
+    tokenizer,
+    variants: dict[VariantKey, Decoder],
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    lengths: Sequence[int] = (4096,),
+    count: int = 10,
+    seed: int = 0,
+    haystack: str | Haystack = "filler",
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Accuracy with a 95% interval (Wilson for exact match, bootstrap for recall) per variant, task
+    and length. Every variant answers the same prompts."""
+    specs = [task_spec(t) for t in tasks]
+    source = load_haystack(haystack, tokenizer) if any(s.uses_haystack for s in specs) else None
+    rows = []
+    for spec in specs:
+        for length in lengths:
+            prompts = make_prompts(spec.name, tokenizer, length, count, seed, source or haystack)
+            for key, decoder in variants.items():
+                start = time.perf_counter()
+                scores = score_prompts(model, tokenizer, decoder, spec, prompts)
+                rows.append(result_row(key, spec, length, scores))
+                if log is not None:
+                    log(
+                        f"{spec.name} @ {length}: {key} accuracy {rows[-1]['accuracy']:.3f} "
+                        f"({len(prompts)} prompts, {time.perf_counter() - start:.1f} s)"
+                    )
+    return rows

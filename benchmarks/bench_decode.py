@@ -56,13 +56,8 @@ def main() -> int:
 
     import torch
 
-    from keyspace.bench.kernels import (
-        BenchConfig,
-        check_correctness,
-        markdown_table,
-        run_sweep,
-        save_result,
-    )
+    from keyspace.bench.kernel_checks import check_correctness
+    from keyspace.bench.kernels import BenchConfig, markdown_table, run_sweep, save_result
 
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)

@@ -161,7 +161,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("Error: the end-to-end bench needs a CUDA GPU.", file=sys.stderr)
         return 2
-    from keyspace.bench import e2e
+    from keyspace.bench import e2e, shapes
 
     loop = _loop_settings(args.loop)
     cfg = e2e.E2EConfig(
@@ -191,7 +191,7 @@ def main() -> int:
 
     if args.attention:
         dtype_size = 2 if cfg.dtype in ("float16", "bfloat16") else 4
-        shape = e2e.Shape.from_config(e2e.model_config(cfg.config or "llama3-8b"), dtype_size)
+        shape = shapes.Shape.from_config(shapes.model_config(cfg.config or "llama3-8b"), dtype_size)
         rows = []
         for batch in cfg.batches:
             for seq in cfg.seqs:

@@ -125,7 +125,7 @@ def test_loop_settings_are_checked():
 
 
 def test_byte_floor_matches_a_hand_count():
-    from keyspace.bench.e2e import Shape, kv_bytes, model_config, weight_bytes
+    from keyspace.bench.shapes import Shape, kv_bytes, model_config, weight_bytes
 
     shape = Shape.from_config(model_config("llama3-8b"), element_size=2)
     dense = kv_bytes(shape, batch=16, seq=16384)
@@ -145,7 +145,7 @@ def test_byte_floor_matches_a_hand_count():
 
 
 def test_llama3_shape_weights_are_15_gb():
-    from keyspace.bench.e2e import model_config
+    from keyspace.bench.shapes import model_config
 
     config = model_config("llama3-8b")
     hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers

@@ -667,7 +667,7 @@ def test_pipelined_step_splits_the_batch_in_halves(group_select):
 
 def test_bench_top_k_check_accepts_ties_and_rejects_a_wrong_set():
     """The GPU benchmark's selection check (pure torch, so it runs here too)."""
-    from keyspace.bench.kernels import _assert_top_k
+    from keyspace.bench.kernel_checks import _assert_top_k
 
     gen = torch.Generator().manual_seed(12)
     scores = torch.randn(2, 3, 500, generator=gen)

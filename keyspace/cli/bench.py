@@ -69,7 +69,8 @@ def command(
             "keyspace bench needs a CUDA GPU, and torch sees none on this machine.",
             "Run it on a machine with an NVIDIA GPU; the kernels' CPU tests run with `make test`.",
         )
-    from keyspace.bench.kernels import check_correctness, markdown_table, run_sweep, save_result
+    from keyspace.bench.kernel_checks import check_correctness
+    from keyspace.bench.kernels import markdown_table, run_sweep, save_result
 
     if check:
         for row in check_correctness((dtype,)):

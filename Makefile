@@ -28,11 +28,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check keyspace tests benchmarks
 	$(VENV)/bin/ruff format --check keyspace tests benchmarks
 
-# The offline demo: collect keys on CPython's own docs, report their ranks, validate Loki.
+# The offline demo: collect keys and queries on CPython's own docs, report their key, query and
+# score ranks, validate Loki in the paper's key basis and the query-aware basis.
 demo: $(STAMP)
 	$(VENV)/bin/keyspace collect --model smollm2-135m --dataset pydoc --out $(DEMO_RUN) --max-tokens 8192 --resume
 	$(VENV)/bin/keyspace rank-report $(DEMO_RUN) --out $(DEMO_REPORT)
-	$(VENV)/bin/keyspace validate --run $(DEMO_RUN) --d 32 --k 0.125 --max-tokens 1024 --out $(DEMO_REPORT)/validate
+	$(VENV)/bin/keyspace validate --run $(DEMO_RUN) --d 32 --k 0.125 --basis key,query-aware --max-tokens 1024 --out $(DEMO_REPORT)/validate
 	@echo
 	@echo "Rank report:     $(CURDIR)/$(DEMO_REPORT)/index.html"
 	@echo "Validate report: $(CURDIR)/$(DEMO_REPORT)/validate/validate.html"

@@ -15,10 +15,8 @@ moments it was computed from, and a checksum of its own content, so readers veri
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +25,17 @@ import torch
 from keyspace import __version__
 from keyspace.calibration import Calibration, calibration_from_bytes
 from keyspace.errors import FileSystemError, KeyspaceError, shell_command
+
+# The moments math lives in keyspace.spectra; these names stay importable from here.
+from keyspace.spectra import PCA as PCA
+from keyspace.spectra import QUERY_EIGEN_FLOOR, ScoreSpectrum, SpectrumRanks, score_spectrum
+from keyspace.spectra import RANK_TOLERANCE as RANK_TOLERANCE
+from keyspace.spectra import RankSummary as RankSummary
+from keyspace.spectra import pca_from_moments as pca_from_moments
+from keyspace.spectra import rank_at as rank_at
+from keyspace.spectra import second_moment as second_moment
+from keyspace.spectra import single_threaded as single_threaded
+from keyspace.spectra import threshold_key as threshold_key
 from keyspace.store import CHECKSUM_FIELD as CHECKSUM_FIELD  # the ranks document's checksum
 from keyspace.store import (
     DEFAULT_THRESHOLD,
@@ -39,16 +48,15 @@ from keyspace.store import (
     ranks_path,
     read_file,
     read_verified,
+    run_capture,
     seal_problem,
     sealed,
     write_json_atomic,
 )
 
 DEFAULT_THRESHOLDS = (DEFAULT_THRESHOLD,)
-# Absolute slack on cumulative ratios in [0, 1]: far above float64 rounding of a 128-term
-# cumulative sum (~1e-14), far below any variance a head could meaningfully carry.
-RANK_TOLERANCE = 1e-10
 RANKS_FORMAT_VERSION = 1
+FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -92,144 +100,20 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
     return AnalyzeConfig(tuple(values)).thresholds
 
 
-def threshold_key(tau: float) -> str:
-    """The JSON key of a threshold: shortest round-trip repr, e.g. 0.9 -> "0.9", 1 -> "1.0"."""
-    return repr(float(tau))
-
-
-@dataclass
-class PCA:
-    """PCA bases of one kind, components sorted by descending eigenvalue.
-
-    mean:        (layers, kv_heads, head_dim)            zero when uncentered
-    components:  (layers, kv_heads, head_dim, head_dim)  row i = i-th principal direction
-    eigenvalues: (layers, kv_heads, head_dim)            descending, clamped at 0
-    """
-
-    mean: torch.Tensor
-    components: torch.Tensor
-    eigenvalues: torch.Tensor
-
-    def __post_init__(self) -> None:
-        layers, heads, dim = self.mean.shape
-        if self.components.shape != (layers, heads, dim, dim) or self.eigenvalues.shape != (
-            layers,
-            heads,
-            dim,
-        ):
-            raise ValueError("PCA shapes disagree")
-
-    @property
-    def explained_variance_ratio(self) -> torch.Tensor:
-        """(layers, kv_heads, head_dim); all zeros for a head with no variance."""
-        total = self.eigenvalues.sum(dim=-1, keepdim=True)
-        return torch.where(
-            total > 0,
-            self.eigenvalues / total.clamp_min(1e-300),
-            torch.zeros_like(self.eigenvalues),
-        )
-
-
-def second_moment(moments: Moments, centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean (L, H, D), matrix (L, H, D, D)) in float64.
-
-    Centered: the unbiased covariance, `(outer - n mean meanᵀ) / (n - 1)`, as sklearn's
-    `explained_variance_`. Uncentered: `outer / n` and a zero mean.
-    """
-    n = moments.count.clamp_min(1.0).view(-1, 1, 1)  # (L, 1, 1)
-    if not centered:
-        return torch.zeros_like(moments.sum), moments.outer / n.unsqueeze(-1)
-    mean = moments.sum / n  # (L, H, D)
-    scatter = moments.outer - n.unsqueeze(-1) * mean.unsqueeze(-1) * mean.unsqueeze(-2)
-    matrix = scatter / (n - 1).clamp_min(1.0).unsqueeze(-1)
-    return mean, 0.5 * (matrix + matrix.transpose(-1, -2))
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch on one intra-op thread, then restore the previous count.
-
-    Thousands of tiny (64 × 64) float64 problems gain nothing from threads, and a threaded batched
-    `eigh` on a busy 2-core machine was measured 50× slower (1.3 s vs 0.024 s for 30 × 3 × 64²).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def pca_from_moments(moments: Moments, centered: bool = True) -> PCA:
-    """Eigendecomposition of each (layer, head) covariance, descending, with a fixed sign.
-
-    The sign of each component makes its largest-magnitude entry positive, so bases are
-    reproducible across runs and platforms.
-    """
-    mean, matrix = second_moment(moments, centered)
-    with single_threaded():
-        eigenvalues, vectors = torch.linalg.eigh(matrix)  # ascending; vectors: columns
-    eigenvalues = eigenvalues.flip(-1).clamp_min(0.0)
-    components = vectors.flip(-1).transpose(-1, -2).contiguous()  # (L, H, D, D) rows
-    pivot = components.abs().argmax(dim=-1, keepdim=True)
-    signs = torch.sign(torch.gather(components, -1, pivot))
-    components = components * torch.where(signs == 0, torch.ones_like(signs), signs)
-    return PCA(mean, components, eigenvalues)
-
-
-def rank_at(ratios: torch.Tensor, tau: float, tolerance: float = RANK_TOLERANCE) -> torch.Tensor:
-    """Smallest r with cumulative ratio ≥ τ (within `tolerance`); ratios (..., D) -> ranks (...,) int64.
-
-    A head with no variance (all ratios zero) gets rank 0.
-    """
-    cumulative = ratios.to(torch.float64).cumsum(dim=-1)
-    below = (cumulative < tau - tolerance).sum(dim=-1)
-    ranks = (below + 1).clamp_max(ratios.shape[-1])
-    return torch.where(cumulative[..., -1] > 0, ranks, torch.zeros_like(ranks))
-
-
-@dataclass
-class RankSummary:
-    """Statistics of rank@τ over all (layer, head) of one kind."""
-
-    mean: float
-    median: float
-    min: int
-    max: int
-    head_dim: int
-
-    def __post_init__(self) -> None:
-        if self.head_dim <= 0 or self.min > self.max:
-            raise ValueError("RankSummary needs head_dim > 0 and min <= max")
-
-    @classmethod
-    def of(cls, ranks: torch.Tensor, head_dim: int) -> RankSummary:
-        """ranks: (layers, kv_heads) int."""
-        flat = ranks.flatten().to(torch.float64)
-        median = float(flat.quantile(0.5))  # the midpoint for an even count, as numpy
-        return cls(float(flat.mean()), median, int(flat.min()), int(flat.max()), head_dim)
-
-    def to_json(self) -> dict:
-        d = self.head_dim
-        return {
-            "mean": self.mean,
-            "median": self.median,
-            "min": self.min,
-            "max": self.max,
-            "mean_fraction": self.mean / d,
-            "median_fraction": self.median / d,
-            "min_fraction": self.min / d,
-            "max_fraction": self.max / d,
-        }
-
-
 @dataclass
 class KindAnalysis:
-    """PCA, ratios and ranks of one kind. ranks[τ]: (layers, kv_heads) int64."""
+    """PCA, ratios and ranks of one kind. ranks[τ]: (layers, kv_heads) int64.
+
+    With query moments also the score spectrum and its transforms (`scores`), and the rank@τ of
+    the query spectrum (`query`) and of the score spectrum (`score`); None for keys-only runs.
+    """
 
     pca: PCA
     ranks: dict[float, torch.Tensor]
     summary: dict[float, RankSummary]
+    scores: ScoreSpectrum | None = None
+    query: SpectrumRanks | None = None
+    score: SpectrumRanks | None = None
 
     @property
     def explained_variance_ratio(self) -> torch.Tensor:
@@ -262,15 +146,25 @@ class Analysis:
     def thresholds(self) -> tuple[float, ...]:
         return self.config.written_thresholds
 
+    @property
+    def has_queries(self) -> bool:
+        """Whether the run recorded queries: query and score spectra and the query-aware basis."""
+        return all(ka.scores is not None for ka in self.kinds.values())
 
-def analyze_kind(moments: Moments, config: AnalyzeConfig) -> KindAnalysis:
-    """PCA, ranks and summaries of one kind's moments."""
+
+def analyze_kind(
+    moments: Moments, config: AnalyzeConfig, queries: Moments | None = None
+) -> KindAnalysis:
+    """PCA, ranks and summaries of one kind's moments; with its queries' moments also the query
+    and score spectra."""
     pca = pca_from_moments(moments, centered=config.centered)
-    ratios = pca.explained_variance_ratio
-    head_dim = ratios.shape[-1]
-    ranks = {tau: rank_at(ratios, tau) for tau in config.written_thresholds}
-    summary = {tau: RankSummary.of(r, head_dim) for tau, r in ranks.items()}
-    return KindAnalysis(pca, ranks, summary)
+    taus = config.written_thresholds
+    keys = SpectrumRanks.of(pca.explained_variance_ratio, taus)
+    if queries is None:
+        return KindAnalysis(pca, keys.ranks, keys.summary)
+    scores = score_spectrum(moments, queries)
+    query, score = (SpectrumRanks.of(r, taus) for r in (scores.query_ratio, scores.score_ratio))
+    return KindAnalysis(pca, keys.ranks, keys.summary, scores, query, score)
 
 
 def token_warnings(tokens: int, head_dim: int, run: Path) -> list[str]:
@@ -307,7 +201,7 @@ def analyze_run(run_path: str | Path, config: AnalyzeConfig | None = None) -> An
     for kind in KINDS:
         moments = run.moments(kind)  # verified against the manifest, shape checked
         counts.append(int(moments.count.min()))
-        kinds[kind] = analyze_kind(moments, config)
+        kinds[kind] = analyze_kind(moments, config, run.query_moments(kind))
     tokens = min(counts)
     warnings = token_warnings(tokens, head_dim, run.path)
     return Analysis(
@@ -343,19 +237,49 @@ def ranks_json(analysis: Analysis) -> dict:
         "centered": analysis.config.centered,
         "rank_tolerance": RANK_TOLERANCE,
         "moments_sha256": analysis.moments_sha256,
+        "queries": analysis.has_queries,
     }
+    if analysis.has_queries:
+        doc["query_eigen_floor"] = QUERY_EIGEN_FLOOR
     for kind, ka in analysis.kinds.items():
         doc[kind] = {
             "rank_at": {threshold_key(t): r.tolist() for t, r in ka.ranks.items()},
             "summary": {threshold_key(t): s.to_json() for t, s in ka.summary.items()},
             "explained_variance_ratio": ka.explained_variance_ratio.tolist(),
         }
+        if ka.scores is not None:
+            doc[kind] |= query_json(ka)
     return doc
 
 
+def query_json(ka: KindAnalysis) -> dict:
+    """A kind's query and score spectra for the ranks document, and the transformed range."""
+    doc = {}
+    for name, spectrum in (("query", ka.query), ("score", ka.score)):
+        doc[f"{name}_rank_at"] = {threshold_key(t): r.tolist() for t, r in spectrum.ranks.items()}
+        doc[f"{name}_summary"] = {
+            threshold_key(t): s.to_json() for t, s in spectrum.summary.items()
+        }
+        doc[f"{name}_explained_variance_ratio"] = spectrum.ratios.tolist()
+    key_rms, query_rms = (x.amax(dim=-1) for x in (ka.scores.key_rms, ka.scores.query_rms))
+    top = float(key_rms.max())
+    return doc | {
+        "score_key_rms_max": key_rms.tolist(),
+        "score_query_rms_max": query_rms.tolist(),
+        "query_eigen_clamped": ka.scores.clamped.tolist(),
+        "score_range": {
+            "key_rms_max": top,
+            "query_rms_max": float(query_rms.max()),
+            "key_fp16_headroom": FP16_MAX / top if top > 0 else None,
+        },
+    }
+
+
 def calibration_of(analysis: Analysis) -> Calibration:
-    """The calibration file contents: float32 mean, components, eigenvalues per kind."""
+    """The calibration file contents: float32 mean, components, eigenvalues per kind, and with
+    queries the query-aware transforms and the score spectrum."""
     kinds = analysis.kinds
+    scores = {k: ka.scores for k, ka in kinds.items() if ka.scores is not None}
     return Calibration(
         mean={k: ka.pca.mean.float() for k, ka in kinds.items()},
         components={k: ka.pca.components.float() for k, ka in kinds.items()},
@@ -365,7 +289,12 @@ def calibration_of(analysis: Analysis) -> Calibration:
             "centered": "true" if analysis.config.centered else "false",
             "tokens": str(analysis.tokens),
             "keyspace_version": __version__,
+            "queries": "true" if scores else "false",
+            **({"query_eigen_floor": repr(QUERY_EIGEN_FLOOR)} if scores else {}),
         },
+        score_key_transform={k: s.key_transform.float() for k, s in scores.items()},
+        score_query_transform={k: s.query_transform.float() for k, s in scores.items()},
+        score_eigenvalues={k: s.eigenvalues.float() for k, s in scores.items()},
     )
 
 
@@ -424,6 +353,34 @@ def read_calibration(run_path: str | Path, ranks: dict | None = None) -> Calibra
     return calibration_from_bytes(data, path, hint)
 
 
+def queries_hint(run_path: str | Path) -> str:
+    """How to give a run collected without queries its query and score spectra."""
+    manifest = RunFolder.open(run_path).manifest
+    model, dataset = manifest.get("model") or {}, manifest.get("dataset") or {}
+    out = f"{Path(run_path)}-queries"
+    words: list[object] = ["keyspace", "collect", "--model", model.get("spec", "?")]
+    words += ["--dataset", dataset.get("spec", "?")]
+    if dataset.get("split"):
+        words += ["--split", dataset["split"]]
+    words += ["--window", manifest.get("window", 1024)]
+    words += ["--max-tokens", manifest.get("max_tokens") or manifest.get("tokens") or "all"]
+    words += ["--capture", "keys,queries", "--out", out]
+    return (
+        f"Collect it again with queries: `{shell_command(*words)}`, then `{analyze_command(out)}`."
+    )
+
+
+def read_score_transforms(
+    run_path: str | Path, kind: str, ranks: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of the run's query-aware basis, each (layers, kv_heads, D, D), verified; a run
+    collected without queries is a KeyspaceError that says how to collect them."""
+    calibration = read_calibration(run_path, ranks)
+    if calibration.has_queries:
+        return calibration.score_transforms(kind)
+    return calibration.score_transforms(kind, queries_hint(run_path))
+
+
 def is_current(run_path: str | Path, config: AnalyzeConfig) -> bool:
     """True when the run's ranks and calibration files match its moments and `config`.
 
@@ -433,12 +390,14 @@ def is_current(run_path: str | Path, config: AnalyzeConfig) -> bool:
     if doc is None or not calibration_path(run_path).is_file():
         return False
     read_calibration(run_path, doc)
+    run = RunFolder.open(run_path)
     written = {threshold_key(t) for t in config.written_thresholds}
     return (
         doc.get("format_version") == RANKS_FORMAT_VERSION
         and doc.get("centered") == config.centered
         and written <= set(doc.get("pre", {}).get("rank_at", {}))
-        and doc.get("moments_sha256") == RunFolder.open(run_path).moments_sha256
+        and doc.get("moments_sha256") == run.moments_sha256
+        and bool(doc.get("queries", False)) == ("queries" in run_capture(run.manifest))
     )
 
 
@@ -462,7 +421,9 @@ def summary_json(analysis: Analysis) -> dict:
     doc = ranks_json(analysis)
     for kind in analysis.kinds:
         doc[kind] = {
-            key: value for key, value in doc[kind].items() if key != "explained_variance_ratio"
+            key: value
+            for key, value in doc[kind].items()
+            if not key.endswith("explained_variance_ratio")
         }
     doc["run"] = str(analysis.run)
     return doc

@@ -1,11 +1,19 @@
-"""The calibration file: per (kind, layer, KV head) PCA basis that the Loki stage consumes.
+"""The calibration file: per (kind, layer, KV head) bases that the Loki stage consumes.
 
 Written by the analyzer into the run folder (`keyspace.store.calibration_path`). Tensors, for kind in {pre, post}:
   `{kind}.mean`        (layers, kv_heads, head_dim)            float32
   `{kind}.components`  (layers, kv_heads, head_dim, head_dim)  float32, row i = i-th direction,
                                                                 sorted by descending eigenvalue
   `{kind}.eigenvalues` (layers, kv_heads, head_dim)            float32, descending
-Metadata (str -> str): model_identity, centered ("true"/"false"), tokens, keyspace_version.
+and, when the run recorded queries (`collect --capture keys,queries`), the query-aware basis:
+  `{kind}.score_key_transform`    (layers, kv_heads, D, D)  float32, A = Uᵀ S_q^½
+  `{kind}.score_query_transform`  (layers, kv_heads, D, D)  float32, B = Uᵀ S_q^-½ = A⁻ᵀ
+  `{kind}.score_eigenvalues`      (layers, kv_heads, D)     float32, descending score energy
+A transform T applies as x̃ = T x (rows are output coordinates), so keys go k̃ = A k, queries
+q̃ = B q, and q̃·k̃ = q·k. `components` is its own query transform (orthonormal).
+Metadata (str -> str): model_identity, centered ("true"/"false"), tokens, keyspace_version,
+queries ("true"/"false"; absent in files written before queries existed) and, with queries,
+query_eigen_floor (S_q's eigenvalue floor relative to its largest; keyspace.spectra).
 """
 
 from __future__ import annotations
@@ -21,16 +29,27 @@ from keyspace.errors import KeyspaceError
 from keyspace.store import parse_tensors, read_file, save_tensors
 
 PARTS = ("mean", "components", "eigenvalues")
+SCORE_PARTS = ("score_key_transform", "score_query_transform", "score_eigenvalues")
+NO_QUERIES_HINT = (
+    "Collect the run again with `keyspace collect ... --capture keys,queries` (the default),"
+    " then `keyspace analyze` it."
+)
 
 
 @dataclass
 class Calibration:
-    """PCA bases per kind; each entry maps kind -> tensor with the shapes in the module docstring."""
+    """Bases per kind; each entry maps kind -> tensor with the shapes in the module docstring.
+
+    The score_* parts are empty for runs collected without queries.
+    """
 
     mean: dict[str, torch.Tensor]
     components: dict[str, torch.Tensor]
     eigenvalues: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    score_key_transform: dict[str, torch.Tensor] = field(default_factory=dict)
+    score_query_transform: dict[str, torch.Tensor] = field(default_factory=dict)
+    score_eigenvalues: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for kind in self.components:
@@ -44,18 +63,45 @@ class Calibration:
                 or self.eigenvalues[kind].shape != comps.shape[:3]
             ):
                 raise ValueError(f"{kind}: mean/eigenvalues shape does not match components")
+        scored = [set(getattr(self, part)) for part in SCORE_PARTS]
+        if any(kinds != scored[0] or not kinds <= set(self.components) for kinds in scored):
+            raise ValueError(f"the parts {', '.join(SCORE_PARTS)} must cover the same kinds")
+        for kind in scored[0]:
+            shape = self.components[kind].shape
+            if (
+                self.score_key_transform[kind].shape != shape
+                or self.score_query_transform[kind].shape != shape
+                or self.score_eigenvalues[kind].shape != shape[:3]
+            ):
+                raise ValueError(f"{kind}: score transform shapes do not match components")
 
     @property
     def model_identity(self) -> str:
         return self.metadata.get("model_identity", "")
 
+    @property
+    def has_queries(self) -> bool:
+        return bool(self.score_key_transform)
+
+    def score_transforms(self, kind: str, hint: str = NO_QUERIES_HINT) -> tuple[torch.Tensor, ...]:
+        """(A, B) of the query-aware basis, each (layers, kv_heads, D, D): k̃ = A k, q̃ = B q.
+
+        A calibration from a run without queries has none: a KeyspaceError says how to get them.
+        """
+        if kind not in self.score_key_transform:
+            raise KeyspaceError(
+                f"this calibration holds no query-aware basis for {kind}-RoPE keys: its run was"
+                " collected without queries (--capture keys).",
+                hint,
+            )
+        return self.score_key_transform[kind], self.score_query_transform[kind]
+
     def save(self, path: str | Path) -> str:
         """Write the file atomically; returns its sha256."""
         tensors = {}
-        for kind in self.components:
-            tensors[f"{kind}.mean"] = self.mean[kind].float()
-            tensors[f"{kind}.components"] = self.components[kind].float()
-            tensors[f"{kind}.eigenvalues"] = self.eigenvalues[kind].float()
+        for part in PARTS + SCORE_PARTS:
+            for kind, tensor in getattr(self, part).items():
+                tensors[f"{kind}.{part}"] = tensor.float()
         return save_tensors(path, tensors, metadata={k: str(v) for k, v in self.metadata.items()})
 
 
@@ -68,7 +114,7 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
 def calibration_from_bytes(data: bytes, path: Path, hint: str = "") -> Calibration:
     """Parse a calibration file already read (and verified); a malformed one names the file."""
     tensors = parse_tensors(data, path, hint)
-    parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in PARTS}
+    parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in PARTS + SCORE_PARTS}
     try:
         for name, tensor in tensors.items():
             kind, part = name.split(".", 1)

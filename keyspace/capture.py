@@ -1,10 +1,16 @@
-"""Key capture: a context manager that streams pre- and post-RoPE keys out of a model.
+"""Key and query capture: a context manager that streams pre- and post-RoPE keys (and,
+when asked, queries) out of a model.
 
 Pre-RoPE keys come from a forward hook on the key projection (sliced out of fused
-projections, after `k_norm` where the model has one). Post-RoPE keys come from an attention
-function registered with transformers' `AttentionInterface`: it records `key_states`
-(batch, kv_heads, seq, head_dim), before any repeat to query heads, and delegates to the
-model's own attention implementation. Everything is undone on exit, also when the body raises.
+projections, after `k_norm` where the model has one); pre-RoPE queries likewise from the query
+projection (after `q_norm`). Post-RoPE keys and queries come from an attention function
+registered with transformers' `AttentionInterface`: it records `key_states`
+(batch, kv_heads, seq, head_dim), before any repeat to query heads, and `query_states`
+(batch, heads, seq, head_dim), and delegates to the model's own attention implementation.
+Everything is undone on exit, also when the body raises.
+
+Query head h belongs to KV head h // G (G = heads // kv_heads), as in transformers' `repeat_kv`;
+`pool_groups` turns per-query-head vectors into per-KV-head samples under that rule.
 """
 
 from __future__ import annotations
@@ -22,23 +28,31 @@ from keyspace.errors import KeyspaceError
 
 # on_keys(kind, layer, keys) with keys: (batch, seq, kv_heads, head_dim)
 KeysCallback = Callable[[str, int, torch.Tensor], None]
+# on_queries(kind, layer, queries) with queries: (batch, seq, heads, head_dim)
+QueriesCallback = Callable[[str, int, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where an architecture's pre-RoPE keys live inside its attention module."""
+    """Where an architecture's pre-RoPE keys and queries live inside its attention module.
+
+    layout: "kv" (B,T,H*D), "heads" (B,T,H,D), "phi3_qkv" (fused [q | k | v]), "neox_qkv"
+    (per head [q | k | v]); the same layout names serve keys (H = kv_heads) and queries.
+    """
 
     pre_module: str  # attribute of the attention module whose output holds the keys
-    layout: str  # "kv" (B,T,Hkv*D), "heads" (B,T,Hkv,D), "phi3_qkv", "neox_qkv"
+    layout: str
+    query_module: str  # attribute whose output holds the queries
+    query_layout: str
 
 
 ARCHITECTURES = {
-    "llama": ArchSpec("k_proj", "kv"),
-    "mistral": ArchSpec("k_proj", "kv"),
-    "qwen2": ArchSpec("k_proj", "kv"),
-    "qwen3": ArchSpec("k_norm", "heads"),
-    "phi3": ArchSpec("qkv_proj", "phi3_qkv"),
-    "gpt_neox": ArchSpec("query_key_value", "neox_qkv"),
+    "llama": ArchSpec("k_proj", "kv", "q_proj", "kv"),
+    "mistral": ArchSpec("k_proj", "kv", "q_proj", "kv"),
+    "qwen2": ArchSpec("k_proj", "kv", "q_proj", "kv"),
+    "qwen3": ArchSpec("k_norm", "heads", "q_norm", "heads"),
+    "phi3": ArchSpec("qkv_proj", "phi3_qkv", "qkv_proj", "phi3_qkv"),
+    "gpt_neox": ArchSpec("query_key_value", "neox_qkv", "query_key_value", "neox_qkv"),
 }
 
 
@@ -89,6 +103,27 @@ def _pre_keys(
     return output.view(batch, seq, heads, 3 * head_dim)[..., head_dim : 2 * head_dim]
 
 
+def _pre_queries(output: torch.Tensor, layout: str, heads: int, head_dim: int) -> torch.Tensor:
+    """Slice pre-RoPE queries (batch, seq, heads, head_dim) out of the hooked module's output."""
+    batch, seq = output.shape[:2]
+    if layout == "heads":
+        return output
+    if layout == "kv":
+        return output.view(batch, seq, heads, head_dim)
+    if layout == "phi3_qkv":
+        return output[..., : heads * head_dim].reshape(batch, seq, heads, head_dim)
+    return output.view(batch, seq, heads, 3 * head_dim)[..., :head_dim]
+
+
+def pool_groups(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Per-query-head vectors (tokens, heads, head_dim) -> per-KV-head samples
+    (tokens * G, kv_heads, head_dim): KV head j gets the vectors of query heads jG .. jG+G-1."""
+    tokens, heads, head_dim = queries.shape
+    group = heads // kv_heads
+    grouped = queries.reshape(tokens, kv_heads, group, head_dim)  # (T, Hkv, G, D)
+    return grouped.transpose(1, 2).reshape(tokens * group, kv_heads, head_dim)
+
+
 def _delegate(model: Any, implementation: str, module: Any) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -98,8 +133,11 @@ def _delegate(model: Any, implementation: str, module: Any) -> Callable:
 
 
 @contextlib.contextmanager
-def capture_keys(model: Any, on_keys: KeysCallback) -> Iterator[None]:
-    """Call `on_keys(kind, layer, keys)` for every forward inside the block; restore the model after."""
+def capture_keys(
+    model: Any, on_keys: KeysCallback, on_queries: QueriesCallback | None = None
+) -> Iterator[None]:
+    """Call `on_keys(kind, layer, keys)`, and `on_queries(kind, layer, queries)` when given, for
+    every forward inside the block; restore the model after."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
@@ -113,6 +151,8 @@ def capture_keys(model: Any, on_keys: KeysCallback) -> Iterator[None]:
         module: Any, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any
     ) -> Any:
         on_keys("post", module.layer_idx, key.transpose(1, 2))  # key: (B, Hkv, T, D)
+        if on_queries is not None:
+            on_queries("post", module.layer_idx, query.transpose(1, 2))  # query: (B, H, T, D)
         return _delegate(model, original, module)(module, query, key, *args, **kwargs)
 
     def pre_hook(layer: int) -> Callable:
@@ -121,10 +161,19 @@ def capture_keys(model: Any, on_keys: KeysCallback) -> Iterator[None]:
 
         return hook
 
+    def query_hook(layer: int) -> Callable:
+        def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+            on_queries("pre", layer, _pre_queries(output, spec.query_layout, heads, head_dim))
+
+        return hook
+
     handles = []
     try:
         for layer, module in enumerate(modules):
             handles.append(getattr(module, spec.pre_module).register_forward_hook(pre_hook(layer)))
+            if on_queries is not None:
+                target = getattr(module, spec.query_module)
+                handles.append(target.register_forward_hook(query_hook(layer)))
         AttentionInterface.register(name, post_hook)
         # The model builds its mask by implementation name: give ours the original's mask builder.
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original or "eager"])

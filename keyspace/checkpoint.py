@@ -24,6 +24,7 @@ from keyspace.store import (
     OK,
     Moments,
     file_state,
+    lock_path,
     moments_from_bytes,
     progress_moments_name,
     progress_path,
@@ -57,10 +58,10 @@ class Dist:
 
 
 class FolderLock:
-    """An exclusive flock on `<out>/.lock-rank{r}`; the OS drops it if the process dies."""
+    """An exclusive flock on the rank's lock file (`store.lock_path`); the OS drops it if the process dies."""
 
     def __init__(self, out: Path, rank: int):
-        self.path = out / f".lock-rank{rank}"
+        self.path = lock_path(out, rank)
         self.handle: Any = None
 
     def __enter__(self) -> FolderLock:

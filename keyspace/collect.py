@@ -1,4 +1,5 @@
-"""`collect`: run a model over token windows and stream its pre/post-RoPE keys into a run folder.
+"""`collect`: run a model over token windows and stream its pre/post-RoPE keys (and, with
+`--capture keys,queries`, its queries' moments) into a run folder.
 
 Crash safety: windows are processed in chunks of `shard_windows`. After each chunk the kept
 key shards, then this rank's moments, then this rank's progress file are written atomically;
@@ -16,7 +17,7 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,29 +35,33 @@ from keyspace.checkpoint import (
     rank_chunks,
     write_progress,
 )
-from keyspace.collect_config import CollectConfig
+from keyspace.chunks import (
+    ChunkBuffer,
+    keep_mask,
+    require_kinds,
+    write_shards,
+    zero_moments,
+)
+from keyspace.collect_config import CAPTURES, CollectConfig
 from keyspace.data import load_corpus, tokenize_windows
 from keyspace.errors import FileSystemError, Interrupted, KeyspaceError
 from keyspace.models import load_model
 from keyspace.store import (
-    KINDS,
     MANIFEST,
     MOMENTS,
     STATE_COMPLETE,
     STATE_PARTIAL,
-    Moments,
     RunFolder,
     check_writable,
+    is_lock_file,
     progress_path,
     resume_command,
+    run_capture,
     save_moments,
-    save_tensors,
-    shard_name,
     unverified_manifest,
     write_manifest,
 )
 
-SAMPLE_SEED = 0
 # Fields that must match for --resume to continue a run.
 RESUME_FIELDS = (
     "model.identity",
@@ -115,9 +120,7 @@ def _check_out_folder(cfg: CollectConfig) -> dict | None:
                 "Pass --resume to continue it, or choose another --out.",
             )
         return existing
-    leftovers = (
-        [p for p in cfg.out.iterdir() if not p.name.startswith(".lock")] if cfg.out.is_dir() else []
-    )
+    leftovers = [p for p in cfg.out.iterdir() if not is_lock_file(p)] if cfg.out.is_dir() else []
     if leftovers:
         raise KeyspaceError(
             f"{cfg.out} is not empty and holds no keyspace run.",
@@ -131,6 +134,11 @@ def _check_resume(existing: dict, fresh: dict) -> None:
         raise KeyspaceError(
             f"the run in {fresh['out']} was collected from a different model ({existing['model'].get('spec')}).",
             "Use the same --model to resume, or choose another --out.",
+        )
+    if run_capture(existing) != tuple(fresh["capture"]):
+        raise KeyspaceError(
+            f"cannot resume: the run captured {','.join(run_capture(existing))}, not {','.join(fresh['capture'])}.",
+            f"Resume with --capture {','.join(run_capture(existing))}, or collect into a new --out.",
         )
     diffs = [f for f in RESUME_FIELDS if _get(existing, f) != _get(fresh, f)]
     if diffs:
@@ -149,59 +157,6 @@ def _resolve_device(device: str) -> str:
             "--device cuda was asked for but no CUDA GPU is visible.", "Use --device cpu."
         )
     return device
-
-
-def _keep_mask(keep_keys: str, total_tokens: int) -> torch.Tensor:
-    """Which global token indices (window * window_len + position) keep their keys."""
-    if keep_keys == "all":
-        return torch.ones(total_tokens, dtype=torch.bool)
-    mask = torch.zeros(total_tokens, dtype=torch.bool)
-    if keep_keys != "none":
-        generator = torch.Generator().manual_seed(SAMPLE_SEED)
-        mask[torch.randperm(total_tokens, generator=generator)[: int(keep_keys)]] = True
-    return mask
-
-
-class ChunkBuffer:
-    """Accumulates one chunk's moments updates and kept keys from the capture callback."""
-
-    def __init__(self, moments: dict[str, Moments], keep: torch.Tensor, window: int):
-        self.moments, self.keep, self.window = moments, keep, window
-        self.kept: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
-        self.window_ids: torch.Tensor = torch.empty(0, dtype=torch.long)
-
-    def on_keys(self, kind: str, layer: int, keys: torch.Tensor) -> None:
-        # keys: (B, T, Hkv, D) for the windows in self.window_ids
-        keys = keys.detach().cpu()
-        for b, w in enumerate(self.window_ids.tolist()):
-            self.moments[kind].add_keys(layer, keys[b])
-            mask = self.keep[w * self.window : (w + 1) * self.window]
-            if mask.any():
-                positions = mask.nonzero().squeeze(1)
-                entry = (keys[b][positions].clone(), positions, torch.full_like(positions, w))
-                self.kept.setdefault((kind, layer), []).append(entry)
-
-
-def _write_shards(cfg: CollectConfig, buffer: ChunkBuffer, rank: int, chunk: int) -> list[dict]:
-    shards = []
-    for (kind, layer), entries in sorted(buffer.kept.items()):
-        keys, positions, windows = (torch.cat(parts) for parts in zip(*entries, strict=True))
-        rel = shard_name(kind, layer, rank, chunk)
-        digest = save_tensors(
-            cfg.out / rel, {"keys": keys, "positions": positions, "windows": windows}
-        )
-        shards.append(
-            {
-                "kind": kind,
-                "layer": layer,
-                "index": chunk,
-                "rank": rank,
-                "path": rel,
-                "tokens": int(keys.shape[0]),
-                "sha256": digest,
-            }
-        )
-    return shards
 
 
 def _stopped(cfg: CollectConfig, err: FileSystemError | None = None) -> tuple[str, str]:
@@ -263,6 +218,7 @@ def _base_manifest(cfg: CollectConfig, loaded: Any, tw: Any, dist: Dist, device:
             "rotary_dim": int(head_dim * partial),
         },
         "keep_keys": cfg.keep_keys,
+        "capture": list(cfg.capture),
         "shard_windows": cfg.shard_windows,
         "world_size": dist.world,
         "shards": [],
@@ -272,7 +228,7 @@ def _base_manifest(cfg: CollectConfig, loaded: Any, tw: Any, dist: Dist, device:
 
 def _finalize(cfg: CollectConfig, manifest: dict, dist: Dist, shape: tuple[int, int, int]) -> dict:
     """Rank 0: merge every rank's verified moments, list every shard, mark the run complete."""
-    merged = {k: Moments.zeros(*shape) for k in KINDS}
+    merged = zero_moments(cfg.capture, shape)
     shards = []
     for rank in range(dist.world):
         total = len(rank_chunks(manifest["num_windows"], rank, dist.world, cfg.shard_windows))
@@ -282,7 +238,8 @@ def _finalize(cfg: CollectConfig, manifest: dict, dist: Dist, shape: tuple[int, 
                 f"rank {rank}'s progress in {cfg.out} changed while it was being merged ({'; '.join(state.notes)}).",
                 f"Resume again with `{resume_command(manifest, cfg.out)}`.",
             )
-        merged = {k: merged[k].merge(state.moments[k]) for k in KINDS}
+        require_kinds(state.moments, cfg.capture, f"rank {rank}'s progress in {cfg.out}")
+        merged = {k: merged[k].merge(state.moments[k]) for k in merged}
         shards += state.progress["shards"]
     expected = manifest["num_windows"] * manifest["window"]
     if int(merged["pre"].count[0]) != expected:
@@ -310,6 +267,8 @@ def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> Collec
     """
     dist = Dist.from_env()
     existing = _check_out_folder(cfg)
+    if cfg.capture is None:  # a new run records both; a resumed one what it recorded
+        cfg = replace(cfg, capture=run_capture(existing) if existing is not None else CAPTURES)
     check_writable(cfg.out)
     try:
         try:
@@ -396,13 +355,17 @@ def _run_chunks(
     chunks = rank_chunks(windows.shape[0], dist.rank, dist.world, cfg.shard_windows)
     progress, moments = state.progress, state.moments
     progress["manifest"] = {k: v for k, v in manifest.items() if k not in ("shards", "moments")}
-    keep = _keep_mask(cfg.keep_keys, windows.numel())
+    if progress["chunks_done"]:
+        require_kinds(moments, cfg.capture, f"rank {dist.rank}'s progress in {cfg.out}")
+    for kind, zeros in zero_moments(cfg.capture, shape).items():
+        moments.setdefault(kind, zeros)  # a fresh rank's state holds the key kinds only
+    keep = keep_mask(cfg.keep_keys, windows.numel())
     device = next(model.parameters()).device
     for chunk_index in state.redo:  # the chunk's moments are committed: recompute its keys only
-        buffer = ChunkBuffer({k: Moments.zeros(*shape) for k in KINDS}, keep, windows.shape[1])
-        _forward(model, windows, chunks[chunk_index], buffer, cfg.batch_size, device)
+        buffer = ChunkBuffer(zero_moments(cfg.capture, shape), keep, windows.shape[1])
+        _forward(model, windows, chunks[chunk_index], buffer, cfg, device)
         kept = [s for s in progress["shards"] if s["index"] != chunk_index]
-        progress["shards"] = kept + _write_shards(cfg, buffer, dist.rank, chunk_index)
+        progress["shards"] = kept + write_shards(cfg.out, buffer, dist.rank, chunk_index)
         write_progress(cfg.out, dist.rank, progress)
     done_before = sum(len(c) for c in chunks[: progress["chunks_done"]])
     done = [done_before]
@@ -416,8 +379,8 @@ def _run_chunks(
     tick(0)
     for chunk_index in range(progress["chunks_done"], len(chunks)):
         buffer = ChunkBuffer(moments, keep, windows.shape[1])
-        _forward(model, windows, chunks[chunk_index], buffer, cfg.batch_size, device, tick)
-        progress["shards"] += _write_shards(cfg, buffer, dist.rank, chunk_index)
+        _forward(model, windows, chunks[chunk_index], buffer, cfg, device, tick)
+        progress["shards"] += write_shards(cfg.out, buffer, dist.rank, chunk_index)
         progress["chunks_done"] = chunk_index + 1
         commit_chunk(cfg.out, dist.rank, progress, moments)
     return done_before
@@ -428,14 +391,15 @@ def _forward(
     windows: torch.Tensor,
     chunk: list[int],
     buffer: ChunkBuffer,
-    batch_size: int,
+    cfg: CollectConfig,
     device: Any,
     tick: Callable[[int], None] | None = None,
 ) -> None:
-    """Run the model over one chunk's windows (batches of `batch_size`), capturing into `buffer`."""
-    with torch.inference_mode(), capture_keys(model, buffer.on_keys):
-        for start in range(0, len(chunk), batch_size):
-            buffer.window_ids = torch.tensor(chunk[start : start + batch_size])
+    """Run the model over one chunk's windows (batches of --batch-size), capturing into `buffer`."""
+    on_queries = buffer.on_queries if "queries" in cfg.capture else None
+    with torch.inference_mode(), capture_keys(model, buffer.on_keys, on_queries):
+        for start in range(0, len(chunk), cfg.batch_size):
+            buffer.window_ids = torch.tensor(chunk[start : start + cfg.batch_size])
             model(windows[buffer.window_ids].to(device), use_cache=False)
             if tick:
                 tick(len(buffer.window_ids))

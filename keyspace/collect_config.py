@@ -11,6 +11,20 @@ from pathlib import Path
 from keyspace.errors import KeyspaceError
 from keyspace.options import option
 
+# What --capture can record, in this order. Keys always: every later stage needs them.
+CAPTURES = ("keys", "queries")
+
+
+def parse_capture(value: str | tuple) -> tuple[str, ...]:
+    """ "keys,queries" (any order, or a tuple already) -> ("keys", "queries"); "keys" -> ("keys",)."""
+    parts = value if isinstance(value, tuple) else tuple(p.strip() for p in value.split(","))
+    if "keys" not in parts or not set(parts) <= set(CAPTURES):
+        raise KeyspaceError(
+            f"--capture must be keys or keys,queries, got {','.join(parts)!r}.",
+            "Try --capture keys,queries (the default) or --capture keys.",
+        )
+    return tuple(c for c in CAPTURES if c in parts)
+
 
 def _parse_max_tokens(value: int | str | None) -> int | None:
     """`all` or None -> None; a count as int or digits -> int; anything else is a KeyspaceError."""
@@ -67,11 +81,21 @@ class CollectConfig:
     shard_windows: int = option(
         "--shard-windows", "Windows per shard and per resumable checkpoint.", 4
     )
+    capture: tuple[str, ...] | None = option(
+        "--capture",
+        "What to record: keys,queries (queries feed the score spectrum and the query-aware"
+        " basis) or keys. Default: keys,queries for a new run; with --resume, what the run"
+        " recorded.",
+        None,
+        cli_type=str,
+    )
     resume: bool = option("--resume", "Continue a partial run in --out.", False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.max_tokens = _parse_max_tokens(self.max_tokens)
+        if self.capture is not None:
+            self.capture = parse_capture(self.capture)
         if self.window <= 1:
             raise KeyspaceError(
                 f"--window must be at least 2, got {self.window}.", "Try --window 1024."

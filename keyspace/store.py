@@ -6,7 +6,8 @@ which checks the sha256 the run recorded (both from `keyspace.files`, the one er
 
 Layout (documented in docs/run-format.md):
   manifest.json                              identity, shapes, shards with sha256, state
-  moments.safetensors                        float64 running moments per kind (merged over ranks)
+  moments.safetensors                        float64 running moments per kind (merged over ranks):
+                                             keys as `{kind}.*`, queries as `query.{kind}.*`
   keys/{kind}/layer{LL}/r{R}-{CCCCC}.safetensors   kept keys: `keys` (tokens, kv_heads, head_dim),
                                              `positions` (tokens,) int64, `windows` (tokens,) int64
   progress/rank{R}.json, progress/moments.rank{R}.c{CCCCC}.safetensors   collect's commit points
@@ -48,6 +49,7 @@ MANIFEST = "manifest.json"
 MOMENTS = "moments.safetensors"
 KEYS_DIR = "keys"
 PROGRESS_DIR = "progress"
+LOCK_PREFIX = ".lock-rank"
 RANKS = "ranks.json"
 CALIBRATION = "calibration.safetensors"
 VALIDATE_DIR = "validate"
@@ -57,9 +59,26 @@ STATE_PARTIAL = "partial"
 STATE_COMPLETE = "complete"
 
 
+def query_kind(kind: str) -> str:
+    """The moments-file kind holding the queries of `kind` (tensors `query.{kind}.count`, ...)."""
+    return f"query.{kind}"
+
+
+QUERY_KINDS = tuple(query_kind(kind) for kind in KINDS)
+
+
 def shard_name(kind: str, layer: int, rank: int, chunk: int) -> str:
     """A key shard's path relative to the run folder."""
     return f"{KEYS_DIR}/{kind}/layer{layer:02d}/r{rank}-{chunk:05d}.safetensors"
+
+
+def lock_path(out: str | Path, rank: int) -> Path:
+    """A rank's collector lock (an flock; the OS drops it when the process dies)."""
+    return Path(out) / f"{LOCK_PREFIX}{rank}"
+
+
+def is_lock_file(path: Path) -> bool:
+    return path.name.startswith(LOCK_PREFIX)
 
 
 def progress_path(out: Path, rank: int) -> Path:
@@ -92,7 +111,10 @@ def write_manifest(run: str | Path, manifest: dict) -> None:
 class Moments:
     """Running first and second moments of keys, exact in float64 and mergeable by summation.
 
-    count: (layers,)                              tokens seen per layer
+    Queries use the same record per KV head, their group's G query heads pooled: each token adds
+    G vectors, so a query count is tokens × G.
+
+    count: (layers,)                              vectors seen per layer (tokens for keys)
     sum:   (layers, kv_heads, head_dim)           sum of x
     outer: (layers, kv_heads, head_dim, head_dim) sum of x xᵀ
     """
@@ -154,10 +176,15 @@ def save_moments(path: str | Path, moments: dict[str, Moments]) -> str:
 def moments_from_bytes(
     data: bytes, path: Path, hint: str, shape: tuple[int, int, int] | None = None
 ) -> dict[str, Moments]:
-    """Parse a moments file already read (and verified); check it holds both kinds of `shape`."""
+    """Parse a moments file already read (and verified); check it holds both kinds of `shape`.
+
+    Query moments (QUERY_KINDS) are included when the file has them (runs collected with
+    `--capture keys,queries`); older runs have none.
+    """
     tensors = parse_tensors(data, path, hint)
+    present = [q for q in QUERY_KINDS if any(name.startswith(f"{q}.") for name in tensors)]
     try:
-        moments = {kind: Moments.from_tensors(tensors, kind) for kind in KINDS}
+        moments = {kind: Moments.from_tensors(tensors, kind) for kind in (*KINDS, *present)}
     except (KeyError, ValueError) as err:
         raise KeyspaceError(
             f"{path} does not hold the moments of both kinds ({err}).", hint
@@ -194,11 +221,20 @@ def resume_command(manifest: dict, run: str | Path) -> str:
         ("--keep-keys", manifest.get("keep_keys")),
         ("--dtype", manifest.get("dtype")),
         ("--shard-windows", manifest.get("shard_windows")),
+        ("--capture", ",".join(run_capture(manifest))),
     )
     for flag, value in flags:
         if value is not None and not isinstance(value, (dict, list)):
             words += [flag, value]
     return shell_command(*words)
+
+
+def run_capture(manifest: dict) -> tuple[str, ...]:
+    """What a run captured; runs written before queries existed captured keys only."""
+    capture = manifest.get("capture")
+    if isinstance(capture, list) and all(isinstance(c, str) for c in capture):
+        return tuple(capture)
+    return ("keys",)
 
 
 def _manifest_problem(m: object) -> str | None:
@@ -364,6 +400,12 @@ class RunFolder:
             data = read_verified(path, self.moments_sha256, hint)
             self._moments = moments_from_bytes(data, path, hint, self.shape)
         return self._moments[kind]
+
+    def query_moments(self, kind: str) -> Moments | None:
+        """The merged moments of `kind`'s queries (pooled per KV head); None when the run was
+        collected without queries."""
+        self.moments(kind)
+        return self._moments.get(query_kind(kind))
 
     def shards(self, kind: str, layer: int) -> list[dict]:
         return [s for s in self.manifest["shards"] if s["kind"] == kind and s["layer"] == layer]

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from keyspace.cli.main import app
 from keyspace.collect_config import CollectConfig
 from keyspace.errors import KeyspaceError
-from keyspace.validate.config import ALL_METHODS, ValidateConfig
+from keyspace.validate.config import ALL_METHODS, TASK_HAYSTACKS, ValidateConfig
 
 
 @pytest.mark.parametrize(
@@ -30,6 +30,12 @@ def test_the_methods_list_matches_the_registry():
     from keyspace.loki import METHODS
 
     assert ALL_METHODS == tuple(METHODS)
+
+
+def test_the_haystack_names_match_the_task_suite():
+    from keyspace.tasks import HAYSTACKS
+
+    assert TASK_HAYSTACKS == HAYSTACKS
 
 
 def test_cli_values_reach_the_config_parsed(tmp_path, monkeypatch):

@@ -83,6 +83,96 @@ def test_run_folder_and_exact_moments(model_dir, corpus, tmp_path):
         assert sha256_file(result.out / shard["path"]) == shard["sha256"]
 
 
+def _queries_by_hand(model_dir, corpus, windows: int, monkeypatch) -> dict[str, torch.Tensor]:
+    """Pre- and post-RoPE queries (windows, T, heads, D) of every layer, without keyspace.capture:
+    q_proj's output, and the query SDPA receives."""
+    from keyspace.data import tokenize_windows
+    from keyspace.models import load_model
+
+    loaded = load_model(str(model_dir))
+    ids = tokenize_windows(str(corpus), loaded.tokenizer, WINDOW, WINDOW * windows).windows
+    model, config = loaded.model, loaded.model.config
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    got: dict[str, list] = {"pre": [], "post": []}
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.register_forward_hook(lambda m, i, o: got["pre"].append(o))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        got["post"].append(query.transpose(1, 2))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        for w in range(windows):
+            model(ids[w : w + 1])
+    layers = config.num_hidden_layers
+    shaped = {
+        "pre": [o.reshape(1, WINDOW, heads, head_dim) for o in got["pre"]],
+        "post": got["post"],
+    }
+    # per kind: (layers, windows, T, heads, D); calls come window by window, layer by layer
+    return {
+        kind: torch.stack([torch.cat(parts[layer::layers]) for layer in range(layers)]).double()
+        for kind, parts in shaped.items()
+    }
+
+
+def test_query_moments_pool_each_group(model_dir, corpus, tmp_path, monkeypatch):
+    """query.{kind} moments per KV head j = sums over the tokens of query heads jG .. jG+G-1."""
+    run = RunFolder.open(collect(_cfg(model_dir, corpus, tmp_path / "run")).out)
+    assert run.manifest["capture"] == ["keys", "queries"]
+    queries = _queries_by_hand(model_dir, corpus, 10, monkeypatch)
+    heads, kv_heads = run.manifest["num_heads"], run.manifest["num_kv_heads"]
+    group = heads // kv_heads
+    assert group == 2  # the tiny Llama is GQA
+    for kind in ("pre", "post"):
+        moments = run.query_moments(kind)
+        for layer in range(2):
+            q = queries[kind][layer].reshape(-1, heads, 16)  # (tokens, heads, D)
+            assert float(moments.count[layer]) == 10 * WINDOW * group
+            for j in range(kv_heads):
+                x = q[:, j * group : (j + 1) * group].reshape(-1, 16)
+                torch.testing.assert_close(moments.sum[layer, j], x.sum(0), rtol=1e-9, atol=1e-7)
+                torch.testing.assert_close(moments.outer[layer, j], x.T @ x, rtol=1e-9, atol=1e-6)
+    tensors = _moments_tensors(run.path)
+    assert {"query.post.outer", "query.pre.count", "post.outer"} <= set(tensors)
+
+
+def test_capture_keys_only_gives_todays_run(model_dir, corpus, tmp_path):
+    result = collect(_cfg(model_dir, corpus, tmp_path / "keys", capture="keys"))
+    run = RunFolder.open(result.out)
+    assert run.manifest["capture"] == ["keys"]
+    assert not [name for name in _moments_tensors(run.path) if name.startswith("query.")]
+    assert run.query_moments("post") is None and run.moments("post").count[0] == 10 * WINDOW
+    assert "--capture keys" in run.resume_command
+    with pytest.raises(KeyspaceError, match="captured keys, not keys,queries") as err:
+        collect(_cfg(model_dir, corpus, tmp_path / "keys", resume=True, capture="keys,queries"))
+    assert "--capture keys" in err.value.hint
+    # Without --capture, a resumed run records what it recorded before: an older run stays keys.
+    again = collect(_cfg(model_dir, corpus, tmp_path / "keys", resume=True))
+    assert again.state == "complete" and RunFolder.open(again.out).manifest["capture"] == ["keys"]
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("keys", ("keys",)),
+        ("queries,keys", ("keys", "queries")),
+        ("keys, queries", ("keys", "queries")),
+    ],
+)
+def test_capture_option_parses(text, parsed, tmp_path):
+    assert CollectConfig(out=tmp_path, capture=text).capture == parsed
+    assert CollectConfig(out=tmp_path).capture is None  # decided by collect: new run or resume
+
+
+@pytest.mark.parametrize("text", ["queries", "values", "keys,values", ""])
+def test_capture_option_refuses_what_it_cannot_record(text, tmp_path):
+    with pytest.raises(KeyspaceError, match="--capture"):
+        CollectConfig(out=tmp_path, capture=text)
+
+
 def test_keep_keys_sample_and_none(model_dir, corpus, tmp_path):
     sampled = collect(_cfg(model_dir, corpus, tmp_path / "s", keep_keys="50"))
     keys, positions, windows = RunFolder.open(sampled.out).kept_keys("post", 1)
@@ -346,6 +436,9 @@ def test_killed_then_resumed_is_bit_identical(model_dir, corpus, tmp_path, sig):
         stderr=subprocess.PIPE,
         text=True,
         env=one_thread,
+        # A shell's background job ignores SIGINT, and Python keeps an ignored SIGINT ignored:
+        # give the collector the default disposition, as a terminal's foreground job has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     progress = tmp_path / "killed" / "progress" / "rank0.json"
     deadline = time.time() + 120

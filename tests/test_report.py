@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from runfolder_fixtures import low_rank_keys, synthetic_run, write_run
+from test_query_spectrum import synthetic_query_run
 from typer.testing import CliRunner
 
 from keyspace.analyze import (
@@ -181,6 +182,83 @@ def test_headline_states_median_ranks(two_runs):
         f"Post-RoPE keys need a median {medians('post')} of 16 dimensions to hold 90% of their"
         f" variance; pre-RoPE keys need {medians('pre')} (tiny, 3 layers × 2 KV heads)."
     )
+
+
+@pytest.fixture(scope="module")
+def query_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("query-runs")
+    run = synthetic_query_run(root / "wiki")
+    report = build_report([run], root / "report", AnalyzeConfig((0.8, 0.9)))
+    return run, report
+
+
+def test_headline_states_the_mean_of_each_spectrum(query_report):
+    run, report = query_report
+    doc = json.loads((run / "ranks.json").read_text())
+
+    def means(kind):
+        return [
+            f"{doc[kind][f'{name}summary']['0.9']['mean']:.1f}" for name in ("", "query_", "score_")
+        ]
+
+    post, pre = means("post"), means("pre")
+    assert parse(report.index).headline == (
+        f"At τ = 90%, post-RoPE heads need on average {post[0]} of 16 dimensions for the keys'"
+        f" variance, {post[1]} for the queries' energy and {post[2]} for the score energy q·k;"
+        f" pre-RoPE {pre[0]}, {pre[1]} and {pre[2]} (tiny, 2 layers × 2 KV heads, 600 tokens of"
+        " synthetic (test))."
+    )
+
+
+def test_query_report_numbers_equal_ranks_json(query_report):
+    run, report = query_report
+    doc = json.loads((run / "ranks.json").read_text())
+    parser = assert_self_contained(report.index)
+    rows = parser.table("spectra")[1:]
+    assert [(r[1], r[2]) for r in rows] == [(t, k) for t in ("0.8", "0.9") for k in ("pre", "post")]
+    for row in rows:
+        tau, kind = row[1], row[2]
+        for col, name in zip((3, 4, 5), ("summary", "query_summary", "score_summary"), strict=True):
+            s = doc[kind][name][tau]
+            assert row[col] == (
+                f"{s['mean']:.2f} ({100 * s['mean_fraction']:.1f}%) {s['min']}–{s['max']}"
+            )
+        assert row[6] == f"{doc[kind]['score_range']['key_rms_max']:.3g}"
+    per_head = parser.table("per-head", **{"data-run": "wiki"})
+    header, body = per_head[0], per_head[1:]
+    for kind in ("pre", "post"):
+        for name in ("query", "score"):
+            col = header.index(f"{kind} {name} rank@0.9")
+            shown = [[int(r[col]) for r in body if int(r[0]) == layer] for layer in range(2)]
+            assert shown == doc[kind][f"{name}_rank_at"]["0.9"]
+    assert {"wiki-rank-heatmap.png", "wiki-per-layer-rank.png"} <= {p.name for p in report.pngs}
+    assert plt.get_fignums() == []
+
+
+def test_keys_only_runs_render_as_before(two_runs):
+    text = two_runs[3].index.read_text(encoding="utf-8")
+    assert 'class="spectra"' not in text and "score rank" not in text
+    assert "query" not in parse(two_runs[3].index).headline
+
+
+def test_per_layer_spectra_draw_each_spectrum_in_its_colour():
+    rng = np.random.default_rng(1)
+    ranks = {
+        k: {s: rng.integers(1, 16, (5, 3)) for s in ("key", "query", "score")}
+        for k in ("pre", "post")
+    }
+    fig = figures.per_layer_spectra(ranks, 16, 0.9, "t")
+    try:
+        for ax, kind in zip(fig.axes[:2], ("pre", "post"), strict=True):
+            lines = {line.get_label(): line for line in ax.get_lines()}
+            for spectrum, color in figures.SPECTRUM_COLORS.items():
+                name = figures.SPECTRUM_TITLES[spectrum]
+                line = lines[f"{name} mean"]
+                assert line.get_color() == color
+                np.testing.assert_allclose(line.get_ydata(), ranks[kind][spectrum].mean(axis=1))
+            assert ax.get_ylim() == (0, 16)
+    finally:
+        plt.close(fig)
 
 
 def test_small_sample_warning_only_for_one_window(two_runs, tmp_path):

@@ -194,6 +194,32 @@ def test_table_output_without_json_with_decode_and_passkey(synthetic):
     expected = [("full", None, 64, 2), ("loki", 0.25, 64, 2), ("loki", 0.5, 64, 2)]
     assert [(e["method"], e["k"], e["length"], e["count"]) for e in doc["passkey"]] == expected
     assert "Passkey retrieval" in (root / "o3" / "validate.html").read_text()
+    assert doc["tasks"] == [] and doc["task_setup"] is None  # no --tasks: no task stage
+
+
+def test_tasks_write_one_row_per_method_setting_task_and_length(synthetic):
+    root, run = synthetic
+    out = root / "o5"
+    args = ["--d", "4", "--k", "0.25", "--methods", "loki,full,h2o", "--decode-prompts", "0"]
+    args += ["--recall-windows", "0", "--tasks", "niah", "--task-lengths", "96,128"]
+    result = invoke(root, run, *args, "--task-count", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "validate.json").read_text())
+    variants = [("full", None, None, None), ("loki", 4, 0.25, "key"), ("h2o", None, 0.25, None)]
+    assert [
+        (r["method"], r["d"], r["k"], r["basis"], r["task"], r["length"]) for r in doc["tasks"]
+    ] == [(*v, "niah", n) for n in (96, 128) for v in variants]
+    keys = {"method", "d", "k", "task", "length", "accuracy", "ci_low", "ci_high", "count"}
+    for row in doc["tasks"]:
+        assert set(row) == keys | {"basis", "scoring"}
+        assert row["count"] == 2 and row["scoring"] == "exact"
+        assert 0.0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1.0
+    assert doc["task_setup"] == {
+        "tasks": ["niah"], "lengths": [96, 128], "count": 2, "haystack": "filler", "seed": 0
+    }  # fmt: skip
+    assert "long-context tasks" in result.stdout and "h2o" in result.stdout
+    assert "Long-context tasks" in (out / "validate.html").read_text()
+    assert (out / "validate_tasks.png").is_file()
 
 
 @pytest.mark.parametrize(
@@ -209,11 +235,19 @@ def test_table_output_without_json_with_decode_and_passkey(synthetic):
         (["--k-mode", "column"], "unknown --k-mode value"),
         (["--rotary", "mid"], "--rotary must be pre or post"),
         (["--gqa-select", "all"], "--gqa-select must be head or group"),
+        (["--basis", "magic"], "--basis must be key, query-aware or both"),
+        (["--basis", "key,magic"], "--basis must be key, query-aware or both"),
         (["--recall-windows", "-1"], "--recall-windows must be 0 or more"),
         (["--decode-prompts", "3"], "3 decode prompts of 128 tokens need 384 tokens"),
         (["--window", "1"], "--window must be at least 2"),
         (["--passkey-lengths", "99999"], "exceeds the model's limit of 512"),
         (["--passkey-lengths", "2k"], "comma list of positive integers"),
+        (["--tasks", "niah,magic"], "unknown --tasks value 'magic'"),
+        (["--tasks", "niah", "--task-lengths", "1024"], "1024 exceeds the model's limit of 512"),
+        (["--tasks", "default", "--task-lengths", "96"], "too short for niah-uuid"),
+        (["--tasks", "niah", "--task-lengths", "0"], "comma list of positive integers"),
+        (["--task-haystack", "nowhere"], "--task-haystack 'nowhere' is not filler"),
+        (["--task-count", "0"], "--task-count must be positive"),
     ],
 )
 def test_bad_input_is_one_error_line_with_exit_code_2(synthetic, args, message):

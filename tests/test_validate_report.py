@@ -327,3 +327,45 @@ def test_the_models_own_decode_speed_is_shown_and_drives_the_time_pareto(tmp_pat
     assert {(r["d"], r["k"]): x for r, x in measured_time_points(doc)} == {
         ("16", 0.125): pytest.approx(0.03 / 0.04)
     }
+
+
+def task_row(method, d, k, task, accuracy, low, high):
+    return {"method": method, "d": d, "k": k, "task": task, "length": 1024, "accuracy": accuracy,
+            "ci_low": low, "ci_high": high, "count": 10, "scoring": "exact"}  # fmt: skip
+
+
+def test_tasks_section_holds_the_numbers_and_the_heatmap(tmp_path):
+    doc = make_doc()
+    doc["tasks"] = [
+        task_row("full", None, None, "niah", 1.0, 0.72, 1.0),
+        task_row("loki", 32, 0.125, "niah", 0.9, 0.6, 0.98),
+        task_row("h2o", None, 0.125, "niah", 0.3, 0.11, 0.6),
+        task_row("full", None, None, "mv-niah", 0.78, 0.65, 0.9),
+        task_row("loki", 32, 0.125, "mv-niah", 0.4, 0.25, 0.55),
+        task_row("h2o", None, 0.125, "mv-niah", 0.2, 0.1, 0.3),
+    ]
+    doc["task_setup"] = {"tasks": ["niah", "mv-niah"], "lengths": [1024], "count": 10,
+                         "haystack": "filler", "seed": 0}  # fmt: skip
+    paths = write_validate_report(doc, tmp_path)
+    parsed = assert_self_contained(paths[0])
+    assert "validate_tasks.png" in {img["data-file"] for img in parsed.images}
+    assert (tmp_path / "validate_tasks.png").is_file() and plt.get_fignums() == []
+    assert "Long-context tasks" in (tmp_path / "validate.html").read_text()
+    table = parsed.table("tasks")
+    cells = [dict(zip(table[0], r, strict=True)) for r in table[1:]]
+    assert [(c["task"], c["method"], c["accuracy"]) for c in cells] == [
+        (r["task"], r["method"], f"{r['accuracy']:.2f}") for r in doc["tasks"]
+    ]
+    loki = cells[4]
+    assert loki["95% interval"] == "[0.25, 0.55]" and loki["vs dense"] == "-0.38"
+    assert loki["d"] == "32" and loki["k"] == "1/8" and loki["prompts"] == "10"
+    assert parsed.headline.endswith(
+        "; on the long-context tasks Loki loses most on mv-niah at 1024 tokens: 0.40 [0.25, 0.55]"
+        " at d=32, k=1/8 vs 0.78 [0.65, 0.90] dense."
+    )
+
+
+def test_without_tasks_there_is_no_tasks_section(page):
+    text = (page[0] / "validate.html").read_text()
+    assert "Long-context tasks" not in text and "validate_tasks.png" not in text
+    assert "long-context" not in parse(page[0] / "validate.html").headline

@@ -48,6 +48,7 @@ def print_summary(analysis) -> None:
     table = Table()
     for name in (
         "kind",
+        "spectrum",
         "τ",
         "mean rank",
         "median",
@@ -57,16 +58,22 @@ def print_summary(analysis) -> None:
     ):
         table.add_column(name, justify="right")
     for kind, ka in analysis.kinds.items():
-        for tau, s in ka.summary.items():
-            table.add_row(
-                kind,
-                f"{tau:g}",
-                f"{s.mean:.2f}",
-                f"{s.median:g}",
-                str(s.min),
-                str(s.max),
-                f"{100 * s.mean / s.head_dim:.1f}%",
-            )
+        spectra = [("key", ka.summary)]
+        spectra += [
+            (name, sr.summary) for name, sr in (("query", ka.query), ("score", ka.score)) if sr
+        ]
+        for spectrum, summary in spectra:
+            for tau, s in summary.items():
+                table.add_row(
+                    kind,
+                    spectrum,
+                    f"{tau:g}",
+                    f"{s.mean:.2f}",
+                    f"{s.median:g}",
+                    str(s.min),
+                    str(s.max),
+                    f"{100 * s.mean / s.head_dim:.1f}%",
+                )
     stdout.print(table)
     stdout.print(f"Model identity: {analysis.model_identity}", soft_wrap=True)
     from keyspace.store import calibration_path, ranks_path

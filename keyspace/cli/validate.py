@@ -15,14 +15,16 @@ from keyspace.validate.config import ValidateConfig
 def _print_table(doc: dict) -> None:
     from rich.table import Table
 
+    bases = ", ".join(doc.get("basis") or ["key"])
     table = Table(
-        title=f"validate: {doc['model']['spec']} on {doc['dataset']['spec']} ({doc['rotary']}-RoPE basis)"
+        title=f"validate: {doc['model']['spec']} on {doc['dataset']['spec']} ({doc['rotary']}-RoPE, {bases} basis)"
     )
-    for name in ("method", "d", "k", "k-mode", "ppl", "KV bytes", "seconds"):
-        table.add_column(name, justify="left" if name == "method" else "right")
+    for name in ("method", "basis", "d", "k", "k-mode", "ppl", "KV bytes", "seconds"):
+        table.add_column(name, justify="left" if name in ("method", "basis") else "right")
     for r in doc["results"]:
         cells = (
             r["method"],
+            r.get("basis") or "-",
             str(r["d"] or "-"),
             f"{r['k']:g}" if r["k"] else "-",
             r["k_mode"] or "-",
@@ -32,22 +34,10 @@ def _print_table(doc: dict) -> None:
         )
     stdout.print(table)
     for entry in doc["recall"]:
-        stdout.print(
-            f"recall d={entry['d']} k={entry['k']:g}, mean over (layer, query head) / Spearman ρ with rank@90:"
-        )
-        for field, name in (
-            ("topk", "top-k recall"),
-            ("mass", "attention-mass recall"),
-            ("relative_mass", "mass / exact top-k mass"),
-        ):
-            table = entry[f"{field}_recall"]
-            mean = sum(map(sum, table)) / sum(map(len, table))
-            rho = (entry[f"spearman_rank_vs_{field}"] or {}).get("rho")
-            rho_text = "n/a (no ranks at 0.9)" if rho is None else f"{rho:+.3f}"
-            stdout.print(f"  {name}: {mean:.3f} / {rho_text}")
+        _print_recall(entry)
     for entry in doc["decode"]:
         stdout.print(
-            f"decode {entry['method']}: token agreement {entry['token_agreement']:.3f} (teacher-forced {entry['forced_agreement']:.3f}), NLL of the dense continuation {entry['nll_sparse']:.3f} vs {entry['nll_dense']:.3f} dense"
+            f"decode {entry['method']} d={entry['d']} k={entry['k']:g} ({entry.get('basis', 'key')} basis): token agreement {entry['token_agreement']:.3f} (teacher-forced {entry['forced_agreement']:.3f}), NLL of the dense continuation {entry['nll_sparse']:.3f} vs {entry['nll_dense']:.3f} dense"
         )
     for entry in (doc.get("speed") or {}).get("decode") or []:
         stdout.print(
@@ -56,9 +46,55 @@ def _print_table(doc: dict) -> None:
             f"{entry['speedup']:.2f}x"
         )
     for entry in doc["passkey"]:
+        basis = f" ({entry['basis']} basis)" if entry.get("basis") else ""
         stdout.print(
-            f"passkey {entry['method']} @ {entry['length']} tokens: {entry['correct']}/{entry['count']}"
+            f"passkey {entry['method']}{basis} @ {entry['length']} tokens: {entry['correct']}/{entry['count']}"
         )
+    if doc.get("tasks"):
+        _print_tasks(doc["tasks"])
+
+
+def _print_recall(entry: dict) -> None:
+    """Mean recalls of one (basis, d, k), with Spearman ρ against key rank@90 and score rank@90."""
+    score = entry.get("score_rank") is not None
+    stdout.print(
+        f"recall d={entry['d']} k={entry['k']:g} ({entry.get('basis', 'key')} basis), mean over"
+        f" (layer, query head) / Spearman ρ with key rank@90{' / score rank@90' if score else ''}:"
+    )
+    for field, name in (
+        ("topk", "top-k recall"),
+        ("mass", "attention-mass recall"),
+        ("relative_mass", "mass / exact top-k mass"),
+    ):
+        table = entry[f"{field}_recall"]
+        mean = sum(map(sum, table)) / sum(map(len, table))
+        texts = []
+        for prefix in ("", "score_") if score else ("",):
+            rho = (entry.get(f"spearman_{prefix}rank_vs_{field}") or {}).get("rho")
+            texts.append("n/a (no ranks at 0.9)" if rho is None else f"{rho:+.3f}")
+        stdout.print(f"  {name}: {mean:.3f} / {' / '.join(texts)}")
+
+
+def _print_tasks(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="long-context tasks: accuracy [95% interval] over n prompts")
+    for name in ("task", "length", "method", "d", "k", "accuracy", "interval", "n"):
+        justify = "left" if name in ("task", "method") else "right"
+        table.add_column(name, justify=justify, no_wrap=True)
+    for r in rows:
+        basis = r.get("basis")
+        table.add_row(
+            r["task"],
+            str(r["length"]),
+            r["method"] if basis in (None, "key") else f"{r['method']} ({basis})",
+            str(r["d"] if r["d"] is not None else "-"),
+            f"{r['k']:g}" if r["k"] is not None else "-",
+            f"{r['accuracy']:.2f}",
+            f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
+            str(r["count"]),
+        )
+    stdout.print(table)
 
 
 @handle_errors
@@ -73,7 +109,8 @@ def command(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print validate.json on stdout.")] = False,
 ) -> None:
-    """Perplexity of Loki and baselines at an equal budget, recall vs rank, real decoding, passkey."""
+    """Perplexity of Loki and baselines at an equal budget, recall vs rank, real decoding, passkey,
+    long-context tasks."""
     from keyspace.validate.run import validate_into
 
     doc, paths = validate_into(config, out, log=lambda line: stderr.print(line))

@@ -3,6 +3,10 @@
 - `masked_attention(model, SparseSettings(...))`: masked mode, for perplexity over whole windows.
 - `LokiCache` + `loki_decoding(model, cache)`: decode mode, real sparse decoding via the kernels.
 - `METHODS`: loki, full, exact-topk, h2o, pcaattn, sparq, streaming; one selection function each.
+
+A basis is a key transform A and a query transform B, each (layers, kv_heads, D, D), applied as
+x~ = T x: `basis=A` everywhere, and `query_basis=B` (None: B = A, the paper's orthonormal PCA basis;
+the query-aware basis passes B = A^-T, so q~·k~ = q·k). Values are never transformed.
 """
 
 from keyspace.loki.cache import LokiCache

@@ -1,10 +1,11 @@
-"""Decode mode: a transformers `Cache` that keeps keys rotated into the PCA basis, split at d.
+"""Decode mode: a transformers `Cache` that keeps keys transformed into a basis, split at d.
 
 Per layer it stores, for batch B, KV heads Hkv, cached length S and head_dim D:
-  k_low  (B, Hkv, S, d)      the first d PCA components, contiguous: the low-rank score pass reads only these
-  k_rest (B, Hkv, S, D - d)  the remaining components, read only for the selected rows
-  values (B, Hkv, S, D)
-The basis is orthonormal, so q_rot · k_rot over all D components equals q · k.
+  k_low  (B, Hkv, S, d)      the first d coordinates k~ = A k, contiguous: the low-rank score pass reads only these
+  k_rest (B, Hkv, S, D - d)  the remaining coordinates, read only for the selected rows
+  values (B, Hkv, S, D)      never transformed
+Queries go through the query transform B: q~ = B q. The paper's PCA basis is orthonormal (B = A);
+the query-aware basis has B = A^-T. Either way q~ · k~ over all D coordinates equals q · k.
 
     cache = LokiCache(basis, dims, k=0.125)
     with loki_decoding(model, cache):
@@ -19,17 +20,31 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from keyspace.loki.selection import rotate
 
 
+def check_query_basis(basis: torch.Tensor, query_basis: torch.Tensor | None) -> None:
+    """The query transform is None (the key transform serves both) or has the key transform's shape."""
+    if query_basis is not None and query_basis.shape != basis.shape:
+        raise ValueError(
+            f"query_basis {tuple(query_basis.shape)} must have the basis' shape {tuple(basis.shape)}"
+        )
+
+
 class LokiLayer(CacheLayerMixin):
-    """One layer's rotated, split key cache. basis: (kv_heads, D, D), rows = PCA directions."""
+    """One layer's transformed, split key cache.
+
+    basis:       (kv_heads, D, D) key transform A, rows = PCA directions for the paper's basis
+    query_basis: (kv_heads, D, D) query transform B, or None for B = A
+    """
 
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, basis: torch.Tensor, d: int):
+    def __init__(self, basis: torch.Tensor, d: int, query_basis: torch.Tensor | None = None):
         super().__init__()
+        check_query_basis(basis, query_basis)
         if not 1 <= d <= basis.shape[-1]:
             raise ValueError(f"d must be in [1, {basis.shape[-1]}], got {d}")
         self.basis, self.d = basis, int(d)
+        self.query_basis = basis if query_basis is None else query_basis
         self.k_low = self.k_rest = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -40,7 +55,9 @@ class LokiLayer(CacheLayerMixin):
             empty(batch, heads, 0, dim - self.d),
         )
         self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
-        self.basis = self.basis.to(key_states.device, key_states.dtype)
+        # float32 whatever the model dtype: `rotate` computes in float32 (exactness of q~·k~).
+        self.basis = self.basis.to(key_states.device, torch.float32)
+        self.query_basis = self.query_basis.to(key_states.device, torch.float32)
         self.device, self.is_initialized = key_states.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -54,7 +71,7 @@ class LokiLayer(CacheLayerMixin):
         return self.k_low, self.values
 
     def rotated_keys(self) -> torch.Tensor:
-        """All cached keys in the PCA basis: (B, Hkv, S, D)."""
+        """All cached keys in the basis, k~ = A k: (B, Hkv, S, D)."""
         return torch.cat([self.k_low, self.k_rest], dim=-1)
 
     def get_seq_length(self) -> int:
@@ -96,10 +113,12 @@ class LokiLayer(CacheLayerMixin):
 class LokiCache(Cache):
     """A LokiLayer per model layer, plus the decode budget.
 
-    basis: (layers, kv_heads, D, D) PCA directions as rows
+    basis: (layers, kv_heads, D, D) key transform A (PCA directions as rows for the paper's basis)
     dims:  d per layer (layers,), one split width for all KV heads of a layer
     k:     fraction of the cached tokens attended at each decode step, in (0, 1]
     group_select: under GQA, one token set per KV head (summed group scores) instead of per query head
+    query_basis: (layers, kv_heads, D, D) query transform B, or None for B = A (orthonormal A);
+        the query-aware basis passes B = A^-T
     """
 
     def __init__(
@@ -108,13 +127,17 @@ class LokiCache(Cache):
         dims: list[int] | torch.Tensor,
         k: float,
         group_select: bool = False,
+        query_basis: torch.Tensor | None = None,
     ):
         dims = [int(d) for d in dims]
         if len(dims) != basis.shape[0]:
             raise ValueError("need one d per layer")
         if not 0.0 < k <= 1.0:
             raise ValueError(f"k must be in (0, 1], got {k}")
-        super().__init__(layers=[LokiLayer(basis[i], d) for i, d in enumerate(dims)])
+        check_query_basis(basis, query_basis)
+        queries = [None] * len(dims) if query_basis is None else query_basis
+        layers = [LokiLayer(basis[i], d, queries[i]) for i, d in enumerate(dims)]
+        super().__init__(layers=layers)
         self.k, self.group_select = k, group_select
 
     def crop(self, max_length: int) -> None:

@@ -19,14 +19,15 @@ from keyspace.loki.registry import use_attention
 from keyspace.loki.selection import rotate
 
 
-def _rotated_query(query: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """query (B, Hq, T, D) into its KV head's basis (Hkv, D, D) -> (B, Hq, T, D)."""
-    groups = query.shape[1] // basis.shape[0]
-    return rotate(query, basis.repeat_interleave(groups, dim=0))
+def _rotated_query(query: torch.Tensor, query_basis: torch.Tensor) -> torch.Tensor:
+    """q~ = B q: query (B, Hq, T, D) through its KV head's query transform B (Hkv, D, D) -> (B, Hq, T, D)."""
+    groups = query.shape[1] // query_basis.shape[0]
+    return rotate(query, query_basis.repeat_interleave(groups, dim=0))
 
 
 def _dense_prefill(query_rot, keys_rot, values, scale) -> torch.Tensor:
-    """Exact causal attention in the rotated basis: (B, Hq, T, D) x (B, Hkv, S, D) -> (B, T, Hq, D)."""
+    """Exact causal attention in the transformed space, q~ against k~ (q~·k~ = q·k):
+    (B, Hq, T, D) x (B, Hkv, S, D) -> (B, T, Hq, D)."""
     groups = query_rot.shape[1] // keys_rot.shape[1]
     q_len, kv_len = query_rot.shape[-2], keys_rot.shape[-2]
     # From an empty cache, is_causal lets SDPA use its memory-efficient kernels (8k-token prompts).
@@ -47,7 +48,7 @@ def decode_handler(cache: LokiCache):
 
     def handler(module, query, key, value, scale):
         layer = cache.layers[module.layer_idx]
-        query_rot = _rotated_query(query, layer.basis)
+        query_rot = _rotated_query(query, layer.query_basis)
         if query.shape[-2] > 1:
             return _dense_prefill(query_rot, layer.rotated_keys(), layer.values, scale)
         seq = layer.get_seq_length()

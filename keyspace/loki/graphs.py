@@ -208,11 +208,11 @@ def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
 
 
 def _rotated_query(layer, query: torch.Tensor) -> torch.Tensor:
-    """query (B, Hq, T, D) into its KV head's PCA basis; the per-query-head basis is kept."""
-    if layer.query_basis is None or layer.query_basis.shape[0] != query.shape[1]:
-        groups = query.shape[1] // layer.basis.shape[0]
-        layer.query_basis = layer.basis.repeat_interleave(groups, dim=0)  # [Hq, D, D]
-    return rotate(query, layer.query_basis)
+    """q~ = B q: query (B, Hq, T, D) through its KV head's query transform; the per-query-head copy is kept."""
+    if layer.per_query_head is None or layer.per_query_head.shape[0] != query.shape[1]:
+        groups = query.shape[1] // layer.query_basis.shape[0]
+        layer.per_query_head = layer.query_basis.repeat_interleave(groups, dim=0)  # [Hq, D, D]
+    return rotate(query, layer.per_query_head)
 
 
 def _loki_decode_step(cache, layer, query, end, scale, kernel_settings) -> torch.Tensor:

@@ -25,10 +25,13 @@ class SparseSettings:
     k:      fraction of context kept, in (0, 1]; ignored by methods that keep everything
     k_mode: "window" (every row keeps ceil(k·T), all of a shorter context) or "row" (ceil(k·(i+1)))
     dims:   (layers, kv_heads) long, d per KV head; needed by loki, pcaattn, sparq
-    basis:  (layers, kv_heads, head_dim, head_dim), rows = PCA directions; needed by loki, pcaattn
+    basis:  (layers, kv_heads, head_dim, head_dim), the key transform A (k~ = A k); rows = PCA
+        directions for the paper's basis; needed by loki, pcaattn
     group_select: loki keeps one token set per KV head (summed group scores), not per query head
     dense_rows: rows at positions < dense_rows keep their whole context (a dense prefill); the rows
         after it are decode steps at the budget. 0: every row is sparse
+    query_basis: (layers, kv_heads, head_dim, head_dim), the query transform B (q~ = B q), or None
+        for B = A (an orthonormal basis). The query-aware basis has B = A^-T, so q~·k~ = q·k
     """
 
     method: str
@@ -38,6 +41,7 @@ class SparseSettings:
     basis: torch.Tensor | None = None
     group_select: bool = False
     dense_rows: int = 0
+    query_basis: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -59,6 +63,10 @@ class SparseSettings:
             and self.dims.shape != self.basis.shape[:2]
         ):
             raise ValueError("dims must be (layers, kv_heads) like the basis")
+        if self.query_basis is not None and (
+            self.basis is None or self.query_basis.shape != self.basis.shape
+        ):
+            raise ValueError("query_basis needs a basis of the same shape")
 
 
 def fraction_of(k: float, n: torch.Tensor | int) -> torch.Tensor:
@@ -106,6 +114,7 @@ def layer_inputs(settings: SparseSettings, layer: int, query, key, scale: float)
         ),
         basis=per_query_head(settings.basis),
         dims=per_query_head(settings.dims),
+        query_basis=per_query_head(settings.query_basis),
         group_size=groups,
         group_select=settings.group_select,
     )

@@ -25,7 +25,10 @@ class LayerInputs:
     key:    (batch, q_heads, kv_len, head_dim), post-RoPE
     causal: (q_len, kv_len) bool, True where row i may see key j
     budget: (q_len,) long, tokens each row keeps (1 <= budget[i] <= context of row i)
-    basis:  (q_heads, head_dim, head_dim) or None; basis[h] rows are PCA directions of h's KV head
+    basis:  (q_heads, head_dim, head_dim) or None; the key transform of h's KV head (rows: PCA
+        directions for the paper's basis), applied as k~ = basis[h] k
+    query_basis: (q_heads, head_dim, head_dim) or None (None: `basis`); the query transform,
+        q~ = query_basis[h] q, with query_basis = basis^-T so that q~·k~ = q·k
     dims:   (q_heads,) long or None; d for each query head
     group_select: Loki sums the low-rank scores of a KV head's query heads and keeps one token set
         for the whole group (each selected row is read once), instead of one set per query head
@@ -38,6 +41,7 @@ class LayerInputs:
     budget: torch.Tensor
     basis: torch.Tensor | None = None
     dims: torch.Tensor | None = None
+    query_basis: torch.Tensor | None = None
     group_size: int = 1  # query heads per KV head; with group_select, Loki picks one set per group
     group_select: bool = False
 
@@ -55,15 +59,19 @@ class LayerInputs:
 
     @functools.cached_property
     def pca_scores(self) -> torch.Tensor:
-        """q·k over each head's first d PCA components (Loki's selection scores): (batch, q_heads, q_len, kv_len)."""
+        """q~·k~ over each head's first d basis coordinates (Loki's selection scores): (batch, q_heads, q_len, kv_len)."""
         if self.basis is None or self.dims is None:
-            raise ValueError("this method needs a PCA basis and d")
-        return pca_scores(self.query, self.key, self.basis, self.dims)
+            raise ValueError("this method needs a basis and d")
+        return pca_scores(self.query, self.key, self.basis, self.dims, self.query_basis)
 
 
 def rotate(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """x (batch, heads, seq, D) into basis (heads, D, D) with rows as directions -> (batch, heads, seq, D)."""
-    return torch.einsum("bhsd,hed->bhse", x, basis.to(x.dtype))
+    """x (batch, heads, seq, D) into basis (heads, D, D) with rows as directions -> (batch, heads, seq, D).
+
+    x~ = basis[h] x, computed in float32 and returned in x's dtype: a query-aware transform and its
+    inverse transpose are not orthonormal, and rounding them to fp16 first would break q~·k~ = q·k.
+    """
+    return torch.einsum("bhsd,hed->bhse", x.float(), basis.float()).to(x.dtype)
 
 
 def first_dims_mask(dims: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -71,11 +79,13 @@ def first_dims_mask(dims: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (torch.arange(head_dim, device=dims.device)[None, :] < dims[:, None]).float()
 
 
-def pca_scores(query, key, basis, dims) -> torch.Tensor:
-    """Loki's approximate scores q[:d]·k[:d] in the PCA basis; shapes as in `LayerInputs`."""
+def pca_scores(query, key, basis, dims, query_basis=None) -> torch.Tensor:
+    """Loki's approximate scores q~[:d]·k~[:d], keys through `basis` and queries through
+    `query_basis` (None: `basis`, the paper's orthonormal PCA basis); shapes as in `LayerInputs`."""
+    query_basis = basis if query_basis is None else query_basis
     top = int(dims.max())  # only the first d_max directions are ever used
     mask = first_dims_mask(dims.to(query.device), top).to(query.dtype)
-    q_low = rotate(query, basis[:, :top]) * mask[None, :, None, :]  # [B, Hq, T, d_max]
+    q_low = rotate(query, query_basis[:, :top]) * mask[None, :, None, :]  # [B, Hq, T, d_max]
     return q_low @ rotate(key, basis[:, :top]).transpose(-1, -2)
 
 

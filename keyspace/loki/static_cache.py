@@ -3,7 +3,7 @@
 Two transformers `Cache`s with the same bookkeeping, for the same model:
   StaticKVCache    dense keys and values, stored token-major (B, capacity, Hkv, D), flash's layout;
                    `keys` / `values` are (B, Hkv, capacity, D) views of that storage.
-  StaticLokiCache  keys rotated into the PCA basis and split at d, like `LokiCache`:
+  StaticLokiCache  keys transformed into the basis (k~ = A k) and split at d, like `LokiCache`:
                    k_low  (B, Hkv, capacity, d)      each head's (capacity, d) block contiguous, so
                                                       `k_low[:, :, :L]` is read in place by the kernels
                    k_rest (B, Hkv, capacity, D - d)
@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from keyspace.loki.cache import check_query_basis
 from keyspace.loki.selection import rotate
 
 
@@ -135,14 +136,23 @@ class StaticKVLayer(_StaticLayer):
 
 
 class StaticLokiLayer(_StaticLayer):
-    """One layer's rotated, split keys and values, preallocated. basis: (Hkv, D, D), rows = directions."""
+    """One layer's transformed, split keys and values, preallocated.
 
-    def __init__(self, basis: torch.Tensor, d: int, capacity: int):
+    basis:       (Hkv, D, D) key transform A, rows = directions
+    query_basis: (Hkv, D, D) query transform B, or None for B = A
+    """
+
+    def __init__(
+        self, basis: torch.Tensor, d: int, capacity: int, query_basis: torch.Tensor | None = None
+    ):
         super().__init__(capacity)
+        check_query_basis(basis, query_basis)
         if not 1 <= d <= basis.shape[-1]:
             raise ValueError(f"d must be in [1, {basis.shape[-1]}], got {d}")
         self.basis, self.d = basis, int(d)
-        self.query_basis = None  # (Hq, D, D): basis repeated to query heads, set by the handler
+        self.query_basis = basis if query_basis is None else query_basis
+        # (Hq, D, D): query_basis repeated to query heads, set by the handler
+        self.per_query_head = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -150,7 +160,9 @@ class StaticLokiLayer(_StaticLayer):
         self.k_low = empty(batch, heads, self.capacity, self.d)  # [B, Hkv, capacity, d]
         self.k_rest = empty(batch, heads, self.capacity, dim - self.d)
         self.values = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
-        self.basis = self.basis.to(key_states.device, key_states.dtype)
+        # float32 whatever the model dtype: `rotate` computes in float32 (exactness of q~·k~).
+        self.basis = self.basis.to(key_states.device, torch.float32)
+        self.query_basis = self.query_basis.to(key_states.device, torch.float32)
         self._init_lengths(batch, key_states.device)
         self.is_initialized = True
 
@@ -168,7 +180,7 @@ class StaticLokiLayer(_StaticLayer):
         return self.k_low, self.values
 
     def rotated_keys(self, end: int | None = None) -> torch.Tensor:
-        """The first `end` (default: the valid length) cached keys in the PCA basis: (B, Hkv, end, D)."""
+        """The first `end` (default: the valid length) cached keys k~ = A k: (B, Hkv, end, D)."""
         end = self.length if end is None else end
         return torch.cat([self.k_low[:, :, :end], self.k_rest[:, :, :end]], dim=-1)
 
@@ -215,11 +227,13 @@ class StaticKVCache(_StaticCache):
 class StaticLokiCache(_StaticCache):
     """A StaticLokiLayer per model layer, plus the decode budget.
 
-    basis: (layers, kv_heads, D, D) PCA directions as rows
+    basis: (layers, kv_heads, D, D) key transform A (PCA directions as rows for the paper's basis)
     dims:  d per layer (layers,), one split width for all KV heads of a layer
     k:     fraction of the cached tokens attended at each decode step, in (0, 1]
     group_select: under GQA, one token set per KV head (summed group scores) instead of per query head
     capacity: tokens each layer holds (prompt plus generated tokens)
+    query_basis: (layers, kv_heads, D, D) query transform B, or None for B = A (orthonormal A);
+        the query-aware basis passes B = A^-T
     """
 
     def __init__(
@@ -229,11 +243,16 @@ class StaticLokiCache(_StaticCache):
         k: float,
         capacity: int,
         group_select: bool = False,
+        query_basis: torch.Tensor | None = None,
     ):
         dims = [int(d) for d in dims]
         if len(dims) != basis.shape[0]:
             raise ValueError("need one d per layer")
         if not 0.0 < k <= 1.0:
             raise ValueError(f"k must be in (0, 1], got {k}")
-        super().__init__([StaticLokiLayer(basis[i], d, capacity) for i, d in enumerate(dims)])
+        check_query_basis(basis, query_basis)
+        queries = [None] * len(dims) if query_basis is None else query_basis
+        super().__init__(
+            [StaticLokiLayer(basis[i], d, capacity, queries[i]) for i, d in enumerate(dims)]
+        )
         self.k, self.group_select = k, group_select

@@ -28,6 +28,9 @@ from keyspace.reports.html import Png  # noqa: E402
 
 KIND_COLORS = {"pre": "#1f77b4", "post": "#d62728"}
 KIND_TITLES = {"pre": "pre-RoPE", "post": "post-RoPE"}
+# The three spectra of a run with queries: the keys' variance, the queries' energy, the scores'.
+SPECTRUM_COLORS = {"key": "#1f77b4", "query": "#2ca02c", "score": "#9467bd"}
+SPECTRUM_TITLES = {"key": "keys", "query": "queries", "score": "scores q·k"}
 # CSS pixels per inch; figures are drawn at PIXEL_RATIO times that for high-density screens.
 DPI = 110
 PIXEL_RATIO = 2
@@ -122,25 +125,57 @@ def rank_heatmaps(ranks: dict[str, np.ndarray], head_dim: int, tau: float, title
     return fig
 
 
+def mean_band(ax, ranks: np.ndarray, color: str | None, name: str) -> None:
+    """The mean over KV heads per layer and a min–max band; ranks: (layers, heads)."""
+    layers = np.arange(ranks.shape[0])
+    ax.plot(layers, ranks.mean(axis=1), marker="o", markersize=3, color=color, label=f"{name} mean")
+    ax.fill_between(
+        layers,
+        ranks.min(axis=1),
+        ranks.max(axis=1),
+        color=color,
+        alpha=0.18,
+        label=f"{name} min–max",
+    )
+
+
+def layer_axis(ax, head_dim: int, tau: float) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"rank@{tau:g} (of {head_dim})")
+    ax.set_ylim(0, head_dim)
+    ax.grid(alpha=0.3)
+
+
 @styled
 def per_layer_ranks(ranks: dict[str, np.ndarray], head_dim: int, tau: float, title: str) -> Figure:
     """Mean rank@τ per layer over KV heads, with a min–max band, all kinds on one axis."""
     fig, axes = new_figure(figsize=(9.0, 3.8), layout="constrained")
     ax = axes[0][0]
     for kind, r in ranks.items():
-        layers = np.arange(r.shape[0])
-        color, name = KIND_COLORS.get(kind), KIND_TITLES.get(kind, kind)
-        ax.plot(layers, r.mean(axis=1), marker="o", markersize=3, color=color, label=f"{name} mean")
-        ax.fill_between(
-            layers, r.min(axis=1), r.max(axis=1), color=color, alpha=0.18, label=f"{name} min–max"
-        )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel(f"rank@{tau:g} (of {head_dim})")
-    ax.set_ylim(0, head_dim)
-    ax.grid(alpha=0.3)
+        mean_band(ax, r, KIND_COLORS.get(kind), KIND_TITLES.get(kind, kind))
+    layer_axis(ax, head_dim, tau)
     ax.legend(ncol=2, loc="lower right")
     ax.set_title(wrap(title, 9.0))
+    return fig
+
+
+@styled
+def per_layer_spectra(
+    ranks: dict[str, dict[str, np.ndarray]], head_dim: int, tau: float, title: str
+) -> Figure:
+    """Mean rank@τ per layer of each spectrum (keys, queries, scores) with a min–max band, one
+    panel per kind. ranks[kind][spectrum]: (layers, heads)."""
+    kinds = list(ranks)
+    fig, axes = new_figure(ncols=len(kinds), figsize=(9.5, 4.2), sharey=True, layout="constrained")
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for spectrum, r in ranks[kind].items():
+            mean_band(ax, r, SPECTRUM_COLORS.get(spectrum), SPECTRUM_TITLES.get(spectrum, spectrum))
+        layer_axis(ax, head_dim, tau)
+        ax.set_title(KIND_TITLES.get(kind, kind))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)
+    fig.suptitle(wrap(title, 9.5))
     return fig
 
 

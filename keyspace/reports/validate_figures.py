@@ -1,6 +1,6 @@
 """Pure plotting for the validate report: validate.json's records in, matplotlib Figure out.
 
-The records are the plain dicts of validate.json (ResultRow and recall entries); nothing here
+The records are the plain dicts of validate.json (ResultRow, recall entries, task rows); nothing here
 computes a statistic that the page does not also show. Render with figures.to_png.
 """
 
@@ -10,10 +10,11 @@ import math
 from collections import defaultdict
 
 import numpy as np
+import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, PercentFormatter
 
-from keyspace.reports.figures import new_figure, styled, wrap
+from keyspace.reports.figures import MAX_WIDTH_IN, new_figure, styled, wrap
 
 METHOD_STYLE = {  # colour, marker; Loki stands out, dense is black
     "loki": ("#d62728", "o"),
@@ -313,4 +314,47 @@ def recall_per_layer(entries: list[dict], field: str, title: str) -> Figure:
     ax.set_title(wrap(f"{title} per layer", 3.8))
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncol=2, frameon=False, fontsize=8.5)
+    return fig
+
+
+def task_method(row: dict) -> str:
+    """The method, with its basis when that is not the default key basis: 'loki (query-aware)'."""
+    basis = row.get("basis")
+    return row["method"] if basis in (None, "key") else f"{row['method']} ({basis})"
+
+
+def task_variant(row: dict) -> str:
+    """'loki d=32, k=1/8'; just the method for one without settings ('full')."""
+    label = point_label(row)
+    return task_method(row) if label == row["method"] else f"{task_method(row)} {label}"
+
+
+@styled
+def task_heatmap(rows: list[dict]) -> Figure:
+    """Accuracy per (method setting, task), one panel per prompt length; rows: validate.json tasks.
+
+    Dense first, then Loki, then the baselines in the rows' order; a cell not measured is blank.
+    """
+    lengths = sorted({r["length"] for r in rows})
+    ordered = sorted(rows, key=lambda r: (r["method"] != "full", r["method"] != "loki"))
+    variants = list(dict.fromkeys(task_variant(r) for r in ordered))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    width = min(MAX_WIDTH_IN, 2.6 + (0.75 * len(tasks) + 0.3) * len(lengths))
+    fig, axes = new_figure(
+        ncols=len(lengths), figsize=(width, 1.9 + 0.32 * len(variants)), layout="constrained"
+    )
+    for i, (ax, length) in enumerate(zip(axes[0], lengths, strict=True)):
+        grid = np.full((len(variants), len(tasks)), np.nan)  # [variant, task]
+        for r in rows:
+            if r["length"] == length:
+                grid[variants.index(task_variant(r)), tasks.index(r["task"])] = r["accuracy"]
+        sns.heatmap(
+            grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f",
+            annot_kws={"fontsize": 8}, cbar=False, xticklabels=tasks,
+            yticklabels=variants if i == 0 else False,
+        )  # fmt: skip
+        ax.set_title(f"{length} tokens")
+        ax.tick_params(axis="x", rotation=30)
+        ax.tick_params(axis="y", rotation=0)
+    fig.colorbar(axes[0][0].collections[0], ax=axes, shrink=0.7, label="accuracy")
     return fig

@@ -1,7 +1,8 @@
 """The validate report: validate.json in, validate.html and its PNGs out, through html.page.
 
 The page reads only the document: every number is validate.json's, formatted. Older documents
-without a field (forced_agreement, relative mass recall, measured speed) render without it.
+without a field (forced_agreement, relative mass recall, measured speed, tasks) render
+without it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from keyspace.reports.validate_tables import (
     decode_speed_table,
     decode_table,
     dense_ppl,
+    interval,
     passkey_table,
     perplexity_table,
     recall_table,
     setting,
+    tasks_table,
     timing_table,
 )
 
@@ -91,6 +94,34 @@ def loki_clause(doc: dict) -> str:
     return f"{name}'s perplexity is {at(cheapest)}, and {at(best, first=False)}"
 
 
+def basis_note(row: dict) -> str:
+    """' in the query-aware basis' for a row in a basis other than the default key basis."""
+    return "" if row.get("basis") in (None, "key") else f" in the {row['basis']} basis"
+
+
+def tasks_clause(doc: dict) -> str:
+    """Where Loki loses most accuracy against dense on the long-context tasks ('' without them)."""
+    rows = doc.get("tasks") or []
+    dense = {(r["task"], r["length"]): r for r in rows if r["method"] == "full"}
+    pairs = [
+        (dense[(r["task"], r["length"])], r)
+        for r in rows
+        if r["method"] == "loki" and (r["task"], r["length"]) in dense
+    ]
+    if not pairs:
+        return ""
+    full, loki = max(pairs, key=lambda pair: pair[0]["accuracy"] - pair[1]["accuracy"])
+    if loki["accuracy"] >= full["accuracy"]:
+        return (
+            "; on the long-context tasks Loki is never below dense accuracy"
+            f" ({len(pairs)} task × length × setting cells, {loki['count']} prompts each)"
+        )
+    return (
+        f"; on the long-context tasks Loki loses most on {loki['task']} at {loki['length']}"
+        f" tokens: {interval(loki)} at {setting(loki)}{basis_note(loki)} vs {interval(full)} dense"
+    )
+
+
 def headline(doc: dict) -> str:
     """The finding in one sentence with numbers, all from `doc`."""
     data = doc["dataset"]
@@ -101,6 +132,7 @@ def headline(doc: dict) -> str:
         text += f" with k chosen per {doc['k_modes'][0]}"
     if dense_ppl(doc) is None:
         text += "; this run measured no dense baseline"
+    text += tasks_clause(doc)
     return text[0].upper() + text[1:] + "."
 
 
@@ -259,6 +291,25 @@ def speed_section(doc: dict) -> tuple[str, list[html.Png]]:
     return html.section("Measured decode speed", parts, "speed"), pngs
 
 
+def tasks_section(doc: dict) -> tuple[str, list[html.Png]]:
+    setup = doc.get("task_setup") or {}
+    source = f"{setup['haystack']} haystack, seed {setup['seed']}, " if setup else ""
+    note = html.paragraph(
+        "RULER-style tasks generated offline to an exact length (prompt plus answer; docs/validate.md"
+        " describes each). Dense and Loki decode for real, through the dense cache and LokiCache;"
+        " the other methods prefill densely, then keep ceil(k·context) keys at each decode step"
+        " in masked mode. Accuracy is exact match with a Wilson 95% interval, or the recall of"
+        f" the asked values with a bootstrap interval ({source}greedy decoding).",
+        "note",
+    )
+    png = figures.to_png(vf.task_heatmap(doc["tasks"]), "validate_tasks.png")
+    caption = (
+        "Accuracy per method and task, one panel per prompt length; the table gives the intervals."
+    )
+    parts = [note, tasks_table(doc), html.figure(png, caption, wide=True)]
+    return html.section("Long-context tasks", parts, "tasks"), [png]
+
+
 def validate_page(doc: dict, related: list[tuple[str, str]]) -> tuple[str, list[html.Png]]:
     """The page's HTML and the PNGs it embeds (the caller writes them beside it)."""
     sections, nav, pngs = [], [], []
@@ -292,6 +343,8 @@ def validate_page(doc: dict, related: list[tuple[str, str]]) -> tuple[str, list[
             "Passkey",
             (html.section("Passkey retrieval", [passkey_table(doc)], "passkey"), []),
         )
+    if doc.get("tasks"):
+        add("tasks", "Tasks", tasks_section(doc))
     data = doc["dataset"]
     subtitle = (
         f"{doc['model']['spec']} ({doc['model']['identity']}) · {doc['rotary']}-RoPE PCA basis"

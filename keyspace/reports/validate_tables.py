@@ -7,7 +7,7 @@ show as n/a.
 from __future__ import annotations
 
 from keyspace.reports import html
-from keyspace.reports.validate_figures import fraction_label
+from keyspace.reports.validate_figures import fraction_label, task_method
 
 
 def fmt_d(row: dict) -> str:
@@ -141,3 +141,31 @@ def passkey_table(doc: dict) -> str:
         for e in doc["passkey"]
     ]
     return html.table(["method", "d", "k", "context length", "correct"], rows, "passkey")
+
+
+def interval(row: dict) -> str:
+    """'0.80 [0.49, 0.94]': a task row's accuracy with its 95% interval."""
+    return f"{row['accuracy']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+
+
+def tasks_table(doc: dict) -> str:
+    """Per (task, length), every method's accuracy with its 95% interval and its change against
+    dense, in the rows' order (dense first)."""
+    dense = {(r["task"], r["length"]): r["accuracy"] for r in doc["tasks"] if r["method"] == "full"}
+    headers = ["task", "length", "method", "d", "k", "scoring", "accuracy", "95% interval"]
+    headers += ["vs dense", "prompts"]
+    rows, attrs, group = [], [], None
+    for r in doc["tasks"]:
+        reference = dense.get((r["task"], r["length"]))
+        versus = f"{r['accuracy'] - reference:+.2f}" if reference is not None else "-"
+        rows.append(
+            [r["task"], r["length"], task_method(r), fmt_d(r), fmt_k(r["k"]), r.get("scoring", "-")]
+            + [f"{r['accuracy']:.2f}", f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"]
+            + ["-" if r["method"] == "full" else versus, r["count"]]
+        )
+        css = [{"loki": "ours", "full": "baseline"}.get(r["method"], "")]
+        if group is not None and (r["task"], r["length"]) != group:
+            css.append("group")
+        group = (r["task"], r["length"])
+        attrs.append({"class": " ".join(c for c in css if c), "data-method": r["method"]})
+    return html.table(headers, rows, "tasks", row_attrs=attrs)

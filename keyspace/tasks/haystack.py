@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from keyspace.data import load_corpus
 from keyspace.errors import KeyspaceError
 
-# The passkey prompt's filler (keyspace/validate/passkey.py): one sharp target in uniform noise.
+# Repeated filler, also the passkey prompt's (keyspace/validate/passkey.py imports it): one sharp
+# target in uniform noise.
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )

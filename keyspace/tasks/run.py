@@ -2,6 +2,8 @@
 
 variants = {("full", None, None): cache_decoder(), ("exact-topk", None, 0.125): masked_decoder(...)}
 rows = run_tasks(model, tokenizer, variants, ["niah", "vt"], [2048, 4096], count=50)
+
+A variant key may carry a fourth element, the basis (validate's `--basis`); rows then have it too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from keyspace.tasks.prompt import TaskPrompt
 from keyspace.tasks.scoring import interval
 from keyspace.tasks.suite import DEFAULT_TASKS, TaskSpec, make_prompts, task_spec
 
-VariantKey = tuple[str, Hashable, Hashable]  # (method, d, k)
+VariantKey = tuple[Hashable, ...]  # (method, d, k) or (method, d, k, basis)
 
 
 def score_prompts(
@@ -31,12 +33,13 @@ def score_prompts(
 
 
 def result_row(key: VariantKey, spec: TaskSpec, length: int, scores: list[float]) -> dict:
-    method, d, k = key
+    method, d, k, *basis = key
     low, high = interval(spec.scoring, scores)
     return {
         "method": method,
         "d": d,
         "k": k,
+        **({"basis": basis[0]} if basis else {}),
         "task": spec.name,
         "length": length,
         "accuracy": sum(scores) / len(scores),

@@ -18,6 +18,11 @@ Log = Callable[[str], None]
 # Every masked-mode method, in the order reports list them; equals `keyspace.loki.METHODS`'s keys
 # (tests/test_validate_cli.py checks), spelled out so the CLI needs no torch import.
 ALL_METHODS = ("loki", "full", "exact-topk", "h2o", "pcaattn", "sparq", "streaming")
+# `keyspace.tasks.HAYSTACKS`, spelled out for the same reason (tests check they agree).
+TASK_HAYSTACKS = ("filler", "wikitext", "pydoc")
+# Loki's bases: "key" = PCA of the keys (the paper; transforms A = B orthonormal), "query-aware" =
+# the score basis A = Uᵀ S_q^½, B = A⁻ᵀ (docs/validate.md).
+BASES = ("key", "query-aware")
 
 
 @dataclass
@@ -38,6 +43,11 @@ class ValidateConfig:
         "head",
     )
     rotary: str = option("--rotary", "Which calibrated basis: post- or pre-RoPE keys.", "post")
+    basis: str = option(
+        "--basis",
+        "Loki's basis: key (PCA of keys, the paper), query-aware (scores as queries see them), or key,query-aware.",
+        "key",
+    )
     methods: str = option("--methods", "Comma list of methods.", ",".join(ALL_METHODS))
     dataset: str | None = option(
         "--dataset", "wikitext, pydoc, a .txt file or folder. Default: WikiText-2 test, else pydoc."
@@ -62,12 +72,31 @@ class ValidateConfig:
     passkey_count: int = option(
         "--passkey-count", "Passkey prompts per length (depths spread evenly).", 2
     )
+    tasks: str = option(
+        "--tasks",
+        "Long-context tasks: a comma list (niah,mv-niah,...) or default (empty: skip).",
+        "",
+    )
+    task_lengths: tuple[int, ...] = option(
+        "--task-lengths",
+        "Task prompt lengths in tokens, answer included.",
+        (2048, 4096),
+        cli_type=str,
+    )
+    task_count: int = option("--task-count", "Prompts per task and length.", 10)
+    task_haystack: str = option(
+        "--task-haystack",
+        "Text the needles hide in: filler, wikitext, pydoc or a .txt path.",
+        "filler",
+    )
     device: str = option("--device", "cpu or cuda.", "cpu")
     dtype: str = option("--dtype", "float32, float16 or bfloat16.", "float32")
 
     def __post_init__(self) -> None:
         self.run = Path(self.run)
         self.passkey_lengths = parse_positive_ints(self.passkey_lengths, "--passkey-lengths")
+        self.task_lengths = parse_positive_ints(self.task_lengths, "--task-lengths")
+        self._check_tasks()
         if self.gqa_select not in ("head", "group"):
             raise KeyspaceError(
                 f"--gqa-select must be head or group, got {self.gqa_select!r}.",
@@ -78,6 +107,11 @@ class ValidateConfig:
                 f"--rotary must be pre or post, got {self.rotary!r}.",
                 "Use --rotary post (default) or --rotary pre.",
             )
+        if not self.bases or any(name not in BASES for name in self.bases):
+            raise KeyspaceError(
+                f"--basis must be key, query-aware or both, got {self.basis!r}.",
+                "Use --basis key (default, the paper), query-aware, or key,query-aware.",
+            )
         for name in ("max_tokens", "window", "passkey_count", "decode_tokens"):
             self._check_at_least(name, 1, "Give a positive integer.")
         self._check_at_least("decode_prompt_tokens", 1, "Give a positive integer.")
@@ -86,6 +120,21 @@ class ValidateConfig:
         if self.window < 2:
             raise KeyspaceError("--window must be at least 2.", "Try --window 1024.")
         self._check_device()
+
+    def _check_tasks(self) -> None:
+        self._check_at_least("task_count", 1, "Give a positive integer.")
+        if self.tasks.strip() and not self.task_lengths:
+            raise KeyspaceError("--task-lengths is empty.", "Example: --task-lengths 2048,4096.")
+        if self.task_haystack not in TASK_HAYSTACKS and not Path(self.task_haystack).exists():
+            raise KeyspaceError(
+                f"--task-haystack {self.task_haystack!r} is not {', '.join(TASK_HAYSTACKS)} or an existing path.",
+                "Use --task-haystack filler, wikitext or pydoc, or give a .txt file or folder.",
+            )
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        """`--basis` as names, each once, in the order given."""
+        return tuple(dict.fromkeys(p.strip() for p in self.basis.split(",") if p.strip()))
 
     def _check_at_least(self, name: str, low: int, hint: str) -> None:
         if getattr(self, name) < low:

@@ -1,4 +1,5 @@
-"""The validate grid: parsing `--d`, `--k`, `--methods`, `--k-mode`, and expanding them into runs."""
+"""The validate grid: parsing `--d`, `--k`, `--methods`, `--k-mode`, `--tasks`, and expanding them
+into runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from keyspace.errors import KeyspaceError
 from keyspace.loki import METHODS
 from keyspace.store import RANKS
+from keyspace.tasks import DEFAULT_TASKS, TASKS
 
 
 @dataclass
@@ -18,10 +20,19 @@ class DChoice:
 
     label: str
     dims: torch.Tensor
+    # auto:τ under the query-aware basis: d per head from the score spectrum's rank@τ (else None)
+    score_dims: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.dims.dim() != 2 or int(self.dims.min()) < 1:
-            raise ValueError("dims must be (layers, kv_heads) with every d >= 1")
+        for dims in (self.dims, self.score_dims):
+            if dims is not None and (dims.dim() != 2 or int(dims.min()) < 1):
+                raise ValueError("dims must be (layers, kv_heads) with every d >= 1")
+
+    def dims_for(self, basis: str | None) -> torch.Tensor:
+        """d per (layer, KV head) under `basis`: the score ranks for query-aware auto:τ, else `dims`."""
+        if basis == "query-aware" and self.score_dims is not None:
+            return self.score_dims
+        return self.dims
 
     @property
     def value(self) -> int | str:
@@ -39,6 +50,12 @@ class SweepPoint:
     d: DChoice | None
     k: float | None
     k_mode: str | None
+    basis: str | None = None  # "key" or "query-aware" for methods that use a basis, else None
+
+    @property
+    def dims(self) -> torch.Tensor | None:
+        """d per (layer, KV head) at this point's basis, or None for methods without d."""
+        return None if self.d is None else self.d.dims_for(self.basis)
 
 
 def parse_k(text: str) -> list[float]:
@@ -71,17 +88,29 @@ def parse_names(text: str, known: tuple[str, ...], option: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def ranks_at(ranks: dict | None, kind: str, tau: float) -> torch.Tensor:
-    """rank@τ per (layer, KV head) from the run's ranks document, long (layers, kv_heads)."""
+def parse_tasks(text: str) -> list[str]:
+    """`--tasks`: empty (skip), task names, and `default` for DEFAULT_TASKS; each name once."""
+    if not text.strip():
+        return []
+    names = parse_names(text, ("default", *TASKS), "--tasks")
+    return list(dict.fromkeys(t for n in names for t in (DEFAULT_TASKS if n == "default" else [n])))
+
+
+def ranks_at(ranks: dict | None, kind: str, tau: float, field: str = "rank_at") -> torch.Tensor:
+    """rank@τ per (layer, KV head) from the run's ranks document, long (layers, kv_heads).
+
+    field: "rank_at" (the key spectrum) or "score_rank_at" (the score spectrum, query-aware basis).
+    """
     hint = f"Run `keyspace analyze <run> --threshold {tau}` to write ranks at τ={tau}."
     if ranks is None:
         raise KeyspaceError(f"--d auto:{tau} needs {RANKS}, and the run has none.", hint)
-    table = ranks.get(kind, {}).get("rank_at", {})
+    table = ranks.get(kind, {}).get(field, {})
     for key, value in table.items():
         if abs(float(key) - tau) < 1e-9:
             return torch.tensor(value, dtype=torch.long)
+    what = "ranks" if field == "rank_at" else "score ranks"
     raise KeyspaceError(
-        f"{RANKS} has no {kind} ranks at τ={tau} (it has {', '.join(table) or 'none'}).", hint
+        f"{RANKS} has no {kind} {what} at τ={tau} (it has {', '.join(table) or 'none'}).", hint
     )
 
 
@@ -116,14 +145,20 @@ def parse_d(
 
 
 def sweep_points(
-    methods: list[str], ds: list[DChoice], ks: list[float], k_modes: list[str]
+    methods: list[str],
+    ds: list[DChoice],
+    ks: list[float],
+    k_modes: list[str],
+    bases: tuple[str, ...] = ("key",),
 ) -> list[SweepPoint]:
-    """Every distinct run: a method that ignores d (or k) is run once, not once per d (or k)."""
+    """Every distinct run: a method that ignores d (or k, or the basis) is run once, not once per
+    d (or k, or basis)."""
     points = []
     for name in methods:
         spec = METHODS[name]
-        for d in ds if spec.uses_d else [None]:
-            for k in ks if spec.uses_k else [None]:
-                for mode in k_modes if spec.uses_k else [None]:
-                    points.append(SweepPoint(name, d, k, mode))
+        for basis in bases if spec.uses_basis else [None]:
+            for d in ds if spec.uses_d else [None]:
+                for k in ks if spec.uses_k else [None]:
+                    for mode in k_modes if spec.uses_k else [None]:
+                        points.append(SweepPoint(name, d, k, mode, basis))
     return points

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from keyspace.analyze import analyze_hint, read_calibration, read_ranks
+from keyspace.analyze import analyze_hint, queries_hint, read_calibration, read_ranks
 from keyspace.errors import KeyspaceError
 from keyspace.loki import K_MODES, METHODS
 from keyspace.store import RunFolder, calibration_path
+from keyspace.tasks import load_haystack, make_prompts
 from keyspace.validate.config import ValidateConfig
-from keyspace.validate.grid import DChoice, parse_d, parse_k, parse_names
+from keyspace.validate.grid import DChoice, parse_d, parse_k, parse_names, parse_tasks, ranks_at
 
 
 @dataclass
@@ -26,10 +27,22 @@ class Inputs:
     k_modes: list[str]
     methods: list[str]
     group_select: bool = False
+    tasks: tuple[str, ...] = ()  # `--tasks`, "default" expanded; empty: no task stage
+    bases: tuple[str, ...] = ("key",)  # `--basis`
+    # the query-aware pair (key transform A, query transform B = A^-T), each (layers, kv_heads, D, D)
+    score_transforms: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def head_dim(self) -> int:
         return int(self.components.shape[-1])
+
+    def transforms(self, basis: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(key transform, query transform) of `basis`; None as query transform: the same (orthonormal)."""
+        if basis != "query-aware":
+            return self.components, None
+        if self.score_transforms is None:
+            raise ValueError("these inputs were opened without the query-aware basis")
+        return self.score_transforms
 
 
 def open_inputs(config: ValidateConfig) -> Inputs:
@@ -37,6 +50,7 @@ def open_inputs(config: ValidateConfig) -> Inputs:
     methods = parse_names(config.methods, tuple(METHODS), "--methods")
     k_modes = parse_names(config.k_modes, K_MODES, "--k-mode")
     ks = parse_k(config.k)
+    tasks = tuple(parse_tasks(config.tasks))
     run = RunFolder.open(config.run).require_complete()
     ranks = read_ranks(run.path)  # verified by its checksum
     calibration = read_calibration(run.path, ranks)  # verified against the ranks record
@@ -55,17 +69,57 @@ def open_inputs(config: ValidateConfig) -> Inputs:
         raise KeyspaceError(f"{calibration_path(run.path)} has no {config.rotary} basis.", hint)
     components = calibration.components[config.rotary]
     ds = parse_d(config.d, components.shape[-1], tuple(components.shape[:2]), ranks, config.rotary)
-    return Inputs(run, components, ranks, ds, ks, k_modes, methods, config.gqa_select == "group")
+    group_select = config.gqa_select == "group"
+    inputs = Inputs(run, components, ranks, ds, ks, k_modes, methods, group_select, tasks)
+    inputs.bases = config.bases
+    if "query-aware" in config.bases:
+        inputs.score_transforms = query_aware_transforms(calibration, config.rotary, run)
+        inputs.ds = [with_score_dims(d, ranks, config.rotary) for d in ds]
+    return inputs
 
 
-def check_passkey_lengths(model, lengths: tuple[int, ...]) -> None:
+def query_aware_transforms(calibration, kind: str, run: RunFolder) -> tuple[torch.Tensor, ...]:
+    """The calibration's query-aware pair for `kind` keys: (A, B = A^-T), each (layers, kv_heads, D, D).
+
+    A run collected without queries has none: one KeyspaceError whose hint re-collects it."""
+    if not calibration.has_queries:
+        return calibration.score_transforms(kind, queries_hint(run.path))
+    return calibration.score_transforms(kind, analyze_hint(run.path))
+
+
+def with_score_dims(d: DChoice, ranks: dict, kind: str) -> DChoice:
+    """auto:τ under the query-aware basis takes d per head from the score spectrum's rank@τ."""
+    if not d.label.startswith("auto:"):
+        return d
+    score_ranks = ranks_at(ranks, kind, float(d.label[5:]), "score_rank_at")
+    return replace(d, score_dims=score_ranks.clamp(min=1))
+
+
+def check_lengths(model, lengths: tuple[int, ...], flag: str) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     for length in lengths:
         if limit is not None and length > limit:
             raise KeyspaceError(
-                f"--passkey-lengths {length} exceeds the model's limit of {limit} tokens.",
+                f"{flag} {length} exceeds the model's limit of {limit} tokens.",
                 f"Use lengths up to {limit}.",
             )
+
+
+def check_task_lengths(model, tokenizer, tasks: tuple[str, ...], config: ValidateConfig) -> None:
+    """Before any work: every task length fits the model and holds each task's fixed text."""
+    if not tasks:
+        return
+    check_lengths(model, config.task_lengths, "--task-lengths")
+    haystack = load_haystack(config.task_haystack, tokenizer)
+    for task in tasks:
+        for length in config.task_lengths:
+            try:
+                make_prompts(task, tokenizer, length, 1, haystack=haystack)
+            except ValueError as err:
+                raise KeyspaceError(
+                    f"--task-lengths {length} is too short for {task} ({err}).",
+                    f"Use longer --task-lengths, or leave {task} out of --tasks.",
+                ) from None
 
 
 def check_model(model, identity: str, inputs: Inputs) -> None:

@@ -11,11 +11,9 @@ import torch
 from transformers import DynamicCache
 
 from keyspace.loki.decode import greedy, loki_decoding
+from keyspace.tasks.haystack import FILLER
 
 INTRO = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-)
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
 ANSWER_TOKENS = 8

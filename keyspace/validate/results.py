@@ -29,6 +29,7 @@ class ResultRow:
     predicted_tokens: int
     kv_bytes_fraction: float
     seconds: float
+    basis: str | None = None  # "key" or "query-aware" for methods that use a basis (loki, pcaattn)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ValidateResult:
     decode: list[dict] = field(default_factory=list)
     passkey: list[dict] = field(default_factory=list)
     speed: dict = field(default_factory=dict)
+    tasks: list[dict] = field(default_factory=list)  # one row per (method, d, k, task, length)
 
     def to_json(self) -> dict:
         return {
@@ -49,6 +51,7 @@ class ValidateResult:
             "recall": self.recall,
             "decode": self.decode,
             "passkey": self.passkey,
+            "tasks": self.tasks,
             "speed": self.speed,
         }
 
@@ -70,6 +73,7 @@ def speed_ceilings(rows: list[ResultRow]) -> dict:
                 "method": r.method,
                 "d": r.d,
                 "k": r.k,
+                "basis": r.basis,
                 "kv_bytes_fraction": r.kv_bytes_fraction,
                 "max_speedup": 1 / r.kv_bytes_fraction,
             }

@@ -14,9 +14,16 @@ from keyspace.models import load_model
 from keyspace.store import check_writable, validate_dir
 from keyspace.validate.config import Log, ValidateConfig
 from keyspace.validate.grid import sweep_points
-from keyspace.validate.inputs import Inputs, check_model, check_passkey_lengths, open_inputs
+from keyspace.validate.inputs import (
+    Inputs,
+    check_lengths,
+    check_model,
+    check_task_lengths,
+    open_inputs,
+)
 from keyspace.validate.results import ValidateResult, speed_ceilings, write_outputs
 from keyspace.validate.stages import (
+    TASK_SEED,
     decode_entries,
     decode_prompts,
     measure_perplexity,
@@ -24,6 +31,7 @@ from keyspace.validate.stages import (
     measured_speed,
     passkey_entries,
     recall_entry,
+    task_entries,
 )
 
 
@@ -35,6 +43,19 @@ def default_dataset(log: Log) -> str:
     except KeyspaceError as err:
         log(f"WikiText-2 not available ({err.message}); evaluating on pydoc.")
         return "pydoc"
+
+
+def task_setup(inputs: Inputs, config: ValidateConfig) -> dict | None:
+    """How the `tasks` rows were made; None when no task ran."""
+    if not inputs.tasks:
+        return None
+    return {
+        "tasks": list(inputs.tasks),
+        "lengths": list(config.task_lengths),
+        "count": config.task_count,
+        "haystack": config.task_haystack,
+        "seed": TASK_SEED,
+    }
 
 
 def validate_into(
@@ -57,7 +78,8 @@ def run_validate(
         inputs.run.manifest["model"]["spec"], dtype=config.dtype, device=config.device
     )
     check_model(loaded.model, loaded.identity, inputs)
-    check_passkey_lengths(loaded.model, config.passkey_lengths)
+    check_lengths(loaded.model, config.passkey_lengths, "--passkey-lengths")
+    check_task_lengths(loaded.model, loaded.tokenizer, inputs.tasks, config)
     dataset = config.dataset or default_dataset(log)
     windows = load_token_windows(
         dataset, loaded.tokenizer, config.window, config.max_tokens, config.split
@@ -71,17 +93,19 @@ def run_validate(
     )
     rows = [
         measure_perplexity(loaded.model, windows, p, inputs, log)
-        for p in sweep_points(inputs.methods, inputs.ds, inputs.ks, inputs.k_modes)
+        for p in sweep_points(inputs.methods, inputs.ds, inputs.ks, inputs.k_modes, inputs.bases)
     ]
     sample = windows[: config.recall_windows]
     recall = [
-        recall_entry(loaded.model, sample, d, k, inputs.k_modes[0], inputs, config.rotary)
+        recall_entry(loaded.model, sample, d, k, inputs.k_modes[0], inputs, config.rotary, basis)
+        for basis in inputs.bases
         for d in inputs.ds
         for k in inputs.ks
         if "loki" in inputs.methods and config.recall_windows > 0
     ]
     decode = decode_entries(loaded.model, windows, inputs, config, log)
     passkey = passkey_entries(loaded.model, loaded.tokenizer, inputs, config, log)
+    tasks = task_entries(loaded.model, loaded.tokenizer, inputs, config, log)
     header = {
         "keyspace_version": __version__,
         "run": str(inputs.run.path),
@@ -93,14 +117,16 @@ def run_validate(
             "windows": int(windows.shape[0]),
         },
         "rotary": config.rotary,
+        "basis": list(inputs.bases),
         "gqa_select": config.gqa_select,
         "head_dim": inputs.head_dim,
         "k_modes": inputs.k_modes,
         "grid": {"d": [d.value for d in inputs.ds], "k": inputs.ks, "methods": inputs.methods},
         "device": config.device,
         "dtype": config.dtype,
+        "task_setup": task_setup(inputs, config),
     }
-    result = ValidateResult(header, rows, recall, decode, passkey)
+    result = ValidateResult(header, rows, recall, decode, passkey, tasks=tasks)
     result.speed = speed_ceilings(rows)
     result.speed["measured"] = measured_speed(loaded.model, inputs, config, log)
     result.speed["decode"] = measured_decode(loaded.model, inputs, config, log)

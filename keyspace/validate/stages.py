@@ -1,5 +1,5 @@
 """validate's stages, one per section of validate.json: perplexity, recall vs rank, real decoding,
-passkey, and (on CUDA) measured speed.
+passkey, long-context tasks, and (on CUDA) measured speed.
 
 Each takes the loaded model and the checked `Inputs`, and returns JSON-ready rows.
 """
@@ -16,9 +16,10 @@ from keyspace.errors import KeyspaceError
 from keyspace.loki import METHODS, LokiCache, SparseSettings
 from keyspace.loki.selection import kv_bytes_fraction
 from keyspace.store import DEFAULT_THRESHOLD
+from keyspace.tasks import Decoder, cache_decoder, masked_decoder, run_tasks
 from keyspace.validate.config import Log, ValidateConfig
 from keyspace.validate.evaluate import decode_check, loki_recall, perplexity
-from keyspace.validate.grid import DChoice, SweepPoint, ranks_at
+from keyspace.validate.grid import DChoice, SweepPoint, ranks_at, sweep_points
 from keyspace.validate.inputs import Inputs
 from keyspace.validate.passkey import passkey_prompts, run_passkey
 from keyspace.validate.results import ResultRow, spearman
@@ -29,17 +30,20 @@ SPEED_SEQS = (4096, 16384)  # the model's own long-context shapes plus a longer 
 DECODE_BATCH = 16  # sequences per decode step in the end-to-end timing
 DECODE_SEQ = 4096  # prompt tokens before the timed decode steps (capped by the model's limit)
 DECODE_STEPS = 32  # timed decode steps; the median step is reported
+TASK_SEED = 0  # task prompts are a function of (task, length, seed, count, index)
 
 
 def settings_for(point: SweepPoint, inputs: Inputs) -> SparseSettings:
-    spec = METHODS[point.method]
+    key_transform, query_transform = inputs.transforms(point.basis)
+    uses_basis = METHODS[point.method].uses_basis
     return SparseSettings(
         point.method,
         k=point.k if point.k is not None else 1.0,
         k_mode=point.k_mode or "window",
-        dims=point.d.dims if point.d is not None else None,
-        basis=inputs.components if spec.uses_basis else None,
+        dims=point.dims,
+        basis=key_transform if uses_basis else None,
         group_select=inputs.group_select and point.method == "loki",
+        query_basis=query_transform if uses_basis else None,
     )
 
 
@@ -47,9 +51,10 @@ def measure_perplexity(
     model, windows: torch.Tensor, point: SweepPoint, inputs: Inputs, log: Log
 ) -> ResultRow:
     label = f"{point.method} d={point.d.label if point.d else '-'} k={point.k or '-'} {point.k_mode or ''}"
+    label += f" ({point.basis} basis)" if point.basis else ""
     result = perplexity(model, windows, settings_for(point, inputs))
     log(f"{label}: ppl {result.ppl:.3f} ({result.seconds:.0f} s)")
-    d_mean = point.d.mean if point.d else None
+    d_mean = float(point.dims.float().mean()) if point.d else None
     return ResultRow(
         point.method,
         point.d.value if point.d else None,
@@ -62,24 +67,31 @@ def measure_perplexity(
         result.predicted_tokens,
         kv_bytes_fraction(point.method, d_mean, point.k, inputs.head_dim),
         result.seconds,
+        point.basis,
     )
 
 
 def recall_entry(
-    model, windows: torch.Tensor, d: DChoice, k: float, k_mode: str, inputs: Inputs, kind: str
+    model,
+    windows: torch.Tensor,
+    d: DChoice,
+    k: float,
+    k_mode: str,
+    inputs: Inputs,
+    kind: str,
+    basis: str = "key",
 ) -> dict:
-    """Loki's recall per (layer, query head) at one (d, k), and its link to each head's rank@90."""
-    recall = loki_recall(
-        model,
-        windows,
-        SparseSettings("loki", k, k_mode, d.dims, inputs.components, inputs.group_select),
-    )
+    """Loki's recall per (layer, query head) at one (d, k) in `basis`, and its link to each head's
+    rank@90: of the key spectrum, and of the score spectrum when the run's ranks have it."""
+    point = SweepPoint("loki", d, k, k_mode, basis)
+    recall = loki_recall(model, windows, settings_for(point, inputs))
     groups = recall.mass.shape[1] // d.dims.shape[1]
     relative = recall.mass / recall.exact_mass.clamp(min=1e-12)  # Loki's mass / the best possible
     entry = {
         "d": d.value,
         "k": k,
         "k_mode": k_mode,
+        "basis": basis,
         "rows": recall.rows,
         "topk_recall": recall.topk.tolist(),
         "mass_recall": recall.mass.tolist(),
@@ -93,29 +105,29 @@ def recall_entry(
         },
         "rank_kind": kind,
         "rank_threshold": RECALL_THRESHOLD,
-        "rank": None,
-        "spearman_rank_vs_topk": None,
-        "spearman_rank_vs_mass": None,
-        "spearman_rank_vs_relative_mass": None,
     }
-    try:
-        rank = ranks_at(inputs.ranks, kind, RECALL_THRESHOLD)
-    except KeyspaceError:
-        return entry
-    rank = rank.repeat_interleave(groups, dim=1)  # [L, Hq]
-    entry.update(
-        rank=rank.tolist(),
-        spearman_rank_vs_topk=spearman(rank, recall.topk),
-        spearman_rank_vs_mass=spearman(rank, recall.mass),
-        spearman_rank_vs_relative_mass=spearman(rank, relative),
-    )
+    measures = {"topk": recall.topk, "mass": recall.mass, "relative_mass": relative}
+    for prefix, field in (("", "rank_at"), ("score_", "score_rank_at")):
+        entry[f"{prefix}rank"] = None
+        entry.update({f"spearman_{prefix}rank_vs_{name}": None for name in measures})
+        try:
+            rank = ranks_at(inputs.ranks, kind, RECALL_THRESHOLD, field)
+        except KeyspaceError:
+            continue
+        rank = rank.repeat_interleave(groups, dim=1)  # [L, Hq]
+        entry[f"{prefix}rank"] = rank.tolist()
+        for name, values in measures.items():
+            entry[f"spearman_{prefix}rank_vs_{name}"] = spearman(rank, values)
     return entry
 
 
-def cache_factory(inputs: Inputs, d: DChoice, k: float):
+def cache_factory(inputs: Inputs, d: DChoice, k: float, basis: str = "key"):
     """A fresh LokiCache per call; a layer's split width is the largest d among its KV heads."""
-    per_layer = d.dims.max(dim=1).values.tolist()
-    return lambda: LokiCache(inputs.components, per_layer, k, group_select=inputs.group_select)
+    per_layer = d.dims_for(basis).max(dim=1).values.tolist()
+    key_transform, query_transform = inputs.transforms(basis)
+    return lambda: LokiCache(
+        key_transform, per_layer, k, inputs.group_select, query_basis=query_transform
+    )
 
 
 def decode_prompts(windows: torch.Tensor, count: int, length: int) -> torch.Tensor:
@@ -132,27 +144,31 @@ def decode_prompts(windows: torch.Tensor, count: int, length: int) -> torch.Tens
 def decode_entries(
     model, windows: torch.Tensor, inputs: Inputs, config: ValidateConfig, log: Log
 ) -> list[dict]:
-    """Real decoding with LokiCache vs the dense cache, for every (d, k), on prompts cut from the windows."""
+    """Real decoding with LokiCache vs the dense cache, for every (basis, d, k), on prompts cut
+    from the windows."""
     if config.decode_prompts == 0 or "loki" not in inputs.methods:
         return []
     prompts = decode_prompts(windows, config.decode_prompts, config.decode_prompt_tokens).to(
         config.device
     )
     entries = []
-    for d in inputs.ds:
-        for k in inputs.ks:
-            check = decode_check(model, prompts, config.decode_tokens, cache_factory(inputs, d, k))
-            log(f"decode loki d={d.label} k={k:g}: token agreement {check.token_agreement:.3f}")
-            entries.append(
-                {
-                    "method": "loki",
-                    "d": d.value,
-                    "k": k,
-                    "k_mode": "row",
-                    "gqa_select": "group" if inputs.group_select else "head",
-                    **asdict(check),
-                }
-            )
+    for basis, d, k in ((b, d, k) for b in inputs.bases for d in inputs.ds for k in inputs.ks):
+        make_cache = cache_factory(inputs, d, k, basis)
+        check = decode_check(model, prompts, config.decode_tokens, make_cache)
+        log(
+            f"decode loki d={d.label} k={k:g} ({basis} basis): token agreement {check.token_agreement:.3f}"
+        )
+        entries.append(
+            {
+                "method": "loki",
+                "d": d.value,
+                "k": k,
+                "k_mode": "row",
+                "basis": basis,
+                "gqa_select": "group" if inputs.group_select else "head",
+                **asdict(check),
+            }
+        )
     return entries
 
 
@@ -160,11 +176,12 @@ def passkey_entries(
     model, tokenizer, inputs: Inputs, config: ValidateConfig, log: Log
 ) -> list[dict]:
     """Passkey accuracy per length for the dense cache and Loki at every (d, k)."""
-    variants = {("full", None, None): None}
+    variants = {("full", None, None, None): None}
     if "loki" in inputs.methods:
         variants.update(
             {
-                ("loki", d.value, k): cache_factory(inputs, d, k)
+                ("loki", d.value, k, basis): cache_factory(inputs, d, k, basis)
+                for basis in inputs.bases
                 for d in inputs.ds
                 for k in inputs.ks
             }
@@ -173,13 +190,14 @@ def passkey_entries(
     for length in config.passkey_lengths:
         prompts = passkey_prompts(tokenizer, length, config.passkey_count)
         correct = run_passkey(model, tokenizer, prompts, variants)
-        for (method, d, k), hits in correct.items():
+        for (method, d, k, basis), hits in correct.items():
             log(f"passkey {method} d={d} k={k} @ {length}: {hits}/{len(prompts)}")
             entries.append(
                 {
                     "method": method,
                     "d": d,
                     "k": k,
+                    "basis": basis,
                     "length": length,
                     "count": len(prompts),
                     "correct": hits,
@@ -187,6 +205,37 @@ def passkey_entries(
                 }
             )
     return entries
+
+
+def task_variants(inputs: Inputs) -> dict[tuple, Decoder]:
+    """(method, d, k, basis) -> decoder: `full` through the dense cache, loki at every (basis, d, k)
+    through LokiCache, every other requested method in masked mode at its decode budget
+    ceil(k·context)."""
+    variants = {("full", None, None, None): cache_decoder()}
+    for point in sweep_points(inputs.methods, inputs.ds, inputs.ks, ["row"], inputs.bases):
+        key = (point.method, point.d.value if point.d else None, point.k, point.basis)
+        if point.method == "loki":
+            variants[key] = cache_decoder(cache_factory(inputs, point.d, point.k, point.basis))
+        elif point.method != "full":
+            variants[key] = masked_decoder(settings_for(point, inputs))
+    return variants
+
+
+def task_entries(model, tokenizer, inputs: Inputs, config: ValidateConfig, log: Log) -> list[dict]:
+    """Long-context task accuracy, one row per (method, d, k, task, length); [] without --tasks."""
+    if not inputs.tasks:
+        return []
+    return run_tasks(
+        model,
+        tokenizer,
+        task_variants(inputs),
+        inputs.tasks,
+        config.task_lengths,
+        config.task_count,
+        TASK_SEED,
+        config.task_haystack,
+        log,
+    )
 
 
 def measured_speed(model, inputs: Inputs, config: ValidateConfig, log: Log) -> list[dict] | None:

@@ -369,3 +369,29 @@ def test_without_tasks_there_is_no_tasks_section(page):
     text = (page[0] / "validate.html").read_text()
     assert "Long-context tasks" not in text and "validate_tasks.png" not in text
     assert "long-context" not in parse(page[0] / "validate.html").headline
+
+
+def test_two_bases_get_a_basis_column_and_named_settings(tmp_path):
+    doc = make_doc()
+    doc["basis"] = ["key", "query-aware"]
+    extra = result("loki", "16", 0.125, "window", 21.0, 0.25)
+    extra["basis"] = "query-aware"
+    for r in doc["results"]:
+        r["basis"] = "key" if r["method"] in ("loki", "pcaattn") else None
+    doc["results"].append(extra)
+    write_validate_report(doc, tmp_path)
+    parsed = parse(tmp_path / "validate.html")
+    table = next(rows for attrs, rows in parsed.tables if "perplexity" in attrs.get("class", ""))
+    assert table[0][:2] == ["method", "basis"]
+    assert ["loki", "query-aware", "16", "1/8", "window", "21.000"] in [r[:6] for r in table]
+    assert ["loki", "key", "16", "1/8", "window", "26.000"] in [r[:6] for r in table]
+    # the headline names the basis of the setting it quotes (the best Loki row is query-aware)
+    assert "query-aware basis" in parsed.headline
+    doc["basis"] = ["key"]  # one basis: no column
+    write_validate_report(doc, tmp_path / "one")
+    table = next(
+        rows
+        for attrs, rows in parse(tmp_path / "one" / "validate.html").tables
+        if "perplexity" in attrs.get("class", "")
+    )
+    assert table[0][:2] == ["method", "d"]

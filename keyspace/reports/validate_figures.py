@@ -46,11 +46,16 @@ def fraction_label(k: float) -> str:
     return f"{k:g}"
 
 
+def basis_suffix(row: dict) -> str:
+    """', query-aware' for a row in a basis other than the paper's key basis."""
+    return "" if row.get("basis") in (None, "key") else f", {row['basis']}"
+
+
 def point_label(row: dict) -> str:
     parts = [f"d={row['d']}"] if row.get("d") is not None else []
     if row.get("k") is not None:
         parts.append(f"k={fraction_label(row['k'])}")
-    return ", ".join(parts) or row["method"]
+    return (", ".join(parts) or row["method"]) + basis_suffix(row)
 
 
 def nice_ticks(low: float, high: float) -> list[float]:
@@ -270,7 +275,7 @@ def measured_pareto(points: list[tuple[dict, float]], dense_ppl: float | None) -
 
 
 def entry_label(entry: dict) -> str:
-    return f"d={entry['d']}, k={fraction_label(entry['k'])}"
+    return f"d={entry['d']}, k={fraction_label(entry['k'])}{basis_suffix(entry)}"
 
 
 @styled

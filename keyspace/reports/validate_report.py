@@ -94,11 +94,6 @@ def loki_clause(doc: dict) -> str:
     return f"{name}'s perplexity is {at(cheapest)}, and {at(best, first=False)}"
 
 
-def basis_note(row: dict) -> str:
-    """' in the query-aware basis' for a row in a basis other than the default key basis."""
-    return "" if row.get("basis") in (None, "key") else f" in the {row['basis']} basis"
-
-
 def tasks_clause(doc: dict) -> str:
     """Where Loki loses most accuracy against dense on the long-context tasks ('' without them)."""
     rows = doc.get("tasks") or []
@@ -118,7 +113,7 @@ def tasks_clause(doc: dict) -> str:
         )
     return (
         f"; on the long-context tasks Loki loses most on {loki['task']} at {loki['length']}"
-        f" tokens: {interval(loki)} at {setting(loki)}{basis_note(loki)} vs {interval(full)} dense"
+        f" tokens: {interval(loki)} at {setting(loki)} vs {interval(full)} dense"
     )
 
 
@@ -347,7 +342,8 @@ def validate_page(doc: dict, related: list[tuple[str, str]]) -> tuple[str, list[
         add("tasks", "Tasks", tasks_section(doc))
     data = doc["dataset"]
     subtitle = (
-        f"{doc['model']['spec']} ({doc['model']['identity']}) · {doc['rotary']}-RoPE PCA basis"
+        f"{doc['model']['spec']} ({doc['model']['identity']}) · {doc['rotary']}-RoPE"
+        f" {' and '.join(doc.get('basis') or ['key'])} basis"
         f" · {dataset_name(doc)}, {html.plural(data['windows'], 'window')} of {data['window']}"
         f" tokens · {doc.get('device', '?')}, {doc.get('dtype', '?')}"
         f" · selection per {doc.get('gqa_select', 'head')}"

@@ -24,10 +24,25 @@ def fmt_k(k: float | None) -> str:
 
 
 def setting(row: dict) -> str:
-    """'d=32, k=1/8' (with the mean d of an auto setting), leaving out what the method lacks."""
+    """'d=32, k=1/8' (with the mean d of an auto setting), leaving out what the method lacks;
+    a basis other than the paper's key basis is named."""
     parts = [f"d={fmt_d(row)}"] if row.get("d") is not None else []
     parts += [f"k={fmt_k(row['k'])}"] if row.get("k") is not None else []
+    parts += [f"{row['basis']} basis"] if row.get("basis") not in (None, "key") else []
     return ", ".join(parts) or "its only setting"
+
+
+def shows_basis(doc: dict) -> bool:
+    """Tables get a basis column when the run compared more than one basis."""
+    return len(doc.get("basis") or []) > 1
+
+
+def basis_cells(doc: dict, row: dict) -> list[str]:
+    return [row.get("basis") or "-"] if shows_basis(doc) else []
+
+
+def basis_headers(doc: dict) -> list[str]:
+    return ["basis"] if shows_basis(doc) else []
 
 
 def change(value: float, reference: float) -> str:
@@ -52,7 +67,8 @@ def perplexity_table(doc: dict) -> str:
     for r in sorted(doc["results"], key=order):
         bytes_read = r["kv_bytes_fraction"]
         rows.append(
-            [r["method"], fmt_d(r), fmt_k(r["k"]), r["k_mode"] or "-", f"{r['ppl']:.3f}"]
+            [r["method"], *basis_cells(doc, r), fmt_d(r), fmt_k(r["k"]), r["k_mode"] or "-"]
+            + [f"{r['ppl']:.3f}"]
             + ([change(r["ppl"], dense)] if dense else [])
             + [f"{100 * bytes_read:.1f}%", f"{1 / bytes_read:.2f}×", r["tokens"]]
         )
@@ -61,7 +77,8 @@ def perplexity_table(doc: dict) -> str:
             css.append("group")  # a new (k-mode, k) budget starts: a rule above the row
         group = order(r)[:3]
         attrs.append({"class": " ".join(c for c in css if c), "data-method": r["method"]})
-    headers = ["method", "d", "k", "k-mode", "perplexity"] + ["vs dense"] * bool(dense)
+    headers = ["method", *basis_headers(doc), "d", "k", "k-mode", "perplexity"]
+    headers += ["vs dense"] * bool(dense)
     headers += ["KV bytes read (% of dense)", "byte-floor speed-up", "tokens"]
     return html.table(headers, rows, "perplexity", row_attrs=attrs)
 
@@ -78,11 +95,21 @@ def recall_table(doc: dict, fields: list[tuple[str, str]]) -> str:
             return ["n/a", "n/a"]
         return [f"{stat['rho']:+.2f}", f"{stat['p']:.1g}"]
 
-    headers = ["d", "k", "k-mode", "rows", "recall", "mean", "ρ with rank", "p"]
+    headers = [
+        *basis_headers(doc),
+        "d",
+        "k",
+        "k-mode",
+        "rows",
+        "recall",
+        "mean",
+        "ρ with rank",
+        "p",
+    ]
     rows, attrs = [], []
     for e in doc["recall"]:
         for i, (field, title) in enumerate(fields):
-            setting_cells = [fmt_d(e), fmt_k(e["k"]), e["k_mode"], e["rows"]]
+            setting_cells = [*basis_cells(doc, e), fmt_d(e), fmt_k(e["k"]), e["k_mode"], e["rows"]]
             rows.append(setting_cells + [title, mean(e[field])] + rho(e, field))
             attrs.append({"class": "group" if i == 0 and rows[:-1] else "", "data-field": field})
     return html.table(headers, rows, "recall", row_attrs=attrs)
@@ -94,10 +121,11 @@ def decode_table(doc: dict) -> str:
     def share(value) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    headers = ["method", "d", "k", "k-mode", "teacher-forced agreement", "free-running agreement"]
+    headers = ["method", *basis_headers(doc), "d", "k", "k-mode", "teacher-forced agreement"]
+    headers += ["free-running agreement"]
     headers += ["NLL Loki", "NLL dense", "selection", "prompts", "prompt tokens", "new tokens"]
     rows = [
-        [e["method"], fmt_d(e), fmt_k(e["k"]), e.get("k_mode") or "-"]
+        [e["method"], *basis_cells(doc, e), fmt_d(e), fmt_k(e["k"]), e.get("k_mode") or "-"]
         + [share(e.get("forced_agreement")), share(e["token_agreement"])]
         + [f"{e['nll_sparse']:.3f}", f"{e['nll_dense']:.3f}", e.get("gqa_select") or "-"]
         + [e["prompts"], e.get("prompt_tokens", "n/a"), e["tokens"]]

@@ -89,7 +89,8 @@ def run_validate(
     ):  # fail now, not after the perplexity passes
         decode_prompts(windows, config.decode_prompts, config.decode_prompt_tokens)
     log(
-        f"evaluating on {windows.shape[0]} windows of {windows.shape[1]} tokens from {dataset} ({config.split})"
+        f"evaluating on {windows.shape[0]} window{'s' * (windows.shape[0] != 1)} of"
+        f" {windows.shape[1]} tokens from {dataset} ({config.split})"
     )
     rows = [
         measure_perplexity(loaded.model, windows, p, inputs, log)

@@ -28,6 +28,20 @@ def check_query_basis(basis: torch.Tensor, query_basis: torch.Tensor | None) -> 
         )
 
 
+def per_layer(
+    basis: torch.Tensor, dims, k: float, query_basis: torch.Tensor | None
+) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
+    """(key transform, d, query transform or None) per layer, once the cache's arguments check."""
+    dims = [int(d) for d in dims]
+    if len(dims) != basis.shape[0]:
+        raise ValueError("need one d per layer")
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    check_query_basis(basis, query_basis)
+    queries = [None] * len(dims) if query_basis is None else query_basis
+    return [(basis[i], d, queries[i]) for i, d in enumerate(dims)]
+
+
 class LokiLayer(CacheLayerMixin):
     """One layer's transformed, split key cache.
 
@@ -129,14 +143,7 @@ class LokiCache(Cache):
         group_select: bool = False,
         query_basis: torch.Tensor | None = None,
     ):
-        dims = [int(d) for d in dims]
-        if len(dims) != basis.shape[0]:
-            raise ValueError("need one d per layer")
-        if not 0.0 < k <= 1.0:
-            raise ValueError(f"k must be in (0, 1], got {k}")
-        check_query_basis(basis, query_basis)
-        queries = [None] * len(dims) if query_basis is None else query_basis
-        layers = [LokiLayer(basis[i], d, queries[i]) for i, d in enumerate(dims)]
+        layers = [LokiLayer(*layer) for layer in per_layer(basis, dims, k, query_basis)]
         super().__init__(layers=layers)
         self.k, self.group_select = k, group_select
 

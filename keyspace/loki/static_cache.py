@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from keyspace.loki.cache import check_query_basis
+from keyspace.loki.cache import check_query_basis, per_layer
 from keyspace.loki.selection import rotate
 
 
@@ -245,14 +245,10 @@ class StaticLokiCache(_StaticCache):
         group_select: bool = False,
         query_basis: torch.Tensor | None = None,
     ):
-        dims = [int(d) for d in dims]
-        if len(dims) != basis.shape[0]:
-            raise ValueError("need one d per layer")
-        if not 0.0 < k <= 1.0:
-            raise ValueError(f"k must be in (0, 1], got {k}")
-        check_query_basis(basis, query_basis)
-        queries = [None] * len(dims) if query_basis is None else query_basis
         super().__init__(
-            [StaticLokiLayer(basis[i], d, capacity, queries[i]) for i, d in enumerate(dims)]
+            [
+                StaticLokiLayer(key_basis, d, capacity, queries)
+                for key_basis, d, queries in per_layer(basis, dims, k, query_basis)
+            ]
         )
         self.k, self.group_select = k, group_select

@@ -25,18 +25,17 @@ import torch
 from keyspace import __version__
 from keyspace.calibration import Calibration, calibration_from_bytes
 from keyspace.errors import FileSystemError, KeyspaceError, shell_command
-
-# The moments math lives in keyspace.spectra; these names stay importable from here.
-from keyspace.spectra import PCA as PCA
-from keyspace.spectra import QUERY_EIGEN_FLOOR, ScoreSpectrum, SpectrumRanks, score_spectrum
-from keyspace.spectra import RANK_TOLERANCE as RANK_TOLERANCE
-from keyspace.spectra import RankSummary as RankSummary
-from keyspace.spectra import pca_from_moments as pca_from_moments
-from keyspace.spectra import rank_at as rank_at
-from keyspace.spectra import second_moment as second_moment
-from keyspace.spectra import single_threaded as single_threaded
-from keyspace.spectra import threshold_key as threshold_key
-from keyspace.store import CHECKSUM_FIELD as CHECKSUM_FIELD  # the ranks document's checksum
+from keyspace.spectra import (
+    PCA,
+    QUERY_EIGEN_FLOOR,
+    RANK_TOLERANCE,
+    RankSummary,
+    ScoreSpectrum,
+    SpectrumRanks,
+    pca_from_moments,
+    score_spectrum,
+    threshold_key,
+)
 from keyspace.store import (
     DEFAULT_THRESHOLD,
     KINDS,

@@ -15,11 +15,10 @@ from keyspace.analyze import (
     analyze_run,
     is_current,
     parse_thresholds,
-    pca_from_moments,
-    rank_at,
 )
 from keyspace.calibration import load_calibration
 from keyspace.errors import KeyspaceError
+from keyspace.spectra import pca_from_moments, rank_at
 from keyspace.store import Moments, RunFolder
 
 
@@ -179,7 +178,7 @@ def test_token_count_warn_and_refuse(tmp_path):
 
 
 def test_single_threaded_restores_thread_count():
-    from keyspace.analyze import single_threaded
+    from keyspace.spectra import single_threaded
 
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError), single_threaded():

@@ -40,7 +40,7 @@ ALLOWED = {
     },
     "spectra": {"store"},
     "analyze": {"keyspace", "errors", "store", "calibration", "spectra"},
-    "transfer": {"errors", "store", "analyze"},
+    "transfer": {"errors", "store", "spectra"},
     "verify": {"errors", "store", "checkpoint", "analyze"},
     "reports": {"errors", "store", "analyze", "transfer"},
     "kernels": set(),

@@ -18,7 +18,6 @@ from test_query_spectrum import synthetic_query_run
 from typer.testing import CliRunner
 
 from keyspace.analyze import (
-    CHECKSUM_FIELD,
     AnalyzeConfig,
     analyze_and_write,
     read_ranks,
@@ -28,6 +27,7 @@ from keyspace.cli.main import app
 from keyspace.reports import build, figures
 from keyspace.reports.build import build_report
 from keyspace.reports.rank_page import head_selection
+from keyspace.store import CHECKSUM_FIELD
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()

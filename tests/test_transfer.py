@@ -6,8 +6,8 @@ import pytest
 import torch
 from runfolder_fixtures import low_rank_keys, synthetic_run, write_run
 
-from keyspace.analyze import pca_from_moments, rank_at, second_moment
 from keyspace.errors import KeyspaceError
+from keyspace.spectra import pca_from_moments, rank_at, second_moment
 from keyspace.transfer import (
     RANK_SPEC,
     across_corpora,

@@ -62,13 +62,7 @@ def command(
     except ValueError as err:
         raise KeyspaceError(f"{str(err).rstrip('.')}.", "See `keyspace bench --help`.") from None
 
-    import torch
-
-    if not torch.cuda.is_available():
-        raise KeyspaceError(
-            "keyspace bench needs a CUDA GPU, and torch sees none on this machine.",
-            "Run it on a machine with an NVIDIA GPU; the kernels' CPU tests run with `make test`.",
-        )
+    _require_cuda("keyspace bench", "the kernels'")
     from keyspace.bench.kernel_checks import check_correctness
     from keyspace.bench.kernels import markdown_table, run_sweep, save_result
 
@@ -82,6 +76,16 @@ def command(
         print_json(result)
     else:
         print(markdown_table(result["rows"]))
+
+
+def _require_cuda(command: str, tests: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise KeyspaceError(
+            f"{command} needs a CUDA GPU, and torch sees none on this machine.",
+            f"Run it on a machine with an NVIDIA GPU; {tests} CPU tests run with `make test`.",
+        )
 
 
 def _e2e(model, config, layers, batch, seq, d, k, steps, dtype, check, out, json_output) -> None:
@@ -105,14 +109,7 @@ def _e2e(model, config, layers, batch, seq, d, k, steps, dtype, check, out, json
     except ValueError as err:
         raise KeyspaceError(f"{str(err).rstrip('.')}.", "See `keyspace bench --help`.") from None
 
-    import torch
-
-    if not torch.cuda.is_available():
-        raise KeyspaceError(
-            "keyspace bench --e2e needs a CUDA GPU, and torch sees none on this machine.",
-            "Run it on a machine with an NVIDIA GPU; the decode loop's CPU tests run with "
-            "`make test`.",
-        )
+    _require_cuda("keyspace bench --e2e", "the decode loop's")
     from keyspace.bench.e2e import markdown_table, run_e2e, save_result
 
     save = (lambda result: save_result(result, out)) if out else None

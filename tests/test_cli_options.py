@@ -20,7 +20,9 @@ from keyspace.validate.config import ALL_METHODS, TASK_HAYSTACKS, ValidateConfig
 def test_every_config_field_is_an_option_of_its_command(command, config_cls):
     params = {p.name: p for p in typer.main.get_command(app).commands[command].params}
     for f in fields(config_cls):
-        assert params[f.name].opts[0] == f.metadata["flags"][0], f.name
+        flag, *negative = f.metadata["flags"][0].split("/")  # "--speed/--no-speed": a switch
+        assert params[f.name].opts[0] == flag, f.name
+        assert params[f.name].secondary_opts == negative, f.name
         assert params[f.name].help == f.metadata["help"], f.name
         if f.default is not MISSING and not isinstance(f.default, tuple):
             assert params[f.name].default in (f.default, str(f.default)), f.name

@@ -8,11 +8,12 @@ import re
 
 import pytest
 import torch
-from loki_fixtures import tiny_llama, tiny_tokenizer
+from loki_fixtures import random_bases, tiny_llama, tiny_tokenizer
 from transformers import DynamicCache
 
 from keyspace.errors import KeyspaceError
 from keyspace.loki import SparseSettings, row_budgets
+from keyspace.loki.cache import LokiCache
 from keyspace.loki.decode import greedy
 from keyspace.tasks import (
     FILLER,
@@ -211,14 +212,20 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     assert bootstrap_interval([0.5] * 6) == pytest.approx((0.5, 0.5))
 
 
-def answer_stub(prompts_by_ids, tokenizer, right: bool):
-    """A decoder that answers every prompt right (its answers) or wrong, in new_tokens tokens."""
+def answer_stub(prompts_by_ids, tokenizer, right: bool, batches: list | None = None):
+    """A decoder that answers every prompt of its batch right (its answers) or wrong, in
+    new_tokens tokens each; `batches` records each call's batch size."""
 
-    def decode(model, ids, new_tokens):
-        answers = prompts_by_ids[tuple(ids[0].tolist())] if right else ("none",)
+    def answer(ids, new_tokens):
+        answers = prompts_by_ids[tuple(ids.tolist())] if right else ("none",)
         tokens = tokenizer(" " + ", ".join(answers), add_special_tokens=False).input_ids
         assert len(tokens) <= new_tokens
         return torch.tensor(tokens + [tokenizer(" ").input_ids[0]] * (new_tokens - len(tokens)))
+
+    def decode(model, ids, new_tokens):
+        if batches is not None:
+            batches.append(ids.shape[0])
+        return torch.stack([answer(row, new_tokens) for row in ids])
 
     return decode
 
@@ -231,14 +238,25 @@ def test_run_tasks_plumbing_right_and_wrong(tokenizer):
         for n in lengths
         for p in make_prompts(t, tokenizer, n, count, seed=5)
     }
+    batches = []
     variants = {
-        ("full", None, None): answer_stub(prompts_by_ids, tokenizer, right=True),
+        ("full", None, None): answer_stub(prompts_by_ids, tokenizer, right=True, batches=batches),
         ("loki", 16, 0.125): answer_stub(prompts_by_ids, tokenizer, right=False),
     }
     logged = []
     rows = run_tasks(
-        tiny_llama(), tokenizer, variants, tasks, lengths, count, 5, "filler", logged.append
+        tiny_llama(),
+        tokenizer,
+        variants,
+        tasks,
+        lengths,
+        count,
+        5,
+        "filler",
+        logged.append,
+        batch=3,
     )
+    assert batches == [3, 1] * 4  # 4 prompts per cell, 3 at a time
     assert len(rows) == len(logged) == 8
     assert {(r["method"], r["d"], r["k"], r["task"], r["length"]) for r in rows} == {
         (m, d, k, t, n) for (m, d, k) in variants for t in tasks for n in lengths
@@ -277,7 +295,8 @@ def prompt_ids():
 def test_masked_decoder_at_k1_is_dense_greedy(prompt_ids, method):
     model = tiny_llama()
     dense = cache_decoder()(model, prompt_ids, 6)
-    assert torch.equal(dense, greedy(model, DynamicCache(), prompt_ids, 6)[0])
+    assert dense.shape == (1, 6)
+    assert torch.equal(dense[0], greedy(model, DynamicCache(), prompt_ids, 6)[0])
     assert torch.equal(masked_decoder(SparseSettings(method, k=1.0))(model, prompt_ids, 6), dense)
 
 
@@ -290,6 +309,48 @@ def test_one_row_steps_equal_whole_sequence_steps(prompt_ids, method, k):
     assert torch.equal(rows, whole)
     if k == 0.2:  # the budget bites: not the dense tokens, so the agreement means something
         assert not torch.equal(rows, cache_decoder()(model, prompt_ids, 6))
+
+
+@pytest.fixture(scope="module")
+def batch_ids():
+    return torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method", ["exact-topk", "streaming", "h2o"])
+def test_batched_row_steps_equal_whole_sequence_steps(batch_ids, method):
+    model, settings = tiny_llama(), SparseSettings(method, k=0.2)
+    rows = masked_decoder(settings)(model, batch_ids, 6)
+    assert rows.shape == (3, 6)
+    assert torch.equal(rows, masked_decoder(settings, whole_sequence=True)(model, batch_ids, 6))
+
+
+def loki_cache():
+    return LokiCache(random_bases(2, 2, seed=5), [4, 4], k=0.25)
+
+
+@pytest.mark.parametrize(
+    "decoder",
+    [
+        cache_decoder(),
+        cache_decoder(loki_cache),
+        masked_decoder(SparseSettings("exact-topk", k=0.2)),
+        masked_decoder(SparseSettings("h2o", k=0.2)),
+        masked_decoder(SparseSettings("streaming", k=0.2)),
+    ],
+    ids=["dense", "loki", "exact-topk", "h2o", "streaming"],
+)
+def test_a_batch_decodes_as_its_prompts_one_at_a_time(batch_ids, decoder):
+    model = tiny_llama()
+    together = decoder(model, batch_ids, 6)
+    alone = torch.cat([decoder(model, batch_ids[i : i + 1], 6) for i in range(3)])
+    assert together.shape == alone.shape == (3, 6)
+    assert torch.equal(together, alone)
+    assert len({tuple(row) for row in together.tolist()}) > 1  # the rows are not one answer
+
+
+def test_decoders_refuse_a_one_dimensional_prompt(prompt_ids):
+    with pytest.raises(ValueError, match=r"\(batch, tokens\)"):
+        cache_decoder()(tiny_llama(), prompt_ids[0], 2)
 
 
 def test_masked_decoder_restores_the_model(prompt_ids):

@@ -202,7 +202,7 @@ def test_tasks_write_one_row_per_method_setting_task_and_length(synthetic):
     out = root / "o5"
     args = ["--d", "4", "--k", "0.25", "--methods", "loki,full,h2o", "--decode-prompts", "0"]
     args += ["--recall-windows", "0", "--tasks", "niah", "--task-lengths", "96,128"]
-    result = invoke(root, run, *args, "--task-count", "2", "--out", str(out))
+    result = invoke(root, run, *args, "--task-count", "2", "--task-batch", "2", "--out", str(out))
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "validate.json").read_text())
     variants = [("full", None, None, None), ("loki", 4, 0.25, "key"), ("h2o", None, 0.25, None)]
@@ -215,7 +215,8 @@ def test_tasks_write_one_row_per_method_setting_task_and_length(synthetic):
         assert row["count"] == 2 and row["scoring"] == "exact"
         assert 0.0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1.0
     assert doc["task_setup"] == {
-        "tasks": ["niah"], "lengths": [96, 128], "count": 2, "haystack": "filler", "seed": 0
+        "tasks": ["niah"], "lengths": [96, 128], "count": 2, "haystack": "filler", "seed": 0,
+        "batch": 2,
     }  # fmt: skip
     assert "long-context tasks" in result.stdout and "h2o" in result.stdout
     assert "Long-context tasks" in (out / "validate.html").read_text()

@@ -8,6 +8,7 @@ with loki_decoding(model, cache):
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -76,16 +77,41 @@ def loki_decoding(model: torch.nn.Module, cache: LokiCache) -> Iterator[torch.nn
 
 def cache_kwargs(model, cache) -> dict:
     """transformers renamed `past_key_values` to `cache`; pass whichever this version's forward takes."""
-    import inspect
-
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: cache, "use_cache": True}
+
+
+def last_logits(model, cache, ids: torch.Tensor) -> torch.Tensor:
+    """Run ids (B, T) into `cache`; return each row's next-token logits (B, vocab) in float32.
+
+    Only the last position goes through the head (`logits_to_keep=1`): a batch of 8k-token prompts
+    would otherwise spend B·T·vocab floats on logits nobody reads.
+    """
+    takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if takes_keep else {}
+    return model(ids, **keep, **cache_kwargs(model, cache)).logits[:, -1].float()
 
 
 @torch.no_grad()
 def prefill(model, cache, prompt: torch.Tensor) -> torch.Tensor:
     """Run prompt (1, P) into `cache`; return the next-token logits (vocab,) in float32."""
-    return model(prompt, **cache_kwargs(model, cache)).logits[0, -1].float()
+    return last_logits(model, cache, prompt)[0]
+
+
+@torch.no_grad()
+def batch_greedy(
+    model, cache, prompts: torch.Tensor | None, new_tokens: int, logits=None
+) -> torch.Tensor:
+    """Greedy decoding of a batch of equal-length prompts (B, P): `new_tokens` tokens per row,
+    (B, new_tokens) on the CPU. With `logits` (B, vocab), the prompts are already in `cache`."""
+    if logits is None:
+        logits = last_logits(model, cache, prompts)
+    tokens = []
+    for step in range(new_tokens):
+        tokens.append(logits.argmax(dim=-1))
+        if step + 1 < new_tokens:
+            logits = last_logits(model, cache, tokens[-1][:, None])
+    return torch.stack(tokens, dim=1).cpu()
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
-"""Decoders: `(model, ids (1, P), new_tokens) -> generated token ids (new_tokens,)`, greedy.
+"""Decoders: `(model, ids (B, P), new_tokens) -> generated token ids (B, new_tokens)`, greedy.
+
+The B prompts of one call have the same length (a task cell's prompts all do) and decode together.
 
 - `cache_decoder(make_cache)`: real decoding; dense with transformers' DynamicCache, or Loki with a
   LokiCache under `loki_decoding` (the kernels at every step).
@@ -18,7 +20,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from keyspace.loki.decode import continue_greedy, greedy, loki_decoding, prefill
+from keyspace.loki.decode import batch_greedy, last_logits, loki_decoding
 from keyspace.loki.masked import SparseSettings, masked_attention
 from keyspace.loki.registry import use_attention
 from keyspace.tasks.heavy_hitters import HeavyHitters
@@ -27,18 +29,20 @@ Decoder = Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor]
 
 
 def _on_device(model, ids: torch.Tensor) -> torch.Tensor:
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be (batch, tokens), got {tuple(ids.shape)}")
     return ids.to(next(model.parameters()).device)
 
 
 def cache_decoder(make_cache: Callable[[], object] | None = None) -> Decoder:
-    """Dense greedy decoding when make_cache is None; else a fresh cache per prompt under loki_decoding."""
+    """Dense greedy decoding when make_cache is None; else a fresh cache per batch under loki_decoding."""
 
     def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         if make_cache is None:
-            return greedy(model, DynamicCache(), _on_device(model, ids), new_tokens)[0]
+            return batch_greedy(model, DynamicCache(), _on_device(model, ids), new_tokens)
         cache = make_cache()
         with loki_decoding(model, cache):
-            return greedy(model, cache, _on_device(model, ids), new_tokens)[0]
+            return batch_greedy(model, cache, _on_device(model, ids), new_tokens)
 
     return decode
 
@@ -59,17 +63,18 @@ def masked_decoder(settings: SparseSettings, whole_sequence: bool = False) -> De
 def _heavy_hitters_decoder(settings: SparseSettings) -> Decoder:
     def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         with use_attention(model, HeavyHitters(settings.k)):
-            return greedy(model, DynamicCache(), _on_device(model, ids), new_tokens)[0]
+            return batch_greedy(model, DynamicCache(), _on_device(model, ids), new_tokens)
 
     return decode
 
 
 def _row_decoder(settings: SparseSettings) -> Decoder:
+    @torch.no_grad()
     def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         cache = DynamicCache()
-        logits = prefill(model, cache, _on_device(model, ids))
+        logits = last_logits(model, cache, _on_device(model, ids))
         with masked_attention(model, settings):  # one query row per step: row_budgets = ceil(k·S)
-            return continue_greedy(model, cache, logits, new_tokens)[0]
+            return batch_greedy(model, cache, None, new_tokens, logits=logits)
 
     return decode
 
@@ -79,14 +84,14 @@ def _whole_sequence_decoder(settings: SparseSettings) -> Decoder:
     def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         sequence = _on_device(model, ids)
         steps = dataclasses.replace(settings, k_mode="row", dense_rows=sequence.shape[1])
-        logits = model(sequence, use_cache=False).logits[0, -1]
+        logits = model(sequence, use_cache=False).logits[:, -1]
         tokens = []
         for step in range(new_tokens):
-            tokens.append(logits.argmax())
+            tokens.append(logits.argmax(dim=-1))
             if step + 1 < new_tokens:
-                sequence = torch.cat([sequence, tokens[-1].view(1, 1)], dim=1)
+                sequence = torch.cat([sequence, tokens[-1][:, None]], dim=1)
                 with masked_attention(model, steps):
-                    logits = model(sequence, use_cache=False).logits[0, -1]
-        return torch.stack(tokens).cpu()
+                    logits = model(sequence, use_cache=False).logits[:, -1]
+        return torch.stack(tokens, dim=1).cpu()
 
     return decode

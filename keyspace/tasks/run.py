@@ -1,7 +1,7 @@
 """Run tasks for several decoding variants: one row per (method, d, k, task, length).
 
 variants = {("full", None, None): cache_decoder(), ("exact-topk", None, 0.125): masked_decoder(...)}
-rows = run_tasks(model, tokenizer, variants, ["niah", "vt"], [2048, 4096], count=50)
+rows = run_tasks(model, tokenizer, variants, ["niah", "vt"], [2048, 4096], count=50, batch=8)
 
 A variant key may carry a fourth element, the basis (validate's `--basis`); rows then have it too.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Sequence
+
+import torch
 
 from keyspace.tasks.decoders import Decoder
 from keyspace.tasks.haystack import Haystack, load_haystack
@@ -21,14 +23,24 @@ VariantKey = tuple[Hashable, ...]  # (method, d, k) or (method, d, k, basis)
 
 
 def score_prompts(
-    model, tokenizer, decoder: Decoder, spec: TaskSpec, prompts: list[TaskPrompt]
+    model,
+    tokenizer,
+    decoder: Decoder,
+    spec: TaskSpec,
+    prompts: list[TaskPrompt],
+    batch: int = 1,
 ) -> list[float]:
-    """Each prompt's score: the decoder's answer, decoded to text, against the expected answers."""
+    """Each prompt's score: the decoder's answer, decoded to text, against the expected answers.
+    Prompts decode `batch` at a time (a cell's prompts have one length, so they stack)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     scores = []
-    for prompt in prompts:
-        tokens = decoder(model, prompt.ids, spec.answer_tokens)
-        text = tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
-        scores.append(spec.scorer(text, prompt.answers))
+    for start in range(0, len(prompts), batch):
+        group = prompts[start : start + batch]
+        tokens = decoder(model, torch.cat([p.ids for p in group]), spec.answer_tokens)
+        for prompt, row in zip(group, tokens, strict=True):
+            text = tokenizer.decode(row.tolist(), skip_special_tokens=True)
+            scores.append(spec.scorer(text, prompt.answers))
     return scores
 
 
@@ -60,9 +72,10 @@ def run_tasks(
     seed: int = 0,
     haystack: str | Haystack = "filler",
     log: Callable[[str], None] | None = None,
+    batch: int = 1,
 ) -> list[dict]:
     """Accuracy with a 95% interval (Wilson for exact match, bootstrap for recall) per variant, task
-    and length. Every variant answers the same prompts."""
+    and length. Every variant answers the same prompts, `batch` of them per decoder call."""
     specs = [task_spec(t) for t in tasks]
     source = load_haystack(haystack, tokenizer) if any(s.uses_haystack for s in specs) else None
     rows = []
@@ -71,7 +84,7 @@ def run_tasks(
             prompts = make_prompts(spec.name, tokenizer, length, count, seed, source or haystack)
             for key, decoder in variants.items():
                 start = time.perf_counter()
-                scores = score_prompts(model, tokenizer, decoder, spec, prompts)
+                scores = score_prompts(model, tokenizer, decoder, spec, prompts, batch)
                 rows.append(result_row(key, spec, length, scores))
                 if log is not None:
                     log(

@@ -84,6 +84,9 @@ class ValidateConfig:
         cli_type=str,
     )
     task_count: int = option("--task-count", "Prompts per task and length.", 10)
+    task_batch: int = option(
+        "--task-batch", "Task prompts decoded together (a cell's prompts share one length).", 8
+    )
     task_haystack: str = option(
         "--task-haystack",
         "Text the needles hide in: filler, wikitext, pydoc or a .txt path.",
@@ -91,6 +94,9 @@ class ValidateConfig:
     )
     device: str = option("--device", "cpu or cuda.", "cpu")
     dtype: str = option("--dtype", "float32, float16 or bfloat16.", "float32")
+    speed: bool = option(
+        "--speed/--no-speed", "On CUDA, also time the kernels and the decode loop.", True
+    )
 
     def __post_init__(self) -> None:
         self.run = Path(self.run)
@@ -123,6 +129,9 @@ class ValidateConfig:
 
     def _check_tasks(self) -> None:
         self._check_at_least("task_count", 1, "Give a positive integer.")
+        self._check_at_least(
+            "task_batch", 1, "Give a positive integer; 1 decodes one prompt at a time."
+        )
         if self.tasks.strip() and not self.task_lengths:
             raise KeyspaceError("--task-lengths is empty.", "Example: --task-lengths 2048,4096.")
         if self.task_haystack not in TASK_HAYSTACKS and not Path(self.task_haystack).exists():

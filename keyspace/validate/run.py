@@ -55,6 +55,7 @@ def task_setup(inputs: Inputs, config: ValidateConfig) -> dict | None:
         "count": config.task_count,
         "haystack": config.task_haystack,
         "seed": TASK_SEED,
+        "batch": config.task_batch,
     }
 
 
@@ -129,6 +130,9 @@ def run_validate(
     }
     result = ValidateResult(header, rows, recall, decode, passkey, tasks=tasks)
     result.speed = speed_ceilings(rows)
-    result.speed["measured"] = measured_speed(loaded.model, inputs, config, log)
-    result.speed["decode"] = measured_decode(loaded.model, inputs, config, log)
+    if config.speed:
+        result.speed["measured"] = measured_speed(loaded.model, inputs, config, log)
+        result.speed["decode"] = measured_decode(loaded.model, inputs, config, log)
+    else:
+        result.speed["measured"] = result.speed["decode"] = None
     return result

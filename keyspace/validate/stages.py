@@ -235,6 +235,7 @@ def task_entries(model, tokenizer, inputs: Inputs, config: ValidateConfig, log: 
         TASK_SEED,
         config.task_haystack,
         log,
+        config.task_batch,
     )
 
 

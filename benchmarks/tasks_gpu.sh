@@ -50,9 +50,9 @@ prepare)
   ;;
 tasks)
   out=$2 lengths=$3 haystack=$4 tasks=$5; shift 5
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  mkdir -p "$OUT"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   ks validate --run /tmp/run "${GRID[@]}" --tasks "$tasks" --task-lengths "$lengths" --task-haystack "$haystack" \
     --task-count 50 --task-batch 50 --max-tokens 1024 --recall-windows 0 --decode-prompts 0 --no-speed \
-    --device cuda --out "$OUT/$out" "$@" 2>&1 | tail -100
+    --device cuda --out "$OUT/$out" "$@" 2>&1 | tee "$OUT/$out.log" | tail -100  # a cut-off call still returns its log
   ;;
 esac

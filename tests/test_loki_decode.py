@@ -155,3 +155,26 @@ def test_found_reads_the_key_from_generated_tokens():
     tokenizer = tiny_tokenizer()
     answer = torch.tensor(tokenizer(" 12345 .", add_special_tokens=False).input_ids)
     assert found(tokenizer, answer, "12345") and not found(tokenizer, answer, "12346")
+
+
+def test_dense_handler_matches_the_models_own_attention():
+    from keyspace.loki.decode import dense_handler
+    from keyspace.loki.registry import use_attention
+
+    model, prompt = tiny_llama(), random_tokens(batch=3, length=24)
+    with torch.no_grad():
+        ours, theirs = DynamicCache(), DynamicCache()
+        with use_attention(model, dense_handler):
+            prefill = model(prompt, **cache_kwargs(model, ours)).logits
+            step = model(prompt[:, -1:], **cache_kwargs(model, ours)).logits
+        assert torch.allclose(
+            prefill, model(prompt, **cache_kwargs(model, theirs)).logits, atol=1e-5
+        )
+        reference = model(prompt[:, -1:], **cache_kwargs(model, theirs)).logits
+        assert torch.allclose(step, reference, atol=1e-5)
+        # A chunk of several rows after a cached prefix takes the explicit causal mask.
+        chunk = model(prompt[:, :5], **cache_kwargs(model, theirs)).logits
+        with use_attention(model, dense_handler):
+            assert torch.allclose(
+                model(prompt[:, :5], **cache_kwargs(model, ours)).logits, chunk, atol=1e-5
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from loki_fixtures import HEAD_DIM, synthetic_model_run
 from typer.testing import CliRunner
 
@@ -296,3 +297,23 @@ def test_calibration_identity_must_match_the_run(synthetic, tmp_path):
     write_ranks(copy, ranks)
     result = invoke(root, copy, "--d", "4")
     assert result.exit_code == 2 and "calibrated on gguf:another-model" in result.stderr
+
+
+def test_out_of_gpu_memory_in_the_tasks_is_one_line_naming_task_batch(synthetic, monkeypatch):
+    import keyspace.validate.stages as stages
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 112.17 GiB.")
+
+    monkeypatch.setattr(stages, "run_tasks", exhausted)
+    root, run = synthetic
+    args = ["--d", "4", "--k", "0.25", "--methods", "loki,full", "--decode-prompts", "0"]
+    args += ["--recall-windows", "0", "--tasks", "niah", "--task-lengths", "96"]
+    result = invoke(root, run, *args, "--task-batch", "10", "--out", str(root / "oom"))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(
+        "Error: out of GPU memory decoding 10 task prompts of up to 96 tokens"
+    )
+    assert "--task-batch 2" in lines[-1] and "Traceback" not in result.output
+    assert not (root / "oom" / "validate.json").exists()  # nothing half-written

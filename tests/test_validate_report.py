@@ -395,3 +395,17 @@ def test_two_bases_get_a_basis_column_and_named_settings(tmp_path):
         if "perplexity" in attrs.get("class", "")
     )
     assert table[0][:2] == ["method", "d"]
+
+
+def test_heatmap_rows_name_the_basis_once():
+    from keyspace.reports.validate_figures import task_variant
+
+    assert task_variant({"method": "full", "d": None, "k": None}) == "full"
+    assert (
+        task_variant({"method": "loki", "d": 32, "k": 0.125, "basis": "key"}) == "loki d=32, k=1/8"
+    )
+    assert (
+        task_variant({"method": "loki", "d": 16, "k": 0.25, "basis": "query-aware"})
+        == "loki (query-aware) d=16, k=1/4"
+    )
+    assert task_variant({"method": "h2o", "d": None, "k": 0.125}) == "h2o k=1/8"

@@ -26,22 +26,30 @@ def _rotated_query(query: torch.Tensor, query_basis: torch.Tensor) -> torch.Tens
     return rotate(query, query_basis.repeat_interleave(groups, dim=0))
 
 
-def _dense_prefill(query_rot, keys_rot, values, scale) -> torch.Tensor:
-    """Exact causal attention in the transformed space, q~ against k~ (q~·k~ = q·k):
-    (B, Hq, T, D) x (B, Hkv, S, D) -> (B, T, Hq, D)."""
-    groups = query_rot.shape[1] // keys_rot.shape[1]
-    q_len, kv_len = query_rot.shape[-2], keys_rot.shape[-2]
-    # From an empty cache, is_causal lets SDPA use its memory-efficient kernels (8k-token prompts).
-    mask = None if q_len == kv_len else causal_mask(q_len, kv_len, query_rot.device)
+def causal_attention(query, key, value, scale) -> torch.Tensor:
+    """Exact causal attention, the queries being the last T positions of the keys:
+    query (B, Hq, T, D), key/value (B, Hkv, S, D) -> (B, T, Hq, D)."""
+    groups = query.shape[1] // key.shape[1]
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    # A whole sequence (is_causal) or one row (no mask) never materializes a (T, S) mask, so SDPA
+    # keeps its memory-efficient kernels: a batch of 8k-token prompts in float32 fits.
+    mask = None if q_len in (kv_len, 1) else causal_mask(q_len, kv_len, query.device)
     out = torch.nn.functional.scaled_dot_product_attention(
-        query_rot,
-        keys_rot.repeat_interleave(groups, dim=1),
-        values.repeat_interleave(groups, dim=1),
+        query,
+        key.repeat_interleave(groups, dim=1),
+        value.repeat_interleave(groups, dim=1),
         attn_mask=mask,
-        is_causal=mask is None,
+        is_causal=mask is None and q_len > 1,
         scale=scale,
     )
     return out.transpose(1, 2).contiguous()
+
+
+def dense_handler(module, query, key, value, scale) -> torch.Tensor:
+    """Dense attention as a keyspace handler (`use_attention(model, dense_handler)`): the same
+    numbers as the model's own SDPA attention, without the (B, 1, T, S) mask some transformers
+    versions build for it."""
+    return causal_attention(query, key, value, scale)
 
 
 def decode_handler(cache: LokiCache):
@@ -51,7 +59,8 @@ def decode_handler(cache: LokiCache):
         layer = cache.layers[module.layer_idx]
         query_rot = _rotated_query(query, layer.query_basis)
         if query.shape[-2] > 1:
-            return _dense_prefill(query_rot, layer.rotated_keys(), layer.values, scale)
+            # Exact, in the transformed space: q~·k~ = q·k.
+            return causal_attention(query_rot, layer.rotated_keys(), layer.values, scale)
         seq = layer.get_seq_length()
         k_top = min(int(fraction_of(cache.k, seq)), seq)
         out = loki_decode(

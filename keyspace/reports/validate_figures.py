@@ -51,11 +51,16 @@ def basis_suffix(row: dict) -> str:
     return "" if row.get("basis") in (None, "key") else f", {row['basis']}"
 
 
-def point_label(row: dict) -> str:
+def settings_label(row: dict) -> str:
+    """'d=32, k=1/8'; the method for a row without settings ('full')."""
     parts = [f"d={row['d']}"] if row.get("d") is not None else []
     if row.get("k") is not None:
         parts.append(f"k={fraction_label(row['k'])}")
-    return (", ".join(parts) or row["method"]) + basis_suffix(row)
+    return ", ".join(parts) or row["method"]
+
+
+def point_label(row: dict) -> str:
+    return settings_label(row) + basis_suffix(row)
 
 
 def nice_ticks(low: float, high: float) -> list[float]:
@@ -329,8 +334,8 @@ def task_method(row: dict) -> str:
 
 
 def task_variant(row: dict) -> str:
-    """'loki d=32, k=1/8'; just the method for one without settings ('full')."""
-    label = point_label(row)
+    """'loki d=32, k=1/8' or 'loki (query-aware) d=32, k=1/8'; the method alone for 'full'."""
+    label = settings_label(row)
     return task_method(row) if label == row["method"] else f"{task_method(row)} {label}"
 
 

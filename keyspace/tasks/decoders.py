@@ -2,7 +2,8 @@
 
 The B prompts of one call have the same length (a task cell's prompts all do) and decode together.
 
-- `cache_decoder(make_cache)`: real decoding; dense with transformers' DynamicCache, or Loki with a
+- `cache_decoder(make_cache)`: real decoding; dense with transformers' DynamicCache (attention
+  through `dense_handler`, the model's SDPA math without a materialized mask), or Loki with a
   LokiCache under `loki_decoding` (the kernels at every step).
 - `masked_decoder(settings)`: for the baselines without a decode path. The prompt is prefilled
   densely; each later token is a decode step whose query keeps the method's top ceil(k·context)
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from keyspace.loki.decode import batch_greedy, last_logits, loki_decoding
+from keyspace.loki.decode import batch_greedy, dense_handler, last_logits, loki_decoding
 from keyspace.loki.masked import SparseSettings, masked_attention
 from keyspace.loki.registry import use_attention
 from keyspace.tasks.heavy_hitters import HeavyHitters
@@ -39,7 +40,8 @@ def cache_decoder(make_cache: Callable[[], object] | None = None) -> Decoder:
 
     def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         if make_cache is None:
-            return batch_greedy(model, DynamicCache(), _on_device(model, ids), new_tokens)
+            with use_attention(model, dense_handler):
+                return batch_greedy(model, DynamicCache(), _on_device(model, ids), new_tokens)
         cache = make_cache()
         with loki_decoding(model, cache):
             return batch_greedy(model, cache, _on_device(model, ids), new_tokens)
@@ -72,7 +74,8 @@ def _row_decoder(settings: SparseSettings) -> Decoder:
     @torch.no_grad()
     def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         cache = DynamicCache()
-        logits = last_logits(model, cache, _on_device(model, ids))
+        with use_attention(model, dense_handler):
+            logits = last_logits(model, cache, _on_device(model, ids))
         with masked_attention(model, settings):  # one query row per step: row_budgets = ceil(k·S)
             return batch_greedy(model, cache, None, new_tokens, logits=logits)
 

@@ -225,6 +225,18 @@ def task_entries(model, tokenizer, inputs: Inputs, config: ValidateConfig, log: 
     """Long-context task accuracy, one row per (method, d, k, task, length); [] without --tasks."""
     if not inputs.tasks:
         return []
+    try:
+        return _run_tasks(model, tokenizer, inputs, config, log)
+    except torch.OutOfMemoryError as err:
+        batch = config.task_batch
+        raise KeyspaceError(
+            f"out of GPU memory decoding {batch} task prompts of up to "
+            f"{max(config.task_lengths)} tokens at once.",
+            f"Lower --task-batch (try --task-batch {max(1, batch // 4)}) or --task-lengths.",
+        ) from err
+
+
+def _run_tasks(model, tokenizer, inputs: Inputs, config: ValidateConfig, log: Log) -> list[dict]:
     return run_tasks(
         model,
         tokenizer,

@@ -409,3 +409,31 @@ def test_heatmap_rows_name_the_basis_once():
         == "loki (query-aware) d=16, k=1/4"
     )
     assert task_variant({"method": "h2o", "d": None, "k": 0.125}) == "h2o k=1/8"
+
+
+def crowded_rows(points: int) -> list[dict]:
+    """Loki rows at nearly one spot, plus dense: their labels cannot all sit clear."""
+    rows = [{"method": "full", "d": None, "k": None, "k_mode": None, "ppl": 10.0,
+             "kv_bytes_fraction": 1.0}]  # fmt: skip
+    for i in range(points):
+        rows.append({"method": "loki", "d": 16 + i, "k": 0.125, "k_mode": "window",
+                     "ppl": 10.1 + 0.01 * i, "kv_bytes_fraction": 0.3 + 0.002 * i,
+                     "basis": "query-aware" if i % 2 else "key"})  # fmt: skip
+    return rows
+
+
+def test_crowded_pareto_labels_become_numbers_named_in_a_key():
+    from keyspace.reports.validate_figures import pareto
+
+    fig = pareto(crowded_rows(8), "window")
+    point_labels = [t.get_text() for t in fig.axes[0].texts if not t.get_text().startswith("dense")]
+    assert point_labels == [str(i) for i in range(1, 9)]
+    key = [t.get_text() for t in fig.legends[-1].get_texts()]
+    assert key[0] == "1  d=16, k=1/8" and key[1] == "2  d=17, k=1/8, query-aware"
+    assert len(key) == 8
+    plt.close(fig)
+
+    fig = pareto(crowded_rows(1), "window")  # one label fits: it is the setting itself
+    assert "d=16, k=1/8" in [t.get_text() for t in fig.axes[0].texts]
+    assert len(fig.legends) == 1
+    plt.close(fig)

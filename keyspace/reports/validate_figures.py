@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import seaborn as sns
@@ -166,11 +167,13 @@ def marker_boxes(fig: Figure) -> list:
     return boxes
 
 
-def repel(fig: Figure, labels: list) -> None:
+def repel(fig: Figure, labels: list) -> float:
     """Put each point label in the first spot around its point (LABEL_SPOTS) that covers no
-    other label or marker and stays inside its axes; else in the least covered spot."""
+    other label or marker and stays inside its axes; else in the least covered spot. Returns the
+    area (display units²) still covered or outside the axes: 0 when every label sits clear."""
     if not labels:
-        return
+        return 0.0
+    residual = 0.0
     fig.draw_without_rendering()
     renderer = fig.canvas.get_renderer()
     markers, placed = marker_boxes(fig), []
@@ -188,13 +191,32 @@ def repel(fig: Figure, labels: list) -> None:
             costs.append((cost, offset, ha, va))
             if cost == 0:
                 break
-        _, offset, ha, va = min(costs, key=lambda c: c[0])
+        cost, offset, ha, va = min(costs, key=lambda c: c[0])
+        residual += cost
         label.xyann = offset
         label.set(ha=ha, va=va)
         placed.append(label.get_window_extent(renderer))
+    return residual
 
 
-def method_legend(fig: Figure, methods: list[str], width: float) -> None:
+def place_labels(fig: Figure, labels: list, legend: Callable[[list[str]], None]) -> None:
+    """Label points in place when the labels fit (`repel`); when they crowd, number them and
+    let `legend(key)` name each number ('1  d=16, k=1/8'), then place the numbers."""
+    legend([])
+    if repel(fig, labels) == 0:
+        return
+    key = []
+    for number, label in enumerate(labels, start=1):
+        key.append(f"{number}  {label.get_text()}")
+        label.set_text(str(number))
+    for old in list(fig.legends):
+        old.remove()
+    legend(key)
+    repel(fig, labels)
+
+
+def method_legend(fig: Figure, methods: list[str], width: float, key: list[str] = ()) -> None:
+    """One marker per method; then `key`, the names of numbered point labels, if any."""
     handles = []
     for method in methods:
         color, marker = method_style(method, methods)
@@ -207,6 +229,16 @@ def method_legend(fig: Figure, methods: list[str], width: float) -> None:
         ncol=min(len(handles), max(2, int(width / 1.1))),
         frameon=False,
     )
+    if key:
+        blank = [fig.axes[0].plot([], [], ls="", label=k)[0] for k in key]
+        fig.legend(
+            handles=blank,
+            loc="outside right upper",
+            frameon=False,
+            handlelength=0,
+            handletextpad=0,
+            fontsize=8.5,
+        )
 
 
 def pareto_modes(rows: list[dict], k_modes: list[str]) -> list[str | None]:
@@ -244,8 +276,8 @@ def pareto(rows: list[dict], mode: str | None, width: float = 8.0) -> Figure:
     if off_scale:
         title += "\n" + wrap("▲ off the scale: " + "; ".join(off_scale), width)
     ax.set_title(title.strip(), fontsize=10)
-    method_legend(fig, [m for m in methods if any(r["method"] == m for r in shown)], width)
-    repel(fig, labels)
+    present = [m for m in methods if any(r["method"] == m for r in shown)]
+    place_labels(fig, labels, lambda key: method_legend(fig, present, width, key))
     return fig
 
 

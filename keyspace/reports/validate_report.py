@@ -299,9 +299,10 @@ def tasks_section(doc: dict) -> tuple[str, list[html.Png]]:
     )
     png = figures.to_png(vf.task_heatmap(doc["tasks"]), "validate_tasks.png")
     caption = (
-        "Accuracy per method and task, one panel per prompt length; the table gives the intervals."
+        "Accuracy per method and task, one panel per prompt length; the table below gives the"
+        " intervals."
     )
-    parts = [note, tasks_table(doc), html.figure(png, caption, wide=True)]
+    parts = [note, html.figure(png, caption, wide=True), tasks_table(doc)]
     return html.section("Long-context tasks", parts, "tasks"), [png]
 
 

@@ -265,6 +265,13 @@ def test_run_tasks_plumbing_right_and_wrong(tokenizer):
         right = row["method"] == "full"
         assert row["accuracy"] == (1.0 if right else 0.0) and row["count"] == count
         assert row["ci_low"] <= row["accuracy"] <= row["ci_high"]
+    for row in rows:  # per-prompt scores, and the paired difference against full per cell
+        assert len(row["scores"]) == count and sum(row["scores"]) / count == row["accuracy"]
+        if row["method"] == "full":
+            assert "vs_full" not in row
+        else:
+            assert row["vs_full"] == pytest.approx(-1.0)
+            assert row["vs_full_low"] == row["vs_full_high"] == pytest.approx(-1.0)
     niah_right = next(r for r in rows if r["task"] == "niah" and r["method"] == "full")
     assert (niah_right["ci_low"], niah_right["ci_high"]) == pytest.approx(wilson_interval(4, 4))
     assert all("basis" not in r for r in rows)  # three-part keys: no basis field
@@ -376,3 +383,34 @@ def test_niah_on_smollm2_with_full_attention():
         loaded.model, loaded.tokenizer, {("full", None, None): cache_decoder()}, ["niah"], [512], 2
     )
     assert rows[0]["accuracy"] == 1.0  # 10/10 at 1024 and 2048 (docs/notes/tasks-calibration.md)
+
+
+def test_paired_difference_against_an_independent_bootstrap():
+    import numpy as np
+
+    from keyspace.tasks.scoring import paired_difference
+
+    rng = np.random.default_rng(3)
+    ours = rng.integers(0, 2, 40).astype(float).tolist()
+    theirs = rng.integers(0, 2, 40).astype(float).tolist()
+    diff, low, high = paired_difference(ours, theirs)
+    assert diff == pytest.approx(np.mean(ours) - np.mean(theirs))
+    # numpy's own paired bootstrap (other generator, many resamples) agrees to about 0.02
+    d = np.array(ours) - np.array(theirs)
+    means = d[np.random.default_rng(0).integers(0, 40, (20000, 40))].mean(axis=1)
+    assert (low, high) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])), abs=0.03)
+    assert low < diff < high
+
+
+def test_paired_difference_sees_what_unpaired_intervals_miss():
+    from keyspace.tasks.scoring import paired_difference
+
+    # Full is right on 39 of 50 prompts; the sparse variant on 34 of those same 39, none else.
+    full = [1.0] * 39 + [0.0] * 11
+    sparse = [1.0] * 34 + [0.0] * 16
+    diff, low, high = paired_difference(sparse, full)
+    assert diff == pytest.approx(-0.10) and high < 0  # a loss that the paired interval resolves
+    assert wilson_interval(34, 50)[1] > wilson_interval(39, 50)[0]  # the unpaired ones overlap
+    assert paired_difference(full, full) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same"):
+        paired_difference([1.0], [1.0, 0.0])

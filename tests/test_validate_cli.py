@@ -211,9 +211,13 @@ def test_tasks_write_one_row_per_method_setting_task_and_length(synthetic):
         (r["method"], r["d"], r["k"], r["basis"], r["task"], r["length"]) for r in doc["tasks"]
     ] == [(*v, "niah", n) for n in (96, 128) for v in variants]
     keys = {"method", "d", "k", "task", "length", "accuracy", "ci_low", "ci_high", "count"}
+    paired = {"vs_full", "vs_full_low", "vs_full_high"}
     for row in doc["tasks"]:
-        assert set(row) == keys | {"basis", "scoring"}
-        assert row["count"] == 2 and row["scoring"] == "exact"
+        extra = set() if row["method"] == "full" else paired
+        assert set(row) == keys | {"basis", "scoring", "scores"} | extra
+        assert row["count"] == 2 and row["scoring"] == "exact" and len(row["scores"]) == 2
+        if extra:
+            assert row["vs_full_low"] <= row["vs_full"] <= row["vs_full_high"]
         assert 0.0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1.0
     assert doc["task_setup"] == {
         "tasks": ["niah"], "lengths": [96, 128], "count": 2, "haystack": "filler", "seed": 0,

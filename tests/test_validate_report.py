@@ -357,7 +357,8 @@ def test_tasks_section_holds_the_numbers_and_the_heatmap(tmp_path):
         (r["task"], r["method"], f"{r['accuracy']:.2f}") for r in doc["tasks"]
     ]
     loki = cells[4]
-    assert loki["95% interval"] == "[0.25, 0.55]" and loki["vs dense"] == "-0.38"
+    # No per-prompt scores in this doc (as in validate.json before them): the point difference.
+    assert loki["95% interval"] == "[0.25, 0.55]" and loki["vs dense [paired 95%]"] == "-0.38"
     assert loki["d"] == "32" and loki["k"] == "1/8" and loki["prompts"] == "10"
     assert parsed.headline.endswith(
         "; on the long-context tasks Loki loses most on mv-niah at 1024 tokens: 0.40 [0.25, 0.55]"
@@ -437,3 +438,16 @@ def test_crowded_pareto_labels_become_numbers_named_in_a_key():
     assert "d=16, k=1/8" in [t.get_text() for t in fig.axes[0].texts]
     assert len(fig.legends) == 1
     plt.close(fig)
+
+
+def test_tasks_table_gives_the_paired_difference_when_the_rows_have_it(tmp_path):
+    doc = make_doc()
+    loki = task_row("loki", 32, 0.125, "niah", 0.6, 0.3, 0.85)
+    loki.update(vs_full=-0.4, vs_full_low=-0.7, vs_full_high=-0.1)
+    doc["tasks"] = [task_row("full", None, None, "niah", 1.0, 0.72, 1.0), loki]
+    doc["task_setup"] = {"tasks": ["niah"], "lengths": [1024], "count": 10,
+                         "haystack": "filler", "seed": 0}  # fmt: skip
+    parsed = assert_self_contained(write_validate_report(doc, tmp_path)[0])
+    table = parsed.table("tasks")
+    cells = [dict(zip(table[0], r, strict=True)) for r in table[1:]]
+    assert [c["vs dense [paired 95%]"] for c in cells] == ["-", "-0.40 [-0.70, -0.10]"]

@@ -4,6 +4,8 @@ variants = {("full", None, None): cache_decoder(), ("exact-topk", None, 0.125): 
 rows = run_tasks(model, tokenizer, variants, ["niah", "vt"], [2048, 4096], count=50, batch=8)
 
 A variant key may carry a fourth element, the basis (validate's `--basis`); rows then have it too.
+Each row keeps its per-prompt `scores` (prompt order), and, when the variants include `full`, its
+paired difference against full with a 95% interval (`vs_full`, `vs_full_low`, `vs_full_high`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from keyspace.tasks.decoders import Decoder
 from keyspace.tasks.haystack import Haystack, load_haystack
 from keyspace.tasks.prompt import TaskPrompt
-from keyspace.tasks.scoring import interval
+from keyspace.tasks.scoring import interval, paired_difference
 from keyspace.tasks.suite import DEFAULT_TASKS, TaskSpec, make_prompts, task_spec
 
 VariantKey = tuple[Hashable, ...]  # (method, d, k) or (method, d, k, basis)
@@ -59,7 +61,20 @@ def result_row(key: VariantKey, spec: TaskSpec, length: int, scores: list[float]
         "ci_high": high,
         "count": len(scores),
         "scoring": spec.scoring,
+        "scores": scores,
     }
+
+
+def add_paired_differences(rows: list[dict]) -> None:
+    """Give each non-full row of one cell its paired difference against the cell's `full` row
+    (`vs_full`, `vs_full_low`, `vs_full_high`): every variant answered the same prompts."""
+    full = next((r for r in rows if r["method"] == "full"), None)
+    if full is None:
+        return
+    for row in rows:
+        if row is not full:
+            diff, low, high = paired_difference(row["scores"], full["scores"])
+            row.update(vs_full=diff, vs_full_low=low, vs_full_high=high)
 
 
 def run_tasks(
@@ -82,13 +97,16 @@ def run_tasks(
     for spec in specs:
         for length in lengths:
             prompts = make_prompts(spec.name, tokenizer, length, count, seed, source or haystack)
+            cell = []
             for key, decoder in variants.items():
                 start = time.perf_counter()
                 scores = score_prompts(model, tokenizer, decoder, spec, prompts, batch)
-                rows.append(result_row(key, spec, length, scores))
+                cell.append(result_row(key, spec, length, scores))
                 if log is not None:
                     log(
-                        f"{spec.name} @ {length}: {key} accuracy {rows[-1]['accuracy']:.3f} "
+                        f"{spec.name} @ {length}: {key} accuracy {cell[-1]['accuracy']:.3f} "
                         f"({len(prompts)} prompts, {time.perf_counter() - start:.1f} s)"
                     )
+            add_paired_differences(cell)
+            rows.extend(cell)
     return rows

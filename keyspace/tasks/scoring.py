@@ -60,6 +60,24 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
+def paired_difference(
+    scores: list[float],
+    reference: list[float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float, float]:
+    """mean(scores) - mean(reference) over the same prompts, with a paired percentile-bootstrap
+    95% interval: each resample draws prompts, and both variants' scores of a drawn prompt."""
+    if len(scores) != len(reference) or not scores:
+        raise ValueError("a paired difference needs the same, non-empty list of prompts")
+    diffs = torch.tensor(scores, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(diffs), (resamples, len(diffs)), generator=gen)
+    means = diffs[picks].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(diffs.mean()), float(low), float(high)
+
+
 def interval(scoring: str, scores: list[float]) -> tuple[float, float]:
     """Wilson for exact-match scores (0/1), the bootstrap for recall scores."""
     if scoring == "exact":

@@ -73,3 +73,36 @@ def test_bench_cli_needs_cuda_and_checks_its_options(tmp_path):
     assert result.exit_code == 2 and "--d and --k go together" in result.output
     result = runner.invoke(app, ["bench", "--heads", "32", "--kv-heads", "5"])
     assert result.exit_code == 2 and "not a multiple of kv_heads=5" in result.output
+
+
+def keyspace_process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "keyspace", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message, hint",
+    [
+        (["validate", "--run", "x", "--task-batch", "abc"], "Invalid value for '--task-batch'",
+         "validate --help` lists every option"),
+        (["validate"], "Missing option '--run'", "validate --help` lists every option"),
+        (["validate", "--run", "x", "--speed=no"], "Option '--speed' does not take a value",
+         "validate --help` lists every option"),
+        (["bench", "--batch", "abc"], "Invalid value for '--batch'",
+         "bench --help` lists every option"),
+        (["bogus"], "No such command 'bogus'", "keyspace --help` lists the commands"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_error_line_with_exit_code_2(args, message, hint):
+    out = keyspace_process(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {message}"), out.stderr
+    assert hint in lines[0] and "Traceback" not in out.stderr
+
+
+def test_bare_keyspace_still_shows_the_help():
+    out = keyspace_process()
+    assert out.returncode == 2 and "Usage" in out.stdout + out.stderr and "validate" in out.stdout
+    assert keyspace_process("validate", "--help").returncode == 0

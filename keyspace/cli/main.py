@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from keyspace.cli import analyze, bench, collect, report, validate, verify
+
+try:  # typer 0.2x parses with its own copy of click; older typer uses click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_errors
+
+# Bare `keyspace` raises this in click >= 8.2; a class nothing raises stands in before that.
+NoArgsIsHelp = getattr(click_errors, "NoArgsIsHelpError", type("NoArgsIsHelp", (Exception,), {}))
 
 app = typer.Typer(
     name="keyspace",
@@ -13,16 +23,46 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-app.command("collect")(collect.command)
-app.command("analyze")(analyze.command)
-app.command("rank-report")(report.command)
-app.command("validate")(validate.command)
-app.command("bench")(bench.command)
-app.command("verify")(verify.command)
+COMMANDS = {
+    "collect": collect.command,
+    "analyze": analyze.command,
+    "rank-report": report.command,
+    "validate": validate.command,
+    "bench": bench.command,
+    "verify": verify.command,
+}
+for name, command in COMMANDS.items():
+    app.command(name)(command)
+
+
+def usage_error_line(err) -> str:
+    """A command-line mistake (a missing option, a value of the wrong type) as one line."""
+    words = sys.argv[1:2]
+    root = err.ctx is None or err.ctx.parent is None  # not (yet) inside a command
+    command = err.ctx.command_path if err.ctx is not None else "keyspace"
+    if root and words and words[0] in COMMANDS:
+        command, root = f"{command} {words[0]}", False
+    message = " ".join(err.format_message().split()).rstrip(".")
+    what = "the commands" if root else "every option and its type"
+    return f"Error: {message}. Hint: `{command} --help` lists {what}."
 
 
 def main() -> None:
-    app()
+    """The console script: the app, with usage errors as one `Error:` line and exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelp as err:  # bare `keyspace`: the help, as before
+        text = err.ctx.get_help() if err.ctx is not None else ""  # rich help prints itself
+        if text:
+            print(text)
+        sys.exit(2)
+    except click_errors.UsageError as err:
+        print(usage_error_line(err), file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:  # Ctrl-C while click itself was reading input
+        print("Error: stopped before finishing. Hint: run the same command again.", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -224,6 +224,9 @@ def test_tasks_write_one_row_per_method_setting_task_and_length(synthetic):
         "batch": 2,
     }  # fmt: skip
     assert "long-context tasks" in result.stdout and "h2o" in result.stdout
+    h2o_line = next(x for x in result.stdout.splitlines() if " h2o " in x and "niah" in x)
+    h2o_row = next(r for r in doc["tasks"] if r["method"] == "h2o")
+    assert f"{h2o_row['vs_full']:+.2f}" in h2o_line and "1/4" in h2o_line  # vs full; k as 1/4
     assert "Long-context tasks" in (out / "validate.html").read_text()
     assert (out / "validate_tasks.png").is_file()
 

@@ -76,10 +76,18 @@ def _print_recall(entry: dict) -> None:
 
 
 def _print_tasks(rows: list[dict]) -> None:
+    """One line per row, narrow enough for an 80-column terminal; the report has the rest."""
     from rich.table import Table
 
-    table = Table(title="long-context tasks: accuracy [95% interval] over n prompts")
-    for name in ("task", "length", "method", "d", "k", "accuracy", "interval", "n"):
+    from keyspace.reports.validate_figures import fraction_label
+
+    table = Table(
+        title="long-context tasks: accuracy [95% interval] over n prompts",
+        box=None,
+        padding=(0, 1, 0, 0),
+        header_style="bold underline",
+    )
+    for name in ("task", "length", "method", "d", "k", "accuracy", "interval", "vs full", "n"):
         justify = "left" if name in ("task", "method") else "right"
         table.add_column(name, justify=justify, no_wrap=True)
     for r in rows:
@@ -89,9 +97,10 @@ def _print_tasks(rows: list[dict]) -> None:
             str(r["length"]),
             r["method"] if basis in (None, "key") else f"{r['method']} ({basis})",
             str(r["d"] if r["d"] is not None else "-"),
-            f"{r['k']:g}" if r["k"] is not None else "-",
+            fraction_label(r["k"]) if r["k"] is not None else "-",
             f"{r['accuracy']:.2f}",
             f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
+            f"{r['vs_full']:+.2f}" if "vs_full" in r else "-",
             str(r["count"]),
         )
     stdout.print(table)

@@ -414,3 +414,18 @@ def test_paired_difference_sees_what_unpaired_intervals_miss():
     assert paired_difference(full, full) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="same"):
         paired_difference([1.0], [1.0, 0.0])
+
+
+@pytest.mark.parametrize("budget", [2**29, 2 * 3 * 20 * 3])  # one chunk; chunks of 3 rows
+def test_h2o_column_sums_match_the_whole_causal_softmax(monkeypatch, budget):
+    from keyspace.tasks import heavy_hitters
+
+    monkeypatch.setattr(heavy_hitters, "CHUNK_ELEMENTS", budget)
+    gen = torch.Generator().manual_seed(4)
+    query, key = torch.randn(2, 3, 20, 8, generator=gen), torch.randn(2, 3, 20, 8, generator=gen)
+    logits = (query @ key.transpose(-1, -2)) * 0.3
+    causal = torch.ones(20, 20, dtype=torch.bool).tril()
+    expected = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=-2)
+    got = heavy_hitters.column_sums(query, key, 0.3)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert got.sum().item() == pytest.approx(2 * 3 * 20, rel=1e-5)  # every row's weights sum to 1

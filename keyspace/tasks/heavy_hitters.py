@@ -13,6 +13,7 @@ import torch
 from keyspace.loki.masked import fraction_of
 
 PREFILL_ROWS_PER_CHUNK = 1024  # bounds the (rows, S) probability block of the prefill's column sums
+CHUNK_ELEMENTS = 2**29  # and the whole (B, H, rows, S) block: 2 GiB of float32 per temporary
 
 
 def column_sums(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
@@ -20,8 +21,10 @@ def column_sums(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.T
     length = key.shape[-2]
     total = torch.zeros(*key.shape[:2], length, dtype=torch.float32, device=key.device)
     positions = torch.arange(length, device=key.device)
-    for start in range(0, length, PREFILL_ROWS_PER_CHUNK):
-        rows = query[:, :, start : start + PREFILL_ROWS_PER_CHUNK]
+    per_row = query.shape[0] * query.shape[1] * length
+    chunk = max(1, min(PREFILL_ROWS_PER_CHUNK, CHUNK_ELEMENTS // per_row))
+    for start in range(0, length, chunk):
+        rows = query[:, :, start : start + chunk]
         logits = (rows @ key.transpose(-1, -2)).float() * scale  # [B, H, c, S]
         visible = positions[None, :] <= positions[start : start + rows.shape[-2], None]
         total += torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).sum(dim=-2)

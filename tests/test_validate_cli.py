@@ -306,21 +306,45 @@ def test_calibration_identity_must_match_the_run(synthetic, tmp_path):
     assert result.exit_code == 2 and "calibrated on gguf:another-model" in result.stderr
 
 
-def test_out_of_gpu_memory_in_the_tasks_is_one_line_naming_task_batch(synthetic, monkeypatch):
+@pytest.mark.parametrize(
+    "error, where",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 112.17 GiB."), "GPU"),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate "
+                      "memory: you tried to allocate 120259084288 bytes."), "CPU"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_in_the_tasks_is_one_line_naming_task_batch(
+    synthetic, monkeypatch, error, where
+):
     import keyspace.validate.stages as stages
 
     def exhausted(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 112.17 GiB.")
+        raise error
 
     monkeypatch.setattr(stages, "run_tasks", exhausted)
     root, run = synthetic
     args = ["--d", "4", "--k", "0.25", "--methods", "loki,full", "--decode-prompts", "0"]
     args += ["--recall-windows", "0", "--tasks", "niah", "--task-lengths", "96"]
-    result = invoke(root, run, *args, "--task-batch", "10", "--out", str(root / "oom"))
+    result = invoke(root, run, *args, "--task-batch", "10", "--out", str(root / f"oom-{where}"))
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(
-        "Error: out of GPU memory decoding 10 task prompts of up to 96 tokens"
+        f"Error: out of {where} memory decoding 10 task prompts of up to 96"
     )
     assert "--task-batch 2" in lines[-1] and "Traceback" not in result.output
-    assert not (root / "oom" / "validate.json").exists()  # nothing half-written
+    assert not (root / f"oom-{where}" / "validate.json").exists()  # nothing half-written
+
+
+def test_other_runtime_errors_in_the_tasks_are_not_called_out_of_memory(synthetic, monkeypatch):
+    import keyspace.validate.stages as stages
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape '[2, 3]' is invalid for input of size 5")
+
+    monkeypatch.setattr(stages, "run_tasks", broken)
+    root, run = synthetic
+    args = ["--d", "4", "--k", "0.25", "--methods", "loki,full", "--decode-prompts", "0"]
+    args += ["--recall-windows", "0", "--tasks", "niah", "--task-lengths", "96"]
+    result = invoke(root, run, *args, "--out", str(root / "broken"))
+    assert isinstance(result.exception, RuntimeError) and "memory" not in result.output

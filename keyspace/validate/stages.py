@@ -227,10 +227,14 @@ def task_entries(model, tokenizer, inputs: Inputs, config: ValidateConfig, log: 
         return []
     try:
         return _run_tasks(model, tokenizer, inputs, config, log)
-    except torch.OutOfMemoryError as err:
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        # torch raises OutOfMemoryError on a GPU and a RuntimeError from its CPU allocator.
+        where = "GPU" if isinstance(err, torch.OutOfMemoryError) else "CPU"
+        if where == "CPU" and "can't allocate memory" not in str(err):
+            raise
         batch = config.task_batch
         raise KeyspaceError(
-            f"out of GPU memory decoding {batch} task prompts of up to "
+            f"out of {where} memory decoding {batch} task prompts of up to "
             f"{max(config.task_lengths)} tokens at once.",
             f"Lower --task-batch (try --task-batch {max(1, batch // 4)}) or --task-lengths.",
         ) from err

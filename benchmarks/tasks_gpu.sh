@@ -8,6 +8,18 @@
 #   prepare DIR          join DIR/gguf.part01 to it, check the sha256, collect + analyze on WikiText-2 valid
 #   tasks OUT LENGTHS HAYSTACK TASKS [extra validate flags]   50 prompts per cell into $OUT/OUT
 # Needs: .whl (the gguf wheel), .gpu/wt/{valid,test}.txt (WikiText-2), .gpu/smol-tok (tokenizer+config).
+# Set-up here, once (.gpu/ and .whl/ are in .git/info/exclude; carry them by name):
+#   mkdir -p .gpu/p1 .gpu/p2 .gpu/wt .whl && cp ../shared/data/wikitext-2/*.txt .gpu/wt/
+#   split -b 49181216 -d ~/.cache/keyspace/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/gguf.part
+#   mv /tmp/gguf.part00 .gpu/p1/ && mv /tmp/gguf.part01 .gpu/p2/
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 -d .whl gguf==0.19.0
+#   .venv/bin/python -c "from keyspace.models import load_model; m = load_model('smollm2-135m'); \
+#     m.tokenizer.save_pretrained('.gpu/smol-tok'); m.model.config.save_pretrained('.gpu/smol-tok')"
+# Then, back to back (the machine stays warm 30 s after a call):
+#   run(carry=[.gpu/p1, .whl, .gpu/smol-tok, .gpu/wt]):  bash benchmarks/tasks_gpu.sh part1 .gpu/p1
+#   run(carry=[.gpu/p2, .whl, .gpu/smol-tok, .gpu/wt]):  bash benchmarks/tasks_gpu.sh prepare .gpu/p2 && \
+#       bash benchmarks/tasks_gpu.sh tasks t8192 8192 filler niah-word,niah-uuid,mv-niah
 set -u -o pipefail
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 export PYTHONUNBUFFERED=1 KEYSPACE_HOME=/tmp/ks KEYSPACE_WIKITEXT_DIR=$PWD/.gpu/wt

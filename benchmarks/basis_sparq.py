@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 
 from keyspace.loki import SparseSettings
-from keyspace.loki.selection import METHODS, LayerInputs, Method, keep_top, masked, rotate
+from keyspace.loki.selection import (
+    METHODS,
+    LayerInputs,
+    Method,
+    keep_top,
+    masked,
+    rotate,
+    sparq_scores,
+)
 from keyspace.models import load_model
 from keyspace.tasks import cache_decoder, masked_decoder, run_tasks
 from keyspace.validate.config import ValidateConfig
@@ -35,15 +43,8 @@ from keyspace.validate.inputs import open_inputs
 def basis_sparq(inp: LayerInputs) -> torch.Tensor:
     """SparQ's step 1+2 on q~ = B q and k~ = A k: each query's d largest-|q~| coordinates, top-k."""
     query = rotate(inp.query, inp.basis if inp.query_basis is None else inp.query_basis)
-    key = rotate(inp.key, inp.basis)
-    r_max = int(inp.dims.max())
-    index = query.abs().topk(r_max, dim=-1).indices  # [B, H, T, r_max]
-    rank_ok = torch.arange(r_max, device=index.device)[None, :] < inp.dims.to(index.device)[:, None]
-    picked = torch.zeros_like(query).scatter_(
-        -1, index, rank_ok[None, :, None, :].expand_as(index).to(query.dtype)
-    )
-    keep = keep_top((query * picked) @ key.transpose(-1, -2), inp.budget, inp.causal)
-    return masked(inp.exact_scores, keep)
+    approx = sparq_scores(query, rotate(inp.key, inp.basis), inp.dims)
+    return masked(inp.exact_scores, keep_top(approx, inp.budget, inp.causal))
 
 
 def main() -> None:

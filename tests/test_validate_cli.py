@@ -348,3 +348,27 @@ def test_other_runtime_errors_in_the_tasks_are_not_called_out_of_memory(syntheti
     args += ["--recall-windows", "0", "--tasks", "niah", "--task-lengths", "96"]
     result = invoke(root, run, *args, "--out", str(root / "broken"))
     assert isinstance(result.exception, RuntimeError) and "memory" not in result.output
+
+
+@pytest.mark.parametrize("flag, timed", [("--speed", True), ("--no-speed", False)])
+def test_no_speed_skips_both_timings(synthetic, monkeypatch, flag, timed):
+    import keyspace.validate.run as run_module
+
+    calls = []
+
+    def timing(name):
+        def measure(*args, **kwargs):
+            calls.append(name)  # on this CPU the real ones return None too
+
+        return measure
+
+    monkeypatch.setattr(run_module, "measured_speed", timing("speed"))
+    monkeypatch.setattr(run_module, "measured_decode", timing("decode"))
+    root, run = synthetic
+    args = ["--d", "4", "--k", "0.25", "--methods", "loki,full", "--decode-prompts", "0"]
+    out = root / f"speed-{timed}"
+    result = invoke(root, run, *args, "--recall-windows", "0", flag, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    speed = json.loads((out / "validate.json").read_text())["speed"]
+    assert calls == (["speed", "decode"] if timed else [])
+    assert speed["measured"] is None and speed["decode"] is None

@@ -140,11 +140,7 @@ def continue_greedy(
         nll.append(-torch.log_softmax(logits, dim=-1)[token])
         tokens.append(logits.argmax() if report_argmax else token)
         if step + 1 < new_tokens:
-            logits = (
-                model(token.view(1, 1).to(device), **cache_kwargs(model, cache))
-                .logits[0, -1]
-                .float()
-            )
+            logits = last_logits(model, cache, token.view(1, 1).to(device))[0]
     return torch.stack(tokens).cpu(), torch.stack(nll).double().cpu()
 
 

@@ -131,18 +131,23 @@ def pcaattn(inp: LayerInputs) -> torch.Tensor:
     return masked(inp.pca_scores, inp.causal)
 
 
+def sparq_scores(query: torch.Tensor, key: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """SparQ's approximate scores: each query row's dims[h] largest-|q| coordinates against the
+    same coordinates of every key. query (B, H, T, D), key (B, H, S, D) -> (B, H, T, S)."""
+    r_max = int(dims.max())
+    index = query.abs().topk(r_max, dim=-1).indices  # [B, H, T, r_max]
+    rank_ok = torch.arange(r_max, device=index.device)[None, :] < dims.to(index.device)[:, None]
+    picked = torch.zeros_like(query).scatter_(
+        -1, index, rank_ok[None, :, None, :].expand_as(index).to(query.dtype)
+    )
+    return (query * picked) @ key.transpose(-1, -2)
+
+
 def sparq(inp: LayerInputs) -> torch.Tensor:
     """SparQ step 1+2: approximate scores from the r = d largest-|q| coordinates, then top-k."""
     if inp.dims is None:
         raise ValueError("sparq needs d")
-    r_max = int(inp.dims.max())
-    index = inp.query.abs().topk(r_max, dim=-1).indices  # [B, H, T, r_max]
-    rank_ok = torch.arange(r_max, device=index.device)[None, :] < inp.dims.to(index.device)[:, None]
-    picked = torch.zeros_like(inp.query).scatter_(
-        -1, index, rank_ok[None, :, None, :].expand_as(index).to(inp.query.dtype)
-    )
-    approx = (inp.query * picked) @ inp.key.transpose(-1, -2)
-    keep = keep_top(approx, inp.budget, inp.causal)
+    keep = keep_top(sparq_scores(inp.query, inp.key, inp.dims), inp.budget, inp.causal)
     return masked(inp.exact_scores, keep)
 
 

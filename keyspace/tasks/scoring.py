@@ -67,15 +67,11 @@ def paired_difference(
     seed: int = BOOTSTRAP_SEED,
 ) -> tuple[float, float, float]:
     """mean(scores) - mean(reference) over the same prompts, with a paired percentile-bootstrap
-    95% interval: each resample draws prompts, and both variants' scores of a drawn prompt."""
+    95% interval: the bootstrap of the per-prompt differences, so a drawn prompt brings both."""
     if len(scores) != len(reference) or not scores:
         raise ValueError("a paired difference needs the same, non-empty list of prompts")
-    diffs = torch.tensor(scores, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(diffs), (resamples, len(diffs)), generator=gen)
-    means = diffs[picks].mean(dim=1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return float(diffs.mean()), float(low), float(high)
+    diffs = [a - b for a, b in zip(scores, reference, strict=True)]
+    return sum(diffs) / len(diffs), *bootstrap_interval(diffs, resamples, seed)
 
 
 def interval(scoring: str, scores: list[float]) -> tuple[float, float]:

@@ -4,9 +4,12 @@
 # The device tool sends at most 64 MiB per call and the GGUF is 98 MB, so it travels in two halves
 # (split -b 49181216 -d <gguf> gguf.part) over two calls to a warm machine; /tmp survives between
 # calls while the machine stays warm. Stages, one per call:
-#   part1 DIR            keep DIR/gguf.part00 in /tmp/parts; smoke-test the task path on a random-init twin
-#   prepare DIR          join DIR/gguf.part01 to it, check the sha256, collect + analyze on WikiText-2 valid
-#   tasks OUT LENGTHS HAYSTACK TASKS [extra validate flags]   50 prompts per cell into $OUT/OUT
+#   part1 DIR [smoke]    keep DIR/gguf.part00 in /tmp/parts; with `smoke`, also smoke-test the task
+#                        path on a random-init twin (about 190 s)
+#   prepare DIR [extra collect flags]   join DIR/gguf.part01 to it, check the sha256, collect +
+#                        analyze on WikiText-2 valid (1024-token windows unless e.g. --window 8192)
+#   tasks OUT LENGTHS HAYSTACK TASKS [extra validate flags]   50 prompts per cell into $OUT/OUT;
+#                        a flag given again (--methods, --d, --k, ...) replaces the grid's
 # Needs: .whl (the gguf wheel), .gpu/wt/{valid,test}.txt (WikiText-2), .gpu/smol-tok (tokenizer+config).
 # Set-up here, once (.gpu/ and .whl/ are in .git/info/exclude; carry them by name):
 #   mkdir -p .gpu/p1 .gpu/p2 .gpu/wt .whl && cp ../shared/data/wikitext-2/*.txt .gpu/wt/
@@ -17,7 +20,7 @@
 #   .venv/bin/python -c "from keyspace.models import load_model; m = load_model('smollm2-135m'); \
 #     m.tokenizer.save_pretrained('.gpu/smol-tok'); m.model.config.save_pretrained('.gpu/smol-tok')"
 # Then, back to back (the machine stays warm 30 s after a call):
-#   run(carry=[.gpu/p1, .whl, .gpu/smol-tok, .gpu/wt]):  bash benchmarks/tasks_gpu.sh part1 .gpu/p1
+#   run(carry=[.gpu/p1, .whl, .gpu/smol-tok, .gpu/wt]):  bash benchmarks/tasks_gpu.sh part1 .gpu/p1 smoke
 #   run(carry=[.gpu/p2, .whl, .gpu/smol-tok, .gpu/wt]):  bash benchmarks/tasks_gpu.sh prepare .gpu/p2 && \
 #       bash benchmarks/tasks_gpu.sh tasks t8192 8192 filler niah-word,niah-uuid,mv-niah
 set -u -o pipefail
@@ -35,6 +38,7 @@ GRID=(--d 16,32 --k 0.125,0.25 --basis key,query-aware --methods loki,full,exact
 case "$1" in
 part1)
   mkdir -p /tmp/parts && cp "$2"/gguf.part00 /tmp/parts/ && ls -l /tmp/parts
+  [ "${3:-}" = smoke ] || exit 0
   python3 - <<'PY'
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -57,7 +61,8 @@ prepare)
   cat /tmp/parts/gguf.part00 "$2"/gguf.part01 > $gguf.tmp || exit 1
   echo "$GGUF_SHA256  $gguf.tmp" | sha256sum -c || exit 1
   mv $gguf.tmp $gguf
-  ks collect --model smollm2-135m --dataset "$KEYSPACE_WIKITEXT_DIR/valid.txt" --out /tmp/run --max-tokens 16384 --device cuda 2>&1 | tail -3
+  shift 2
+  ks collect --model smollm2-135m --dataset "$KEYSPACE_WIKITEXT_DIR/valid.txt" --out /tmp/run --max-tokens 16384 --device cuda "$@" 2>&1 | tail -3
   ks analyze /tmp/run 2>&1 | tail -3
   ;;
 tasks)

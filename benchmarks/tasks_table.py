@@ -5,6 +5,8 @@
 
 Rows are the variants (method, basis, d, k) in the files' order; columns are (task, length) in
 the order they first appear; each cell is "accuracy [ci_low, ci_high]", "-" where not measured.
+`--labels a,b,...` names each file (say, its calibration); rows are then (label, variant), so
+the same variant from runs that differ in something outside the rows stays apart.
 This wrote the tables of docs/notes/tasks-h200-smollm2.md and docs/validate.md.
 """
 
@@ -17,10 +19,15 @@ from pathlib import Path
 from keyspace.reports.validate_figures import task_variant
 
 
+def row_name(row: dict) -> str:
+    label = row.get("_label")
+    return task_variant(row) if label is None else f"{label}: {task_variant(row)}"
+
+
 def markdown(rows: list[dict]) -> str:
     columns = list(dict.fromkeys((r["task"], r["length"]) for r in rows))
-    variants = list(dict.fromkeys(task_variant(r) for r in rows))
-    cells = {(task_variant(r), r["task"], r["length"]): r for r in rows}
+    variants = list(dict.fromkeys(row_name(r) for r in rows))
+    cells = {(row_name(r), r["task"], r["length"]): r for r in rows}
     lines = [
         "| method | " + " | ".join(f"{task} @ {length}" for task, length in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
@@ -39,8 +46,16 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", type=Path, help="validate.json files with tasks rows")
+    parser.add_argument("--labels", help="comma-separated, one per file: prefixes its rows")
     args = parser.parse_args()
-    rows = [r for f in args.files for r in json.loads(f.read_text())["tasks"]]
+    labels = [None] * len(args.files) if args.labels is None else args.labels.split(",")
+    if len(labels) != len(args.files):
+        parser.error(f"--labels has {len(labels)} names for {len(args.files)} files")
+    rows = [
+        {**r, "_label": label}
+        for f, label in zip(args.files, labels, strict=True)
+        for r in json.loads(f.read_text())["tasks"]
+    ]
     print(markdown(rows))
 
 

@@ -363,3 +363,39 @@ def test_validate_compares_both_bases_in_one_run(synthetic, tmp_path):
     assert (
         table.exit_code == 0 and "query-aware" in table.stdout and "score rank@90" in table.stdout
     )
+
+
+def test_validate_notes_prompts_longer_than_the_calibration_windows_under_the_query_aware_basis(
+    synthetic, tmp_path
+):
+    """The run's windows are 64 tokens: a 96-token task under the query-aware basis gets one note
+    naming the --window to collect with; the key basis, or tasks within the window, get none."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from keyspace.cli.main import app
+
+    root, run = synthetic
+    run = with_query_aware_calibration(run, tmp_path / "run")
+    args = ["validate", "--run", str(run), "--dataset", str(root / "corpus.txt"), "--window", "64"]
+    args += ["--max-tokens", "64", "--d", "4", "--k", "0.25", "--methods", "loki"]
+    args += ["--decode-prompts", "0", "--recall-windows", "0", "--tasks", "niah"]
+    args += ["--task-lengths", "96", "--task-count", "1", "--task-batch", "1"]
+
+    def run_with(*extra):
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        return result
+
+    noted = run_with("--basis", "key,query-aware", "--out", str(tmp_path / "qa"))
+    text = " ".join(noted.stderr.split())  # the console wraps at the terminal's width
+    assert text.count("Note:") == 1
+    note = text[text.index("Note:") :]
+    assert "calibrated on 64-token windows" in note and "96 tokens" in note
+    assert "--window 96" in note
+    doc = json.loads((tmp_path / "qa" / "validate.json").read_text())
+    assert doc["calibration_window"] == 64
+    assert "calibrated on 64-token windows" in (tmp_path / "qa" / "validate.html").read_text()
+    key_only = run_with("--basis", "key", "--out", str(tmp_path / "key"))
+    assert "Note:" not in key_only.stderr

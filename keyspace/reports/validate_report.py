@@ -342,9 +342,11 @@ def validate_page(doc: dict, related: list[tuple[str, str]]) -> tuple[str, list[
     if doc.get("tasks"):
         add("tasks", "Tasks", tasks_section(doc))
     data = doc["dataset"]
+    window = doc.get("calibration_window")
+    calibrated = f" (calibrated on {window}-token windows)" if window else ""
     subtitle = (
         f"{doc['model']['spec']} ({doc['model']['identity']}) · {doc['rotary']}-RoPE"
-        f" {' and '.join(doc.get('basis') or ['key'])} basis"
+        f" {' and '.join(doc.get('basis') or ['key'])} basis{calibrated}"
         f" · {dataset_name(doc)}, {html.plural(data['windows'], 'window')} of {data['window']}"
         f" tokens · {doc.get('device', '?')}, {doc.get('dtype', '?')}"
         f" · selection per {doc.get('gqa_select', 'head')}"

@@ -122,6 +122,27 @@ def check_task_lengths(model, tokenizer, tasks: tuple[str, ...], config: Validat
                 ) from None
 
 
+def calibration_window_note(inputs: Inputs, config: ValidateConfig) -> str | None:
+    """A note when the query-aware basis meets prompts longer than the calibration's windows.
+
+    Its whitening is fitted on queries at positions below the collect window; on SmolLM2 it lost
+    every UUID needle at 8192 tokens when calibrated on 1024-token windows, and matched dense when
+    calibrated on 8192-token windows (docs/notes/tasks-h200-smollm2.md). The key basis did not
+    gain from longer windows there, so only the query-aware basis gets the note."""
+    if "query-aware" not in inputs.bases or "loki" not in inputs.methods:
+        return None
+    window = int(inputs.run.manifest["window"])
+    lengths = (config.task_lengths if inputs.tasks else ()) + tuple(config.passkey_lengths)
+    longest = max(lengths, default=0)
+    if longest <= window:
+        return None
+    return (
+        f"Note: the query-aware basis was calibrated on {window}-token windows and the longest"
+        f" prompt here has {longest} tokens; it can lose long-range retrieval there. To calibrate"
+        f" for that length: keyspace collect ... --window {longest}, then keyspace analyze."
+    )
+
+
 def check_model(model, identity: str, inputs: Inputs) -> None:
     """The loaded model must be the one calibrated: same weights and same attention shapes."""
     run = inputs.run

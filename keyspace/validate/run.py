@@ -16,6 +16,7 @@ from keyspace.validate.config import Log, ValidateConfig
 from keyspace.validate.grid import sweep_points
 from keyspace.validate.inputs import (
     Inputs,
+    calibration_window_note,
     check_lengths,
     check_model,
     check_task_lengths,
@@ -81,6 +82,9 @@ def run_validate(
     check_model(loaded.model, loaded.identity, inputs)
     check_lengths(loaded.model, config.passkey_lengths, "--passkey-lengths")
     check_task_lengths(loaded.model, loaded.tokenizer, inputs.tasks, config)
+    note = calibration_window_note(inputs, config)
+    if note:
+        log(note)
     dataset = config.dataset or default_dataset(log)
     windows = load_token_windows(
         dataset, loaded.tokenizer, config.window, config.max_tokens, config.split
@@ -118,6 +122,7 @@ def run_validate(
             "window": config.window,
             "windows": int(windows.shape[0]),
         },
+        "calibration_window": int(inputs.run.manifest["window"]),
         "rotary": config.rotary,
         "basis": list(inputs.bases),
         "gqa_select": config.gqa_select,

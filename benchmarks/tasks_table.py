@@ -6,7 +6,9 @@
 Rows are the variants (method, basis, d, k) in the files' order; columns are (task, length) in
 the order they first appear; each cell is "accuracy [ci_low, ci_high]", "-" where not measured.
 `--labels a,b,...` names each file (say, its calibration); rows are then (label, variant), so
-the same variant from runs that differ in something outside the rows stays apart.
+the same variant from runs that differ in something outside the rows stays apart. `--methods`,
+`--k` and `--tasks` keep only those rows (full has no k and is kept by `--k`); `--tasks` also
+orders the columns.
 This wrote the tables of docs/notes/tasks-h200-smollm2.md and docs/validate.md.
 """
 
@@ -47,6 +49,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", type=Path, help="validate.json files with tasks rows")
     parser.add_argument("--labels", help="comma-separated, one per file: prefixes its rows")
+    parser.add_argument("--methods", help="comma-separated methods to keep, e.g. full,loki")
+    parser.add_argument("--k", type=float, help="keep the rows at this k (and full)")
+    parser.add_argument("--tasks", help="comma-separated tasks to keep, in column order")
     args = parser.parse_args()
     labels = [None] * len(args.files) if args.labels is None else args.labels.split(",")
     if len(labels) != len(args.files):
@@ -56,6 +61,13 @@ def main() -> None:
         for f, label in zip(args.files, labels, strict=True)
         for r in json.loads(f.read_text())["tasks"]
     ]
+    if args.methods:
+        rows = [r for r in rows if r["method"] in args.methods.split(",")]
+    if args.k is not None:
+        rows = [r for r in rows if r["k"] in (None, args.k)]
+    if args.tasks:
+        order = args.tasks.split(",")
+        rows = sorted((r for r in rows if r["task"] in order), key=lambda r: order.index(r["task"]))
     print(markdown(rows))
 
 

@@ -61,3 +61,22 @@ def test_a_label_count_that_does_not_match_the_files_is_a_usage_error(tmp_path):
     done = table(a, "--labels", "x,y")
     assert done.returncode == 2
     assert "--labels has 2 names for 1 files" in done.stderr
+
+
+def test_filters_keep_methods_k_and_tasks_and_order_the_columns(tmp_path):
+    a = write(tmp_path / "a.json", [
+        row("full", None, None, None, "niah", 4096, 1.0, 0.93, 1.0),
+        row("loki", 32, 0.125, "key", "niah", 4096, 0.5, 0.37, 0.63),
+        row("loki", 32, 0.25, "key", "niah", 4096, 0.6, 0.46, 0.72),
+        row("h2o", None, 0.125, None, "niah", 4096, 0.1, 0.04, 0.21),
+        row("full", None, None, None, "mv-niah", 4096, 0.5, 0.4, 0.6),
+        row("full", None, None, None, "vt", 4096, 0.2, 0.1, 0.3),
+    ])  # fmt: skip
+    done = table(a, "--methods", "full,loki", "--k", "0.125", "--tasks", "mv-niah,niah")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "| method | mv-niah @ 4096 | niah @ 4096 |",
+        "|---|---|---|",
+        "| full | 0.50 [0.40, 0.60] | 1.00 [0.93, 1.00] |",
+        "| loki d=32, k=1/8 | - | 0.50 [0.37, 0.63] |",
+    ]

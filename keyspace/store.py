@@ -249,7 +249,7 @@ def _manifest_problem(m: object) -> str | None:
         return f"state is {m.get('state')!r}"
     if not isinstance(m.get("model"), dict) or not isinstance(m["model"].get("identity"), str):
         return "model.identity is missing"
-    for key in ("num_layers", "num_kv_heads", "head_dim"):
+    for key in ("num_layers", "num_kv_heads", "head_dim", "window"):
         if not is_int(m.get(key), 1):
             return f"{key} is {m.get(key)!r}, not a positive integer"
     if not is_int(m.get("tokens")) or not isinstance(m.get("shards"), list):

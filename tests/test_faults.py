@@ -123,6 +123,8 @@ JSON_EDITS: dict[str, dict[str, Callable[[Path], None]]] = {
     MANIFEST: {
         "num_layers a string": _edit(_set("num_layers", value="2")),
         "head_dim zero": _edit(_set("head_dim", value=0)),
+        "window a string": _edit(_set("window", value="64")),
+        "window removed": _edit(lambda m: m.pop("window") and None),
         "state a number": _edit(_set("state", value=5)),
         "state partial": _edit(_set("state", value="partial")),
         "model a string": _edit(_set("model", value="tiny")),

@@ -352,21 +352,27 @@ def read_calibration(run_path: str | Path, ranks: dict | None = None) -> Calibra
     return calibration_from_bytes(data, path, hint)
 
 
-def queries_hint(run_path: str | Path) -> str:
-    """How to give a run collected without queries its query and score spectra."""
+def collect_again(run_path: str | Path, out: str | Path, window: int | None = None) -> str:
+    """`keyspace collect ... && keyspace analyze ...` for a new run at `out` from the same model
+    and corpus as `run_path`, with queries, in `window`-token windows (default: the run's own)."""
     manifest = RunFolder.open(run_path).manifest
     model, dataset = manifest.get("model") or {}, manifest.get("dataset") or {}
-    out = f"{Path(run_path)}-queries"
+    window = window or manifest.get("window", 1024)
+    tokens = manifest.get("max_tokens") or manifest.get("tokens") or "all"
+    if isinstance(tokens, int) and tokens < window:
+        tokens = window  # at least one whole window
     words: list[object] = ["keyspace", "collect", "--model", model.get("spec", "?")]
     words += ["--dataset", dataset.get("spec", "?")]
     if dataset.get("split"):
         words += ["--split", dataset["split"]]
-    words += ["--window", manifest.get("window", 1024)]
-    words += ["--max-tokens", manifest.get("max_tokens") or manifest.get("tokens") or "all"]
+    words += ["--window", window, "--max-tokens", tokens]
     words += ["--capture", "keys,queries", "--out", out]
-    return (
-        f"Collect it again with queries: `{shell_command(*words)}`, then `{analyze_command(out)}`."
-    )
+    return f"`{shell_command(*words)}`, then `{analyze_command(out)}`"
+
+
+def queries_hint(run_path: str | Path) -> str:
+    """How to give a run collected without queries its query and score spectra."""
+    return f"Collect it again with queries: {collect_again(run_path, f'{Path(run_path)}-queries')}."
 
 
 def read_score_transforms(

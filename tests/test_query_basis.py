@@ -393,9 +393,30 @@ def test_validate_notes_prompts_longer_than_the_calibration_windows_under_the_qu
     assert text.count("Note:") == 1
     note = text[text.index("Note:") :]
     assert "calibrated on 64-token windows" in note and "96 tokens" in note
-    assert "--window 96" in note
+    assert "--window 96" in note and f"--out {run}-w96" in note and "keyspace analyze" in note
     doc = json.loads((tmp_path / "qa" / "validate.json").read_text())
     assert doc["calibration_window"] == 64
     assert "calibrated on 64-token windows" in (tmp_path / "qa" / "validate.html").read_text()
     key_only = run_with("--basis", "key", "--out", str(tmp_path / "key"))
     assert "Note:" not in key_only.stderr
+
+
+def test_collect_again_keeps_the_runs_model_and_corpus_and_asks_for_at_least_one_window(synthetic):
+    import shlex
+
+    from keyspace.analyze import collect_again
+    from keyspace.store import RunFolder
+
+    _, run = synthetic
+    manifest = RunFolder.open(run).manifest
+    text = collect_again(run, "/tmp/new run", window=4096)
+    collect, analyze = (part.strip("`") for part in text.split(", then "))
+    words = shlex.split(collect)
+    flags = dict(zip(words[2::2], words[3::2], strict=True))
+    assert words[:2] == ["keyspace", "collect"]
+    assert flags["--model"] == manifest["model"]["spec"]
+    assert flags["--dataset"] == manifest["dataset"]["spec"]
+    assert flags["--window"] == "4096" and flags["--out"] == "/tmp/new run"
+    assert int(flags["--max-tokens"]) == 4096  # the run has fewer tokens than one such window
+    assert flags["--capture"] == "keys,queries"
+    assert shlex.split(analyze) == ["keyspace", "analyze", "/tmp/new run"]

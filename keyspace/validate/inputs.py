@@ -6,7 +6,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from keyspace.analyze import analyze_hint, queries_hint, read_calibration, read_ranks
+from keyspace.analyze import (
+    analyze_hint,
+    collect_again,
+    queries_hint,
+    read_calibration,
+    read_ranks,
+)
 from keyspace.errors import KeyspaceError
 from keyspace.loki import K_MODES, METHODS
 from keyspace.store import RunFolder, calibration_path
@@ -136,10 +142,12 @@ def calibration_window_note(inputs: Inputs, config: ValidateConfig) -> str | Non
     longest = max(lengths, default=0)
     if longest <= window:
         return None
+    run = inputs.run.path
+    again = collect_again(run, f"{run}-w{longest}", window=longest)
     return (
         f"Note: the query-aware basis was calibrated on {window}-token windows and the longest"
         f" prompt here has {longest} tokens; it can lose long-range retrieval there. To calibrate"
-        f" for that length: keyspace collect ... --window {longest}, then keyspace analyze."
+        f" for that length: {again}, and validate that run."
     )
 
 

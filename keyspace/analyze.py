@@ -352,10 +352,10 @@ def read_calibration(run_path: str | Path, ranks: dict | None = None) -> Calibra
     return calibration_from_bytes(data, path, hint)
 
 
-def collect_again(run_path: str | Path, out: str | Path, window: int | None = None) -> str:
-    """`keyspace collect ... && keyspace analyze ...` for a new run at `out` from the same model
-    and corpus as `run_path`, with queries, in `window`-token windows (default: the run's own)."""
-    manifest = RunFolder.open(run_path).manifest
+def collect_again(manifest: dict, out: str | Path, window: int | None = None) -> str:
+    """`keyspace collect ...`, then `keyspace analyze ...`: a new run at `out` from the model and
+    corpus of the run `manifest` describes, with queries, in `window`-token windows (default: the
+    run's own)."""
     model, dataset = manifest.get("model") or {}, manifest.get("dataset") or {}
     window = window or manifest.get("window", 1024)
     tokens = manifest.get("max_tokens") or manifest.get("tokens") or "all"
@@ -372,7 +372,8 @@ def collect_again(run_path: str | Path, out: str | Path, window: int | None = No
 
 def queries_hint(run_path: str | Path) -> str:
     """How to give a run collected without queries its query and score spectra."""
-    return f"Collect it again with queries: {collect_again(run_path, f'{Path(run_path)}-queries')}."
+    again = collect_again(RunFolder.open(run_path).manifest, f"{Path(run_path)}-queries")
+    return f"Collect it again with queries: {again}."
 
 
 def read_score_transforms(

@@ -383,6 +383,11 @@ class RunFolder:
         return self.manifest["model"]["identity"]
 
     @property
+    def window(self) -> int:
+        """Tokens per collect window: the longest position the calibration has seen."""
+        return self.manifest["window"]
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         """(layers, kv_heads, head_dim)."""
         m = self.manifest

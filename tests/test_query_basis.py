@@ -369,7 +369,7 @@ def test_validate_notes_prompts_longer_than_the_calibration_windows_under_the_qu
     synthetic, tmp_path
 ):
     """The run's windows are 64 tokens: a 96-token task under the query-aware basis gets one note
-    naming the --window to collect with; the key basis, or tasks within the window, get none."""
+    naming the --window to collect with; the key basis gets none."""
     import json
 
     from typer.testing import CliRunner
@@ -409,7 +409,7 @@ def test_collect_again_keeps_the_runs_model_and_corpus_and_asks_for_at_least_one
 
     _, run = synthetic
     manifest = RunFolder.open(run).manifest
-    text = collect_again(run, "/tmp/new run", window=4096)
+    text = collect_again(manifest, "/tmp/new run", window=4096)
     collect, analyze = (part.strip("`") for part in text.split(", then "))
     words = shlex.split(collect)
     flags = dict(zip(words[2::2], words[3::2], strict=True))
@@ -420,3 +420,34 @@ def test_collect_again_keeps_the_runs_model_and_corpus_and_asks_for_at_least_one
     assert int(flags["--max-tokens"]) == 4096  # the run has fewer tokens than one such window
     assert flags["--capture"] == "keys,queries"
     assert shlex.split(analyze) == ["keyspace", "analyze", "/tmp/new run"]
+
+
+@pytest.mark.parametrize(
+    "bases, methods, tasks, task_lengths, passkey_lengths, noted",
+    [
+        (("query-aware",), ["loki"], ("niah",), (96,), (), 96),
+        (("query-aware",), ["loki"], ("niah",), (64,), (), None),  # within the window
+        (("query-aware",), ["loki"], (), (96,), (), None),  # no task stage: its lengths do not run
+        (("query-aware",), ["loki"], (), (1024,), (128, 80), 128),  # the longest passkey
+        (("key",), ["loki"], ("niah",), (96,), (), None),
+        (("key", "query-aware"), ["full", "sparq"], ("niah",), (96,), (), None),  # no Loki
+    ],
+)
+def test_calibration_window_note_only_for_query_aware_loki_beyond_the_window(
+    bases, methods, tasks, task_lengths, passkey_lengths, noted
+):
+    from types import SimpleNamespace
+
+    from keyspace.validate.inputs import calibration_window_note
+
+    manifest = {"model": {"spec": "m"}, "dataset": {"spec": "c.txt"}, "window": 64, "tokens": 256}
+    run = SimpleNamespace(manifest=manifest, path="runs/r", window=64)
+    inputs = SimpleNamespace(bases=bases, methods=methods, tasks=tasks, run=run)
+    config = SimpleNamespace(task_lengths=task_lengths, passkey_lengths=passkey_lengths)
+    note = calibration_window_note(inputs, config)
+    if noted is None:
+        assert note is None
+    else:
+        assert note.startswith("Note: the query-aware basis was calibrated on 64-token windows")
+        assert f"has {noted} tokens" in note and f"--window {noted}" in note
+        assert f"--out runs/r-w{noted}" in note and "keyspace analyze runs/r-w" in note

@@ -137,13 +137,12 @@ def calibration_window_note(inputs: Inputs, config: ValidateConfig) -> str | Non
     gain from longer windows there, so only the query-aware basis gets the note."""
     if "query-aware" not in inputs.bases or "loki" not in inputs.methods:
         return None
-    window = int(inputs.run.manifest["window"])
+    window = inputs.run.window
     lengths = (config.task_lengths if inputs.tasks else ()) + tuple(config.passkey_lengths)
     longest = max(lengths, default=0)
     if longest <= window:
         return None
-    run = inputs.run.path
-    again = collect_again(run, f"{run}-w{longest}", window=longest)
+    again = collect_again(inputs.run.manifest, f"{inputs.run.path}-w{longest}", window=longest)
     return (
         f"Note: the query-aware basis was calibrated on {window}-token windows and the longest"
         f" prompt here has {longest} tokens; it can lose long-range retrieval there. To calibrate"

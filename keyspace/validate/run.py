@@ -76,15 +76,15 @@ def run_validate(
 ) -> ValidateResult:
     """Open, load, check, then measure every sweep point on the same windows."""
     inputs = inputs or open_inputs(config)
+    note = calibration_window_note(inputs, config)
+    if note:
+        log(note)
     loaded = load_model(
         inputs.run.manifest["model"]["spec"], dtype=config.dtype, device=config.device
     )
     check_model(loaded.model, loaded.identity, inputs)
     check_lengths(loaded.model, config.passkey_lengths, "--passkey-lengths")
     check_task_lengths(loaded.model, loaded.tokenizer, inputs.tasks, config)
-    note = calibration_window_note(inputs, config)
-    if note:
-        log(note)
     dataset = config.dataset or default_dataset(log)
     windows = load_token_windows(
         dataset, loaded.tokenizer, config.window, config.max_tokens, config.split
@@ -122,7 +122,7 @@ def run_validate(
             "window": config.window,
             "windows": int(windows.shape[0]),
         },
-        "calibration_window": int(inputs.run.manifest["window"]),
+        "calibration_window": inputs.run.window,
         "rotary": config.rotary,
         "basis": list(inputs.bases),
         "gqa_select": config.gqa_select,

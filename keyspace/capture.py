@@ -85,34 +85,23 @@ def attention_modules(model: Any, spec: ArchSpec) -> list[Any]:
     return [found[i] for i in sorted(found)]
 
 
-def _pre_keys(
-    output: torch.Tensor, layout: str, heads: int, kv_heads: int, head_dim: int
+def _pre_rotary(
+    output: torch.Tensor, layout: str, heads: int, head_dim: int, kv_heads: int | None = None
 ) -> torch.Tensor:
-    """Slice pre-RoPE keys (batch, seq, kv_heads, head_dim) out of the hooked module's output."""
+    """Slice pre-RoPE queries (batch, seq, heads, head_dim), or with `kv_heads` keys (batch, seq,
+    kv_heads, head_dim), out of the hooked module's output."""
     batch, seq = output.shape[:2]
+    count, slot = (heads, 0) if kv_heads is None else (kv_heads, 1)  # slot: 0 queries, 1 keys
     if layout == "heads":
         return output
     if layout == "kv":
-        return output.view(batch, seq, kv_heads, head_dim)
-    if layout == "phi3_qkv":
-        start = heads * head_dim
-        return output[..., start : start + kv_heads * head_dim].reshape(
-            batch, seq, kv_heads, head_dim
-        )
+        return output.view(batch, seq, count, head_dim)
+    if layout == "phi3_qkv":  # fused [q of all heads | k of all KV heads | v]
+        start = slot * heads * head_dim
+        return output[..., start : start + count * head_dim].reshape(batch, seq, count, head_dim)
     # gpt_neox: per head [q | k | v] of head_dim each
-    return output.view(batch, seq, heads, 3 * head_dim)[..., head_dim : 2 * head_dim]
-
-
-def _pre_queries(output: torch.Tensor, layout: str, heads: int, head_dim: int) -> torch.Tensor:
-    """Slice pre-RoPE queries (batch, seq, heads, head_dim) out of the hooked module's output."""
-    batch, seq = output.shape[:2]
-    if layout == "heads":
-        return output
-    if layout == "kv":
-        return output.view(batch, seq, heads, head_dim)
-    if layout == "phi3_qkv":
-        return output[..., : heads * head_dim].reshape(batch, seq, heads, head_dim)
-    return output.view(batch, seq, heads, 3 * head_dim)[..., :head_dim]
+    per_head = output.view(batch, seq, heads, 3 * head_dim)
+    return per_head[..., slot * head_dim : (slot + 1) * head_dim]
 
 
 def pool_groups(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -157,13 +146,13 @@ def capture_keys(
 
     def pre_hook(layer: int) -> Callable:
         def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-            on_keys("pre", layer, _pre_keys(output, spec.layout, heads, kv_heads, head_dim))
+            on_keys("pre", layer, _pre_rotary(output, spec.layout, heads, head_dim, kv_heads))
 
         return hook
 
     def query_hook(layer: int) -> Callable:
         def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
-            on_queries("pre", layer, _pre_queries(output, spec.query_layout, heads, head_dim))
+            on_queries("pre", layer, _pre_rotary(output, spec.query_layout, heads, head_dim))
 
         return hook
 

@@ -10,6 +10,15 @@ from safetensors.torch import save_file
 from keyspace.store import KINDS, Moments, save_moments, sha256_file, write_manifest
 
 
+def moments_of(x: torch.Tensor) -> Moments:
+    """x (layers, samples, heads, dim) -> its Moments, one layer at a time."""
+    layers, _, heads, dim = x.shape
+    m = Moments.zeros(layers, heads, dim)
+    for layer in range(layers):
+        m.add_keys(layer, x[layer])
+    return m
+
+
 def low_rank_keys(
     tokens: int,
     layers: int,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from runfolder_fixtures import low_rank_keys, synthetic_run, write_run
+from runfolder_fixtures import low_rank_keys, moments_of, synthetic_run, write_run
 from sklearn.decomposition import PCA as SkPCA
 
 from keyspace.analyze import (
@@ -19,16 +19,7 @@ from keyspace.analyze import (
 from keyspace.calibration import load_calibration
 from keyspace.errors import KeyspaceError
 from keyspace.spectra import pca_from_moments, rank_at
-from keyspace.store import Moments, RunFolder
-
-
-def moments_of(keys: torch.Tensor) -> Moments:
-    """keys (layers, tokens, heads, dim) -> Moments."""
-    layers, _, heads, dim = keys.shape
-    m = Moments.zeros(layers, heads, dim)
-    for layer in range(layers):
-        m.add_keys(layer, keys[layer])
-    return m
+from keyspace.store import RunFolder
 
 
 def test_pca_matches_sklearn_on_stored_keys(tmp_path):

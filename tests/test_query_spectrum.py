@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runfolder_fixtures import low_rank_keys, write_run
+from runfolder_fixtures import low_rank_keys, moments_of, write_run
 
 from keyspace.analyze import (
     AnalyzeConfig,
@@ -27,7 +27,6 @@ from keyspace.errors import KeyspaceError
 from keyspace.spectra import QUERY_EIGEN_FLOOR, score_spectrum
 from keyspace.store import (
     KINDS,
-    Moments,
     RunFolder,
     load_moments,
     query_kind,
@@ -36,15 +35,6 @@ from keyspace.store import (
 )
 
 F64 = torch.float64
-
-
-def moments_of(x: torch.Tensor) -> Moments:
-    """x (layers, samples, heads, dim) -> Moments."""
-    layers, _, heads, dim = x.shape
-    m = Moments.zeros(layers, heads, dim)
-    for layer in range(layers):
-        m.add_keys(layer, x[layer])
-    return m
 
 
 def anisotropic(samples: int, layers: int, heads: int, dim: int, seed: int, decay: float = 0.8):

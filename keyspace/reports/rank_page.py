@@ -265,24 +265,29 @@ def rank_figures(stem: str, a: Analysis, title: str) -> list[tuple[html.Png, str
     """The heatmap and per-layer figures: key ranks, or for a run with queries all three spectra."""
     tau = FIGURE_TAU
     if not a.has_queries:
-        ranks = {k: a.kinds[k].ranks[tau].numpy() for k in KINDS}
-        return [
-            (figures.to_png(figures.rank_heatmaps(ranks, a.head_dim, tau, title), f"{stem}-rank-heatmap.png"),
-             f"Rank@{tau:g} per layer (rows) and KV head (columns), pre- and post-RoPE, on one colour scale from 0 to head_dim = {a.head_dim}."),
-            (figures.to_png(figures.per_layer_ranks(ranks, a.head_dim, tau, title), f"{stem}-per-layer-rank.png"),
-             f"Mean rank@{tau:g} over KV heads per layer; the band spans the lowest to the highest head."),
-        ]  # fmt: skip
-    spectra = {k: {s: r.ranks[tau].numpy() for s, r in spectra_of(a, k).items()} for k in KINDS}
-    panels = {
-        f"{figures.KIND_TITLES[k]}\n{figures.SPECTRUM_TITLES[s]}": spectra[k][s]
-        for k in KINDS
-        for s in SPECTRA
-    }
+        panels = {k: a.kinds[k].ranks[tau].numpy() for k in KINDS}
+        per_layer = figures.per_layer_ranks(panels, a.head_dim, tau, title)
+        what, which, each = "", "", ""
+    else:
+        spectra = {k: {s: r.ranks[tau].numpy() for s, r in spectra_of(a, k).items()} for k in KINDS}
+        panels = {
+            f"{figures.KIND_TITLES[k]}\n{figures.SPECTRUM_TITLES[s]}": spectra[k][s]
+            for k in KINDS
+            for s in SPECTRA
+        }
+        per_layer = figures.per_layer_spectra(spectra, a.head_dim, tau, title)
+        what, each = " of three spectra", " for each spectrum"
+        which = (
+            ": the keys' variance (key PCA, what Loki keeps), the queries' energy (eigenvalues of"
+            " S_q) and the score energy (eigenvalues of S_q^½ C_k S_q^½, what the query-aware basis"
+            " keeps)"
+        )
+    heatmap = figures.rank_heatmaps(panels, a.head_dim, tau, title)
     return [
-        (figures.to_png(figures.rank_heatmaps(panels, a.head_dim, tau, title), f"{stem}-rank-heatmap.png"),
-         f"Rank@{tau:g} per layer (rows) and KV head (columns) of three spectra, pre- and post-RoPE, on one colour scale from 0 to head_dim = {a.head_dim}: the keys' variance (key PCA, what Loki keeps), the queries' energy (eigenvalues of S_q) and the score energy (eigenvalues of S_q^½ C_k S_q^½, what the query-aware basis keeps)."),
-        (figures.to_png(figures.per_layer_spectra(spectra, a.head_dim, tau, title), f"{stem}-per-layer-rank.png"),
-         f"Mean rank@{tau:g} over KV heads per layer for each spectrum; the band spans the lowest to the highest head."),
+        (figures.to_png(heatmap, f"{stem}-rank-heatmap.png"),
+         f"Rank@{tau:g} per layer (rows) and KV head (columns){what}, pre- and post-RoPE, on one colour scale from 0 to head_dim = {a.head_dim}{which}."),
+        (figures.to_png(per_layer, f"{stem}-per-layer-rank.png"),
+         f"Mean rank@{tau:g} over KV heads per layer{each}; the band spans the lowest to the highest head."),
     ]  # fmt: skip
 
 

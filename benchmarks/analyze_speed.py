@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from keyspace.analyze import AnalyzeConfig, analyze_kind, analyze_run, write_analysis
+from keyspace.analyze.pca import AnalyzeConfig, analyze_kind, analyze_run, write_analysis
 from keyspace.reports.build import build_report, render
-from keyspace.store import KINDS, Moments, save_moments, write_manifest
+from keyspace.runfolder.store import KINDS, Moments, save_moments, write_manifest
 
 LAYERS, KV_HEADS, HEAD_DIM, TOKENS = 30, 3, 64, 16384
 

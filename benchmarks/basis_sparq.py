@@ -34,7 +34,7 @@ from keyspace.loki.selection import (
     rotate,
     sparq_scores,
 )
-from keyspace.models import load_model
+from keyspace.models.loading import load_model
 from keyspace.tasks import cache_decoder, masked_decoder, run_tasks
 from keyspace.validate.config import ValidateConfig
 from keyspace.validate.inputs import open_inputs

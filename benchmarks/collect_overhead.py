@@ -30,7 +30,7 @@ def plain_forward_tps(model, windows: torch.Tensor) -> float:
 
 
 def collect_tps(dataset: str, tokens: int, out: Path) -> float:
-    from keyspace.collect import CollectConfig, collect
+    from keyspace.collect.runner import CollectConfig, collect
 
     result = collect(
         CollectConfig(model="smollm2-135m", dataset=dataset, out=out, max_tokens=tokens)
@@ -64,8 +64,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rss-tokens", default="4096,16384")
     args = parser.parse_args()
-    from keyspace.data import tokenize_windows
-    from keyspace.models import load_model
+    from keyspace.collect.corpora import tokenize_windows
+    from keyspace.models.loading import load_model
 
     dataset = str(WIKITEXT) if WIKITEXT.is_file() else "pydoc"
     loaded = load_model("smollm2-135m")

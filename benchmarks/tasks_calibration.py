@@ -36,7 +36,7 @@ def main() -> None:
     args = parse_args()
     import torch
 
-    from keyspace.models import load_model
+    from keyspace.models.loading import load_model
     from keyspace.tasks import TASKS, cache_decoder, run_tasks
 
     tasks = list(TASKS) if args.tasks == "all" else args.tasks.split(",")

@@ -17,7 +17,7 @@
 #   mv /tmp/gguf.part00 .gpu/p1/ && mv /tmp/gguf.part01 .gpu/p2/
 #   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 -d .whl gguf==0.19.0
-#   .venv/bin/python -c "from keyspace.models import load_model; m = load_model('smollm2-135m'); \
+#   .venv/bin/python -c "from keyspace.models.loading import load_model; m = load_model('smollm2-135m'); \
 #     m.tokenizer.save_pretrained('.gpu/smol-tok'); m.model.config.save_pretrained('.gpu/smol-tok')"
 # Then, back to back (the machine stays warm 30 s after a call):
 #   run(carry=[.gpu/p1, .whl, .gpu/smol-tok, .gpu/wt]):  bash benchmarks/tasks_gpu.sh part1 .gpu/p1 smoke

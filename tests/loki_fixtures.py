@@ -88,10 +88,10 @@ def synthetic_model_run(
 
     The calibration holds random orthonormal bases; ranks.json has rank_at 0.9 for pre and post.
     """
-    from keyspace.analyze import write_ranks
-    from keyspace.calibration import Calibration
-    from keyspace.models import load_model
-    from keyspace.store import write_manifest
+    from keyspace.analyze.pca import write_ranks
+    from keyspace.models.loading import load_model
+    from keyspace.runfolder.calibration import Calibration
+    from keyspace.runfolder.store import write_manifest
 
     model_dir, run = root / "model", root / "run"
     tiny_llama().save_pretrained(model_dir)

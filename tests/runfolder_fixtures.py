@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from keyspace.store import KINDS, Moments, save_moments, sha256_file, write_manifest
+from keyspace.runfolder.store import KINDS, Moments, save_moments, sha256_file, write_manifest
 
 
 def moments_of(x: torch.Tensor) -> Moments:

@@ -9,17 +9,17 @@ import torch
 from runfolder_fixtures import low_rank_keys, moments_of, synthetic_run, write_run
 from sklearn.decomposition import PCA as SkPCA
 
-from keyspace.analyze import (
+from keyspace.analyze.pca import (
     AnalyzeConfig,
     analyze_and_write,
     analyze_run,
     is_current,
     parse_thresholds,
 )
-from keyspace.calibration import load_calibration
+from keyspace.analyze.spectra import pca_from_moments, rank_at
 from keyspace.errors import KeyspaceError
-from keyspace.spectra import pca_from_moments, rank_at
-from keyspace.store import RunFolder
+from keyspace.runfolder.calibration import load_calibration
+from keyspace.runfolder.store import RunFolder
 
 
 def test_pca_matches_sklearn_on_stored_keys(tmp_path):
@@ -169,7 +169,7 @@ def test_token_count_warn_and_refuse(tmp_path):
 
 
 def test_single_threaded_restores_thread_count():
-    from keyspace.spectra import single_threaded
+    from keyspace.analyze.spectra import single_threaded
 
     before = torch.get_num_threads()
     with pytest.raises(RuntimeError), single_threaded():

@@ -7,10 +7,10 @@ import torch
 from sklearn.decomposition import PCA as SkPCA
 from tiny_models import save_tiny_model, write_corpus
 
-from keyspace.analyze import AnalyzeConfig, analyze_and_write, is_current
-from keyspace.collect import CollectConfig, collect
+from keyspace.analyze.pca import AnalyzeConfig, analyze_and_write, is_current
+from keyspace.collect.runner import CollectConfig, collect
 from keyspace.reports.build import build_report
-from keyspace.store import RunFolder
+from keyspace.runfolder.store import RunFolder
 
 WINDOW = 32
 

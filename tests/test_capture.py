@@ -7,15 +7,9 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from keyspace.capture import (
-    ARCHITECTURES,
-    arch_spec,
-    attention_modules,
-    capture_keys,
-    head_geometry,
-    pool_groups,
-)
+from keyspace.collect.capture import capture_keys, pool_groups
 from keyspace.errors import KeyspaceError
+from keyspace.models.arch import ARCHITECTURES, arch_spec, attention_modules, head_geometry
 
 ARCHS = sorted(ARCHITECTURES)
 
@@ -94,7 +88,7 @@ def _record_queries(model, ids):
 
 def _query_by_hand(arch: str, attn, x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     """Pre-RoPE queries (B, T, heads, head_dim) from the projection's input x, written out here
-    rather than taken from keyspace.capture: the weights' query rows, then q_norm where it exists."""
+    rather than taken from keyspace.collect.capture: the weights' query rows, then q_norm where it exists."""
     batch, seq = x.shape[:2]
     if arch == "phi3":  # fused [q | k | v] rows
         w = attn.qkv_proj.weight[: heads * head_dim]

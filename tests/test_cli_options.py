@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from keyspace.cli.main import app
-from keyspace.collect_config import CollectConfig
+from keyspace.collect.config import CollectConfig
 from keyspace.errors import KeyspaceError
 from keyspace.validate.config import ALL_METHODS, TASK_HAYSTACKS, ValidateConfig
 
@@ -48,7 +48,7 @@ def test_cli_values_reach_the_config_parsed(tmp_path, monkeypatch):
         seen["config"] = config
         raise KeyspaceError("stop here.", "This is a test.")
 
-    monkeypatch.setattr("keyspace.collect.collect", fake_collect)
+    monkeypatch.setattr("keyspace.collect.runner.collect", fake_collect)
     args = ["collect", "--out", str(tmp_path / "r"), "--max-tokens", "all", "--window", "64"]
     result = CliRunner().invoke(app, [*args, "--keep-keys", "none", "--resume"])
     assert result.exit_code == 2 and "stop here." in result.stderr

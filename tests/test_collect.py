@@ -16,9 +16,9 @@ from tiny_models import save_tiny_model, write_corpus
 from typer.testing import CliRunner
 
 from keyspace.cli.main import app
-from keyspace.collect import CollectConfig, collect
+from keyspace.collect.runner import CollectConfig, collect
 from keyspace.errors import KeyspaceError
-from keyspace.store import RunFolder, load_moments
+from keyspace.runfolder.store import RunFolder, load_moments
 
 WINDOW = 32
 
@@ -77,17 +77,17 @@ def test_run_folder_and_exact_moments(model_dir, corpus, tmp_path):
             torch.testing.assert_close(
                 moments.outer[layer], torch.einsum("thi,thj->hij", x, x), rtol=1e-12, atol=1e-9
             )
-    from keyspace.store import sha256_file
+    from keyspace.runfolder.store import sha256_file
 
     for shard in m["shards"]:
         assert sha256_file(result.out / shard["path"]) == shard["sha256"]
 
 
 def _queries_by_hand(model_dir, corpus, windows: int, monkeypatch) -> dict[str, torch.Tensor]:
-    """Pre- and post-RoPE queries (windows, T, heads, D) of every layer, without keyspace.capture:
+    """Pre- and post-RoPE queries (windows, T, heads, D) of every layer, without keyspace.collect.capture:
     q_proj's output, and the query SDPA receives."""
-    from keyspace.data import tokenize_windows
-    from keyspace.models import load_model
+    from keyspace.collect.corpora import tokenize_windows
+    from keyspace.models.loading import load_model
 
     loaded = load_model(str(model_dir))
     ids = tokenize_windows(str(corpus), loaded.tokenizer, WINDOW, WINDOW * windows).windows
@@ -190,7 +190,7 @@ def test_keep_keys_sample_and_none(model_dir, corpus, tmp_path):
 
 def test_resume_after_interrupt_is_identical(model_dir, corpus, tmp_path, monkeypatch):
     whole = collect(_cfg(model_dir, corpus, tmp_path / "whole"))
-    import keyspace.collect as mod
+    import keyspace.collect.runner as mod
 
     calls = {"n": 0}
     real_commit = mod.commit_chunk
@@ -238,7 +238,7 @@ def test_existing_run_needs_resume_and_same_model(model_dir, corpus, tmp_path):
 def test_damaged_shard_of_a_partial_run_is_recomputed_on_resume(
     model_dir, corpus, tmp_path, monkeypatch
 ):
-    import keyspace.collect as mod
+    import keyspace.collect.runner as mod
 
     whole = collect(_cfg(model_dir, corpus, tmp_path / "whole"))
     real_commit = mod.commit_chunk
@@ -317,7 +317,7 @@ def test_the_hint_for_a_damaged_complete_run_really_repairs_it(complete_run, tmp
 
 
 def test_second_collector_is_refused(model_dir, corpus, tmp_path):
-    from keyspace.checkpoint import FolderLock
+    from keyspace.collect.checkpoint import FolderLock
 
     out = tmp_path / "run"
     out.mkdir()

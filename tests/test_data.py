@@ -5,7 +5,7 @@ import json
 import pytest
 from tiny_models import TEXT, tiny_tokenizer
 
-from keyspace.data import load_corpus, tokenize_windows
+from keyspace.collect.corpora import load_corpus, tokenize_windows
 from keyspace.errors import KeyspaceError
 
 
@@ -35,7 +35,7 @@ def test_bos_is_prepended_when_the_tokenizer_adds_one(tokenizer, tmp_path, monke
     path = tmp_path / "c.txt"
     path.write_text(TEXT)
     tokenizer.add_special_tokens({"bos_token": "<eos>"})
-    monkeypatch.setattr("keyspace.data._adds_bos", lambda tok: True)
+    monkeypatch.setattr("keyspace.collect.corpora._adds_bos", lambda tok: True)
     tw = tokenize_windows(str(path), tokenizer, window=16, max_tokens=64)
     assert tw.bos and (tw.windows[:, 0] == tokenizer.bos_token_id).all()
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids
@@ -84,7 +84,7 @@ def test_wikitext_falls_back_to_local_copy_or_fails_clearly(tmp_path, monkeypatc
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("keyspace.data._local_wikitext_dirs", lambda: [tmp_path / "wt"])
+    monkeypatch.setattr("keyspace.collect.corpora._local_wikitext_dirs", lambda: [tmp_path / "wt"])
     with pytest.raises(KeyspaceError, match="could not load wikitext") as err:
         load_corpus("wikitext", "validation")
     assert "--dataset" in err.value.hint

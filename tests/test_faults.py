@@ -42,11 +42,11 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny_model, write_corpus
 from typer.testing import CliRunner
 
-from keyspace.analyze import analyze_and_write
+from keyspace.analyze.pca import analyze_and_write
 from keyspace.cli.main import app
-from keyspace.collect import CollectConfig, collect
+from keyspace.collect.runner import CollectConfig, collect
 from keyspace.errors import KeyspaceError
-from keyspace.verify import verify_run
+from keyspace.runfolder.verify import verify_run
 
 WINDOW = 32
 MANIFEST, MOMENTS = "manifest.json", "moments.safetensors"
@@ -269,7 +269,7 @@ def copy_run(world: dict, folder: Path) -> Path:
 
 
 def hashes(folder: Path) -> dict[str, str]:
-    from keyspace.store import sha256_file
+    from keyspace.runfolder.store import sha256_file
 
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     return {str(p.relative_to(folder)): sha256_file(p) for p in files}
@@ -495,7 +495,7 @@ def resume_hint_repairs(world: dict, out: Path, result: Result) -> str | None:
 
 @contextlib.contextmanager
 def ctrl_c_after_first_commit() -> Iterator[bool]:
-    import keyspace.collect as stage
+    import keyspace.collect.runner as stage
 
     real = stage.commit_chunk
 

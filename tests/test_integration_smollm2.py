@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from keyspace.collect import CollectConfig, collect
-from keyspace.store import RunFolder
+from keyspace.collect.runner import CollectConfig, collect
+from keyspace.runfolder.store import RunFolder
 
 WIKITEXT_VALID = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -34,7 +34,7 @@ def test_collect_real_smollm2(tmp_path):
     # Post-RoPE keys must be HF's RoPE of the pre-RoPE keys at the recorded positions.
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from keyspace.models import load_model
+    from keyspace.models.loading import load_model
 
     rope = LlamaRotaryEmbedding(load_model("smollm2-135m").model.config)
     for layer in (0, 29):

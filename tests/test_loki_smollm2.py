@@ -12,8 +12,8 @@ from keyspace.loki.decode import cache_kwargs
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from keyspace.data import load_token_windows
-    from keyspace.models import load_model
+    from keyspace.collect.corpora import load_token_windows
+    from keyspace.models.loading import load_model
 
     loaded = load_model("smollm2-135m")
     tokens = load_token_windows("pydoc", loaded.tokenizer, 128, 128)

@@ -4,7 +4,7 @@ import pytest
 from tiny_models import save_tiny_model
 
 from keyspace.errors import KeyspaceError
-from keyspace.models import load_model, resolve_spec
+from keyspace.models.loading import load_model, resolve_spec
 
 
 def test_resolve_spec_kinds(tmp_path):

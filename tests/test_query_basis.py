@@ -299,8 +299,9 @@ def with_query_aware_calibration(run, destination):
     A, B = A^-T), and whose ranks.json holds score ranks at 0.9, sealed as analyze seals them."""
     import shutil
 
-    from keyspace.analyze import read_ranks, write_ranks
-    from keyspace.calibration import load_calibration
+    from keyspace.analyze.pca import write_ranks
+    from keyspace.runfolder.analysis import read_ranks
+    from keyspace.runfolder.calibration import load_calibration
 
     shutil.copytree(run, destination)
     calibration = load_calibration(destination / "calibration.safetensors")
@@ -404,8 +405,8 @@ def test_validate_notes_prompts_longer_than_the_calibration_windows_under_the_qu
 def test_collect_again_keeps_the_runs_model_and_corpus_and_asks_for_at_least_one_window(synthetic):
     import shlex
 
-    from keyspace.analyze import collect_again
-    from keyspace.store import RunFolder
+    from keyspace.runfolder.analysis import collect_again
+    from keyspace.runfolder.store import RunFolder
 
     _, run = synthetic
     manifest = RunFolder.open(run).manifest

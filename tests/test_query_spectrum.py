@@ -1,6 +1,6 @@
 """The query and score spectra, and the query-aware transforms, against independent computations.
 
-Notation (keyspace.spectra): per KV head, C_k is the centered key covariance, S_q = E[q qᵀ] the
+Notation (keyspace.analyze.spectra): per KV head, C_k is the centered key covariance, S_q = E[q qᵀ] the
 uncentered second moment of the group's queries, U the descending eigenvectors of
 S_q^½ C_k S_q^½, A = Uᵀ S_q^½ the key transform and B = Uᵀ S_q^-½ the query transform.
 """
@@ -15,17 +15,11 @@ import pytest
 import torch
 from runfolder_fixtures import low_rank_keys, moments_of, write_run
 
-from keyspace.analyze import (
-    AnalyzeConfig,
-    analyze_and_write,
-    analyze_run,
-    is_current,
-    read_calibration,
-    read_score_transforms,
-)
+from keyspace.analyze.pca import AnalyzeConfig, analyze_and_write, analyze_run, is_current
+from keyspace.analyze.spectra import QUERY_EIGEN_FLOOR, score_spectrum
 from keyspace.errors import KeyspaceError
-from keyspace.spectra import QUERY_EIGEN_FLOOR, score_spectrum
-from keyspace.store import (
+from keyspace.runfolder.analysis import read_calibration, read_score_transforms
+from keyspace.runfolder.store import (
     KINDS,
     RunFolder,
     load_moments,
@@ -246,7 +240,8 @@ def test_keys_only_run_analyzes_and_says_what_it_lacks(tmp_path):
 
 def test_an_analysis_without_score_fields_is_stale_for_a_run_with_queries(tmp_path):
     """A run with queries whose ranks.json predates them (no `queries` field) is re-analyzed."""
-    from keyspace.analyze import read_ranks, write_ranks
+    from keyspace.analyze.pca import write_ranks
+    from keyspace.runfolder.analysis import read_ranks
 
     run = synthetic_query_run(tmp_path / "run", layers=1, heads=1)
     analyze_and_write(run)
@@ -261,9 +256,9 @@ def test_collected_run_has_exact_query_aware_scores(tmp_path):
     transforms reproduce the model's post-RoPE scores q·k of every query head."""
     from tiny_models import save_tiny_model, write_corpus
 
-    from keyspace.capture import capture_keys
-    from keyspace.collect import CollectConfig, collect
-    from keyspace.models import load_model
+    from keyspace.collect.capture import capture_keys
+    from keyspace.collect.runner import CollectConfig, collect
+    from keyspace.models.loading import load_model
 
     model_dir = save_tiny_model(tmp_path / "tiny-llama")
     corpus = write_corpus(tmp_path / "corpus.txt")

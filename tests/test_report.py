@@ -17,17 +17,13 @@ from runfolder_fixtures import low_rank_keys, synthetic_run, write_run
 from test_query_spectrum import synthetic_query_run
 from typer.testing import CliRunner
 
-from keyspace.analyze import (
-    AnalyzeConfig,
-    analyze_and_write,
-    read_ranks,
-    write_ranks,
-)
+from keyspace.analyze.pca import AnalyzeConfig, analyze_and_write, write_ranks
 from keyspace.cli.main import app
 from keyspace.reports import build, figures
 from keyspace.reports.build import build_report
 from keyspace.reports.rank_page import head_selection
-from keyspace.store import CHECKSUM_FIELD
+from keyspace.runfolder.analysis import read_ranks
+from keyspace.runfolder.store import CHECKSUM_FIELD
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()

@@ -376,7 +376,7 @@ def test_haystack_loader_names_its_source(tokenizer):
 
 @pytest.mark.slow
 def test_niah_on_smollm2_with_full_attention():
-    from keyspace.models import load_model
+    from keyspace.models.loading import load_model
 
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     rows = run_tasks(

@@ -6,9 +6,8 @@ import pytest
 import torch
 from runfolder_fixtures import low_rank_keys, synthetic_run, write_run
 
-from keyspace.errors import KeyspaceError
-from keyspace.spectra import pca_from_moments, rank_at, second_moment
-from keyspace.transfer import (
+from keyspace.analyze.spectra import pca_from_moments, rank_at, second_moment
+from keyspace.analyze.transfer import (
     RANK_SPEC,
     across_corpora,
     across_sequences,
@@ -16,6 +15,7 @@ from keyspace.transfer import (
     moments_of,
     r_specs,
 )
+from keyspace.errors import KeyspaceError
 
 
 def subspace_keys(tokens: int, dim: int, rank: int, seed: int) -> torch.Tensor:
@@ -125,7 +125,7 @@ def test_sequences_stationary_vs_shifted(tmp_path):
 
 
 def test_in_sequence_order_undoes_shard_order():
-    from keyspace.transfer import in_sequence_order
+    from keyspace.analyze.transfer import in_sequence_order
 
     windows = torch.tensor([2, 2, 0, 0, 1, 1])
     positions = torch.tensor([0, 1, 0, 1, 0, 1])

@@ -291,8 +291,9 @@ def test_run_without_calibration_or_ranks_or_with_another_models_calibration(tmp
 def test_calibration_identity_must_match_the_run(synthetic, tmp_path):
     import shutil
 
-    from keyspace.analyze import read_ranks, write_ranks
-    from keyspace.calibration import load_calibration
+    from keyspace.analyze.pca import write_ranks
+    from keyspace.runfolder.analysis import read_ranks
+    from keyspace.runfolder.calibration import load_calibration
 
     root, run = synthetic
     copy = tmp_path / "run"

@@ -12,7 +12,7 @@ import pytest
 from runfolder_fixtures import synthetic_run
 from test_report import assert_self_contained, parse
 
-from keyspace.analyze import AnalyzeConfig
+from keyspace.analyze.pca import AnalyzeConfig
 from keyspace.reports.build import build_report
 from keyspace.reports.validate_report import write_validate_report
 

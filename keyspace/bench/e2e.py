@@ -45,7 +45,9 @@ class E2EConfig:
     """One end-to-end sweep: every (batch, seq), dense and each (d, k) point, on one model."""
 
     config: str | None = "llama3-8b"  # random-init at a real shape (CONFIG_NAMES) ...
-    model: str | None = None  # ... or a real model (alias, folder), loaded by keyspace.models
+    model: str | None = (
+        None  # ... or a real model (alias, folder), loaded by keyspace.models.loading
+    )
     layers: int | None = None  # keep the first N decoder layers
     batches: tuple[int, ...] = (16,)
     seqs: tuple[int, ...] = (4096, 16384, 32768)

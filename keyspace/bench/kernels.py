@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from keyspace.capture import head_geometry
 from keyspace.errors import KeyspaceError
 from keyspace.kernels import (
     DEFAULT_SETTINGS,
@@ -33,7 +32,8 @@ from keyspace.kernels import (
     select_topk,
     sparse_attention,
 )
-from keyspace.models import ALIASES, alias_config
+from keyspace.models.arch import head_geometry
+from keyspace.models.loading import ALIASES, alias_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Relative L2 error allowed against the fp32 oracle (‖out − ref‖ / ‖ref‖).

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from keyspace.models import alias_config, load_model
+from keyspace.models.loading import alias_config, load_model
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# Real shapes, random weights. smollm2-135m comes from keyspace.models.alias_config.
+# Real shapes, random weights. smollm2-135m comes from keyspace.models.loading.alias_config.
 _LLAMA = {
     "model_type": "llama",
     "hidden_size": 4096,

@@ -25,7 +25,12 @@ def command(
     ] = False,
 ) -> None:
     """Analyze a run: rank at τ per layer and KV head, pre and post RoPE; writes the ranks and calibration files."""
-    from keyspace.analyze import AnalyzeConfig, analyze_and_write, parse_thresholds, summary_json
+    from keyspace.analyze.pca import (
+        AnalyzeConfig,
+        analyze_and_write,
+        parse_thresholds,
+        summary_json,
+    )
 
     config = AnalyzeConfig(parse_thresholds(threshold), centered=not uncentered)
     analysis = analyze_and_write(run, config)
@@ -76,7 +81,7 @@ def print_summary(analysis) -> None:
                 )
     stdout.print(table)
     stdout.print(f"Model identity: {analysis.model_identity}", soft_wrap=True)
-    from keyspace.store import calibration_path, ranks_path
+    from keyspace.runfolder.store import calibration_path, ranks_path
 
     written = f"Wrote {ranks_path(analysis.run)} and {calibration_path(analysis.run)}"
     stdout.print(written, soft_wrap=True)

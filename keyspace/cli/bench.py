@@ -37,7 +37,7 @@ def command(
     """Time one Loki decode step (scores, top-k, sparse attention) against dense SDPA; with --e2e,
     whole decode steps of a model (CUDA-graph loop, dense vs Loki, and transformers' generate)."""
     if out is not None:  # before any work: a sweep is minutes of GPU time
-        from keyspace.store import check_writable
+        from keyspace.runfolder.store import check_writable
 
         check_writable(out)
     if e2e:

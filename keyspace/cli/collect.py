@@ -10,7 +10,7 @@ import typer
 
 from keyspace.cli.common import handle_errors, print_json, progress_enabled, stderr, stdout
 from keyspace.cli.options import config_options
-from keyspace.collect_config import CollectConfig
+from keyspace.collect.config import CollectConfig
 from keyspace.errors import shell_command
 
 
@@ -21,7 +21,7 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Collect pre- and post-RoPE keys of every layer and KV head into a run folder."""
-    from keyspace.collect import collect
+    from keyspace.collect.runner import collect
 
     cfg = config
     result = _run_with_progress(cfg, collect)

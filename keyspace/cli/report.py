@@ -27,7 +27,7 @@ def command(
     ] = False,
 ) -> None:
     """Report ranks per layer and KV head, pre vs post RoPE, and transfer; analyzes runs first if needed."""
-    from keyspace.analyze import AnalyzeConfig, parse_thresholds
+    from keyspace.analyze.pca import AnalyzeConfig, parse_thresholds
     from keyspace.reports.build import build_report
 
     config = AnalyzeConfig(parse_thresholds(threshold), centered=not uncentered)

@@ -18,7 +18,7 @@ def command(
     ] = False,
 ) -> None:
     """Verify a run: every file against its sha256; exit 2 when any is missing or damaged."""
-    from keyspace.verify import verify_run
+    from keyspace.runfolder.verify import verify_run
 
     result = verify_run(run)
     if as_json:

@@ -1,7 +1,7 @@
 """The rank report: read runs, measure transfer, and assemble index.html (rank_page.py).
 
-Compute happens in keyspace.analyze / keyspace.transfer. A report reads its runs and never
-writes into them: a run that was never analyzed gets its analysis from keyspace.analyze's own
+Compute happens in keyspace.analyze.pca / keyspace.analyze.transfer. A report reads its runs and never
+writes into them: a run that was never analyzed gets its analysis from keyspace.analyze.pca's own
 writer (what `keyspace analyze` does); one analyzed with other settings, or whose moments
 changed since, is analyzed in memory, and the report says so.
 """
@@ -10,24 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keyspace.analyze import (
-    Analysis,
-    AnalyzeConfig,
-    analyze_and_write,
-    analyze_run,
-    is_current,
-    read_ranks,
+from keyspace.analyze.pca import Analysis, AnalyzeConfig, analyze_and_write, analyze_run, is_current
+from keyspace.analyze.transfer import (
+    across_corpora,
+    across_sequences,
+    require_same_model,
 )
 from keyspace.errors import KeyspaceError
 from keyspace.reports import links
 from keyspace.reports.rank_page import rank_page
 from keyspace.reports.rank_report import Report
-from keyspace.store import DEFAULT_THRESHOLD, RunFolder, calibration_path
-from keyspace.transfer import (
-    across_corpora,
-    across_sequences,
-    require_same_model,
-)
+from keyspace.runfolder.analysis import read_ranks
+from keyspace.runfolder.store import DEFAULT_THRESHOLD, RunFolder, calibration_path
 
 
 def run_labels(paths: list[Path]) -> list[str]:
@@ -62,7 +56,7 @@ def prepare_out(out: Path, runs: list[Path] = ()) -> Path:
 
 
 def load_analysis(path: Path, config: AnalyzeConfig) -> tuple[Analysis, bool, str | None]:
-    """(analysis, whether keyspace.analyze wrote it now, a note when the one on disk was not used)."""
+    """(analysis, whether keyspace.analyze.pca wrote it now, a note when the one on disk was not used)."""
     written = read_ranks(path)
     if written is None or not calibration_path(path).is_file():
         return analyze_and_write(path, config), True, None

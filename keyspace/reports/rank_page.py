@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from keyspace.analyze import FP16_MAX, Analysis
+from keyspace.analyze.pca import FP16_MAX, Analysis
+from keyspace.analyze.transfer import CorpusTransfer, SequenceTransfer, r_specs
 from keyspace.reports import figures, html, links
 from keyspace.reports.rank_report import Report, slug
-from keyspace.store import DEFAULT_THRESHOLD, KINDS, RunFolder
-from keyspace.transfer import CorpusTransfer, SequenceTransfer, r_specs
+from keyspace.runfolder.store import DEFAULT_THRESHOLD, KINDS, RunFolder
 
 FIGURE_TAU = DEFAULT_THRESHOLD
-# The spectra of a run with queries, in the order the page shows them (keyspace.spectra).
+# The spectra of a run with queries, in the order the page shows them (keyspace.analyze.spectra).
 SPECTRA = ("key", "query", "score")
 TESTS = {
     "halves": "first half → second half",

@@ -6,15 +6,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keyspace.analyze import Analysis, summary_json
-from keyspace.transfer import CorpusTransfer, SequenceTransfer
+from keyspace.analyze.pca import Analysis, summary_json
+from keyspace.analyze.transfer import CorpusTransfer, SequenceTransfer
 
 
 @dataclass
 class Report:
     """What rank-report produced. index is None when only numbers were asked for.
 
-    reanalyzed[i]: run i had no analysis, and keyspace.analyze wrote one.
+    reanalyzed[i]: run i had no analysis, and keyspace.analyze.pca wrote one.
     notes: why a run's analysis on disk was not used (the page shows them, the CLI prints them).
     """
 

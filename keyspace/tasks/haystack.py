@@ -11,7 +11,7 @@ import bisect
 import random
 from dataclasses import dataclass, field
 
-from keyspace.data import load_corpus
+from keyspace.collect.corpora import load_corpus
 from keyspace.errors import KeyspaceError
 
 # Repeated filler, also the passkey prompt's (keyspace/validate/passkey.py imports it): one sharp

@@ -10,7 +10,7 @@ import torch
 
 from keyspace.errors import KeyspaceError
 from keyspace.loki import METHODS
-from keyspace.store import RANKS
+from keyspace.runfolder.store import RANKS
 from keyspace.tasks import DEFAULT_TASKS, TASKS
 
 

@@ -6,16 +6,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from keyspace.analyze import (
+from keyspace.errors import KeyspaceError
+from keyspace.loki import K_MODES, METHODS
+from keyspace.runfolder.analysis import (
     analyze_hint,
     collect_again,
     queries_hint,
     read_calibration,
     read_ranks,
 )
-from keyspace.errors import KeyspaceError
-from keyspace.loki import K_MODES, METHODS
-from keyspace.store import RunFolder, calibration_path
+from keyspace.runfolder.store import RunFolder, calibration_path
 from keyspace.tasks import load_haystack, make_prompts
 from keyspace.validate.config import ValidateConfig
 from keyspace.validate.grid import DChoice, parse_d, parse_k, parse_names, parse_tasks, ranks_at

@@ -9,7 +9,7 @@ import torch
 from scipy.stats import spearmanr
 
 from keyspace.reports.validate_report import write_validate_report
-from keyspace.store import write_json_atomic
+from keyspace.runfolder.store import write_json_atomic
 
 VALIDATE_JSON = "validate.json"
 

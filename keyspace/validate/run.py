@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from keyspace import __version__
-from keyspace.data import load_corpus, load_token_windows
+from keyspace.collect.corpora import load_corpus, load_token_windows
 from keyspace.errors import KeyspaceError
-from keyspace.models import load_model
-from keyspace.store import check_writable, validate_dir
+from keyspace.models.loading import load_model
+from keyspace.runfolder.store import check_writable, validate_dir
 from keyspace.validate.config import Log, ValidateConfig
 from keyspace.validate.grid import sweep_points
 from keyspace.validate.inputs import (

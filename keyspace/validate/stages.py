@@ -15,7 +15,7 @@ from keyspace.bench.kernels import BenchConfig, run_sweep
 from keyspace.errors import KeyspaceError
 from keyspace.loki import METHODS, LokiCache, SparseSettings
 from keyspace.loki.selection import kv_bytes_fraction
-from keyspace.store import DEFAULT_THRESHOLD
+from keyspace.runfolder.store import DEFAULT_THRESHOLD
 from keyspace.tasks import Decoder, cache_decoder, masked_decoder, run_tasks
 from keyspace.validate.config import Log, ValidateConfig
 from keyspace.validate.evaluate import decode_check, loki_recall, perplexity

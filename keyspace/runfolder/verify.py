@@ -1,6 +1,6 @@
 """`verify`: check every file of a run folder against the sha256 the run recorded for it.
 
-What each file is checked against (docs/run-format.md, "Verification"; names in keyspace.store):
+What each file is checked against (docs/run-format.md, "Verification"; names in keyspace.runfolder.store):
   the merged moments, the key shards   the manifest (written by collect)
   each rank's progress file            parsed and checked; it records its moments file and shards
   each rank's moments file             that progress file
@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from keyspace.analyze import analyze_command, read_ranks
-from keyspace.checkpoint import rank_chunks, read_progress
 from keyspace.errors import KeyspaceError
-from keyspace.store import (
+from keyspace.runfolder.analysis import analyze_command, read_ranks
+from keyspace.runfolder.progress import rank_chunks, read_progress
+from keyspace.runfolder.store import (
     CALIBRATION,
     CHECKSUM_FIELD,
     DAMAGED,

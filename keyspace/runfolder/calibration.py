@@ -1,6 +1,6 @@
 """The calibration file: per (kind, layer, KV head) bases that the Loki stage consumes.
 
-Written by the analyzer into the run folder (`keyspace.store.calibration_path`). Tensors, for kind in {pre, post}:
+Written by the analyzer into the run folder (`keyspace.runfolder.store.calibration_path`). Tensors, for kind in {pre, post}:
   `{kind}.mean`        (layers, kv_heads, head_dim)            float32
   `{kind}.components`  (layers, kv_heads, head_dim, head_dim)  float32, row i = i-th direction,
                                                                 sorted by descending eigenvalue
@@ -13,7 +13,7 @@ A transform T applies as x̃ = T x (rows are output coordinates), so keys go k̃
 q̃ = B q, and q̃·k̃ = q·k. `components` is its own query transform (orthonormal).
 Metadata (str -> str): model_identity, centered ("true"/"false"), tokens, keyspace_version,
 queries ("true"/"false"; absent in files written before queries existed) and, with queries,
-query_eigen_floor (S_q's eigenvalue floor relative to its largest; keyspace.spectra).
+query_eigen_floor (S_q's eigenvalue floor relative to its largest; keyspace.analyze.spectra).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from keyspace.errors import KeyspaceError
-from keyspace.store import parse_tensors, read_file, save_tensors
+from keyspace.runfolder.store import parse_tensors, read_file, save_tensors
 
 PARTS = ("mean", "components", "eigenvalues")
 SCORE_PARTS = ("score_key_transform", "score_query_transform", "score_eigenvalues")
@@ -126,5 +126,5 @@ def calibration_from_bytes(data: bytes, path: Path, hint: str = "") -> Calibrati
 
 def load_calibration(path: str | Path) -> Calibration:
     """Read a calibration file written by `Calibration.save`, unverified (validate reads it
-    through `keyspace.analyze.read_calibration`, which checks its hash first)."""
+    through `keyspace.runfolder.analysis.read_calibration`, which checks its hash first)."""
     return calibration_from_bytes(read_file(Path(path), ""), Path(path))

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from keyspace.analyze.spectra import PCA, pca_from_moments, rank_at, second_moment, single_threaded
 from keyspace.errors import KeyspaceError
-from keyspace.spectra import PCA, pca_from_moments, rank_at, second_moment, single_threaded
-from keyspace.store import KINDS, Moments, RunFolder
+from keyspace.runfolder.store import KINDS, Moments, RunFolder
 
 RANK_SPEC = "rank@0.9"
 TRANSFER_THRESHOLD = 0.9

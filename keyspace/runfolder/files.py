@@ -4,7 +4,7 @@ Every write goes through `atomic_path` (a temp file beside the target, fsync, re
 turns an `OSError` or safetensors' `SafetensorError` into a `FileSystemError` naming the path and
 the cause. Every read of a recorded file goes through `read_verified`, which hashes the same
 bytes the caller then parses. JSON files that record other files' hashes carry a checksum of
-their own content (`sealed` / `seal_problem`). No run-folder names here: `keyspace.store` owns
+their own content (`sealed` / `seal_problem`). No run-folder names here: `keyspace.runfolder.store` owns
 them and re-exports what stages need.
 """
 

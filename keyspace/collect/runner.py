@@ -24,29 +24,30 @@ from typing import Any
 import torch
 
 from keyspace import __version__
-from keyspace.capture import arch_spec, capture_keys, head_geometry
-from keyspace.checkpoint import (
+from keyspace.collect.capture import capture_keys
+from keyspace.collect.checkpoint import (
     Dist,
     FolderLock,
     RankState,
     commit_chunk,
     final_problems,
     load_progress,
-    rank_chunks,
     write_progress,
 )
-from keyspace.chunks import (
+from keyspace.collect.chunks import (
     ChunkBuffer,
     keep_mask,
     require_kinds,
     write_shards,
     zero_moments,
 )
-from keyspace.collect_config import CAPTURES, CollectConfig
-from keyspace.data import load_corpus, tokenize_windows
+from keyspace.collect.config import CAPTURES, CollectConfig
+from keyspace.collect.corpora import load_corpus, tokenize_windows
 from keyspace.errors import FileSystemError, Interrupted, KeyspaceError
-from keyspace.models import load_model
-from keyspace.store import (
+from keyspace.models.arch import arch_spec, head_geometry
+from keyspace.models.loading import load_model
+from keyspace.runfolder.progress import rank_chunks
+from keyspace.runfolder.store import (
     MANIFEST,
     MOMENTS,
     STATE_COMPLETE,

@@ -8,14 +8,13 @@ Rank at τ is the smallest r whose cumulative explained-variance ratio is ≥ τ
 exactly equal to τ counts. Cumulative sums carry float rounding of a few ulp (0.7 + 0.2 is
 0.8999999999999999 in float64), so a cumulative ratio within `RANK_TOLERANCE` below τ counts too.
 
-Writes the run's ranks and calibration files (names in `keyspace.store`; docs/run-format.md).
+Writes the run's ranks and calibration files (names in `keyspace.runfolder.store`; docs/run-format.md).
 The ranks document is analyze's record: it holds the sha256 of the calibration file and of the
 moments it was computed from, and a checksum of its own content, so readers verify both files.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,7 @@ from pathlib import Path
 import torch
 
 from keyspace import __version__
-from keyspace.calibration import Calibration, calibration_from_bytes
-from keyspace.errors import FileSystemError, KeyspaceError, shell_command
-from keyspace.spectra import (
+from keyspace.analyze.spectra import (
     PCA,
     QUERY_EIGEN_FLOOR,
     RANK_TOLERANCE,
@@ -36,19 +33,18 @@ from keyspace.spectra import (
     score_spectrum,
     threshold_key,
 )
-from keyspace.store import (
+from keyspace.errors import FileSystemError, KeyspaceError, shell_command
+from keyspace.runfolder.analysis import analyze_command, read_calibration, read_ranks
+from keyspace.runfolder.calibration import Calibration
+from keyspace.runfolder.store import (
     DEFAULT_THRESHOLD,
     KINDS,
-    RANKS,
     Moments,
     RunFolder,
     calibration_path,
     check_writable,
     ranks_path,
-    read_file,
-    read_verified,
     run_capture,
-    seal_problem,
     sealed,
     write_json_atomic,
 )
@@ -297,14 +293,6 @@ def calibration_of(analysis: Analysis) -> Calibration:
     )
 
 
-def analyze_command(run_path: str | Path) -> str:
-    return shell_command("keyspace", "analyze", run_path)
-
-
-def analyze_hint(run_path: str | Path) -> str:
-    return f"`{analyze_command(run_path)}` rewrites the analysis from the run's moments."
-
-
 def write_ranks(run_path: str | Path, doc: dict) -> Path:
     """Seal the ranks document with its checksum and write it atomically: analyze's commit point."""
     path = ranks_path(run_path)
@@ -320,71 +308,6 @@ def write_analysis(analysis: Analysis) -> tuple[Path, Path]:
         "calibration_sha256": calibration_of(analysis).save(calibration_file),
     }
     return write_ranks(analysis.run, doc), calibration_file
-
-
-def read_ranks(run_path: str | Path) -> dict | None:
-    """The ranks document of a run, verified by its checksum; None when the run has none."""
-    path, hint = ranks_path(run_path), analyze_hint(run_path)
-    if not path.exists():
-        return None
-    try:
-        doc = json.loads(read_file(path, hint))
-    except ValueError as err:
-        raise KeyspaceError(f"{path} is damaged: it is not valid JSON ({err}).", hint) from None
-    problem = seal_problem(doc)
-    if problem:
-        raise KeyspaceError(f"{path} is damaged: {problem}.", hint)
-    return doc
-
-
-def read_calibration(run_path: str | Path, ranks: dict | None = None) -> Calibration:
-    """The run's calibration, verified against the sha256 its ranks document records."""
-    path, hint = calibration_path(run_path), analyze_hint(run_path)
-    ranks = ranks if ranks is not None else read_ranks(run_path)
-    if ranks is None:
-        what = (
-            "no analysis"
-            if not path.exists()
-            else f"a {path.name} but no {RANKS} recording its hash"
-        )
-        raise KeyspaceError(f"run {run_path} has {what}.", hint)
-    data = read_verified(path, ranks.get("calibration_sha256"), hint)
-    return calibration_from_bytes(data, path, hint)
-
-
-def collect_again(manifest: dict, out: str | Path, window: int | None = None) -> str:
-    """`keyspace collect ...`, then `keyspace analyze ...`: a new run at `out` from the model and
-    corpus of the run `manifest` describes, with queries, in `window`-token windows (default: the
-    run's own)."""
-    model, dataset = manifest.get("model") or {}, manifest.get("dataset") or {}
-    window = window or manifest.get("window", 1024)
-    tokens = manifest.get("max_tokens") or manifest.get("tokens") or "all"
-    if isinstance(tokens, int) and tokens < window:
-        tokens = window  # at least one whole window
-    words: list[object] = ["keyspace", "collect", "--model", model.get("spec", "?")]
-    words += ["--dataset", dataset.get("spec", "?")]
-    if dataset.get("split"):
-        words += ["--split", dataset["split"]]
-    words += ["--window", window, "--max-tokens", tokens]
-    words += ["--capture", "keys,queries", "--out", out]
-    return f"`{shell_command(*words)}`, then `{analyze_command(out)}`"
-
-
-def queries_hint(run_path: str | Path) -> str:
-    """How to give a run collected without queries its query and score spectra."""
-    again = collect_again(RunFolder.open(run_path).manifest, f"{Path(run_path)}-queries")
-    return f"Collect it again with queries: {again}."
-
-
-def read_score_transforms(
-    run_path: str | Path, kind: str, ranks: dict | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of the run's query-aware basis, each (layers, kv_heads, D, D), verified; a run
-    collected without queries is a KeyspaceError that says how to collect them."""
-    calibration = read_calibration(run_path, ranks)
-    if calibration.has_queries:
-        return calibration.score_transforms(kind)
-    return calibration.score_transforms(kind, queries_hint(run_path))
 
 
 def is_current(run_path: str | Path, config: AnalyzeConfig) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from keyspace.store import Moments
+from keyspace.runfolder.store import Moments
 
 # Absolute slack on cumulative ratios in [0, 1]: far above float64 rounding of a 128-term
 # cumulative sum (~1e-14), far below any variance a head could meaningfully carry.

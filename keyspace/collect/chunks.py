@@ -3,7 +3,7 @@ from it.
 
 Keys update the moments of their kind and, for the sampled tokens, are kept for the shards.
 Queries only update moments: per KV head, its group's G query heads pooled (`pool_groups`), in
-the moments kinds `query.pre` / `query.post` (`keyspace.store.query_kind`).
+the moments kinds `query.pre` / `query.post` (`keyspace.runfolder.store.query_kind`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from keyspace.capture import pool_groups
+from keyspace.collect.capture import pool_groups
 from keyspace.errors import KeyspaceError
-from keyspace.store import KINDS, Moments, query_kind, save_tensors, shard_name
+from keyspace.runfolder.store import KINDS, Moments, query_kind, save_tensors, shard_name
 
 SAMPLE_SEED = 0
 

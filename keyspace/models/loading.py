@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from keyspace.errors import KeyspaceError
-from keyspace.store import sha256_file
+from keyspace.runfolder.store import sha256_file
 
 
 @dataclass(frozen=True)

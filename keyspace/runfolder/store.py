@@ -2,7 +2,7 @@
 
 This module is the only one that knows the folder's file names; every other module asks it.
 Every write goes through `atomic_path` and every read of a run file through `read_verified`,
-which checks the sha256 the run recorded (both from `keyspace.files`, the one error boundary).
+which checks the sha256 the run recorded (both from `keyspace.runfolder.files`, the one error boundary).
 
 Layout (documented in docs/run-format.md):
   manifest.json                              identity, shapes, shards with sha256, state
@@ -25,24 +25,24 @@ import torch
 
 from keyspace.errors import FileSystemError, KeyspaceError, shell_command
 
-# The boundary and the integrity checks live in keyspace.files; stages use them from here.
-from keyspace.files import CHECKSUM_FIELD as CHECKSUM_FIELD
-from keyspace.files import DAMAGED as DAMAGED
-from keyspace.files import MISSING as MISSING
-from keyspace.files import OK as OK
-from keyspace.files import atomic_path as atomic_path
-from keyspace.files import check_writable as check_writable
-from keyspace.files import content_checksum as content_checksum
-from keyspace.files import file_state as file_state
-from keyspace.files import parse_tensors as parse_tensors
-from keyspace.files import read_file as read_file
-from keyspace.files import read_verified as read_verified
-from keyspace.files import save_tensors as save_tensors
-from keyspace.files import seal_problem as seal_problem
-from keyspace.files import sealed as sealed
-from keyspace.files import sha256_file as sha256_file
-from keyspace.files import write_bytes_atomic as write_bytes_atomic
-from keyspace.files import write_json_atomic as write_json_atomic
+# The boundary and the integrity checks live in keyspace.runfolder.files; stages use them from here.
+from keyspace.runfolder.files import CHECKSUM_FIELD as CHECKSUM_FIELD
+from keyspace.runfolder.files import DAMAGED as DAMAGED
+from keyspace.runfolder.files import MISSING as MISSING
+from keyspace.runfolder.files import OK as OK
+from keyspace.runfolder.files import atomic_path as atomic_path
+from keyspace.runfolder.files import check_writable as check_writable
+from keyspace.runfolder.files import content_checksum as content_checksum
+from keyspace.runfolder.files import file_state as file_state
+from keyspace.runfolder.files import parse_tensors as parse_tensors
+from keyspace.runfolder.files import read_file as read_file
+from keyspace.runfolder.files import read_verified as read_verified
+from keyspace.runfolder.files import save_tensors as save_tensors
+from keyspace.runfolder.files import seal_problem as seal_problem
+from keyspace.runfolder.files import sealed as sealed
+from keyspace.runfolder.files import sha256_file as sha256_file
+from keyspace.runfolder.files import write_bytes_atomic as write_bytes_atomic
+from keyspace.runfolder.files import write_json_atomic as write_json_atomic
 
 KINDS = ("pre", "post")
 MANIFEST = "manifest.json"

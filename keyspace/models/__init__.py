@@ -1,0 +1,1 @@
+"""Models: the architecture table (arch) and loading by alias, GGUF, folder or hub id (loading)."""

@@ -1,0 +1,69 @@
+"""Readers of a collect run's progress: which windows each rank takes, and its checked progress file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from keyspace.errors import KeyspaceError
+from keyspace.runfolder.store import progress_path, seal_problem
+
+
+def rank_chunks(n_windows: int, rank: int, world: int, shard_windows: int) -> list[list[int]]:
+    """The windows of each of this rank's chunks: rank r takes windows r, r+W, ..."""
+    mine = list(range(rank, n_windows, world))
+    return [mine[i : i + shard_windows] for i in range(0, len(mine), shard_windows)]
+
+
+def _progress_problem(progress: object, chunks_total: int | None) -> str | None:
+    """What makes a parsed progress file unusable, or None."""
+    if not isinstance(progress, dict):
+        return "it is not a JSON object"
+    done, shards, record = (progress.get(k) for k in ("chunks_done", "shards", "moments"))
+    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+        return f"chunks_done is {done!r}"
+    if chunks_total is not None and done > chunks_total:
+        return f"it counts {done} chunks, but the rank has {chunks_total}"
+    if not isinstance(shards, list) or not all(_shard_ok(s, done) for s in shards):
+        return "a shard entry is malformed"
+    if done and not (
+        isinstance(record, dict)
+        and _inside(record.get("path"))
+        and isinstance(record.get("sha256"), str)
+    ):
+        return "its moments record is malformed"
+    return None
+
+
+def _inside(path: object) -> bool:
+    """A relative path that stays inside the run folder."""
+    return isinstance(path, str) and not Path(path).is_absolute() and ".." not in Path(path).parts
+
+
+def _shard_ok(shard: object, chunks_done: int) -> bool:
+    if not isinstance(shard, dict):
+        return False
+    index = shard.get("index")
+    return (
+        _inside(shard.get("path"))
+        and isinstance(shard.get("sha256"), str)
+        and isinstance(index, int)
+        and 0 <= index < chunks_done
+    )
+
+
+def read_progress(out: Path, rank: int, chunks_total: int | None = None) -> dict | None:
+    """A rank's progress file, parsed and checked; None when it has none. Raises KeyspaceError."""
+    path = progress_path(out, rank)
+    if not path.exists():
+        return None
+    try:
+        progress = json.loads(path.read_bytes())
+        problem = seal_problem(progress) or _progress_problem(progress, chunks_total)
+    except OSError as err:
+        problem = err.strerror or str(err)
+    except ValueError as err:
+        problem = f"it is not valid JSON ({err})"
+    if problem:
+        raise KeyspaceError(f"{path} is damaged: {problem}.")
+    return progress

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import hypothesis
 import pytest
@@ -23,6 +25,7 @@ import keyspace.kernels.attention as attention_module
 import keyspace.kernels.decode as decode_module
 import keyspace.kernels.scores as scores_module
 import keyspace.kernels.select as select_module
+import keyspace.kernels.select_bracket as bracket_module
 from keyspace.kernels import (
     DEFAULT_SETTINGS,
     KernelSettings,
@@ -480,7 +483,7 @@ def test_bracket_pass_counts_and_stores_sure_scores_and_candidates(packed):
     counts = torch.zeros(rows, 2, dtype=torch.int32)
     idx = torch.full((rows, k_top), -7, dtype=torch.int32)
     cand = torch.zeros(rows, cap, dtype=torch.int64)
-    select_module._bracket_pass_kernel[(rows, triton.cdiv(seq, 1024))](
+    bracket_module._bracket_pass_kernel[(rows, triton.cdiv(seq, 1024))](
         scores, counts, bracket, counts, idx, cand, seq, k_top, 1, cap, HAS_SEQLENS=False,
         TILE=1024, PACKED_COUNTS=packed, num_warps=4,
     )  # fmt: skip
@@ -524,12 +527,12 @@ def test_sampled_bracket_holds_the_kth_and_is_narrow(seq, k_top):
     bins = sample // per_bin
     bracket = torch.empty(3, 2)
     counts = torch.full((3, 2), 7, dtype=torch.int32)
-    select_module._bracket_kernel[(3,)](
+    bracket_module._bracket_kernel[(3,)](
         scores, counts, bracket, counts, seq, k_top, 3, HAS_SEQLENS=False, SAMPLE=sample,
         BINS=bins, num_warps=4,
     )  # fmt: skip
     assert counts.eq(0).all()  # the next launch's counters start at zero
-    hi_rank, lo_rank = select_module.bracket_ranks(k_top * sample / seq, sample)
+    hi_rank, lo_rank = bracket_module.bracket_ranks(k_top * sample / seq, sample)
     drawn = scores[:, torch.arange(sample) * seq // sample]
     for row in range(3):
         lo, hi = bracket[row].tolist()
@@ -545,7 +548,7 @@ def test_sampled_bracket_holds_the_kth_and_is_narrow(seq, k_top):
         sure, cand = (x > hi).sum().item(), ((x >= lo) & (x <= hi)).sum().item()
         assert sure <= k_top <= sure + cand  # the row's k-th lies inside
         # About as wide as the sample ranks it stands for, plus a bin at either end.
-        assert cand <= 1.25 * select_module.expected_candidates(seq, k_top, sample, per_bin)
+        assert cand <= 1.25 * bracket_module.expected_candidates(seq, k_top, sample, per_bin)
 
 
 def test_bracket_sample_grows_until_the_candidates_fit():
@@ -553,10 +556,10 @@ def test_bracket_sample_grows_until_the_candidates_fit():
     per_bin, first = tuned.bracket_sample_per_bin, tuned.bracket_sample
 
     def sample(seq, k_top):
-        return select_module._bracket_sample(seq, k_top, tuned)
+        return bracket_module._bracket_sample(seq, k_top, tuned)
 
     def expected(seq, k_top, n):
-        return select_module.expected_candidates(seq, k_top, n, per_bin)
+        return bracket_module.expected_candidates(seq, k_top, n, per_bin)
 
     row, cap = tuned.cand_bisect_row, tuned.cand_cap
     assert sample(32768, 4096) == first  # k = S/8: about 2400 candidates
@@ -641,8 +644,33 @@ def test_kernel_settings_validate(change, message):
         replace(DEFAULT_SETTINGS, **change)
 
 
-def test_kernel_settings_are_frozen_defaults():
-    assert KernelSettings() == DEFAULT_SETTINGS
+def _documented_defaults() -> dict[str, str]:
+    """docs/kernels.md's tuning table: {field: its default as written}."""
+    text = (Path(__file__).parents[1] / "docs" / "kernels.md").read_text()
+    table = text.split("| fields | default | stage |", 1)[1].split("\n\n", 1)[0]
+    documented = {}
+    for line in table.splitlines()[2:]:
+        names_cell, values_cell = line.split("|")[1:3]
+        names = re.findall(r"`(\w+)`", names_cell)
+        values = [v.strip() for v in values_cell.split(",")]
+        assert len(names) == len(values), line
+        documented.update(zip(names, values, strict=True))
+    return documented
+
+
+def _as_written(name: str, value) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    return f"{value // 1024} KB" if name.endswith("_bytes") else str(value)
+
+
+def test_kernel_settings_defaults_are_the_documented_tuned_values_and_frozen():
+    documented = _documented_defaults()
+    declared = {f.name: f.default for f in dataclasses.fields(KernelSettings)}
+    assert set(documented) == set(declared), "every field is in docs/kernels.md's table, once"
+    for name, default in declared.items():
+        assert documented[name] == _as_written(name, default), name
+        assert getattr(DEFAULT_SETTINGS, name) == default, name
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT_SETTINGS.select_method = "radix"
 

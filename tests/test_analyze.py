@@ -18,7 +18,7 @@ from keyspace.analyze.pca import (
 )
 from keyspace.analyze.spectra import pca_from_moments, rank_at
 from keyspace.errors import KeyspaceError
-from keyspace.runfolder.calibration import load_calibration
+from keyspace.runfolder.analysis import read_calibration
 from keyspace.runfolder.store import RunFolder
 
 
@@ -122,7 +122,7 @@ def test_outputs_written_and_consistent(tmp_path):
         assert sum(evr[1][1]) == pytest.approx(1.0)
     # Pre ranks of the fixture are 2 + (layer + head) % 4.
     assert doc["pre"]["rank_at"]["0.9"] == [[2, 3], [3, 4], [4, 5]]
-    cal = load_calibration(run / "calibration.safetensors")
+    cal = read_calibration(run)
     assert cal.metadata["model_identity"] == "test/tiny-llama@0000"
     assert cal.metadata["centered"] == "true" and cal.metadata["tokens"] == "512"
     assert cal.components["post"].shape == (3, 2, 16, 16)
@@ -138,7 +138,7 @@ def test_uncentered_recorded(tmp_path):
     run = synthetic_run(tmp_path / "run", layers=1, heads=1)
     analyze_and_write(run, AnalyzeConfig(centered=False))
     assert json.loads((run / "ranks.json").read_text())["centered"] is False
-    assert load_calibration(run / "calibration.safetensors").metadata["centered"] == "false"
+    assert read_calibration(run).metadata["centered"] == "false"
 
 
 @pytest.mark.parametrize("text", ["0", "1.5", "-0.1", "nan", "0.9,abc", ""])

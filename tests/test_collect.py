@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from keyspace.cli.main import app
 from keyspace.collect.runner import CollectConfig, collect
 from keyspace.errors import KeyspaceError
-from keyspace.runfolder.store import RunFolder, load_moments
+from keyspace.runfolder.store import RunFolder
 
 WINDOW = 32
 
@@ -54,7 +54,7 @@ def test_run_folder_and_exact_moments(model_dir, corpus, tmp_path):
     result = collect(_cfg(model_dir, corpus, tmp_path / "run"))
     run = RunFolder.open(result.out).require_complete()
     m = run.manifest
-    assert (m["num_layers"], m["num_kv_heads"], m["head_dim"], m["tokens"]) == (
+    assert (m.num_layers, m.num_kv_heads, m.head_dim, m.tokens) == (
         2,
         2,
         16,
@@ -121,9 +121,9 @@ def _queries_by_hand(model_dir, corpus, windows: int, monkeypatch) -> dict[str, 
 def test_query_moments_pool_each_group(model_dir, corpus, tmp_path, monkeypatch):
     """query.{kind} moments per KV head j = sums over the tokens of query heads jG .. jG+G-1."""
     run = RunFolder.open(collect(_cfg(model_dir, corpus, tmp_path / "run")).out)
-    assert run.manifest["capture"] == ["keys", "queries"]
+    assert run.manifest.capture == ("keys", "queries")
     queries = _queries_by_hand(model_dir, corpus, 10, monkeypatch)
-    heads, kv_heads = run.manifest["num_heads"], run.manifest["num_kv_heads"]
+    heads, kv_heads = run.manifest.num_heads, run.manifest.num_kv_heads
     group = heads // kv_heads
     assert group == 2  # the tiny Llama is GQA
     for kind in ("pre", "post"):
@@ -142,7 +142,7 @@ def test_query_moments_pool_each_group(model_dir, corpus, tmp_path, monkeypatch)
 def test_capture_keys_only_gives_todays_run(model_dir, corpus, tmp_path):
     result = collect(_cfg(model_dir, corpus, tmp_path / "keys", capture="keys"))
     run = RunFolder.open(result.out)
-    assert run.manifest["capture"] == ["keys"]
+    assert run.manifest.capture == ("keys",)
     assert not [name for name in _moments_tensors(run.path) if name.startswith("query.")]
     assert run.query_moments("post") is None and run.moments("post").count[0] == 10 * WINDOW
     assert "--capture keys" in run.resume_command
@@ -151,7 +151,7 @@ def test_capture_keys_only_gives_todays_run(model_dir, corpus, tmp_path):
     assert "--capture keys" in err.value.hint
     # Without --capture, a resumed run records what it recorded before: an older run stays keys.
     again = collect(_cfg(model_dir, corpus, tmp_path / "keys", resume=True))
-    assert again.state == "complete" and RunFolder.open(again.out).manifest["capture"] == ["keys"]
+    assert again.state == "complete" and RunFolder.open(again.out).manifest.capture == ("keys",)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +205,7 @@ def test_resume_after_interrupt_is_identical(model_dir, corpus, tmp_path, monkey
     with pytest.raises(KeyspaceError, match="no space left") as err:
         collect(_cfg(model_dir, corpus, tmp_path / "cut"))
     assert "Free some space" in err.value.hint and "--resume" in err.value.hint
-    assert RunFolder.open(tmp_path / "cut").manifest["state"] == "partial"
+    assert RunFolder.open(tmp_path / "cut").manifest.state == "partial"
     monkeypatch.setattr(mod, "commit_chunk", real_commit)
     resumed = collect(_cfg(model_dir, corpus, tmp_path / "cut", resume=True))
     assert resumed.resumed_windows == 3 and resumed.state == "complete"
@@ -217,8 +217,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert ma.keys() == mb.keys()
     for name in ma:
         assert torch.equal(ma[name], mb[name]), name
-    sa = {s["path"]: s["sha256"] for s in RunFolder.open(a).manifest["shards"]}
-    sb = {s["path"]: s["sha256"] for s in RunFolder.open(b).manifest["shards"]}
+    sa = {s.path: s.sha256 for s in RunFolder.open(a).manifest.shards}
+    sb = {s.path: s.sha256 for s in RunFolder.open(b).manifest.shards}
     assert sa == sb
 
 
@@ -428,7 +428,7 @@ def test_killed_then_resumed_is_bit_identical(model_dir, corpus, tmp_path, sig):
         capture_output=True,
         env=one_thread,
     )
-    n_windows = RunFolder.open(tmp_path / "whole").manifest["num_windows"]
+    n_windows = RunFolder.open(tmp_path / "whole").manifest.num_windows
     assert n_windows == 24
     proc = subprocess.Popen(
         _cli(*args, "--out", str(tmp_path / "killed")),
@@ -460,7 +460,7 @@ def test_killed_then_resumed_is_bit_identical(model_dir, corpus, tmp_path, sig):
         command = shlex.split(lines[0].split("Hint:", 1)[1].split("`")[1])
         assert command[:3] == ["keyspace", "collect", "--resume"]
         resume = [sys.executable, "-m", *command]
-    assert RunFolder.open(tmp_path / "killed").manifest["state"] == "partial"
+    assert RunFolder.open(tmp_path / "killed").manifest.state == "partial"
     subprocess.run(resume, check=True, capture_output=True, env=one_thread)
     _assert_same_run(tmp_path / "whole", tmp_path / "killed")
 
@@ -512,16 +512,14 @@ def test_torchrun_two_ranks_match_one_process(model_dir, corpus, tmp_path):
         cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    one, two = (
-        load_moments(tmp_path / "one" / "moments.safetensors"),
-        load_moments(tmp_path / "two" / "moments.safetensors"),
-    )
+    one, two = (RunFolder.open(tmp_path / name) for name in ("one", "two"))
     for kind in ("pre", "post"):
-        assert torch.equal(one[kind].count, two[kind].count)
-        torch.testing.assert_close(two[kind].sum, one[kind].sum, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(two[kind].outer, one[kind].outer, rtol=1e-12, atol=1e-12)
+        assert torch.equal(one.moments(kind).count, two.moments(kind).count)
+        for part in ("sum", "outer"):
+            expected, got = (getattr(r.moments(kind), part) for r in (one, two))
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     manifest = RunFolder.open(tmp_path / "two").require_complete().manifest
-    assert manifest["world_size"] == 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}
+    assert manifest.world_size == 2 and {s.rank for s in manifest.shards} == {0, 1}
     keys_one = RunFolder.open(tmp_path / "one").kept_keys("post", 1)
     keys_two = RunFolder.open(tmp_path / "two").kept_keys("post", 1)
     order_one = torch.argsort(keys_one[2] * 1000 + keys_one[1])

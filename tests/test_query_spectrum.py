@@ -8,6 +8,7 @@ S_q^½ C_k S_q^½, A = Uᵀ S_q^½ the key transform and B = Uᵀ S_q^-½ the qu
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,10 @@ from runfolder_fixtures import low_rank_keys, moments_of, write_run
 from keyspace.analyze.pca import AnalyzeConfig, analyze_and_write, analyze_run, is_current
 from keyspace.analyze.spectra import QUERY_EIGEN_FLOOR, score_spectrum
 from keyspace.errors import KeyspaceError
-from keyspace.runfolder.analysis import read_calibration, read_score_transforms
+from keyspace.runfolder.analysis import read_calibration
 from keyspace.runfolder.store import (
     KINDS,
     RunFolder,
-    load_moments,
     query_kind,
     save_moments,
     write_manifest,
@@ -51,13 +51,12 @@ def query_run(path: Path, keys: dict, queries: dict, **kwargs) -> Path:
     `collect --capture keys,queries` writes them. queries[kind]: (layers, n, kv_heads, D),
     already pooled per KV head."""
     write_run(path, keys, **kwargs)
-    moments = load_moments(path / "moments.safetensors")
+    run = RunFolder.open(path)
+    moments = {kind: run.moments(kind) for kind in KINDS}
     for kind in KINDS:
         moments[query_kind(kind)] = moments_of(queries[kind])
-    manifest = RunFolder.open(path).manifest
-    manifest["moments"]["sha256"] = save_moments(path / "moments.safetensors", moments)
-    manifest["capture"] = ["keys", "queries"]
-    write_manifest(path, manifest)
+    sha256 = save_moments(path / "moments.safetensors", moments)
+    write_manifest(path, replace(run.manifest, moments_sha256=sha256, capture=("keys", "queries")))
     return path
 
 
@@ -211,7 +210,7 @@ def test_analyze_writes_query_and_score_spectra(tmp_path):
     assert calibration.metadata["queries"] == "true"
     assert float(calibration.metadata["query_eigen_floor"]) == QUERY_EIGEN_FLOOR
     for kind in KINDS:
-        a, b = read_score_transforms(run, kind)
+        a, b = calibration.score_transforms(kind)
         assert a.shape == b.shape == (2, 2, 16, 16) and a.dtype == b.dtype == torch.float32
         expected = analysis.kinds[kind].scores
         torch.testing.assert_close(a, expected.key_transform.float())
@@ -234,7 +233,7 @@ def test_keys_only_run_analyzes_and_says_what_it_lacks(tmp_path):
     assert read_calibration(run).metadata["queries"] == "false"
     assert is_current(run, AnalyzeConfig())
     with pytest.raises(KeyspaceError, match="without queries") as err:
-        read_score_transforms(run, "post")
+        read_calibration(run).score_transforms("post")
     assert "--capture keys,queries" in err.value.hint and "keyspace analyze" in err.value.hint
 
 

@@ -11,6 +11,8 @@ exactly equal to τ counts. Cumulative sums carry float rounding of a few ulp (0
 Writes the run's ranks and calibration files (names in `keyspace.runfolder.store`; docs/run-format.md).
 The ranks document is analyze's record: it holds the sha256 of the calibration file and of the
 moments it was computed from, and a checksum of its own content, so readers verify both files.
+Writing them is one commit (`write_analysis`), under the run folder's lock: Ctrl-C at any point
+leaves the old analysis or the new one, never a mismatched pair.
 """
 
 from __future__ import annotations
@@ -34,17 +36,23 @@ from keyspace.analyze.spectra import (
     threshold_key,
 )
 from keyspace.errors import FileSystemError, KeyspaceError, shell_command
-from keyspace.runfolder.analysis import analyze_command, read_calibration, read_ranks
+from keyspace.runfolder.analysis import (
+    analyze_command,
+    commit_analysis,
+    committed_calibration_path,
+    read_calibration,
+    read_ranks,
+)
 from keyspace.runfolder.calibration import Calibration
+from keyspace.runfolder.lock import FolderLock
+from keyspace.runfolder.manifest import Manifest
 from keyspace.runfolder.store import (
     DEFAULT_THRESHOLD,
     KINDS,
     Moments,
     RunFolder,
-    calibration_path,
     check_writable,
     ranks_path,
-    run_capture,
     sealed,
     write_json_atomic,
 )
@@ -176,13 +184,12 @@ def token_warnings(tokens: int, head_dim: int, run: Path) -> list[str]:
     return []
 
 
-def corpus_label(manifest: dict) -> str:
+def corpus_label(manifest: Manifest) -> str:
     """Short corpus name: a named corpus with its split, or a file's last two path parts."""
-    dataset = manifest.get("dataset") or {}
-    spec = str(dataset.get("spec", "?"))
+    spec = manifest.dataset_spec or "?"
     if "/" in spec or spec.endswith((".txt", ".jsonl", ".parquet")):
         return "/".join(Path(spec).parts[-2:])
-    split = dataset.get("split")
+    split = manifest.dataset_split
     return f"{spec} ({split})" if split else spec
 
 
@@ -211,7 +218,7 @@ def analyze_run(run_path: str | Path, config: AnalyzeConfig | None = None) -> An
         kinds=kinds,
         moments_sha256=run.moments_sha256 or "",
         warnings=warnings,
-        model_spec=str((run.manifest.get("model") or {}).get("spec", "")),
+        model_spec=run.manifest.model_spec or "",
     )
 
 
@@ -301,13 +308,19 @@ def write_ranks(run_path: str | Path, doc: dict) -> Path:
 
 
 def write_analysis(analysis: Analysis) -> tuple[Path, Path]:
-    """Write the calibration, then the ranks document recording its sha256, atomically."""
-    calibration_file = calibration_path(analysis.run)
-    doc = {
-        **ranks_json(analysis),
-        "calibration_sha256": calibration_of(analysis).save(calibration_file),
-    }
-    return write_ranks(analysis.run, doc), calibration_file
+    """Write the calibration and the ranks document recording its sha256, as one commit
+    (`keyspace.runfolder.analysis.commit_analysis`). The caller holds the folder lock
+    (`analyze_and_write`). A NaN or Inf in the results is refused before anything is written."""
+    calibration = calibration_of(analysis)
+    where = calibration.first_nonfinite()
+    if where is not None:
+        raise KeyspaceError(
+            f"analyze computed a NaN or Inf from the moments of {analysis.run} ({where}); nothing"
+            " was written.",
+            "Collect the run again: its moments hold values no PCA can use.",
+        )
+    doc = ranks_json(analysis)
+    return commit_analysis(analysis.run, calibration.to_bytes(), doc)
 
 
 def is_current(run_path: str | Path, config: AnalyzeConfig) -> bool:
@@ -316,7 +329,7 @@ def is_current(run_path: str | Path, config: AnalyzeConfig) -> bool:
     Both files are verified first: a damaged one is an error, not a stale analysis.
     """
     doc = read_ranks(run_path)
-    if doc is None or not calibration_path(run_path).is_file():
+    if doc is None or not committed_calibration_path(run_path, doc).is_file():
         return False
     read_calibration(run_path, doc)
     run = RunFolder.open(run_path)
@@ -324,14 +337,15 @@ def is_current(run_path: str | Path, config: AnalyzeConfig) -> bool:
     return (
         doc.get("format_version") == RANKS_FORMAT_VERSION
         and doc.get("centered") == config.centered
-        and written <= set(doc.get("pre", {}).get("rank_at", {}))
+        and written <= set(doc["pre"]["rank_at"])
         and doc.get("moments_sha256") == run.moments_sha256
-        and bool(doc.get("queries", False)) == ("queries" in run_capture(run.manifest))
+        and doc.get("queries", False) == ("queries" in run.manifest.capture)
     )
 
 
 def analyze_and_write(run_path: str | Path, config: AnalyzeConfig | None = None) -> Analysis:
-    """analyze_run + write_analysis: what `keyspace analyze` does. The run folder is checked for
+    """analyze_run + write_analysis: what `keyspace analyze` does, under the run folder's lock (a
+    second analyze, or a collect still writing, is refused). The run folder is checked for
     writability before any work."""
     RunFolder.open(run_path)
     try:
@@ -340,8 +354,13 @@ def analyze_and_write(run_path: str | Path, config: AnalyzeConfig | None = None)
         copy = Path(run_path).resolve().name + "-copy"
         err.hint = f"Analyze a writable copy: `{shell_command('cp', '-r', run_path, copy)}`, then `{analyze_command(copy)}`."
         raise
-    analysis = analyze_run(run_path, config)
-    write_analysis(analysis)
+    busy = (
+        f"another keyspace process (analyze or collect) is writing to {Path(run_path)}.",
+        f"Wait for it to finish, then run `{analyze_command(run_path)}` again.",
+    )
+    with FolderLock(Path(run_path), 0, busy=busy):
+        analysis = analyze_run(run_path, config)
+        write_analysis(analysis)
     return analysis
 
 

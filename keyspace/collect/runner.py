@@ -110,7 +110,7 @@ def _check_out_folder(cfg: CollectConfig) -> dict | None:
     """
     if (cfg.out / MANIFEST).exists() or progress_path(cfg.out, 0).is_file():
         try:
-            existing = RunFolder.open(cfg.out).manifest
+            existing = RunFolder.open(cfg.out).manifest.to_json()
         except KeyspaceError:
             existing = unverified_manifest(cfg.out)  # rebuilt by finalizing again
             if not cfg.resume or existing is None:
@@ -166,7 +166,7 @@ def _stopped(cfg: CollectConfig, err: FileSystemError | None = None) -> tuple[st
         run = RunFolder.open(cfg.out)
         if run.is_complete:
             return f"the run in {cfg.out} is unchanged and complete", ""
-        manifest = run.manifest
+        manifest = run.manifest.to_json()
     except KeyspaceError:
         manifest = unverified_manifest(cfg.out)
     if manifest is None:

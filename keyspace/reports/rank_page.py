@@ -11,6 +11,7 @@ from keyspace.analyze.pca import FP16_MAX, Analysis
 from keyspace.analyze.transfer import CorpusTransfer, SequenceTransfer, r_specs
 from keyspace.reports import figures, html, links
 from keyspace.reports.rank_report import Report, slug
+from keyspace.runfolder.manifest import Manifest
 from keyspace.runfolder.store import DEFAULT_THRESHOLD, KINDS, RunFolder
 
 FIGURE_TAU = DEFAULT_THRESHOLD
@@ -113,12 +114,11 @@ def headline(report: Report) -> str:
     )
 
 
-def run_windows(manifest: dict) -> int | None:
+def run_windows(manifest: Manifest) -> int | None:
     """Windows the run's keys come from (older manifests only give tokens and window length)."""
-    if manifest.get("num_windows") is not None:
-        return int(manifest["num_windows"])
-    tokens, window = manifest.get("tokens"), manifest.get("window")
-    return -(-int(tokens) // int(window)) if tokens and window else None
+    if manifest.num_windows is not None:
+        return manifest.num_windows
+    return -(-manifest.tokens // manifest.window) if manifest.tokens else None
 
 
 def sample_warnings(report: Report) -> list[tuple[str, str]]:
@@ -132,7 +132,7 @@ def sample_warnings(report: Report) -> list[tuple[str, str]]:
                 (
                     "Small sample",
                     f"{label}: keys come from {html.plural(windows, 'window')} of"
-                    f" {manifest.get('window', '?')} tokens; ranks may not hold for other text,"
+                    f" {manifest.window} tokens; ranks may not hold for other text,"
                     " and transfer across windows cannot be measured. Collect more with --max-tokens.",
                 )
             )

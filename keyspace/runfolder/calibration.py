@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from keyspace.errors import KeyspaceError
-from keyspace.runfolder.store import parse_tensors, read_file, save_tensors
+from keyspace.runfolder.files import parse_tensors, write_bytes_atomic
 
 PARTS = ("mean", "components", "eigenvalues")
 SCORE_PARTS = ("score_key_transform", "score_query_transform", "score_eigenvalues")
@@ -96,13 +96,30 @@ class Calibration:
             )
         return self.score_key_transform[kind], self.score_query_transform[kind]
 
-    def save(self, path: str | Path) -> str:
-        """Write the file atomically; returns its sha256."""
+    def first_nonfinite(self) -> str | None:
+        """Where the first NaN or Inf is ("post.components of layer 1, KV head 0"), or None."""
+        for part in PARTS + SCORE_PARTS:
+            for kind, tensor in getattr(self, part).items():
+                bad = ~torch.isfinite(tensor.flatten(2)).all(dim=-1)  # (layers, kv_heads)
+                if bad.any():
+                    layer, head = (int(i) for i in bad.nonzero()[0])
+                    return f"{kind}.{part} of layer {layer}, KV head {head}"
+        return None
+
+    def to_bytes(self) -> bytes:
+        """The file's bytes: float32 tensors and str metadata, the same bytes for the same content."""
+        from safetensors.torch import save
+
         tensors = {}
         for part in PARTS + SCORE_PARTS:
             for kind, tensor in getattr(self, part).items():
-                tensors[f"{kind}.{part}"] = tensor.float()
-        return save_tensors(path, tensors, metadata={k: str(v) for k, v in self.metadata.items()})
+                tensors[f"{kind}.{part}"] = tensor.float().contiguous()
+        metadata = {k: str(v) for k, v in self.metadata.items()}
+        return canonical_safetensors(save(tensors, metadata=metadata))
+
+    def save(self, path: str | Path) -> str:
+        """Write the file atomically; returns its sha256."""
+        return write_bytes_atomic(path, self.to_bytes())
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -119,12 +136,24 @@ def calibration_from_bytes(data: bytes, path: Path, hint: str = "") -> Calibrati
         for name, tensor in tensors.items():
             kind, part = name.split(".", 1)
             parts[part][kind] = tensor
-        return Calibration(**parts, metadata=safetensors_metadata(data))
+        calibration = Calibration(**parts, metadata=safetensors_metadata(data))
     except (KeyError, ValueError) as err:
         raise KeyspaceError(f"{path} is not a calibration file ({err}).", hint) from None
+    where = calibration.first_nonfinite()
+    if where is not None:
+        raise KeyspaceError(f"{path} holds a NaN or Inf: {where}.", hint)
+    return calibration
 
 
-def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration file written by `Calibration.save`, unverified (validate reads it
-    through `keyspace.runfolder.analysis.read_calibration`, which checks its hash first)."""
-    return calibration_from_bytes(read_file(Path(path), ""), Path(path))
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its header's metadata in sorted order, so that the same
+    tensors and metadata always give the same bytes (safetensors writes metadata from a hash map,
+    in an order that changes from process to process). Tensor offsets are relative to the data,
+    so only the header changes; it is padded with spaces to a multiple of 8, as safetensors does."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]

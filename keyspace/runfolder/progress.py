@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from keyspace.errors import KeyspaceError
-from keyspace.runfolder.store import progress_path, seal_problem
+from keyspace.runfolder.store import KINDS, progress_path, seal_problem
 
 
 def rank_chunks(n_windows: int, rank: int, world: int, shard_windows: int) -> list[list[int]]:
@@ -24,14 +24,17 @@ def _progress_problem(progress: object, chunks_total: int | None) -> str | None:
         return f"chunks_done is {done!r}"
     if chunks_total is not None and done > chunks_total:
         return f"it counts {done} chunks, but the rank has {chunks_total}"
-    if not isinstance(shards, list) or not all(_shard_ok(s, done) for s in shards):
-        return "a shard entry is malformed"
+    if not isinstance(shards, list):
+        return f"shards is {type(shards).__name__}, not a list"
+    for i, shard in enumerate(shards):
+        if not _shard_ok(shard, done):
+            return f"shards[{i}] is {shard!r}, not a shard entry of one of its {done} chunks"
     if done and not (
         isinstance(record, dict)
         and _inside(record.get("path"))
         and isinstance(record.get("sha256"), str)
     ):
-        return "its moments record is malformed"
+        return f"moments is {record!r}, not {{path, sha256}} inside the run"
     return None
 
 
@@ -40,15 +43,27 @@ def _inside(path: object) -> bool:
     return isinstance(path, str) and not Path(path).is_absolute() and ".." not in Path(path).parts
 
 
+def _count(value: object, high: int | None = None) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= 0
+        and (high is None or value < high)
+    )
+
+
 def _shard_ok(shard: object, chunks_done: int) -> bool:
+    """A shard entry as collect writes it: every field the manifest's shard table needs."""
     if not isinstance(shard, dict):
         return False
-    index = shard.get("index")
     return (
         _inside(shard.get("path"))
         and isinstance(shard.get("sha256"), str)
-        and isinstance(index, int)
-        and 0 <= index < chunks_done
+        and shard.get("kind") in KINDS
+        and _count(shard.get("index"), chunks_done)
+        and _count(shard.get("layer"))
+        and _count(shard.get("tokens"))
+        and _count(shard.get("rank", 0))
     )
 
 

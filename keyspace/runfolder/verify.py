@@ -4,10 +4,13 @@ What each file is checked against (docs/run-format.md, "Verification"; names in 
   the merged moments, the key shards   the manifest (written by collect)
   each rank's progress file            parsed and checked; it records its moments file and shards
   each rank's moments file             that progress file
-  the ranks document                   its own content checksum (written by analyze)
-  the calibration                      the ranks document
+  the ranks document                   its own content checksum (written by analyze), then
+                                       field by field, and its moments_sha256 against the
+                                       manifest's (an analysis of other moments is `stale`)
+  the calibration                      the ranks document, then parsed: every value finite
 Each file is streamed once through sha256. The manifest itself is the root of trust: it is
-parsed and checked field by field when the run is opened.
+parsed and checked field by field when the run is opened. The merged moments are also parsed:
+a NaN or Inf in them is `damaged` even under a matching sha256 (a resealed run).
 """
 
 from __future__ import annotations
@@ -16,12 +19,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from keyspace.errors import KeyspaceError
-from keyspace.runfolder.analysis import analyze_command, read_ranks
+from keyspace.runfolder.analysis import (
+    analyze_command,
+    committed_calibration_path,
+    read_calibration,
+    read_ranks,
+)
 from keyspace.runfolder.progress import rank_chunks, read_progress
 from keyspace.runfolder.store import (
     CALIBRATION,
     CHECKSUM_FIELD,
     DAMAGED,
+    KINDS,
     MANIFEST,
     MISSING,
     MOMENTS,
@@ -35,6 +44,8 @@ from keyspace.runfolder.store import (
 )
 
 COLLECT, ANALYZE = "collect", "analyze"
+# An analysis intact in itself but computed from other moments than the run holds.
+STALE = "stale"
 
 
 @dataclass
@@ -93,20 +104,18 @@ class Verification:
 def verify_run(path: str | Path) -> Verification:
     """Check every file of the run at `path`; opening a damaged manifest raises KeyspaceError."""
     run = RunFolder.open(path)
-    result = Verification(run.path, run.manifest["state"], ranks_path(run.path).exists())
+    result = Verification(run.path, run.manifest.state, ranks_path(run.path).exists())
     result.repair = {COLLECT: run.resume_command, ANALYZE: analyze_command(run.path)}
     result.files.append(FileCheck(MANIFEST, "", OK, COLLECT))
     if run.is_complete:
-        result.files.append(_check(run.path, MOMENTS, run.moments_sha256, COLLECT))
-        result.files += [
-            _check(run.path, s["path"], s["sha256"], COLLECT) for s in run.manifest["shards"]
-        ]
-    for rank in range(_world(run.manifest)):
+        result.files.append(_moments_check(run))
+        result.files += [_check(run.path, s.path, s.sha256, COLLECT) for s in run.manifest.shards]
+    for rank in range(_world(run)):
         result.files += _progress_checks(run, rank)
     if run.is_complete and _lists_disagree(run):
         result.files[0].state = DAMAGED
     if result.analyzed or calibration_path(run.path).exists():
-        result.files += _analysis_checks(run.path)
+        result.files += _analysis_checks(run)
     return result
 
 
@@ -114,16 +123,27 @@ def _check(run: Path, rel: str, sha256: str | None, writer: str) -> FileCheck:
     return FileCheck(rel, sha256 or "", file_state(run / rel, sha256), writer)
 
 
-def _world(manifest: dict) -> int:
-    """Ranks that wrote progress files; a run not written by collect (no world_size) has none."""
-    world = manifest.get("world_size", 0)
-    return world if isinstance(world, int) and not isinstance(world, bool) and world > 0 else 0
+def _moments_check(run: RunFolder) -> FileCheck:
+    """The merged moments: their sha256, then their values (shape, finite)."""
+    check = _check(run.path, MOMENTS, run.moments_sha256, COLLECT)
+    if check.state == OK:
+        try:
+            run.moments(KINDS[0])
+        except KeyspaceError:
+            check.state = DAMAGED
+    return check
+
+
+def _world(run: RunFolder) -> int:
+    """Ranks that wrote progress files; a run not written by collect (no world_size) has none.
+    The manifest's parser bounds it by the run's windows."""
+    return run.manifest.world_size or 0
 
 
 def _lists_disagree(run: RunFolder) -> bool:
     """True when the manifest's shard list is not the one the (readable) progress files commit."""
     committed = []
-    for rank in range(_world(run.manifest)):
+    for rank in range(_world(run)):
         try:
             progress = read_progress(run.path, rank)
         except KeyspaceError:
@@ -131,21 +151,21 @@ def _lists_disagree(run: RunFolder) -> bool:
         if progress is None:
             return False  # that progress file is reported as missing or damaged itself
         committed += [(s["path"], s["sha256"]) for s in progress["shards"]]
-    listed = [(s["path"], s["sha256"]) for s in run.manifest["shards"]]
-    return _world(run.manifest) > 0 and sorted(listed) != sorted(committed)
+    listed = [(s.path, s.sha256) for s in run.manifest.shards]
+    return _world(run) > 0 and sorted(listed) != sorted(committed)
 
 
-def _chunks(manifest: dict, rank: int) -> int | None:
+def _chunks(run: RunFolder, rank: int) -> int | None:
     """How many chunks this rank commits in all, where the manifest says."""
-    n, size = manifest.get("num_windows"), manifest.get("shard_windows")
-    if not all(isinstance(v, int) and v > 0 for v in (n, size)):
+    n, size = run.manifest.num_windows, run.manifest.shard_windows
+    if not n or not size:
         return None
-    return len(rank_chunks(n, rank, _world(manifest), size))
+    return len(rank_chunks(n, rank, _world(run), size))
 
 
 def _progress_checks(run: RunFolder, rank: int) -> list[FileCheck]:
     rel = progress_path(run.path, rank).relative_to(run.path).as_posix()
-    total = _chunks(run.manifest, rank)
+    total = _chunks(run, rank)
     try:
         progress = read_progress(run.path, rank, total)
     except KeyspaceError:
@@ -164,9 +184,11 @@ def _progress_checks(run: RunFolder, rank: int) -> list[FileCheck]:
     return checks
 
 
-def _analysis_checks(run: Path) -> list[FileCheck]:
+def _analysis_checks(run: RunFolder) -> list[FileCheck]:
+    """ranks.json (checksum, fields, pairing with the manifest's moments) and the calibration
+    it records (sha256, values)."""
     try:
-        doc = read_ranks(run)
+        doc = read_ranks(run.path)
     except KeyspaceError:
         doc = None
         ranks = FileCheck(RANKS, "", DAMAGED, ANALYZE)
@@ -174,8 +196,16 @@ def _analysis_checks(run: Path) -> list[FileCheck]:
         ranks = FileCheck(
             RANKS, (doc or {}).get(CHECKSUM_FIELD, ""), OK if doc else MISSING, ANALYZE
         )
+    if doc is not None and doc["moments_sha256"] != run.moments_sha256:
+        ranks.state = STALE  # another run's analysis, or one of moments collected since
     expected = (doc or {}).get("calibration_sha256")
     calibration = FileCheck(CALIBRATION, expected or "", MISSING, ANALYZE)
-    if calibration_path(run).exists():
-        calibration.state = file_state(calibration_path(run), expected) if expected else DAMAGED
+    path = committed_calibration_path(run.path, doc) if doc else calibration_path(run.path)
+    if path.exists():
+        calibration.state = file_state(path, expected) if expected else DAMAGED
+    if calibration.state == OK:
+        try:
+            read_calibration(run.path, doc)
+        except KeyspaceError:
+            calibration.state = DAMAGED
     return [ranks, calibration]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from keyspace.errors import KeyspaceError
-from keyspace.loki import K_MODES, METHODS
+from keyspace.loki import K_MODES
 from keyspace.runfolder.analysis import (
     analyze_hint,
     collect_again,
@@ -18,7 +18,15 @@ from keyspace.runfolder.analysis import (
 from keyspace.runfolder.store import RunFolder, calibration_path
 from keyspace.tasks import load_haystack, make_prompts
 from keyspace.validate.config import ValidateConfig
-from keyspace.validate.grid import DChoice, parse_d, parse_k, parse_names, parse_tasks, ranks_at
+from keyspace.validate.grid import (
+    DChoice,
+    parse_d,
+    parse_k,
+    parse_methods,
+    parse_names,
+    parse_tasks,
+    ranks_at,
+)
 
 
 @dataclass
@@ -37,6 +45,8 @@ class Inputs:
     bases: tuple[str, ...] = ("key",)  # `--basis`
     # the query-aware pair (key transform A, query transform B = A^-T), each (layers, kv_heads, D, D)
     score_transforms: tuple[torch.Tensor, torch.Tensor] | None = None
+    # basis -> sigma per coordinate of its keys, (layers, kv_heads, D): `key_scales`
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def head_dim(self) -> int:
@@ -50,10 +60,16 @@ class Inputs:
             raise ValueError("these inputs were opened without the query-aware basis")
         return self.score_transforms
 
+    def key_scale(self, basis: str | None) -> torch.Tensor:
+        """sigma per coordinate of `basis`'s keys, (layers, kv_heads, D), for loki-adaptive."""
+        if basis not in self.scales:
+            raise ValueError(f"these inputs were opened without the {basis} basis' key scales")
+        return self.scales[basis]
+
 
 def open_inputs(config: ValidateConfig) -> Inputs:
     """Open the run, its calibration and ranks; parse the grid. Raises KeyspaceError on bad input."""
-    methods = parse_names(config.methods, tuple(METHODS), "--methods")
+    methods = parse_methods(config.methods)
     k_modes = parse_names(config.k_modes, K_MODES, "--k-mode")
     ks = parse_k(config.k)
     tasks = tuple(parse_tasks(config.tasks))
@@ -81,7 +97,18 @@ def open_inputs(config: ValidateConfig) -> Inputs:
     if "query-aware" in config.bases:
         inputs.score_transforms = query_aware_transforms(calibration, config.rotary, run)
         inputs.ds = [with_score_dims(d, ranks, config.rotary) for d in ds]
+    inputs.scales = key_scales(calibration, config.rotary, config.bases)
     return inputs
+
+
+def key_scales(calibration, kind: str, bases: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """basis -> sigma_j = sqrt(eigenvalue_j) per coordinate, (layers, kv_heads, D): the spread of
+    k~_j = (T k)_j. For the key basis the key covariance's eigenvalues; for the query-aware basis
+    those of S_q^½ C_k S_q^½, which are the variances of k~ = A k (A C_k Aᵀ is diagonal)."""
+    scales = {"key": calibration.eigenvalues[kind].clamp_min(0.0).sqrt()}
+    if "query-aware" in bases and kind in calibration.score_eigenvalues:
+        scales["query-aware"] = calibration.score_eigenvalues[kind].clamp_min(0.0).sqrt()
+    return scales
 
 
 def query_aware_transforms(calibration, kind: str, run: RunFolder) -> tuple[torch.Tensor, ...]:
@@ -155,7 +182,7 @@ def check_model(model, identity: str, inputs: Inputs) -> None:
     run = inputs.run
     if identity != run.model_identity:
         raise KeyspaceError(
-            f"the model loaded from {run.manifest['model']['spec']!r} is {identity}, but the run and its calibration are of {run.model_identity}.",
+            f"the model loaded from {run.manifest.model_spec!r} is {identity}, but the run and its calibration are of {run.model_identity}.",
             "Validate with the model the run was collected from, or collect and analyze a new run.",
         )
     config = model.config

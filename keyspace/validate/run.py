@@ -79,9 +79,7 @@ def run_validate(
     note = calibration_window_note(inputs, config)
     if note:
         log(note)
-    loaded = load_model(
-        inputs.run.manifest["model"]["spec"], dtype=config.dtype, device=config.device
-    )
+    loaded = load_model(inputs.run.manifest.model_spec, dtype=config.dtype, device=config.device)
     check_model(loaded.model, loaded.identity, inputs)
     check_lengths(loaded.model, config.passkey_lengths, "--passkey-lengths")
     check_task_lengths(loaded.model, loaded.tokenizer, inputs.tasks, config)
@@ -115,7 +113,7 @@ def run_validate(
     header = {
         "keyspace_version": __version__,
         "run": str(inputs.run.path),
-        "model": {"spec": inputs.run.manifest["model"]["spec"], "identity": loaded.identity},
+        "model": {"spec": inputs.run.manifest.model_spec, "identity": loaded.identity},
         "dataset": {
             "spec": dataset,
             "split": config.split,

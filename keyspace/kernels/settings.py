@@ -22,6 +22,9 @@ CHUNK_LIMIT = 1 << 16
 _POWERS_OF_TWO = (
     "scores_block_s",
     "scores_num_warps",
+    "adaptive_block_s",
+    "adaptive_block_r",
+    "adaptive_num_warps",
     "bisect_elems_per_thread",
     "bisect_elems_short",
     "bisect_short_row",
@@ -53,6 +56,12 @@ class KernelSettings:
     scores_num_warps: int = 4
     scores_evict_first: bool = True  # k_low is read once: let L2 keep the scores for the select
     scores_tile_major: bool = True  # consecutive programs take consecutive tiles of one head
+
+    # Adaptive low-rank scores (adaptive.py): r chosen coordinates of a coordinate-major store;
+    # also takes scores_evict_first and scores_tile_major.
+    adaptive_block_s: int = 256  # tokens per program
+    adaptive_block_r: int = 16  # chosen coordinates per inner step (a tl.dot K of at least 16)
+    adaptive_num_warps: int = 4
 
     # Top-k selection (select.py): which exact method, by row length.
     select_method: str = "auto"  # "auto" picks by row length; the others force one method
@@ -124,6 +133,8 @@ class KernelSettings:
         checks = [
             (self.radix_bits in (1, 2, 4, 8), "radix_bits must be 1, 2, 4 or 8"),
             (self.scores_block_s >= 16, "scores_block_s must be at least 16 (tl.dot)"),
+            (self.adaptive_block_s >= 16, "adaptive_block_s must be at least 16 (tl.dot)"),
+            (self.adaptive_block_r >= 16, "adaptive_block_r must be at least 16 (tl.dot)"),
             (self.attention_block_n >= 16, "attention_block_n must be at least 16 (tl.dot)"),
             (self.radix_chunk < CHUNK_LIMIT, f"radix_chunk must be below {CHUNK_LIMIT}"),
             (self.cand_chunk < CHUNK_LIMIT, f"cand_chunk must be below {CHUNK_LIMIT}"),

@@ -167,16 +167,17 @@ def test_report_files_and_self_contained(two_runs):
     assert "pydoc: no kept key shards" in text
 
 
-def test_headline_states_median_ranks(two_runs):
+def test_headline_states_mean_ranks(two_runs):
+    """The mean over (layer, KV head), the statistic the validate headline uses too."""
     wiki, pydoc, _, report = two_runs
     docs = {run.name: json.loads((run / "ranks.json").read_text()) for run in (wiki, pydoc)}
 
-    def medians(kind):
-        return ", ".join(f"{docs[n][kind]['summary']['0.9']['median']:g} ({n})" for n in docs)
+    def means(kind):
+        return ", ".join(f"{docs[n][kind]['summary']['0.9']['mean']:.1f} ({n})" for n in docs)
 
     assert parse(report.index).headline == (
-        f"Post-RoPE keys need a median {medians('post')} of 16 dimensions to hold 90% of their"
-        f" variance; pre-RoPE keys need {medians('pre')} (tiny, 3 layers × 2 KV heads)."
+        f"Post-RoPE keys need a mean {means('post')} of 16 dimensions to hold 90% of their"
+        f" variance; pre-RoPE keys need {means('pre')} (tiny, 3 layers × 2 KV heads)."
     )
 
 

@@ -100,17 +100,18 @@ def spectra_headline(report: Report) -> str:
 
 
 def headline(report: Report) -> str:
-    """The finding in one sentence: median rank@0.9 of post- and pre-RoPE keys, per run; for runs
-    with queries the mean rank of each spectrum (`spectra_headline`)."""
+    """The finding in one sentence: mean rank@0.9 over (layer, KV head) of post- and pre-RoPE
+    keys, per run; for runs with queries the mean rank of each spectrum (`spectra_headline`).
+    The mean, as in the validate report's headline."""
     if with_queries(report):
         return spectra_headline(report)
     tau = FIGURE_TAU
     first = report.analyses[0]
-    medians = {kind: [a.kinds[kind].summary[tau].median for a in report.analyses] for kind in KINDS}
+    means = {kind: [a.kinds[kind].summary[tau].mean for a in report.analyses] for kind in KINDS}
     return (
-        f"Post-RoPE keys need a median {listed(report, medians['post'], 'g')} of"
+        f"Post-RoPE keys need a mean {listed(report, means['post'], '.1f')} of"
         f" {first.head_dim} dimensions to hold {tau:.0%} of their variance; pre-RoPE keys need"
-        f" {listed(report, medians['pre'], 'g')} ({where(report)})."
+        f" {listed(report, means['pre'], '.1f')} ({where(report)})."
     )
 
 

@@ -8,7 +8,7 @@ without it.
 from __future__ import annotations
 
 from pathlib import Path
-from statistics import median
+from statistics import mean
 
 from keyspace.reports import figures, html, links
 from keyspace.reports import validate_figures as vf
@@ -25,6 +25,7 @@ from keyspace.reports.validate_tables import (
     tasks_table,
     timing_table,
 )
+from keyspace.runfolder.files import write_text_atomic
 
 REPORT_HTML = links.VALIDATE_PAGE
 RECALLS = (
@@ -53,7 +54,9 @@ def dataset_name(doc: dict) -> str:
 
 
 def rank_clause(doc: dict) -> str:
-    """'Post-RoPE keys need a median 40 of 64 dims for 90% of their variance; ' from recall ranks."""
+    """'Post-RoPE keys need a mean 40.5 of 64 dims for 90% of their variance. ' The mean over
+    KV heads, the statistic the rank report's headline uses too (each query head repeats its KV
+    head's rank, so the mean over query heads is the same number)."""
     entry = next((e for e in doc["recall"] if e.get("rank")), None)
     if entry is None:
         return ""
@@ -61,74 +64,105 @@ def rank_clause(doc: dict) -> str:
     tau = entry.get("rank_threshold", 0.9)
     kind = str(entry.get("rank_kind", doc["rotary"])).capitalize()
     return (
-        f"{kind}-RoPE keys need a median {median(ranks):g} of {doc['head_dim']} dimensions"
-        f" for {tau:.0%} of their variance; "
+        f"{kind}-RoPE keys need a mean {mean(ranks):.1f} of {doc['head_dim']} dimensions"
+        f" for {tau:.0%} of their variance. "
     )
+
+
+def basis_of(row: dict) -> str:
+    """A row's basis; rows older than the query-aware basis are in the paper's key basis."""
+    return row.get("basis") or "key"
+
+
+def basis_name(basis: str) -> str:
+    return "the paper's key basis" if basis == "key" else f"the {basis} basis"
+
+
+def bare_setting(row: dict) -> str:
+    """'d=32, k=1/8' without the basis: the sentence names it already."""
+    return setting({**row, "basis": None})
+
+
+def loki_rows(doc: dict) -> list[dict]:
+    """Loki's perplexity rows of the first k-mode (the one the page leads with)."""
+    rows = [r for r in doc["results"] if r["method"] == "loki"]
+    mode = (doc.get("k_modes") or [None])[0]
+    return [r for r in rows if r["k_mode"] == mode] or rows
+
+
+def ppl_at(row: dict, dense: float | None, first: bool) -> str:
+    """'11.50 vs 10.96 dense (+4.9%) at d=32, k=1/8, reading 38% of the KV bytes'."""
+    versus = f" vs {dense:.2f} dense" if dense and first else ""
+    versus += f" ({change(row['ppl'], dense)})" if dense else ""
+    share = f"{100 * row['kv_bytes_fraction']:.0f}%" + (" of the KV bytes" if first else "")
+    return f"{row['ppl']:.2f}{versus} at {bare_setting(row)}, reading {share}"
 
 
 def loki_clause(doc: dict) -> str:
-    """Loki's perplexity against dense at its cheapest and its best setting."""
-    rows = doc["results"]
-    mode = (doc.get("k_modes") or [None])[0]
-    loki = [r for r in rows if r["method"] == "loki" and r["k_mode"] == mode]
-    loki = loki or [r for r in rows if r["method"] == "loki"]
-    dense = dense_ppl(doc)
-    if not loki:
-        sparse = sorted((r for r in rows if r["method"] != "full"), key=lambda r: r["ppl"])
+    """Loki's perplexity in the paper's key basis (its cheapest and its best setting), then the
+    best setting of any basis when that is another basis. Every number names its basis."""
+    rows, dense = loki_rows(doc), dense_ppl(doc)
+    if not rows:
+        sparse = sorted(
+            (r for r in doc["results"] if r["method"] != "full"), key=lambda r: r["ppl"]
+        )
         if not sparse:
-            return f"dense perplexity is {dense:.2f}" if dense else "no perplexity was measured"
-        loki, name = sparse[:1], f"no Loki setting was measured; {sparse[0]['method']}"
-    else:
-        name = "Loki"
-
-    def at(row: dict, first: bool = True) -> str:
-        versus = f" vs {dense:.2f} dense" if dense and first else ""
-        versus += f" ({change(row['ppl'], dense)})" if dense else ""
-        share = f"{100 * row['kv_bytes_fraction']:.0f}%" + (" of the KV bytes" if first else "")
-        return f"{row['ppl']:.2f}{versus} at {setting(row)}, reading {share}"
-
-    cheapest = min(loki, key=lambda r: (r["kv_bytes_fraction"], r["ppl"]))
-    best = min(loki, key=lambda r: r["ppl"])
-    if best is cheapest:
-        return f"{name}'s perplexity is {at(best)}"
-    return f"{name}'s perplexity is {at(cheapest)}, and {at(best, first=False)}"
+            return f"Dense perplexity is {dense:.2f}" if dense else "No perplexity was measured"
+        return f"No Loki setting was measured; {sparse[0]['method']}'s perplexity is " + ppl_at(
+            sparse[0], dense, True
+        )
+    best = min(rows, key=lambda r: r["ppl"])
+    key = [r for r in rows if basis_of(r) == "key"]
+    lead = key or [r for r in rows if basis_of(r) == basis_of(best)]
+    cheapest = min(lead, key=lambda r: (r["kv_bytes_fraction"], r["ppl"]))
+    lead_best = min(lead, key=lambda r: r["ppl"])
+    absent = "" if key else " (no key-basis row was measured)"
+    text = f"Loki in {basis_name(basis_of(lead[0]))}{absent}: perplexity {ppl_at(cheapest, dense, True)}"
+    if lead_best is not cheapest:
+        text += f", and {ppl_at(lead_best, dense, False)}"
+    if basis_of(best) != basis_of(lead[0]):
+        text += (
+            f"; its best setting is in {basis_name(basis_of(best))}: {ppl_at(best, dense, False)}"
+        )
+    return text
 
 
 def tasks_clause(doc: dict) -> str:
-    """Where Loki loses most accuracy against dense on the long-context tasks ('' without them)."""
+    """Per basis, where Loki loses most accuracy against dense on the long-context tasks ('' when
+    no task ran): one clause per basis, so no number stands next to another basis's name."""
     rows = doc.get("tasks") or []
     dense = {(r["task"], r["length"]): r for r in rows if r["method"] == "full"}
-    pairs = [
-        (dense[(r["task"], r["length"])], r)
-        for r in rows
-        if r["method"] == "loki" and (r["task"], r["length"]) in dense
-    ]
-    if not pairs:
-        return ""
-    full, loki = max(pairs, key=lambda pair: pair[0]["accuracy"] - pair[1]["accuracy"])
-    if loki["accuracy"] >= full["accuracy"]:
-        return (
-            "; on the long-context tasks Loki is never below dense accuracy"
-            f" ({len(pairs)} task × length × setting cells, {loki['count']} prompts each)"
-        )
-    return (
-        f"; on the long-context tasks Loki loses most on {loki['task']} at {loki['length']}"
-        f" tokens: {interval(loki)} at {setting(loki)} vs {interval(full)} dense"
-    )
+    loki = [r for r in rows if r["method"] == "loki" and (r["task"], r["length"]) in dense]
+    parts = []
+    for basis in dict.fromkeys(basis_of(r) for r in loki):
+        pairs = [(dense[(r["task"], r["length"])], r) for r in loki if basis_of(r) == basis]
+        full, worst = max(pairs, key=lambda pair: pair[0]["accuracy"] - pair[1]["accuracy"])
+        if worst["accuracy"] >= full["accuracy"]:
+            parts.append(
+                f"in {basis_name(basis)} Loki is never below dense ({len(pairs)} task × length ×"
+                f" setting cells, {worst['count']} prompts each)"
+            )
+        else:
+            parts.append(
+                f"in {basis_name(basis)} Loki loses most on {worst['task']} at {worst['length']}"
+                f" tokens: {interval(worst)} at {bare_setting(worst)} vs {interval(full)} dense"
+            )
+    return ("On the long-context tasks, " + "; ".join(parts) + ".") if parts else ""
 
 
 def headline(doc: dict) -> str:
-    """The finding in one sentence with numbers, all from `doc`."""
+    """The finding in a few sentences with numbers, each built from `doc`'s rows."""
     data = doc["dataset"]
     text = rank_clause(doc) + loki_clause(doc)
-    text += f", on {html.plural(data['windows'], 'window')} of {data['window']} tokens"
+    text += f" ({html.plural(data['windows'], 'window')} of {data['window']} tokens"
     text += f" of {dataset_name(doc)}"
     if len(doc.get("k_modes") or []) > 1:
-        text += f" with k chosen per {doc['k_modes'][0]}"
+        text += f", k chosen per {doc['k_modes'][0]}"
+    text += ")"
     if dense_ppl(doc) is None:
         text += "; this run measured no dense baseline"
-    text += tasks_clause(doc)
-    return text[0].upper() + text[1:] + "."
+    tasks = tasks_clause(doc)
+    return text + "." + (f" {tasks}" if tasks else "")
 
 
 def sample_warnings(doc: dict) -> list[tuple[str, str]]:
@@ -371,5 +405,5 @@ def write_validate_report(doc: dict, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     text, pngs = validate_page(doc, links.validate_page_links(out))
     paths = [png.write(out) for png in pngs]
-    (out / REPORT_HTML).write_text(text, encoding="utf-8")
+    write_text_atomic(out / REPORT_HTML, text)
     return [out / REPORT_HTML, *paths]

@@ -6,28 +6,67 @@ no torch: the CLI reads the configs at start-up.
 
 from __future__ import annotations
 
-from dataclasses import field
+from dataclasses import field, fields
 
 from keyspace.errors import KeyspaceError
 
+# Above this, a count of tokens, windows or prompts is a typo, not a request.
+ABSURD = 10**9
 
-def option(flag: str, help: str, default=None, short: str | None = None, cli_type=None) -> dict:
-    """A dataclass field whose metadata declares its CLI option."""
+
+def option(
+    flag: str,
+    help: str,
+    default=None,
+    short: str | None = None,
+    cli_type=None,
+    bounds: tuple[int, int] | None = None,
+) -> dict:
+    """A dataclass field whose metadata declares its CLI option.
+
+    `bounds` (low, high) makes it an integer option: the CLI passes its text, and the config's
+    `__post_init__` parses it with `parse_int` (via `parse_int_fields`).
+    """
     flags = (flag, short) if short else (flag,)
-    metadata = {"flags": flags, "help": help, "cli_type": cli_type}
+    if bounds is not None:
+        cli_type = str
+    metadata = {"flags": flags, "help": help, "cli_type": cli_type, "bounds": bounds}
     if default is ...:  # required
         return field(metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-def parse_positive_ints(text: str | tuple, option_name: str) -> tuple[int, ...]:
-    """ "2048,8192" (or a tuple already) -> (2048, 8192); anything else is a KeyspaceError."""
-    if isinstance(text, tuple):
-        return text
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not all(p.isdigit() and int(p) > 0 for p in parts):
+def parse_int(
+    value: object, option_name: str, low: int = 1, high: int = ABSURD, words: str = ""
+) -> int:
+    """The one parser of every numeric option: ASCII digits only (no sign, no `²`, no `١`), then
+    `low <= n <= high`. Anything else is the same one-line KeyspaceError naming the option and the
+    range; `words` names what else the option takes ("all or none"), for the message."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        text = value.strip() if isinstance(value, str) else ""
+        number = int(text) if text.isascii() and text.isdigit() else None
+    if number is None or not low <= number <= high:
+        alternatives = f", or {words}" if words else ""
         raise KeyspaceError(
-            f"{option_name} must be a comma list of positive integers, got {text!r}.",
-            f"Example: {option_name} 2048,8192.",
+            f"{option_name} must be a whole number from {low} to {high:,}{alternatives};"
+            f" got {value!r}.",
+            f"Example: {option_name} {max(low, min(high, 16))}.",
         )
-    return tuple(int(p) for p in parts)
+    return number
+
+
+def parse_int_fields(config: object) -> None:
+    """Parse, in place, every field of a config dataclass declared with `bounds`."""
+    for f in fields(config):
+        bounds = f.metadata.get("bounds")
+        if bounds is not None:
+            value = parse_int(getattr(config, f.name), f.metadata["flags"][0], *bounds)
+            setattr(config, f.name, value)
+
+
+def parse_positive_ints(text: str | tuple, option_name: str, high: int = ABSURD) -> tuple[int, ...]:
+    """ "2048,8192" (or a tuple already) -> (2048, 8192); each part is checked by `parse_int`."""
+    parts = text if isinstance(text, tuple) else [p for p in text.split(",") if p.strip()]
+    return tuple(parse_int(p, option_name, 1, high) for p in parts)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from keyspace.cli.main import app
 from keyspace.collect.config import CollectConfig
 from keyspace.errors import KeyspaceError
-from keyspace.validate.config import ALL_METHODS, TASK_HAYSTACKS, ValidateConfig
+from keyspace.validate.config import TASK_HAYSTACKS, ValidateConfig
 
 
 @pytest.mark.parametrize(
@@ -26,12 +26,6 @@ def test_every_config_field_is_an_option_of_its_command(command, config_cls):
         assert params[f.name].help == f.metadata["help"], f.name
         if f.default is not MISSING and not isinstance(f.default, tuple):
             assert params[f.name].default in (f.default, str(f.default)), f.name
-
-
-def test_the_methods_list_matches_the_registry():
-    from keyspace.loki import METHODS
-
-    assert ALL_METHODS == tuple(METHODS)
 
 
 def test_the_haystack_names_match_the_task_suite():

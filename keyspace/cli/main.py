@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import sys
 
-import typer
+STOPPED_EARLY = "Interrupted: stopped before starting. Hint: run the same command again."
+try:  # Ctrl-C while the CLI itself loads (before `main` installs its handlers): one line, no trace
+    import typer
 
-from keyspace.cli import analyze, bench, collect, report, validate, verify
+    from keyspace.cli import analyze, bench, collect, report, validate, verify
+    from keyspace.cli.common import STOPPED, install_stop_handlers, stopped_exit_code
+except KeyboardInterrupt:
+    print(STOPPED_EARLY, file=sys.stderr)
+    sys.exit(130)
 
 try:  # typer 0.2x parses with its own copy of click; older typer uses click itself
     from typer._click import exceptions as click_errors
@@ -48,21 +54,35 @@ def usage_error_line(err) -> str:
 
 
 def main() -> None:
-    """The console script: the app, with usage errors as one `Error:` line and exit code 2."""
+    """The console script: the app, with usage errors as one `Error:` line and exit code 2, and
+    Ctrl-C / SIGTERM as one `Interrupted:` line and exit code 130 / 143."""
+    install_stop_handlers()  # before any command imports torch
+    try:
+        code = _run_app()
+    except KeyboardInterrupt:  # after the command returned, before the process ends
+        code = None
+    if STOPPED["signal"] is not None and not code:
+        # the signal came, but something swallowed it or it came after the work: never exit 0
+        print(STOPPED_EARLY.replace("before starting", "before finishing"), file=sys.stderr)
+        code = stopped_exit_code()
+    sys.exit(code)
+
+
+def _run_app() -> int:
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelp as err:  # bare `keyspace`: the help, as before
         text = err.ctx.get_help() if err.ctx is not None else ""  # rich help prints itself
         if text:
             print(text)
-        sys.exit(2)
+        return 2
     except click_errors.UsageError as err:
         print(usage_error_line(err), file=sys.stderr)
-        sys.exit(2)
-    except typer.Abort:  # Ctrl-C while click itself was reading input
-        print("Error: stopped before finishing. Hint: run the same command again.", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 2
+    except typer.Abort:  # Ctrl-C while click itself was parsing or reading input
+        print(STOPPED_EARLY.replace("before starting", "before finishing"), file=sys.stderr)
+        return stopped_exit_code()
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

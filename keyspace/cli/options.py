@@ -1,6 +1,8 @@
 """Build a typer command's options from a config dataclass, so each option is declared once.
 
 A field takes part when its metadata holds `flags` and `help` (see `keyspace.options.option`).
+An integer field declared with `bounds` reaches the config as text: its `__post_init__` parses it
+with `keyspace.options.parse_int`, the one parser of numeric options.
 The decorated command receives `config`, built from those options, plus its own parameters.
 """
 
@@ -37,7 +39,10 @@ def _option_parameters(config_cls: type) -> list[inspect.Parameter]:
         default = ... if f.default is MISSING else f.default
         if meta["cli_type"] is str and isinstance(default, tuple):
             default = ",".join(map(str, default))
-        option = typer.Option(default, *meta["flags"], help=meta["help"])
+        integer = meta.get("bounds") is not None  # parsed by keyspace.options.parse_int
+        option = typer.Option(
+            default, *meta["flags"], help=meta["help"], metavar="INTEGER" if integer else None
+        )
         annotation = _cli_type(hints[f.name], meta["cli_type"])
         params.append(
             inspect.Parameter(

@@ -32,16 +32,16 @@ def command(
 
 
 def print_table(result) -> None:
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=escape(f"{result.run} ({result.state})"))
+    table = Table(title=f"{result.run} ({result.state})")  # the console prints without markup
     for name in ("file", "expected sha256", "state"):
         table.add_column(name, no_wrap=name != "file", overflow="fold")
     colour = {"ok": "green", "missing": "yellow", "damaged": "red"}
     for f in result.files:
-        state = f"[{colour[f.state]}]{f.state}[/]"
-        table.add_row(escape(f.path), f.expected[:16] + ("…" if f.expected else "-"), state)
+        state = Text(f.state, style=colour[f.state])
+        table.add_row(f.path, f.expected[:16] + ("…" if f.expected else "-"), state)
     stdout.print(table)
     ok = len(result.files) - len(result.bad)
     analyzed = "" if result.analyzed else "; not analyzed yet"

@@ -7,15 +7,14 @@ run's manifest (without shards) so that a lost manifest can be rebuilt by `--res
 
 from __future__ import annotations
 
-import fcntl
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from keyspace.errors import FileSystemError, KeyspaceError
+from keyspace.errors import KeyspaceError
+from keyspace.runfolder.lock import FolderLock as FolderLock  # moved: analyze takes it too
 from keyspace.runfolder.progress import read_progress
 from keyspace.runfolder.store import (
     KINDS,
@@ -24,7 +23,6 @@ from keyspace.runfolder.store import (
     OK,
     Moments,
     file_state,
-    lock_path,
     moments_from_bytes,
     progress_moments_name,
     progress_path,
@@ -54,33 +52,6 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
-
-
-class FolderLock:
-    """An exclusive flock on the rank's lock file (`store.lock_path`); the OS drops it if the process dies."""
-
-    def __init__(self, out: Path, rank: int):
-        self.path = lock_path(out, rank)
-        self.handle: Any = None
-
-    def __enter__(self) -> FolderLock:
-        try:
-            self.handle = open(self.path, "w")
-        except OSError as err:
-            raise FileSystemError(self.path, err) from None
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
-            raise KeyspaceError(
-                f"another collector is writing to {self.path.parent}.",
-                "Wait for it to finish, or choose another --out.",
-            ) from None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
 
 
 @dataclass
@@ -137,7 +108,7 @@ def load_progress(
 
 
 def write_progress(out: Path, rank: int, progress: dict) -> None:
-    write_json_atomic(progress_path(out, rank), sealed(progress))
+    write_json_atomic(progress_path(out, rank), sealed(progress), root=out)
 
 
 def commit_chunk(out: Path, rank: int, progress: dict, moments: dict[str, Moments]) -> None:

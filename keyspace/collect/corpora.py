@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keyspace.errors import FileSystemError, KeyspaceError, shell_command
+from keyspace.errors import KeyspaceError, shell_command
+from keyspace.runfolder.files import read_regular
 
 DOC_SEPARATOR = "\n\n"
+# A corpus file that is a FIFO, a device or a folder is refused before it is read.
+SPECIAL_HINT = "Point --dataset at regular text files (.txt, .jsonl, .parquet)."
 WIKITEXT_LOCAL_ENV = "KEYSPACE_WIKITEXT_DIR"
 WIKITEXT_SPLIT_FILES = {
     "validation": "valid.txt",
@@ -90,11 +93,8 @@ def _wikitext_corpus(split: str) -> Corpus:
 
 
 def _read_text(path: Path) -> str:
-    """A text file as UTF-8; bad bytes or an unreadable file are an error naming it."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise FileSystemError(path, err, "read") from None
+    """A text file as UTF-8; bad bytes, an unreadable or a special file are an error naming it."""
+    data = read_regular(path, SPECIAL_HINT, follow_links=True)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -123,10 +123,12 @@ def _read_jsonl(path: Path) -> list[str]:
 
 
 def _read_parquet(path: Path) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    data = read_regular(path, SPECIAL_HINT, follow_links=True)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(data))
     except Exception as err:  # ArrowInvalid, ArrowIOError, OSError: a damaged or foreign file
         raise KeyspaceError(
             f"{path} is not a readable parquet file ({str(err).splitlines()[0]}).",
@@ -173,7 +175,7 @@ def _load_corpus(spec: str, split: str) -> Corpus:
     path = Path(spec).expanduser()
     if path.is_dir():
         return _folder_corpus(path)
-    if path.is_file():
+    if os.path.lexists(path):  # a FIFO or a device is refused by its reader, not "not found"
         if path.suffix in (".jsonl", ".parquet"):
             return Corpus(
                 _read_jsonl(path) if path.suffix == ".jsonl" else _read_parquet(path),

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keyspace.errors import KeyspaceError
+from keyspace.errors import FileSystemError, KeyspaceError
 from keyspace.runfolder.store import sha256_file
 
 
@@ -133,7 +133,7 @@ def _convert_gguf(gguf: Path, digest: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = keyspace_home() / "converted" / digest[:16]
+    folder = _converted_folder(digest)
     if (folder / CONVERTED_MARKER).is_file():
         return folder
     _log(f"Dequantizing {gguf.name} (once; later loads take seconds).")
@@ -162,22 +162,67 @@ def _convert_gguf(gguf: Path, digest: str) -> Path:
     return folder
 
 
+def _converted(kind: str, location: Path | str) -> tuple[Path, str, Path]:
+    """(the GGUF, its sha256, its converted HF folder), fetching and converting under the lock
+    only when the cache is cold."""
+    gguf = _cached_gguf(kind, location)
+    if gguf is not None:
+        digest = sha256_file(gguf, follow_links=True)
+        folder = _converted_folder(digest)
+        if (folder / CONVERTED_MARKER).is_file():
+            return gguf, digest, folder
+    with _home_lock():
+        gguf = fetch_alias_gguf(location) if kind == "alias" else Path(location)
+        digest = sha256_file(gguf, follow_links=True)
+        return gguf, digest, _convert_gguf(gguf, digest)
+
+
+def _converted_folder(digest: str) -> Path:
+    return keyspace_home() / "converted" / digest[:16]
+
+
 @contextlib.contextmanager
 def _home_lock() -> Iterator[None]:
-    """Serialize fetching and converting across processes (pytest -n, torchrun ranks)."""
+    """Serialize fetching and converting across processes (pytest -n, torchrun ranks).
+
+    The lock file is opened without truncating it or following a link at its name.
+    """
     home = keyspace_home()
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".lock-models", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    path = home / ".lock-models"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        error = FileSystemError(path, err, "lock")
+        error.hint = (
+            "Set KEYSPACE_HOME to a writable folder, or fill the cache once from an account that"
+            f" can write to {home}; reading a filled cache takes no lock."
+        )
+        raise error from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+def _cached_gguf(kind: str, location: Path | str) -> Path | None:
+    """The GGUF of an alias or .gguf spec when it is on disk already, else None.
+
+    Reading a warm cache needs no lock: the alias's GGUF appears by one atomic rename, and its
+    converted folder by another, with its marker inside.
+    """
+    if kind == "alias":
+        gguf = keyspace_home() / "models" / location / Path(ALIASES[location].gguf_member).name
+    else:
+        gguf = Path(location)
+    return gguf if gguf.is_file() else None
 
 
 def _weights_digest(folder: Path) -> dict[str, str]:
     files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin"})
-    return {p.name: sha256_file(p) for p in files}
+    # a hub snapshot folder holds links into its blob store: follow them
+    return {p.name: sha256_file(p, follow_links=True) for p in files}
 
 
 def resolve_spec(spec: str) -> tuple[str, Path | str]:
@@ -230,6 +275,19 @@ def _quiet_progress_unless_tty() -> None:
         hf_logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def _quiet_hub_retries() -> Iterator[None]:
+    """huggingface_hub logs a warning per retry of an unreachable hub; our one Error line says it."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    before = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(before)
+
+
 def _from_folder(folder: Path | str, dtype: Any, device: str, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -246,10 +304,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     torch_dtype = _torch_dtype(dtype)
     info: dict[str, Any] = {"spec": spec, "source": kind}
     if kind in ("alias", "gguf"):
-        with _home_lock():
-            gguf = fetch_alias_gguf(spec) if kind == "alias" else Path(location)
-            digest = sha256_file(gguf)
-            folder = _convert_gguf(gguf, digest)
+        gguf, digest, folder = _converted(kind, location)
         model, tokenizer = _from_folder(folder, torch_dtype, device)
         info.update(files={gguf.name: digest}, resolved=str(gguf))
         identity = f"gguf:{digest}"
@@ -267,7 +322,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         identity = "weights:" + ",".join(f"{k}={v[:16]}" for k, v in files.items())
     else:
         try:
-            model, tokenizer = _from_folder(location, torch_dtype, device)
+            with _quiet_hub_retries():
+                model, tokenizer = _from_folder(location, torch_dtype, device)
         except OSError as err:
             raise KeyspaceError(
                 f"could not load {spec!r} from the Hugging Face hub ({str(err).splitlines()[0]}).",

@@ -4,7 +4,10 @@ The rule: a folder holds the rank report as `index.html` and the validate report
 `validate/validate.html` (what `make demo` writes). Each writer links to the other page when
 that file exists and is a keyspace report, and puts its own link into the other page's
 related-reports slot, so the order in which the two are written does not matter. Nothing is
-linked when the sibling is missing; the links are relative, so the pair can move together.
+linked when the sibling is missing, or when it (or the folder between the pages) is a symbolic
+link: relinking it would write outside the folder. The links are relative, so the pair can move
+together. Every page is written by `keyspace.runfolder.files.write_text_atomic` (an unpredictable
+temp name, then a rename).
 """
 
 from __future__ import annotations
@@ -29,9 +32,15 @@ def cross_link(sibling: Path, to_sibling: str, sibling_label: str, back: str, ow
 
     to_sibling / back: relative hrefs from the page to the sibling and from the sibling to the page.
     """
-    if not html.relink(sibling, [(back, own_label)]):
+    if _through_link(sibling) or not html.relink(sibling, [(back, own_label)]):
         return []
     return [(to_sibling, sibling_label)]
+
+
+def _through_link(sibling: Path) -> bool:
+    """True when the sibling page, or the folder between the two pages, is a symbolic link:
+    rewriting its links would write outside the report folder, so the pages stay unlinked."""
+    return sibling.is_symlink() or sibling.parent.is_symlink()
 
 
 def rank_page_links(out: Path) -> list[tuple[str, str]]:

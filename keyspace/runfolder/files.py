@@ -1,25 +1,32 @@
 """The file system's one error boundary, and the checks that make a file trustworthy.
 
-Every write goes through `atomic_path` (a temp file beside the target, fsync, rename), which
-turns an `OSError` or safetensors' `SafetensorError` into a `FileSystemError` naming the path and
-the cause. Every read of a recorded file goes through `read_verified`, which hashes the same
-bytes the caller then parses. JSON files that record other files' hashes carry a checksum of
-their own content (`sealed` / `seal_problem`). No run-folder names here: `keyspace.runfolder.store` owns
-them and re-exports what stages need.
+Writes never follow a link out of a folder. Every write goes through `write_bytes_atomic`: a temp
+file with an unpredictable name beside the target (`tempfile.mkstemp`, created `O_EXCL`), written
+through its descriptor, fsynced, then renamed onto the target. A symbolic link at the target, or
+at a folder keyspace creates below a `root` the caller names, is refused. An `OSError` or
+safetensors' `SafetensorError` becomes a `FileSystemError` naming the path and the cause, and
+nothing partial is left under the final name.
+
+Every read of a run file goes through `read_file` (`read_verified` adds the sha256 check): the file
+is opened `O_NOFOLLOW | O_NONBLOCK` and must be a regular file by `fstat` of that descriptor, so a
+FIFO, a device or a link is refused before a byte is read. JSON files that record other files'
+hashes carry a checksum of their own content (`sealed` / `seal_problem`): it detects damage, not
+tampering. No run-folder names here: `keyspace.runfolder.store` owns them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from keyspace.errors import FileSystemError, KeyspaceError, is_fs_error
+from keyspace.errors import FileSystemError, KeyspaceError, is_fs_error, shell_command
 
 if TYPE_CHECKING:
     import torch
@@ -28,46 +35,89 @@ if TYPE_CHECKING:
 OK, MISSING, DAMAGED = "ok", "missing", "damaged"
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it onto `path` only if the body succeeds.
+def link_error(path: Path, hint: str = "") -> KeyspaceError:
+    """A symbolic link where keyspace reads or writes a file of its own."""
+    return KeyspaceError(
+        f"{path} is a symbolic link; keyspace never reads or writes its files through a link.",
+        hint or f"Remove the link (`{shell_command('rm', path)}`), then run the command again.",
+    )
 
-    Any OSError or SafetensorError, in the body or in the rename, becomes a `FileSystemError`
-    naming `path` and the cause. The file gets the usual permissions (0666 less the umask).
+
+def refuse_link(path: str | Path) -> None:
+    """Raise `link_error` when `path` itself is a symbolic link (a dangling one too)."""
+    if os.path.islink(path):
+        raise link_error(Path(path))
+
+
+def make_folder(folder: str | Path, root: str | Path | None = None) -> Path:
+    """Create `folder` (and its parents) as real folders.
+
+    Below `root` (the folder the user named, which may itself be reached through a link), no part
+    of the path may be a symbolic link: a link planted inside a run or report folder would send
+    keyspace's writes outside it.
+    """
+    folder = Path(folder)
+    if root is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    current = root
+    for part in folder.relative_to(root).parts:
+        current = current / part
+        refuse_link(current)
+        with contextlib.suppress(FileExistsError):
+            current.mkdir()
+        if not current.is_dir():
+            raise FileSystemError(current, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+    return folder
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, root: str | Path | None = None) -> str:
+    """Write `data` to `path` atomically; returns its sha256, computed from memory.
+
+    The final name must not be a symbolic link; with `root`, neither may any folder between
+    `root` and `path`. On any failure nothing is left under the final name or a temp name.
     """
     path = Path(path)
-    tmp_path: Path | None = None
+    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_link(path)
+        make_folder(path.parent, root)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp_path = Path(tmp)
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        # mkstemp makes the file 0600; a run file gets what any other file would
-        os.chmod(tmp_path, 0o666 & ~umask)
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            # mkstemp makes the file 0600; a run file gets what any other file would
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.fsync(fd)
+        os.replace(tmp, path)  # a rename replaces a link planted since; it never follows one
+        tmp = None
     except Exception as err:
         if is_fs_error(err):
             raise FileSystemError(path, err) from None
         raise
     finally:
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> str:
-    """Write `data` atomically; returns its sha256, computed from memory (no second read)."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return hashlib.sha256(data).hexdigest()
 
 
-def write_json_atomic(path: str | Path, data: dict) -> str:
-    return write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+def write_text_atomic(path: str | Path, text: str, root: str | Path | None = None) -> Path:
+    """A UTF-8 text file (a report page), written as `write_bytes_atomic` does."""
+    write_bytes_atomic(path, text.encode("utf-8"), root)
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, data: dict, root: str | Path | None = None) -> str:
+    return write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), root)
 
 
 # JSON run files (manifest, progress, ranks) carry a checksum of their own content: the sha256 of
@@ -98,20 +148,26 @@ def seal_problem(doc: object) -> str | None:
 
 
 def save_tensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict | None = None,
+    root: str | Path | None = None,
 ) -> str:
     """A safetensors file, written atomically; returns its sha256."""
     from safetensors.torch import save
 
     contiguous = {name: t.contiguous() for name, t in tensors.items()}
-    return write_bytes_atomic(path, save(contiguous, metadata=metadata))
+    return write_bytes_atomic(path, save(contiguous, metadata=metadata), root)
 
 
-def check_writable(folder: str | Path) -> Path:
-    """Create `folder` if needed and prove a file can be written in it, before any work starts."""
+def check_writable(folder: str | Path, root: str | Path | None = None) -> Path:
+    """Create `folder` if needed and prove a file can be written in it, before any work starts.
+
+    With `root`, no folder between `root` and `folder` may be a symbolic link (`make_folder`).
+    """
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, root)
         fd, probe = tempfile.mkstemp(prefix=".keyspace-write-test.", dir=folder)
         os.close(fd)
         os.unlink(probe)
@@ -120,35 +176,92 @@ def check_writable(folder: str | Path) -> Path:
     return folder
 
 
+def refuse_links_within(folder: str | Path) -> None:
+    """Refuse a symbolic link anywhere inside `folder` (a run folder holds none of its own).
+
+    keyspace writes into the folders it keeps there (progress/, keys/...); a link planted in one,
+    or at a file's name, would send a write outside the folder.
+    """
+    for parent, folders, files in os.walk(folder):
+        for name in sorted(folders + files):
+            refuse_link(Path(parent, name))
+
+
 # ---- reading: verify, then parse -------------------------------------------------------------
 
 
-def sha256_file(path: str | Path) -> str:
+KIND_NAMES = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def open_regular(path: str | Path, hint: str = "", follow_links: bool = False) -> int:
+    """A read-only descriptor of `path`, which must be a regular file.
+
+    Opened `O_NONBLOCK` (a FIFO does not wait for a writer) and, unless `follow_links`,
+    `O_NOFOLLOW`; the kind of file is checked by `fstat` on that descriptor, so nothing can be
+    swapped in between the check and the read. A folder, FIFO, device or link is a KeyspaceError
+    naming the file; an OSError is a `FileSystemError`.
+    """
+    path = Path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP and not follow_links:
+            raise link_error(path, hint) from None
+        raise FileSystemError(path, err, "read") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
+        raise KeyspaceError(
+            f"{path} is {kind}, not a regular file; keyspace reads only regular files.",
+            hint
+            or f"Replace it with the file it should be, or remove it (`{shell_command('rm', '-r', path)}`).",
+        )
+    return fd
+
+
+def read_regular(path: str | Path, hint: str = "", follow_links: bool = False) -> bytes:
+    """The bytes of a regular file (`open_regular`)."""
+    fd = open_regular(path, hint, follow_links)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise FileSystemError(path, err, "read") from None
+
+
+def sha256_file(path: str | Path, follow_links: bool = False) -> str:
+    """The sha256 of a regular file, streamed; a link (unless `follow_links`) or a special file
+    is refused (`open_regular`)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, follow_links=follow_links), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def file_state(path: Path, sha256: str | None) -> str:
-    """OK, MISSING or DAMAGED (unreadable, or its sha256 is not `sha256`), streaming the file."""
-    if not path.is_file():
+    """OK, MISSING or DAMAGED (unreadable, not a regular file, or its sha256 is not `sha256`)."""
+    if not os.path.lexists(path):
         return MISSING
     try:
         return OK if sha256_file(path) == sha256 else DAMAGED
-    except OSError:
+    except (OSError, KeyspaceError):
         return DAMAGED
 
 
 def read_file(path: Path, hint: str) -> bytes:
-    """The bytes of a run file; a missing or unreadable file is an error naming it."""
-    if not path.exists():
+    """The bytes of a run file; a missing, unreadable or special file is an error naming it."""
+    if not os.path.lexists(path):
         raise KeyspaceError(f"{path} is missing.", hint)
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise FileSystemError(path, err, "read") from None
+    return read_regular(path, hint)
 
 
 def read_verified(path: Path, sha256: str | None, hint: str) -> bytes:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyspace.errors import KeyspaceError
-from keyspace.options import option
+from keyspace.options import option, parse_int, parse_int_fields
 
 # What --capture can record, in this order. Keys always: every later stage needs them.
 CAPTURES = ("keys", "queries")
@@ -27,17 +27,17 @@ def parse_capture(value: str | tuple) -> tuple[str, ...]:
 
 
 def _parse_max_tokens(value: int | str | None) -> int | None:
-    """`all` or None -> None; a count as int or digits -> int; anything else is a KeyspaceError."""
+    """`all` or None -> None; a count -> int (`parse_int`); anything else is a KeyspaceError."""
     if value is None or value == "all":
         return None
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise KeyspaceError(
-            f"--max-tokens must be a positive number or `all`, got {value!r}.",
-            "Try --max-tokens 16384.",
-        )
-    return value
+    return parse_int(value, "--max-tokens", words="all")
+
+
+def _parse_keep_keys(value: str) -> str:
+    """`all`, `none`, or a count, kept as its digits (the manifest records the text)."""
+    if value in ("all", "none"):
+        return value
+    return str(parse_int(value, "--keep-keys", words="all or none"))
 
 
 @dataclass
@@ -63,7 +63,9 @@ class CollectConfig:
         short="-d",
     )
     split: str = option("--split", "Split for `wikitext` (validation, test, train).", "validation")
-    window: int = option("--window", "Tokens per window (non-overlapping).", 1024)
+    window: int = option(
+        "--window", "Tokens per window (non-overlapping).", 1024, bounds=(2, 1 << 20)
+    )
     max_tokens: int | None = option(
         "--max-tokens",
         "Stop after this many tokens (whole windows), or `all`.",
@@ -77,9 +79,12 @@ class CollectConfig:
     )
     dtype: str = option("--dtype", "Model dtype: float32, float16, bfloat16.", "float32")
     device: str = option("--device", "cpu, cuda or auto.", "auto")
-    batch_size: int = option("--batch-size", "Windows per forward pass.", 1)
+    batch_size: int = option("--batch-size", "Windows per forward pass.", 1, bounds=(1, 1 << 16))
     shard_windows: int = option(
-        "--shard-windows", "Windows per shard and per resumable checkpoint.", 4
+        "--shard-windows",
+        "Windows per shard and per resumable checkpoint.",
+        4,
+        bounds=(1, 1 << 20),
     )
     capture: tuple[str, ...] | None = option(
         "--capture",
@@ -93,27 +98,10 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        parse_int_fields(self)
         self.max_tokens = _parse_max_tokens(self.max_tokens)
+        self.keep_keys = _parse_keep_keys(self.keep_keys)
         if self.capture is not None:
             self.capture = parse_capture(self.capture)
-        if self.window <= 1:
-            raise KeyspaceError(
-                f"--window must be at least 2, got {self.window}.", "Try --window 1024."
-            )
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise KeyspaceError(
-                f"--max-tokens must be positive, got {self.max_tokens}.", "Try --max-tokens 16384."
-            )
-        if self.batch_size < 1 or self.shard_windows < 1:
-            raise KeyspaceError(
-                "--batch-size and --shard-windows must be at least 1.", "Try --batch-size 1."
-            )
-        if self.keep_keys not in ("all", "none") and not (
-            self.keep_keys.isdigit() and int(self.keep_keys) > 0
-        ):
-            raise KeyspaceError(
-                f"--keep-keys must be all, none or a positive count, got {self.keep_keys!r}.",
-                "Try --keep-keys 2048.",
-            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise KeyspaceError(f"unknown --device {self.device!r}.", "Use cpu, cuda or auto.")

@@ -8,6 +8,8 @@ changed since, is analyzed in memory, and the report says so.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from keyspace.analyze.pca import Analysis, AnalyzeConfig, analyze_and_write, analyze_run, is_current
@@ -21,6 +23,7 @@ from keyspace.reports import links
 from keyspace.reports.rank_page import rank_page
 from keyspace.reports.rank_report import Report
 from keyspace.runfolder.analysis import read_ranks
+from keyspace.runfolder.files import write_text_atomic
 from keyspace.runfolder.store import DEFAULT_THRESHOLD, RunFolder, calibration_path
 
 
@@ -44,9 +47,9 @@ def prepare_out(out: Path, runs: list[Path] = ()) -> Path:
             )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".keyspace-write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".keyspace-write-test.", dir=out)  # follows no link
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise KeyspaceError(
             f"cannot write the report to {out} ({err.strerror or err}).",
@@ -108,6 +111,6 @@ def render(report: Report, out: Path) -> Path:
     text, pngs = rank_page(report, links.rank_page_links(out))
     report.pngs = [png.write(out) for png in pngs]
     index = out / links.RANK_PAGE
-    index.write_text(text, encoding="utf-8")
+    write_text_atomic(index, text)
     report.index = index
     return index

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from keyspace.errors import KeyspaceError
 from keyspace.reports.template import PAGE, RELATED_END, RELATED_START
+from keyspace.runfolder.files import read_regular, write_bytes_atomic, write_text_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NUMBER = re.compile(r"[-+−]?\.?\d")
@@ -96,7 +98,7 @@ class Png:
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / self.name
-        path.write_bytes(self.data)
+        write_bytes_atomic(path, self.data)  # a full disk leaves no truncated PNG; no link followed
         return path
 
 
@@ -169,13 +171,15 @@ def page(
     )
 
 
-def is_report(path: Path) -> bool:
-    """True when `path` is a page written by this module (it carries the related-reports slot)."""
+def report_text(path: Path) -> str | None:
+    """The text of a page written by this module (it carries the related-reports slot), else None.
+
+    Only a regular file is read (`read_regular`): a FIFO or a link in its place is no report."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return False
-    return RELATED_START in text and RELATED_END in text
+        text = read_regular(path).decode("utf-8")
+    except (KeyspaceError, UnicodeDecodeError):
+        return None
+    return text if RELATED_START in text and RELATED_END in text else None
 
 
 def relink(path: Path, links: list[tuple[str, str]]) -> bool:
@@ -183,14 +187,12 @@ def relink(path: Path, links: list[tuple[str, str]]) -> bool:
 
     Only the marked slot changes, so a report written earlier learns of a sibling written later.
     """
-    if not is_report(path):
+    text = report_text(path)
+    if text is None:
         return False
-    text = path.read_text(encoding="utf-8")
     head, rest = text.split(RELATED_START, 1)
     _, tail = rest.split(RELATED_END, 1)
     updated = f"{head}{RELATED_START}{related_nav(links)}{RELATED_END}{tail}"
     if updated != text:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(updated, encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, updated)
     return True

@@ -66,7 +66,8 @@ def validate_into(
     """What `keyspace validate` does: open the run's inputs, check the output folder (default
     <run>/validate) is writable before any work, run, then write validate.json and the report."""
     inputs = open_inputs(config)
-    out = check_writable(out or validate_dir(inputs.run.path))
+    run = inputs.run.path  # the default folder lies inside the run: no link on the way to it
+    out = check_writable(out) if out else check_writable(validate_dir(run), root=run)
     doc = run_validate(config, log, inputs).to_json()
     return doc, write_outputs(doc, out)
 

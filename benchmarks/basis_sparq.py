@@ -5,10 +5,11 @@
 
 At d=16 on the H200 table (docs/notes/tasks-h200-smollm2.md), Loki kept 0.02 of the UUID needles
 and SparQ 0.82. Loki scores every query on the same first d PCA coordinates; SparQ picks, per
-query, the d raw coordinates where |q| is largest. `basis-sparq` (this study only, registered
-here, not in keyspace's method list) does SparQ's per-query pick inside the PCA basis: rotate q
-and k into the basis, keep each query's d largest |q~| coordinates, score, then exact top-k. If it
-recovers SparQ's accuracy, the per-query choice is what Loki lacks, not the raw coordinates.
+query, the d raw coordinates where |q| is largest. `basis-sparq` (this study's own Method,
+registered by `main` only) does SparQ's per-query pick inside the PCA basis: rotate q and k into
+the basis, keep each query's d largest |q~| coordinates, score, then exact top-k. If it recovers
+SparQ's accuracy, the per-query choice is what Loki lacks, not the raw coordinates. keyspace's
+`loki-adaptive` grew out of it: with no key scale (sigma = 1) it is the same selection.
 
 Every variant decodes in masked mode (dense prefill, then ceil(k·context) keys per step), so
 only the selection differs. Writes run_tasks' rows (with per-prompt scores and the paired
@@ -24,16 +25,11 @@ from pathlib import Path
 
 import torch
 
-from keyspace.loki import SparseSettings
-from keyspace.loki.selection import (
-    METHODS,
-    LayerInputs,
-    Method,
-    keep_top,
-    masked,
-    rotate,
-    sparq_scores,
-)
+from keyspace.loki import SparseSettings, get_method, register_method
+from keyspace.loki.methods import LayerInputs, Method, Style
+from keyspace.loki.methods.base import loki_cost
+from keyspace.loki.methods.common import keep_top, masked, rotate
+from keyspace.loki.methods.sparq import sparq_scores
 from keyspace.models.loading import load_model
 from keyspace.tasks import cache_decoder, masked_decoder, run_tasks
 from keyspace.validate.config import ValidateConfig
@@ -47,6 +43,19 @@ def basis_sparq(inp: LayerInputs) -> torch.Tensor:
     return masked(inp.exact_scores, keep_top(approx, inp.budget, inp.causal))
 
 
+BASIS_SPARQ = Method(
+    "basis-sparq",
+    basis_sparq,
+    cost=loki_cost,
+    decode="masked-row",
+    style=Style("#8c564b", "X", "SparQ in Loki's basis"),
+    uses_d=True,
+    uses_k=True,
+    uses_basis=True,
+    in_default_grid=False,
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="Run folder with calibration.safetensors.")
@@ -58,7 +67,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    METHODS["basis-sparq"] = Method("basis-sparq", basis_sparq, True, True, True)
+    register_method(BASIS_SPARQ)
     inputs = open_inputs(ValidateConfig(run=args.run, d="16", k=str(args.k), methods="loki"))
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     basis = inputs.components
@@ -66,7 +75,7 @@ def main() -> None:
     for d in (int(x) for x in args.ds.split(",")):
         dims = torch.full(tuple(basis.shape[:2]), d, dtype=torch.long)
         for method in ("loki", "sparq", "basis-sparq"):
-            uses_basis = METHODS[method].uses_basis
+            uses_basis = get_method(method).uses_basis
             settings = SparseSettings(
                 method, k=args.k, dims=dims, basis=basis if uses_basis else None
             )

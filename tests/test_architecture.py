@@ -24,7 +24,7 @@ ALLOWED = {
     "runfolder": {"keyspace", "errors"},
     "collect": {"keyspace", "errors", "options", "runfolder", "models"},
     "analyze": {"keyspace", "errors", "runfolder"},
-    "reports": {"errors", "runfolder", "analyze"},
+    "reports": {"errors", "runfolder", "analyze", "loki"},  # loki: the methods' plot styles
     "kernels": set(),
     "loki": {"errors", "kernels", "models", "runfolder"},
     "tasks": {"errors", "collect", "loki"},

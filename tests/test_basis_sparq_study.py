@@ -8,8 +8,11 @@ from pathlib import Path
 import torch
 from loki_fixtures import random_bases
 
+from keyspace.loki import METHODS, get_method
 from keyspace.loki.masked import causal_mask
-from keyspace.loki.selection import LayerInputs, exact_topk, sparq
+from keyspace.loki.methods import LayerInputs
+
+exact_topk, sparq = get_method("exact-topk").select, get_method("sparq").select
 
 
 def study():
@@ -45,3 +48,15 @@ def test_at_full_rank_in_an_orthonormal_basis_it_is_exact_top_k():
     assert not torch.equal(
         torch.isinf(study().basis_sparq(inputs(basis, 3))), torch.isinf(expected)
     )
+
+
+def test_it_is_loki_adaptive_without_key_scales():
+    basis = random_bases(1, 2, seed=3)[0]
+    got = study().basis_sparq(inputs(basis, 5))
+    adaptive = get_method("loki-adaptive").select(inputs(basis, 5))
+    assert torch.equal(torch.isinf(got), torch.isinf(adaptive))
+
+
+def test_the_study_method_is_registered_by_main_only():
+    module = study()
+    assert module.BASIS_SPARQ.name == "basis-sparq" and "basis-sparq" not in METHODS

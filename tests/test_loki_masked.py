@@ -8,9 +8,10 @@ import pytest
 import torch
 from loki_fixtures import HEAD_DIM, logits_of, random_bases, random_tokens, tiny_llama
 
+from keyspace.errors import KeyspaceError
 from keyspace.loki.masked import SparseSettings, causal_mask, masked_attention, row_budgets
+from keyspace.loki.methods import METHODS, LayerInputs
 from keyspace.loki.registry import use_attention
-from keyspace.loki.selection import METHODS, LayerInputs
 
 LAYERS, KV_HEADS = 2, 2
 
@@ -96,15 +97,6 @@ def random_inputs(method: str, q_len=12, seed=0, k=0.25, k_mode="window"):
     )
 
 
-@pytest.mark.parametrize("method", ["loki", "exact-topk", "h2o", "sparq", "streaming"])
-@pytest.mark.parametrize("k_mode", ["window", "row"])
-def test_topk_methods_keep_exactly_the_budget_within_causal_context(method, k_mode):
-    inputs = random_inputs(method, k_mode=k_mode)
-    kept = torch.isfinite(METHODS[method].select(inputs))
-    assert (kept.sum(-1) == inputs.budget).all()
-    assert not (kept & ~inputs.causal).any()
-
-
 def test_streaming_keeps_sinks_and_recent_tokens():
     inputs = random_inputs("streaming", q_len=20, k=0.3)  # budget 6: 4 sinks + 2 recent
     kept = torch.isfinite(METHODS["streaming"].select(inputs))[0, 0, 19]
@@ -185,7 +177,6 @@ def test_model_is_restored_after_the_block_also_on_error():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "nope"}, "unknown method"),
         ({"method": "full", "k": 0.0}, "k must be"),
         ({"method": "full", "k": 1.5}, "k must be"),
         ({"method": "full", "k_mode": "col"}, "k_mode"),
@@ -195,6 +186,55 @@ def test_model_is_restored_after_the_block_also_on_error():
 def test_settings_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SparseSettings(**kwargs)
+
+
+def test_an_unknown_method_is_one_error_listing_the_registry():
+    with pytest.raises(KeyspaceError, match="unknown method 'nope'") as err:
+        SparseSettings("nope")
+    assert "loki-adaptive" in err.value.hint
+
+
+def test_token_budgets_are_the_same_in_both_modes_and_capped_by_the_context():
+    for mode in ("window", "row"):
+        assert row_budgets(None, mode, 8, 8, budget=3).tolist() == [1, 2, 3, 3, 3, 3, 3, 3]
+        assert row_budgets(None, mode, 1, 4096, budget=2048).tolist() == [2048]  # a decode step
+        assert row_budgets(None, mode, 3, 8, budget=100).tolist() == [6, 7, 8]  # whole context
+    assert row_budgets(None, "row", 8, 8, dense_rows=5, budget=2).tolist() == [
+        1, 2, 3, 4, 5, 2, 2, 2,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "k, budget, message",
+    [(0.5, 4, "not both"), (None, 0, "positive"), (None, -3, "positive"), (None, True, "positive"),
+     (None, 2.5, "positive")],
+)  # fmt: skip
+def test_settings_take_a_fraction_or_a_token_budget(k, budget, message):
+    with pytest.raises(ValueError, match=message):
+        SparseSettings("exact-topk", k=k, budget=budget)
+    if budget is not None and not isinstance(budget, float | bool):
+        with pytest.raises(ValueError, match=message):
+            row_budgets(k, "window", 4, 4, budget=budget)
+
+
+@pytest.mark.parametrize("method", ["exact-topk", "loki"])
+def test_a_token_budget_in_a_model(method):
+    """In window mode a fraction k of T tokens is the token budget ceil(k·T); a budget above every
+    context is dense attention; between, each row keeps min(budget, context) keys."""
+    model, tokens = tiny_llama(), random_tokens()  # T = 24
+    extra = (
+        {"dims": full_dims(3), "basis": random_bases(LAYERS, KV_HEADS)} if method == "loki" else {}
+    )
+    as_budget = logits_of(model, tokens, SparseSettings(method, budget=6, k_mode="row", **extra))
+    as_fraction = logits_of(model, tokens, SparseSettings(method, k=0.25, **extra))
+    torch.testing.assert_close(as_budget, as_fraction)
+    assert (as_budget - logits_of(model, tokens)).abs().max() > 1e-3
+    everything = SparseSettings(method, budget=10_000, **extra)
+    assert_rel_close(logits_of(model, tokens, everything), logits_of(model, tokens))
+    inputs = random_inputs(method, q_len=12)
+    inputs.budget = row_budgets(None, "row", 12, 12, budget=5)
+    kept = torch.isfinite(METHODS[method].select(inputs))
+    assert (kept.sum(-1) == inputs.causal.sum(-1).clamp(max=5)).all()
 
 
 def test_group_select_keeps_one_set_per_kv_head_and_is_exact_at_k1():

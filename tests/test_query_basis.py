@@ -21,8 +21,8 @@ from keyspace.loki.cache import LokiCache
 from keyspace.loki.decode import cache_kwargs, loki_decoding
 from keyspace.loki.graphs import DecodeLoop, DecodeLoopSettings, static_attention
 from keyspace.loki.masked import SparseSettings, masked_attention
+from keyspace.loki.methods.common import rotate
 from keyspace.loki.registry import use_attention
-from keyspace.loki.selection import rotate
 from keyspace.loki.static_cache import StaticLokiCache
 
 LAYERS, KV_HEADS = 2, 2
@@ -300,11 +300,10 @@ def with_query_aware_calibration(run, destination):
     import shutil
 
     from keyspace.analyze.pca import write_ranks
-    from keyspace.runfolder.analysis import read_ranks
-    from keyspace.runfolder.calibration import load_calibration
+    from keyspace.runfolder.analysis import read_calibration, read_ranks
 
     shutil.copytree(run, destination)
-    calibration = load_calibration(destination / "calibration.safetensors")
+    calibration = read_calibration(destination)
     for seed, kind in enumerate(("pre", "post")):
         key_t, query_t = invertible_pair(seed=7 + seed)
         calibration.score_key_transform[kind] = key_t
@@ -330,7 +329,7 @@ def test_validate_compares_both_bases_in_one_run(synthetic, tmp_path):
     run = with_query_aware_calibration(run, tmp_path / "run")
     args = ["validate", "--run", str(run), "--dataset", str(root / "corpus.txt"), "--window", "64"]
     args += ["--max-tokens", "128", "--d", f"{HEAD_DIM},auto:0.9", "--k", "1.0"]
-    args += ["--methods", "loki,pcaattn,sparq,full", "--basis", "key,query-aware"]
+    args += ["--methods", "loki,pcaattn,sparq,full,loki-adaptive", "--basis", "key,query-aware"]
     args += ["--decode-prompts", "1", "--decode-prompt-tokens", "32", "--decode-tokens", "2"]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
@@ -339,14 +338,19 @@ def test_validate_compares_both_bases_in_one_run(synthetic, tmp_path):
     rows = {(r["method"], r["basis"], r["d"]): r for r in doc["results"]}
     assert set(rows) == {
         (method, basis, d)
-        for method in ("loki", "pcaattn")
+        for method in ("loki", "pcaattn", "loki-adaptive")
         for basis in ("key", "query-aware")
         for d in (HEAD_DIM, "auto:0.9")
     } | {("sparq", None, HEAD_DIM), ("sparq", None, "auto:0.9"), ("full", None, None)}
     full = rows[("full", None, None)]["ppl"]
     for basis in ("key", "query-aware"):
-        for method in ("loki", "pcaattn"):
+        for method in ("loki", "pcaattn", "loki-adaptive"):
             assert rows[(method, basis, HEAD_DIM)]["ppl"] == pytest.approx(full, rel=1e-4)
+        adaptive = rows[("loki-adaptive", basis, "auto:0.9")]
+        assert adaptive["d_mean"] == rows[("loki", basis, "auto:0.9")]["d_mean"]
+        assert (
+            adaptive["kv_bytes_fraction"] == rows[("loki", basis, "auto:0.9")]["kv_bytes_fraction"]
+        )
     # auto:0.9 takes the key ranks under the key basis and the score ranks under query-aware
     assert rows[("loki", "key", "auto:0.9")]["d_mean"] == (4 + 6 + 9 + 13) / 4
     assert rows[("loki", "query-aware", "auto:0.9")]["d_mean"] == (2 + 3 + 4 + 5) / 4
@@ -415,8 +419,8 @@ def test_collect_again_keeps_the_runs_model_and_corpus_and_asks_for_at_least_one
     words = shlex.split(collect)
     flags = dict(zip(words[2::2], words[3::2], strict=True))
     assert words[:2] == ["keyspace", "collect"]
-    assert flags["--model"] == manifest["model"]["spec"]
-    assert flags["--dataset"] == manifest["dataset"]["spec"]
+    assert flags["--model"] == manifest.model_spec
+    assert flags["--dataset"] == manifest.dataset_spec
     assert flags["--window"] == "4096" and flags["--out"] == "/tmp/new run"
     assert int(flags["--max-tokens"]) == 4096  # the run has fewer tokens than one such window
     assert flags["--capture"] == "keys,queries"

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from keyspace.loki.decode import cache_kwargs
 from keyspace.loki.masked import causal_mask, fraction_of
+from keyspace.loki.methods.common import rotate
 from keyspace.loki.registry import Handler, use_attention
-from keyspace.loki.selection import rotate
 from keyspace.loki.static_cache import StaticKVCache, StaticLokiCache
 
 if TYPE_CHECKING:

@@ -14,18 +14,10 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, PercentFormatter
 
+from keyspace.loki.methods import METHODS
 from keyspace.reports.figures import MAX_WIDTH_IN, new_figure, styled, wrap
 from keyspace.reports.labels import place_labels, repel
 
-METHOD_STYLE = {  # colour, marker; Loki stands out, dense is black
-    "loki": ("#d62728", "o"),
-    "full": ("#000000", "*"),
-    "exact-topk": ("#7f7f7f", "D"),
-    "sparq": ("#1f77b4", "s"),
-    "h2o": ("#2ca02c", "^"),
-    "streaming": ("#9467bd", "v"),
-    "pcaattn": ("#ff7f0e", "P"),
-}
 OTHER_COLORS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22")
 ENTRY_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
 # Perplexities above this multiple of dense sit on the top edge and are named in the title.
@@ -35,8 +27,9 @@ K_MODE_TITLES = {"window": "k per window", "row": "k per query row"}
 
 
 def method_style(method: str, methods: list[str]) -> tuple[str, str]:
-    if method in METHOD_STYLE:
-        return METHOD_STYLE[method]
+    """Colour and marker: the registered method's style, else one of OTHER_COLORS with an X."""
+    if method in METHODS:
+        return METHODS[method].style.color, METHODS[method].style.marker
     return OTHER_COLORS[methods.index(method) % len(OTHER_COLORS)], "X"
 
 

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from keyspace.loki.decode import batch_greedy, dense_handler, last_logits, loki_decoding
 from keyspace.loki.masked import SparseSettings, masked_attention
+from keyspace.loki.methods import get_method
 from keyspace.loki.registry import use_attention
 from keyspace.tasks.heavy_hitters import HeavyHitters
 
@@ -57,12 +58,15 @@ def masked_decoder(settings: SparseSettings, whole_sequence: bool = False) -> De
     """
     if whole_sequence:
         return _whole_sequence_decoder(settings)
-    if settings.method == "h2o":
+    if get_method(settings.method).decode == "heavy-hitters":
         return _heavy_hitters_decoder(settings)
     return _row_decoder(settings)
 
 
 def _heavy_hitters_decoder(settings: SparseSettings) -> Decoder:
+    if settings.budget is not None:
+        raise ValueError("h2o's decode steps take a fraction k, not a token budget")
+
     def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         with use_attention(model, HeavyHitters(settings.k)):
             return batch_greedy(model, DynamicCache(), _on_device(model, ids), new_tokens)

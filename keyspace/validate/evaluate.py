@@ -16,8 +16,8 @@ from transformers import DynamicCache
 
 from keyspace.loki.decode import greedy, loki_decoding
 from keyspace.loki.masked import SparseSettings, attend, layer_inputs, masked_attention
+from keyspace.loki.methods.common import group_sum, keep_top, masked
 from keyspace.loki.registry import use_attention
-from keyspace.loki.selection import group_sum, keep_top, masked
 
 Progress = Callable[[int, int], None]
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from keyspace.errors import KeyspaceError
-from keyspace.loki import METHODS
+from keyspace.loki import METHODS, get_method
+from keyspace.loki.methods import default_methods
 from keyspace.runfolder.store import RANKS
 from keyspace.tasks import DEFAULT_TASKS, TASKS
 
@@ -88,6 +89,14 @@ def parse_names(text: str, known: tuple[str, ...], option: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_methods(text: str) -> list[str]:
+    """`--methods`: registered method names, and `default` for the default grid; each name once."""
+    names = parse_names(text, ("default", *METHODS), "--methods")
+    return list(
+        dict.fromkeys(m for n in names for m in (default_methods() if n == "default" else [n]))
+    )
+
+
 def parse_tasks(text: str) -> list[str]:
     """`--tasks`: empty (skip), task names, and `default` for DEFAULT_TASKS; each name once."""
     if not text.strip():
@@ -155,7 +164,7 @@ def sweep_points(
     d (or k, or basis)."""
     points = []
     for name in methods:
-        spec = METHODS[name]
+        spec = get_method(name)
         for basis in bases if spec.uses_basis else [None]:
             for d in ds if spec.uses_d else [None]:
                 for k in ks if spec.uses_k else [None]:

@@ -13,8 +13,7 @@ import torch
 from keyspace.bench.e2e import decode_speed
 from keyspace.bench.kernels import BenchConfig, run_sweep
 from keyspace.errors import KeyspaceError
-from keyspace.loki import METHODS, LokiCache, SparseSettings
-from keyspace.loki.selection import kv_bytes_fraction
+from keyspace.loki import LokiCache, SparseSettings, get_method
 from keyspace.runfolder.store import DEFAULT_THRESHOLD
 from keyspace.tasks import Decoder, cache_decoder, masked_decoder, run_tasks
 from keyspace.validate.config import Log, ValidateConfig
@@ -35,15 +34,16 @@ TASK_SEED = 0  # task prompts are a function of (task, length, seed, count, inde
 
 def settings_for(point: SweepPoint, inputs: Inputs) -> SparseSettings:
     key_transform, query_transform = inputs.transforms(point.basis)
-    uses_basis = METHODS[point.method].uses_basis
+    spec = get_method(point.method)
     return SparseSettings(
         point.method,
         k=point.k if point.k is not None else 1.0,
         k_mode=point.k_mode or "window",
         dims=point.dims,
-        basis=key_transform if uses_basis else None,
-        group_select=inputs.group_select and point.method == "loki",
-        query_basis=query_transform if uses_basis else None,
+        basis=key_transform if spec.uses_basis else None,
+        group_select=inputs.group_select and spec.uses_group,
+        query_basis=query_transform if spec.uses_basis else None,
+        key_scale=inputs.key_scale(point.basis) if spec.uses_key_scale else None,
     )
 
 
@@ -65,7 +65,7 @@ def measure_perplexity(
         result.nll,
         result.tokens,
         result.predicted_tokens,
-        kv_bytes_fraction(point.method, d_mean, point.k, inputs.head_dim),
+        get_method(point.method).kv_bytes_fraction(inputs.head_dim, d_mean, point.k),
         result.seconds,
         point.basis,
     )
@@ -214,9 +214,10 @@ def task_variants(inputs: Inputs) -> dict[tuple, Decoder]:
     variants = {("full", None, None, None): cache_decoder()}
     for point in sweep_points(inputs.methods, inputs.ds, inputs.ks, ["row"], inputs.bases):
         key = (point.method, point.d.value if point.d else None, point.k, point.basis)
-        if point.method == "loki":
+        path = get_method(point.method).decode
+        if path == "cache":
             variants[key] = cache_decoder(cache_factory(inputs, point.d, point.k, point.basis))
-        elif point.method != "full":
+        elif path != "dense":
             variants[key] = masked_decoder(settings_for(point, inputs))
     return variants
 

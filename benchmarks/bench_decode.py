@@ -1,15 +1,21 @@
-"""Loki decode kernels vs dense SDPA on one CUDA GPU: the full sweep of issue 5 in one run.
+"""Loki decode kernels (fixed d, and adaptive at r = d) vs the fastest dense SDPA backend on one
+CUDA GPU.
 
     PYTHONPATH=. python benchmarks/bench_decode.py --out results/ [--set select_method=radix]
+    PYTHONPATH=. python benchmarks/bench_decode.py --out DIR --seq 32768 --d 16 32 --k 0.0625 0.125
 
-Checks the Triton step against the fp32 oracles first, then times every row and writes
-`bench_decode.json` and `bench_decode.md` under --out. `--set FIELD=VALUE` (repeatable) times a
-variant of the kernels' `KernelSettings`. Never imported by the package.
+Checks the Triton steps (fixed-d, adaptive) and every dense backend against the fp32 oracles
+first, then times every row and writes `bench_decode.json` and `bench_decode.md` under --out,
+rewritten after each (KV heads, S) shape so that a run cut short keeps what it measured.
+`--set FIELD=VALUE` (repeatable) times a variant of the kernels' `KernelSettings`. Never imported
+by the package.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -47,6 +53,11 @@ def main() -> int:
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--input-sets", type=int, default=2)
+    parser.add_argument("--d", type=int, nargs="+", help="low-rank dims (with --k / --budget)")
+    parser.add_argument("--k", type=float, nargs="+", default=[], help="kept fractions")
+    parser.add_argument("--budget", type=int, nargs="+", default=[], help="kept tokens")
+    parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive rows")
+    parser.add_argument("--check-dtypes", nargs="+", default=["float16", "bfloat16", "float32"])
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness check")
     parser.add_argument(
         "--set", type=_setting, action="append", default=[], metavar="FIELD=VALUE",
@@ -57,11 +68,21 @@ def main() -> int:
     import torch
 
     from keyspace.bench.kernel_checks import check_correctness
-    from keyspace.bench.kernels import BenchConfig, markdown_table, run_sweep, save_result
+    from keyspace.bench.kernels import (
+        BELOW_FLOOR,
+        BenchConfig,
+        markdown_table,
+        run_sweep,
+        save_result,
+    )
 
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    points = {}
+    if args.d:
+        points = {"points": tuple((d, k) for d in args.d for k in args.k)}
+        points["budgets"] = tuple((d, b) for d in args.d for b in args.budget)
     cfg = BenchConfig(
         batch=args.batch,
         q_heads=args.heads,
@@ -70,23 +91,33 @@ def main() -> int:
         seqs=tuple(args.seq),
         dtype=args.dtype,
         input_sets=args.input_sets,
+        adaptive=not args.no_adaptive,
         settings=_settings(args.set),
+        **points,
     )
     started = time.time()
-    checks = [] if args.skip_check else check_correctness(settings=cfg.settings)
+    checks = [] if args.skip_check else check_correctness(args.check_dtypes, cfg.settings)
     for c in checks:
         print(
             f"check {c['dtype']:>8} {c['case']}: rel err {c['rel_err']:.2e}"
             f" (graph {c['graph_rel_err']:.2e})",
             flush=True,
         )
-    result = run_sweep(cfg, log=lambda line: print(line, flush=True))
-    result["checks"] = checks
-    result["meta"]["command"] = " ".join(sys.argv)
-    result["meta"]["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-    result["meta"]["wall_s"] = time.time() - started
-    save_result(result, args.out)
+    result = {"meta": {}, "rows": []}
+    for kv_heads, seq in itertools.product(cfg.kv_heads, cfg.seqs):
+        shape = dataclasses.replace(cfg, kv_heads=(kv_heads,), seqs=(seq,))
+        part = run_sweep(shape, log=lambda line: print(line, flush=True))
+        result["rows"] += part["rows"]
+        result["meta"] = part["meta"] | {"config": dataclasses.asdict(cfg)}
+        result["checks"] = checks
+        result["meta"]["command"] = " ".join(sys.argv)
+        result["meta"]["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+        result["meta"]["wall_s"] = time.time() - started
+        save_result(result, args.out)
     print(markdown_table(result["rows"]))
+    flagged = [r for r in result["rows"] if r["baseline_below_floor"]]
+    if flagged:
+        print(f"{len(flagged)} rows: {BELOW_FLOOR} (speedup above the byte-floor ratio)")
     return 0
 
 

@@ -1,5 +1,6 @@
 """The kernels' GPU correctness check that `keyspace bench` runs before timing: every stage and
-the whole step, eager and replayed from a CUDA graph, against the fp32 torch oracle."""
+the whole step (fixed-d and adaptive), eager and replayed from a CUDA graph, against the fp32
+torch oracle; and every dense SDPA backend the sweep may take as its baseline."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from keyspace.bench.dense import DENSE_BACKENDS, REFUSALS, sdpa_step
 from keyspace.bench.kernels import DTYPES
 from keyspace.kernels import (
     DEFAULT_SETTINGS,
     KernelSettings,
+    adaptive_coords,
+    adaptive_decode,
+    adaptive_scores,
+    adaptive_scores_reference,
     dense_attention_reference,
     loki_decode,
     lowrank_scores,
@@ -117,4 +123,86 @@ def check_correctness(
         results.append({"dtype": name, "case": case, "rel_err": errs[0], "graph_rel_err": errs[1]})
         for err in errs:
             assert err <= REL_TOL[dtype], f"{what}: relative error {err:.2e}"
+    return results + check_adaptive(dtypes, settings) + check_dense_backends(dtypes)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check_adaptive(
+    dtypes: Sequence[str] = ("float16", "bfloat16", "float32"),
+    settings: KernelSettings = DEFAULT_SETTINGS,
+) -> list[dict]:
+    """The adaptive step as `check_correctness` checks the fixed-d one: its scores against the
+    fp32 reference, its selection a top-k of them, the step eager and from a CUDA graph against
+    the fp32 attention over the chosen positions (dense attention at r = D, k_top = S). The last
+    case has 512 index sets, so its graph takes the two-stream batch pipeline."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    kernel = {"backend": "triton", "settings": settings}
+    cases = [  # (B, Hq, Hkv, S, D, d_max, r, k_top, group, ragged)
+        (4, 32, 32, 4096, 128, 64, 16, 256, False, False),
+        (4, 32, 8, 4133, 128, 64, 32, 517, True, True),
+        (4, 32, 8, 4096, 128, 64, 16, 512, False, False),
+        (2, 9, 3, 1027, 64, 64, 64, 1027, True, True),
+        (16, 32, 32, 4096, 128, 64, 16, 256, False, True),
+    ]
+    results = []
+    for name, case in itertools.product(dtypes, cases):
+        batch, hq, hkv, seq, dim, d_max, r, k_top, group, ragged = case
+        dtype = DTYPES[name]
+        q = torch.randn(batch, hq, dim, device="cuda", dtype=dtype, generator=gen)
+        keys, v = (
+            torch.randn(batch, hkv, seq, dim, device="cuda", dtype=dtype, generator=gen)
+            for _ in range(2)
+        )
+        k_low_t = keys[..., :d_max].transpose(-1, -2).contiguous()  # [B, Hkv, d_max, S]
+        lens = torch.randint(1, seq + 1, (batch,), device="cuda", generator=gen) if ragged else None
+        if lens is not None:
+            lens[0] = seq
+        what = f"adaptive {name} {case}"
+        coords = adaptive_coords(q, r, hkv, d_max)
+        scores = adaptive_scores(q, k_low_t, coords, group, lens, **kernel)
+        ref_scores = adaptive_scores_reference(q, k_low_t, coords, group, lens)
+        finite = torch.isfinite(ref_scores)
+        assert torch.equal(finite, torch.isfinite(scores)), f"{what}: -inf past seqlens differs"
+        score_err = _rel_err(scores[finite], ref_scores[finite])
+        assert score_err <= 1e-5, f"{what}: score relative error {score_err:.2e}"
+        idx = select_topk(scores, k_top, lens, **kernel)
+        _assert_top_k(ref_scores, idx, k_top, lens, what)
+        ref = sparse_attention_reference(q, keys, keys[..., dim:], v, idx).float()
+        if k_top == seq and r == dim:
+            ref = dense_attention_reference(q, keys, v, None, lens)
+
+        def step(q=q, k_low_t=k_low_t, keys=keys, v=v, r=r, k_top=k_top, group=group, lens=lens):
+            return adaptive_decode(q, k_low_t, keys, v, r, k_top, None, None, group, lens, **kernel)
+
+        errs = [_rel_err(out, ref) for out in (step(), _graph_replay(step))]
+        results.append({"dtype": name, "case": ("adaptive", *case), "rel_err": errs[0],
+                        "graph_rel_err": errs[1]})  # fmt: skip
+        for err in errs:
+            assert err <= REL_TOL[dtype], f"{what}: relative error {err:.2e}"
+    return results
+
+
+def check_dense_backends(dtypes: Sequence[str] = ("float16",)) -> list[dict]:
+    """Every SDPA backend the sweep may take as its dense baseline, against the fp32 oracle, MHA
+    and GQA; one that refuses the shape is skipped here as it is in the sweep."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    results = []
+    for name, kv_heads, backend in itertools.product(dtypes, (32, 8), DENSE_BACKENDS):
+        dtype = DTYPES[name]
+        q = torch.randn(4, 32, 128, device="cuda", dtype=dtype, generator=gen)
+        keys, v = (
+            torch.randn(4, kv_heads, 1027, 128, device="cuda", dtype=dtype, generator=gen)
+            for _ in range(2)
+        )
+        try:
+            out = sdpa_step(q, keys, v, backend)()[:, :, 0]  # [B, Hq, D]
+        except REFUSALS:
+            continue
+        err = _rel_err(out, dense_attention_reference(q, keys, v))
+        case = ("dense", backend, kv_heads)
+        results.append({"dtype": name, "case": case, "rel_err": err, "graph_rel_err": err})
+        assert err <= REL_TOL[dtype], f"dense {backend} {name} Hkv={kv_heads}: error {err:.2e}"
     return results

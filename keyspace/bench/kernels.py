@@ -1,7 +1,11 @@
-"""The decode-kernel benchmark: Loki against dense SDPA on the same cache, on one CUDA GPU.
+"""The decode-kernel benchmark: Loki (fixed d, and adaptive at r = d) against dense SDPA on the
+same cache, on one CUDA GPU.
 
-`run_sweep` returns plain rows (dicts); `benchmarks/bench_decode.py` and `keyspace bench` print
-them. Whole decode steps are timed as CUDA-graph replays, rotating over several input sets so that
+`run_sweep` returns plain rows (dicts), one per (method, shape, point); `benchmarks/bench_decode.py`
+and `keyspace bench` print them. The dense baseline is the fastest SDPA backend that accepts the
+shape (`keyspace.bench.dense`); a speedup above the row's byte-floor ratio is flagged
+`baseline_below_floor`, since no method can beat a baseline that reads at the floor by more.
+Whole decode steps are timed as CUDA-graph replays, rotating over several input sets so that
 no step finds its cache in L2; each stage is also timed alone, and `torch.topk` beside the
 selection. Bytes are the algorithmic floor: each input read once, the output written once.
 
@@ -15,18 +19,21 @@ import dataclasses
 import itertools
 import json
 import math
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from keyspace.bench.dense import time_dense
+from keyspace.bench.timing import eager_ms, graph_ms, memory_bandwidth_gbps
 from keyspace.errors import KeyspaceError
 from keyspace.kernels import (
     DEFAULT_SETTINGS,
     KernelSettings,
+    adaptive_coords,
+    adaptive_decode,
+    adaptive_scores,
     loki_decode,
     lowrank_scores,
     select_topk,
@@ -36,19 +43,31 @@ from keyspace.models.arch import head_geometry
 from keyspace.models.loading import ALIASES, alias_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# Relative L2 error allowed against the fp32 oracle (‖out − ref‖ / ‖ref‖).
+BELOW_FLOOR = "baseline below its floor"
 
 
 @dataclass
 class BenchConfig:
-    """One sweep: every (kv_heads, seq, (d, k fraction)) combination, MHA and GQA."""
+    """One sweep: every (kv_heads, seq, point) combination, MHA and GQA. A point is (d, k
+    fraction) in `points` or (d, tokens kept) in `budgets`; with `adaptive`, each fixed-d row has
+    an adaptive row beside it at r = d and the same k, scoring from a coordinate-major store of
+    the first `store_d_max()` coordinates."""
 
     batch: int = 16
     q_heads: int = 32
     kv_heads: Sequence[int] = (32, 8)
     head_dim: int = 128
     seqs: Sequence[int] = (4096, 16384, 32768)
-    points: Sequence[tuple[int, float]] = ((32, 1 / 8), (32, 1 / 4), (16, 1 / 8), (64, 1 / 4))
+    points: Sequence[tuple[int, float]] = (
+        (32, 1 / 8),
+        (32, 1 / 4),
+        (16, 1 / 8),
+        (16, 1 / 16),
+        (64, 1 / 4),
+    )
+    budgets: Sequence[tuple[int, int]] = ()  # (d, tokens kept per step)
+    adaptive: bool = False  # keyspace bench and bench_decode.py turn it on
+    adaptive_d_max: int = 64
     dtype: str = "float16"
     input_sets: int = 2
     reps: int = 15
@@ -68,8 +87,23 @@ class BenchConfig:
                 raise ValueError(f"d={d} must lie in [1, head_dim={self.head_dim}]")
             if not 0 < frac <= 1:
                 raise ValueError(f"k fraction {frac} must lie in (0, 1]")
-        if min(self.seqs) < 1 or self.batch < 1 or self.input_sets < 1:
-            raise ValueError("batch, seq and input_sets must be positive")
+        for d, tokens in self.budgets:
+            if not 1 <= d <= self.head_dim or tokens < 1:
+                raise ValueError(f"budget point (d={d}, {tokens} tokens) needs d in [1, head_dim]"
+                                 " and at least 1 token")  # fmt: skip
+        if min(self.seqs) < 1 or min(self.batch, self.q_heads, self.input_sets) < 1:
+            raise ValueError("batch, heads, seq and input_sets must be positive")
+
+    def store_d_max(self) -> int:
+        """Coordinates in the adaptive rows' store: adaptive_d_max, or the largest d if that is
+        larger, at most head_dim."""
+        largest = max([d for d, _ in self.points] + [d for d, _ in self.budgets], default=1)
+        return min(max(self.adaptive_d_max, largest), self.head_dim)
+
+    def k_points(self, seq: int) -> list[tuple[int, float, int | None, int]]:
+        """(d, k fraction, token budget or None, k_top) of every point at cache length seq."""
+        rows = [(d, frac, None, max(1, round(frac * seq))) for d, frac in self.points]
+        return rows + [(d, min(t, seq) / seq, t, min(t, seq)) for d, t in self.budgets]
 
 
 def model_geometry(spec: str) -> tuple[int, int, int]:
@@ -104,67 +138,6 @@ def default_points(head_dim: int) -> tuple[tuple[int, float], ...]:
     return points or ((max(1, head_dim // 4), 1 / 8),)
 
 
-def memory_bandwidth_gbps(nbytes: int = 4 << 30) -> dict:
-    """Measured DRAM rates in GB/s: a device-to-device copy (read + write) and a read-only sum.
-
-    Decode reads far more than it writes, so the read rate is the byte floor's rate.
-    """
-    src = torch.randn(nbytes // 2, device="cuda", dtype=torch.float16)
-    dst = torch.empty_like(src)
-    copy_ms = _graph_ms([lambda: dst.copy_(src)], reps=10, replays=3)
-    read_ms = _graph_ms([lambda: src.sum(dtype=torch.float32)], reps=10, replays=3)
-    return {"copy_gbps": 2 * nbytes / copy_ms / 1e6, "read_gbps": nbytes / read_ms / 1e6}
-
-
-def _graph_ms(fns: Sequence[Callable[[], object]], reps: int, replays: int) -> float:
-    """Median ms per call: each callable captured into a CUDA graph, the graphs replayed in turn."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns:  # compile and warm up outside capture
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graphs = []
-    for fn in fns:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graphs.append(graph)
-    for graph in graphs:
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        for i in range(replays * len(graphs)):
-            graphs[i % len(graphs)].replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (replays * len(graphs)))
-    del graphs
-    return statistics.median(times)
-
-
-def _eager_ms(fns: Sequence[Callable[[], object]]) -> float:
-    """Median ms of plain launches (Python and launch overhead included), rotating input sets."""
-    import triton
-
-    cycle = itertools.cycle(fns)
-    return triton.testing.do_bench(lambda: next(cycle)(), warmup=25, rep=100, return_mode="median")
-
-
-def _sdpa_fn(q: torch.Tensor, keys: torch.Tensor, v: torch.Tensor, backend) -> Callable:
-    from torch.nn.attention import sdpa_kernel
-
-    gqa = q.shape[1] != keys.shape[1]
-
-    def step() -> torch.Tensor:
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q[:, :, None], keys, v, enable_gqa=gqa)
-
-    return step
-
-
 def _make_inputs(cfg: BenchConfig, kv_heads: int, seq: int, gen: torch.Generator) -> list[dict]:
     dtype = DTYPES[cfg.dtype]
     sets = []
@@ -182,58 +155,71 @@ def _make_inputs(cfg: BenchConfig, kv_heads: int, seq: int, gen: torch.Generator
     return sets
 
 
-def _time_sdpa(sets: list[dict], cfg: BenchConfig) -> dict:
-    from torch.nn.attention import SDPBackend
-
-    out = {}
-    for name, backend in (
-        ("flash", SDPBackend.FLASH_ATTENTION),
-        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-    ):
-        fns = [_sdpa_fn(s["q"], s["keys"], s["v"], backend) for s in sets]
-        try:
-            out[name] = _graph_ms(fns, cfg.reps, cfg.replays)
-        except RuntimeError as err:  # a backend that refuses the shape (e.g. GQA)
-            out[name] = float("nan")
-            out[f"{name}_error"] = str(err).splitlines()[0][:120]
-    times = [t for t in (out["flash"], out["efficient"]) if not math.isnan(t)]
-    out["sdpa_ms"] = min(times) if times else float("nan")
-    return out
-
-
-def _time_loki(sets: list[dict], cfg: BenchConfig, d: int, k_top: int, group: bool) -> dict:
+def _time_stages(cfg: BenchConfig, steps, score_fns, scores, k_top: int, attend) -> dict:
+    """Graph-timed step and stages of one method; attend(i, idx) is input set i's attention."""
     kernel = {"backend": "triton", "settings": cfg.settings}
-    steps, scores, idx, low = [], [], [], []
-    for s in sets:
-        steps.append(
-            lambda s=s: loki_decode(
-                s["q"], s["k_low"], s["k_rest"], s["v"], k_top, group_select=group, **kernel
-            )
-        )
-        scores.append(lowrank_scores(s["q"], s["k_low"], group, **kernel))
-        idx.append(select_topk(scores[-1], k_top, **kernel))
-        # The step hands per-head attention the score pass's q_low·k_low: time it the same way.
-        per_head = scores[-1].shape[1] == s["q"].shape[1]
-        low.append(scores[-1] if cfg.settings.reuse_low_scores and per_head else None)
-    stages = list(zip(sets, idx, low, strict=True))
+    idx = [select_topk(sc, k_top, **kernel) for sc in scores]
     timed = {
-        "scores_ms": [
-            lambda s=s: lowrank_scores(s["q"], s["k_low"], group, **kernel) for s in sets
-        ],
+        "scores_ms": score_fns,
         "select_ms": [lambda sc=sc: select_topk(sc, k_top, **kernel) for sc in scores],
         "topk_torch_ms": [
             lambda sc=sc: torch.topk(sc, k_top, dim=-1, sorted=False) for sc in scores
         ],
-        "attention_ms": [
-            lambda s=s, i=i, lo=lo: sparse_attention(
-                s["q"], s["k_low"], s["k_rest"], s["v"], i, low_scores=lo, **kernel
-            )
-            for s, i, lo in stages
-        ],
+        "attention_ms": [lambda i=i, ix=ix: attend(i, ix) for i, ix in enumerate(idx)],
     }
-    row = {"loki_ms": _graph_ms(steps, cfg.reps, cfg.replays), "loki_eager_ms": _eager_ms(steps)}
-    row.update({name: _graph_ms(fns, cfg.reps, cfg.replays) for name, fns in timed.items()})
+    row = {"loki_ms": graph_ms(steps, cfg.reps, cfg.replays), "loki_eager_ms": eager_ms(steps)}
+    row.update({name: graph_ms(fns, cfg.reps, cfg.replays) for name, fns in timed.items()})
     return row
+
+
+def _time_loki(sets: list[dict], cfg: BenchConfig, d: int, k_top: int, group: bool) -> dict:
+    """Fixed-d Loki: the step, its score pass, select and attention (as the step calls it)."""
+    kernel = {"backend": "triton", "settings": cfg.settings}
+    steps = [
+        lambda s=s: loki_decode(
+            s["q"], s["k_low"], s["k_rest"], s["v"], k_top, group_select=group, **kernel
+        )
+        for s in sets
+    ]
+    score_fns = [lambda s=s: lowrank_scores(s["q"], s["k_low"], group, **kernel) for s in sets]
+    scores = [fn() for fn in score_fns]
+    # The step hands per-head attention the score pass's q_low·k_low: time it the same way.
+    reuse = cfg.settings.reuse_low_scores and scores[0].shape[1] == sets[0]["q"].shape[1]
+    low = [sc if reuse else None for sc in scores]
+
+    def attend(i, idx):
+        s = sets[i]
+        return sparse_attention(s["q"], s["k_low"], s["k_rest"], s["v"], idx, low_scores=low[i],
+                                **kernel)  # fmt: skip
+
+    return _time_stages(cfg, steps, score_fns, scores, k_top, attend)
+
+
+def _time_adaptive(sets: list[dict], cfg: BenchConfig, r: int, k_top: int, group: bool) -> dict:
+    """Adaptive Loki at r coordinates: the step, the coordinate choice + score pass, select and
+    attention over the full rotated keys (an empty k_rest)."""
+    kernel = {"backend": "triton", "settings": cfg.settings}
+    kv_heads, d_max = sets[0]["k_low_t"].shape[1], sets[0]["k_low_t"].shape[2]
+    steps = [
+        lambda s=s: adaptive_decode(
+            s["q"], s["k_low_t"], s["keys"], s["v"], r, k_top, group_select=group, **kernel
+        )
+        for s in sets
+    ]
+
+    def score(s):
+        coords = adaptive_coords(s["q"], r, kv_heads, d_max)
+        return adaptive_scores(s["q"], s["k_low_t"], coords, group, **kernel)
+
+    score_fns = [lambda s=s: score(s) for s in sets]
+    scores = [fn() for fn in score_fns]
+
+    def attend(i, idx):
+        keys = sets[i]["keys"]
+        no_rest = keys[..., keys.shape[-1] :]
+        return sparse_attention(sets[i]["q"], keys, no_rest, sets[i]["v"], idx, **kernel)
+
+    return _time_stages(cfg, steps, score_fns, scores, k_top, attend)
 
 
 def _floor_bytes(cfg: BenchConfig, kv_heads: int, seq: int, d: int, k_top: int, group: bool):
@@ -245,8 +231,75 @@ def _floor_bytes(cfg: BenchConfig, kv_heads: int, seq: int, d: int, k_top: int, 
     return dense, loki + qo
 
 
+def finish_row(row: dict, floor_gbps: float) -> dict:
+    """Speedup, floor ratio, rates and the below-floor flag of a row holding sdpa_ms, loki_ms,
+    dense_bytes and loki_bytes (in place; returned too)."""
+    row["speedup"] = row["sdpa_ms"] / row["loki_ms"]
+    row["floor_speedup"] = row["dense_bytes"] / row["loki_bytes"]
+    row["loki_gbps"] = row["loki_bytes"] / row["loki_ms"] / 1e6
+    row["loki_pct_floor"] = 100 * row["loki_bytes"] / floor_gbps / 1e6 / row["loki_ms"]
+    row["sdpa_pct_floor"] = 100 * row["dense_bytes"] / floor_gbps / 1e6 / row["sdpa_ms"]
+    # A baseline at its byte floor allows no more than the floor ratio: above it, distrust it.
+    row["baseline_below_floor"] = bool(row["speedup"] > row["floor_speedup"])
+    row["flag"] = BELOW_FLOOR if row["baseline_below_floor"] else ""
+    return row
+
+
+def _add_stores(sets: list[dict], cfg: BenchConfig, d: int | None) -> None:
+    """The fixed-d split (k_low, k_rest) at d, or with d None the adaptive coordinate-major
+    store of the first store_d_max() coordinates; each set's previous ones are dropped."""
+    for s in sets:
+        for name in ("k_low", "k_rest", "k_low_t"):
+            s.pop(name, None)
+        if d is None:
+            s["k_low_t"] = s["keys"][..., : cfg.store_d_max()].transpose(-1, -2).contiguous()
+        else:
+            s["k_low"] = s["keys"][..., :d].contiguous()
+            s["k_rest"] = s["keys"][..., d:].contiguous()
+
+
+def _shape_rows(cfg, sets, kv_heads, seq, dense, peak, log) -> list[dict]:
+    """Every point's rows at one (kv_heads, seq): fixed-d Loki, then adaptive at r = d."""
+    modes = [True] if kv_heads == cfg.q_heads else [True] + [False] * cfg.per_head_under_gqa
+    methods = ["loki"] + ["loki-adaptive"] * cfg.adaptive
+    points = cfg.k_points(seq)
+    rows = []
+    for method in methods:
+        for d in sorted({p[0] for p in points}):
+            _add_stores(sets, cfg, None if method == "loki-adaptive" else d)
+            for (pd, frac, budget, k_top), group in itertools.product(points, modes):
+                if pd != d:
+                    continue
+                timer = _time_adaptive if method == "loki-adaptive" else _time_loki
+                dense_b, loki_b = _floor_bytes(cfg, kv_heads, seq, d, k_top, group)
+                row = {
+                    "method": method,
+                    "batch": cfg.batch,
+                    "q_heads": cfg.q_heads,
+                    "kv_heads": kv_heads,
+                    "head_dim": cfg.head_dim,
+                    "seq": seq,
+                    "d": d,
+                    "k_frac": frac,
+                    "k_budget": budget,
+                    "k_top": k_top,
+                    "select": "mha" if kv_heads == cfg.q_heads else ("group" if group else "head"),
+                    "dtype": cfg.dtype,
+                    **dense,
+                    **timer(sets, cfg, d, k_top, group),
+                    "dense_bytes": dense_b,
+                    "loki_bytes": loki_b,
+                }
+                rows.append(finish_row(row, peak))
+                log(format_row(row))
+    _add_stores(sets, cfg, None)
+    for s in sets:
+        s.pop("k_low_t")
+    return rows
+
+
 def run_sweep(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
-    """Time SDPA and Loki over the sweep; returns {"meta": ..., "rows": [...]}."""
+    """Time dense SDPA (every backend) and Loki over the sweep; returns {"meta", "rows"}."""
     import triton
 
     props = torch.cuda.get_device_properties(0)
@@ -265,43 +318,12 @@ def run_sweep(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     rows = []
     for kv_heads, seq in itertools.product(cfg.kv_heads, cfg.seqs):
         sets = _make_inputs(cfg, kv_heads, seq, gen)
-        sdpa = _time_sdpa(sets, cfg)
-        log(f"Hkv={kv_heads} S={seq}: sdpa {sdpa['sdpa_ms']:.3f} ms {sdpa}")
-        modes = [True] if kv_heads == cfg.q_heads else [True] + [False] * cfg.per_head_under_gqa
-        for d in sorted({d for d, _ in cfg.points}):
-            for s in sets:
-                s["k_low"] = s["keys"][..., :d].contiguous()
-                s["k_rest"] = s["keys"][..., d:].contiguous()
-            for (pd, frac), group in itertools.product(cfg.points, modes):
-                if pd != d:
-                    continue
-                k_top = max(1, round(frac * seq))
-                dense_b, loki_b = _floor_bytes(cfg, kv_heads, seq, d, k_top, group)
-                row = {
-                    "batch": cfg.batch,
-                    "q_heads": cfg.q_heads,
-                    "kv_heads": kv_heads,
-                    "head_dim": cfg.head_dim,
-                    "seq": seq,
-                    "d": d,
-                    "k_frac": frac,
-                    "k_top": k_top,
-                    "select": "mha" if kv_heads == cfg.q_heads else ("group" if group else "head"),
-                    "dtype": cfg.dtype,
-                    **{k: v for k, v in sdpa.items()},
-                    **_time_loki(sets, cfg, d, k_top, group),
-                    "dense_bytes": dense_b,
-                    "loki_bytes": loki_b,
-                }
-                row["speedup"] = row["sdpa_ms"] / row["loki_ms"]
-                row["floor_speedup"] = dense_b / loki_b
-                row["loki_gbps"] = loki_b / row["loki_ms"] / 1e6
-                row["loki_pct_floor"] = 100 * loki_b / peak / 1e6 / row["loki_ms"]
-                row["sdpa_pct_floor"] = 100 * dense_b / peak / 1e6 / row["sdpa_ms"]
-                rows.append(row)
-                log(format_row(row))
-            for s in sets:
-                del s["k_low"], s["k_rest"]
+        dense = time_dense(sets, lambda fns: graph_ms(fns, cfg.reps, cfg.replays))
+        log(f"Hkv={kv_heads} S={seq}: dense {dense['sdpa_ms']:.3f} ms ({dense['dense_backend']})"
+            f" {dense['dense_ms_by_backend']} unavailable: {dense['dense_unavailable']}")  # fmt: skip
+        if dense["dense_backend"] is None:
+            raise RuntimeError(f"no SDPA backend ran: {dense['dense_unavailable']}")
+        rows += _shape_rows(cfg, sets, kv_heads, seq, dense, peak, log)
         del sets
         torch.cuda.empty_cache()
     return {"meta": meta, "rows": rows}
@@ -315,10 +337,12 @@ def save_result(result: dict, folder: Path) -> None:
 
 
 def format_row(row: dict) -> str:
+    flag = f" [{BELOW_FLOOR}]" if row["baseline_below_floor"] else ""
     return (
-        f"Hkv={row['kv_heads']:>2} S={row['seq']:>5} d={row['d']:>3} k={row['k_frac']:.3f} "
-        f"{row['select']:>5}: sdpa {row['sdpa_ms']:.3f} loki {row['loki_ms']:.3f} ms "
-        f"({row['speedup']:.2f}x, floor {row['floor_speedup']:.2f}x, "
+        f"{row['method']:>13} Hkv={row['kv_heads']:>2} S={row['seq']:>5} d={row['d']:>3} "
+        f"k={row['k_frac']:.3f} {row['select']:>5}: dense {row['sdpa_ms']:.3f} "
+        f"({row['dense_backend']}) loki {row['loki_ms']:.3f} ms "
+        f"({row['speedup']:.2f}x, floor {row['floor_speedup']:.2f}x{flag}, "
         f"{row['loki_pct_floor']:.0f}% of floor) | scores {row['scores_ms']:.3f} "
         f"select {row['select_ms']:.3f} (topk {row['topk_torch_ms']:.3f}) "
         f"attn {row['attention_ms']:.3f} eager {row['loki_eager_ms']:.3f}"
@@ -326,15 +350,19 @@ def format_row(row: dict) -> str:
 
 
 TABLE_COLUMNS = [
+    ("method", "method", "{}"),
     ("Hkv", "kv_heads", "{}"),
     ("S", "seq", "{}"),
     ("d", "d", "{}"),
     ("k", "k_frac", "{:.3f}"),
     ("select", "select", "{}"),
-    ("SDPA ms", "sdpa_ms", "{:.3f}"),
+    ("k_top", "k_top", "{}"),
+    ("dense", "dense_backend", "{}"),
+    ("dense ms", "sdpa_ms", "{:.3f}"),
     ("Loki ms", "loki_ms", "{:.3f}"),
     ("speedup", "speedup", "{:.2f}x"),
     ("floor", "floor_speedup", "{:.2f}x"),
+    ("flag", "flag", "{}"),
     ("GB/s", "loki_gbps", "{:.0f}"),
     ("% floor", "loki_pct_floor", "{:.0f}%"),
     ("scores", "scores_ms", "{:.3f}"),
@@ -346,7 +374,8 @@ TABLE_COLUMNS = [
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """The sweep as a markdown table (times in ms, CUDA-graph replays unless 'eager')."""
+    """The sweep as a markdown table (times in ms, CUDA-graph replays unless 'eager'); a row
+    whose speedup passes its floor ratio says "baseline below its floor" in its flag column."""
     head = "| " + " | ".join(name for name, _, _ in TABLE_COLUMNS) + " |"
     rule = "|" + "---|" * len(TABLE_COLUMNS)
 

@@ -171,9 +171,13 @@ def _adaptive_scores_triton(
 
 
 def check_adaptive(
-    q: torch.Tensor, k_low_t: torch.Tensor, coords: torch.Tensor, seqlens: torch.Tensor | None
+    q: torch.Tensor,
+    k_low_t: torch.Tensor,
+    coords: torch.Tensor | None,
+    seqlens: torch.Tensor | None,
 ) -> tuple[int, int, int, int, int]:
-    """Check the adaptive score operands; return (B, Hq, Hkv, d_max, S)."""
+    """Check the adaptive score operands (coords may be None: not chosen yet); return
+    (B, Hq, Hkv, d_max, S)."""
     if q.dim() != 3 or k_low_t.dim() != 4:
         raise ValueError(
             f"q must be (batch, q_heads, head_dim) and k_low_t (batch, kv_heads, d_max, seq), "
@@ -188,7 +192,8 @@ def check_adaptive(
     for name, t in (("q", q), ("k_low_t", k_low_t)):
         if t.dtype not in FLOAT_DTYPES or t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} must be float16/bfloat16/float32 like q, on q's device")
-    check_coords(coords, batch, kv_heads, d_max, q.device)
+    if coords is not None:
+        check_coords(coords, batch, kv_heads, d_max, q.device)
     check_seqlens(seqlens, batch, seq, q.device)
     return batch, q_heads, kv_heads, d_max, seq
 

@@ -97,8 +97,7 @@ def _check(q, k_low_t, keys, v, r, k_top, seqlens):
             f"k_low_t must be ({batch}, {kv_heads}, d_max, {seq}), got {tuple(k_low_t.shape)}"
         )
     d_max = k_low_t.shape[2]
-    probe = torch.zeros((batch, kv_heads, 1), dtype=torch.int32, device=q.device)
-    check_adaptive(q, k_low_t, probe, seqlens)
+    check_adaptive(q, k_low_t, None, seqlens)
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d_max:
         raise ValueError(f"r must be an int in [1, d_max={d_max}], got {r!r}")
     check_k_top(k_top, seq)

@@ -54,8 +54,10 @@ def test_bench_reads_model_shapes_from_the_config(tmp_path):
     assert model_geometry(str(tmp_path)) == (12, 4, 64)
     with pytest.raises(KeyspaceError, match="cannot read attention shapes"):
         model_geometry(str(tmp_path / "missing"))
-    assert default_points(128) == ((32, 1 / 8), (32, 1 / 4), (16, 1 / 8), (64, 1 / 4))
-    assert default_points(32) == ((32, 1 / 8), (32, 1 / 4), (16, 1 / 8))
+    assert default_points(128) == (
+        (32, 1 / 8), (32, 1 / 4), (16, 1 / 8), (16, 1 / 16), (64, 1 / 4)
+    )  # fmt: skip
+    assert default_points(32) == ((32, 1 / 8), (32, 1 / 4), (16, 1 / 8), (16, 1 / 16))
     assert default_points(8) == ((2, 1 / 8),)
 
 
@@ -70,7 +72,7 @@ def test_bench_cli_needs_cuda_and_checks_its_options(tmp_path):
     result = runner.invoke(app, ["bench", "--model", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "cannot read attention shapes" in result.output
     result = runner.invoke(app, ["bench", "--d", "32"])
-    assert result.exit_code == 2 and "--d and --k go together" in result.output
+    assert result.exit_code == 2 and "--d and --k (or --budget) go together" in result.output
     result = runner.invoke(app, ["bench", "--heads", "32", "--kv-heads", "5"])
     assert result.exit_code == 2 and "not a multiple of kv_heads=5" in result.output
 

@@ -8,6 +8,7 @@ import typer
 
 from keyspace.cli.common import handle_errors, print_json, stderr
 from keyspace.errors import KeyspaceError
+from keyspace.options import parse_int
 
 
 @handle_errors
@@ -20,6 +21,8 @@ def command(
     seq: list[int] = typer.Option(None, help="Cache lengths; repeat (default 4096 16384 32768)."),
     d: list[int] = typer.Option(None, help="Low-rank dims; with --k, every (d, k) pair."),
     k: list[float] = typer.Option(None, help="Kept fraction in (0, 1]; with --d."),
+    budget: list[int] = typer.Option(None, help="Tokens kept per step; with --d, beside --k."),
+    adaptive: bool = typer.Option(True, help="Also time adaptive Loki at r = d beside each d."),
     dtype: str = typer.Option("float16", help="float16, bfloat16 or float32."),
     per_head: bool = typer.Option(True, help="Under GQA also time per-query-head selection."),
     check: bool = typer.Option(True, help="Check the kernels against the fp32 oracle first."),
@@ -36,14 +39,21 @@ def command(
 ) -> None:
     """Time one Loki decode step (scores, top-k, sparse attention) against dense SDPA; with --e2e,
     whole decode steps of a model (CUDA-graph loop, dense vs Loki, and transformers' generate)."""
+    budget = [parse_int(v, "--budget", 1, 1 << 24) for v in budget or []]
     if out is not None:  # before any work: a sweep is minutes of GPU time
         from keyspace.runfolder.store import check_writable
 
         check_writable(out)
     if e2e:
+        if budget:
+            raise KeyspaceError(
+                "--budget is not yet taken with --e2e.", "Give --k fractions with --e2e."
+            )
         return _e2e(model, config, layers, batch, seq, d, k, steps, dtype, check, out, json_output)
-    if bool(d) != bool(k):
-        raise KeyspaceError("--d and --k go together.", "Give both, e.g. --d 32 --k 0.125.")
+    if bool(d) != bool(k or budget):
+        raise KeyspaceError(
+            "--d and --k (or --budget) go together.", "Give both, e.g. --d 32 --k 0.125."
+        )
     from keyspace.bench.kernels import BenchConfig, default_points, model_geometry
 
     model_heads, model_kv, model_dim = model_geometry(model) if model else (32, None, 128)
@@ -55,7 +65,9 @@ def command(
             kv_heads=tuple(kv_heads) if kv_heads else ((model_kv,) if model else (32, 8)),
             head_dim=dim,
             seqs=tuple(seq) if seq else BenchConfig.seqs,
-            points=tuple((dd, kk) for dd in d for kk in k) if d else default_points(dim),
+            points=tuple((dd, kk) for dd in d for kk in k or ()) if d else default_points(dim),
+            budgets=tuple((dd, bb) for dd in d for bb in budget or ()) if d else (),
+            adaptive=adaptive,
             dtype=dtype,
             per_head_under_gqa=per_head,
         )

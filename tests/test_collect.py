@@ -60,7 +60,8 @@ def test_run_folder_and_exact_moments(model_dir, corpus, tmp_path):
         16,
         10 * WINDOW,
     )
-    assert m["model"]["source"] == "folder" and m["model"]["architecture"] == "llama"
+    model = m.to_json()["model"]  # what keyspace records but does not interpret
+    assert model["source"] == "folder" and model["architecture"] == "llama"
     for kind in ("pre", "post"):
         moments = run.moments(kind)
         for layer in range(2):
@@ -79,8 +80,8 @@ def test_run_folder_and_exact_moments(model_dir, corpus, tmp_path):
             )
     from keyspace.runfolder.store import sha256_file
 
-    for shard in m["shards"]:
-        assert sha256_file(result.out / shard["path"]) == shard["sha256"]
+    for shard in m.shards:
+        assert sha256_file(result.out / shard.path) == shard.sha256
 
 
 def _queries_by_hand(model_dir, corpus, windows: int, monkeypatch) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ def test_collect_real_smollm2(tmp_path):
     )
     result = collect(cfg)
     run = RunFolder.open(result.out).require_complete()
-    m = run.manifest
+    m = run.manifest.to_json()
     assert (m["num_layers"], m["num_heads"], m["num_kv_heads"], m["head_dim"]) == (30, 9, 3, 64)
     assert m["rotary"]["theta"] == 100000.0 and m["model"]["identity"].startswith("gguf:")
     assert int(run.moments("post").count[29]) == 512

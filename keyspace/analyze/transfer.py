@@ -133,7 +133,22 @@ def _across_corpora(
             spec: torch.stack([torch.stack([cell[spec] for cell in row]) for row in rows])
             for spec in r_specs(head_dim)
         }
+    require_finite(per_head, "across corpora", runs[0].path)
     return CorpusTransfer(labels, head_dim, per_head)
+
+
+def require_finite(tables: dict, what: str, run: Path) -> None:
+    """Refuse a NaN or Inf in transfer results ({kind: {spec: tensor}}, nested any depth): its
+    inputs are checked finite when read, so one here means values too large for float64."""
+    for name, value in tables.items():
+        if isinstance(value, dict):
+            require_finite(value, f"{what}, {name}", run)
+        elif not bool(torch.isfinite(value).all()):
+            raise KeyspaceError(
+                f"the transfer {what}, {name} of {run} is not finite (NaN or Inf): its keys are"
+                " too large to measure in float64.",
+                "Collect the run again; a model whose keys overflow cannot be analyzed.",
+            )
 
 
 def moments_of(keys: torch.Tensor) -> Moments:
@@ -263,6 +278,7 @@ def _across_sequences(
         result.notes.append(
             f"{label}: fewer than 2 windows with ≥ head_dim kept keys; no window-vs-rest transfer."
         )
+    require_finite(result.per_layer, "across sequences", run.path)
     return result
 
 

@@ -38,7 +38,7 @@ def print_table(result) -> None:
     table = Table(title=f"{result.run} ({result.state})")  # the console prints without markup
     for name in ("file", "expected sha256", "state"):
         table.add_column(name, no_wrap=name != "file", overflow="fold")
-    colour = {"ok": "green", "missing": "yellow", "damaged": "red"}
+    colour = {"ok": "green", "missing": "yellow", "damaged": "red", "stale": "red"}
     for f in result.files:
         state = Text(f.state, style=colour[f.state])
         table.add_row(f.path, f.expected[:16] + ("…" if f.expected else "-"), state)

@@ -52,8 +52,9 @@ def staged_calibration_path(run_path: str | Path, sha256: str) -> Path:
 def committed_calibration_path(run_path: str | Path, ranks: dict) -> Path:
     """The file holding the calibration `ranks` records: the staged one when the commit happened
     but the rename did not, else calibration.safetensors."""
-    staged = staged_calibration_path(run_path, ranks["calibration_sha256"])
-    return staged if staged.is_file() else calibration_path(run_path)
+    sha256 = ranks.get("calibration_sha256")
+    staged = staged_calibration_path(run_path, sha256) if sha256 else None
+    return staged if staged is not None and staged.is_file() else calibration_path(run_path)
 
 
 def commit_analysis(run_path: str | Path, calibration: bytes, ranks: dict) -> tuple[Path, Path]:
@@ -130,38 +131,50 @@ def _ratio(value: object) -> bool:
 
 
 def ranks_problem(doc: dict) -> str | None:
-    """What makes a ranks document unusable ("<field> <why>"), or None. Checks every field a later
-    stage reads: the shapes, ranks within [0, head_dim], ratios finite and in [0, 1]."""
-    sizes = [doc.get(k) for k in ("num_layers", "num_kv_heads", "head_dim")]
-    for key, value in zip(("num_layers", "num_kv_heads", "head_dim"), sizes, strict=True):
-        if not _is_int(value, 1, 1 << 20):
-            return f"field {key} is {value!r}, not a positive integer"
+    """What makes a ranks document unusable ("field <name> <why>"), or None.
+
+    Every field a later stage reads must be present and well-formed (head_dim, rank_at per kind);
+    every other field analyze writes must be well-formed where present (documents written by
+    hand in tests, or by older versions, lack some): the sizes, the hashes, ranks within
+    [0, head_dim] and of one shape, ratio vectors finite and in [0, 1].
+    """
+    for key in ("num_layers", "num_kv_heads", "head_dim", "tokens", "format_version"):
+        low = 0 if key == "tokens" else 1
+        if (key in doc or key == "head_dim") and not _is_int(doc.get(key), low, 1 << 62):
+            return f"field {key} is {doc.get(key)!r}, not a positive integer"
     for key in ("moments_sha256", "calibration_sha256"):
-        if not isinstance(doc.get(key), str):
-            return f"field {key} is {doc.get(key)!r}, not a string"
+        if key in doc and not isinstance(doc[key], str):
+            return f"field {key} is {doc[key]!r}, not a string"
     for key in ("centered", "queries"):
         if not isinstance(doc.get(key, False), bool):
             return f"field {key} is {doc.get(key)!r}, not true or false"
-    if not _is_int(doc.get("tokens"), 0, 1 << 62):
-        return f"field tokens is {doc.get('tokens')!r}, not a count"
-    layers, heads, head_dim = sizes
     spectra = ("", "query_", "score_") if doc.get("queries") else ("",)
+    shape = _ranks_shape(doc)
     for kind in KINDS:
         entry = doc.get(kind)
         if not isinstance(entry, dict):
             return f"field {kind} is {entry!r}, not an object"
         for prefix in spectra:
-            problem = _spectrum_problem(entry, prefix, (layers, heads), head_dim)
+            problem = _spectrum_problem(entry, prefix, shape, doc["head_dim"])
             if problem:
                 return f"field {kind}.{problem}"
     return None
+
+
+def _ranks_shape(doc: dict) -> tuple[int, int]:
+    """(layers, kv_heads) the document records, else that of its first rank table."""
+    if "num_layers" in doc and "num_kv_heads" in doc:
+        return doc["num_layers"], doc["num_kv_heads"]
+    first = next(iter(((doc.get("pre") or {}).get("rank_at") or {"": [[]]}).values()), [[]])
+    rows = first if isinstance(first, list) and first else [[]]
+    return len(rows), len(rows[0]) if isinstance(rows[0], list) else 0
 
 
 def _spectrum_problem(
     entry: dict, prefix: str, shape: tuple[int, int], head_dim: int
 ) -> str | None:
     ratios = entry.get(f"{prefix}explained_variance_ratio")
-    problem = _table_problem(ratios, (*shape, head_dim), _ratio)
+    problem = None if ratios is None else _table_problem(ratios, (*shape, head_dim), _ratio)
     if problem:
         return f"{prefix}explained_variance_ratio {problem}, not finite ratios in [0, 1] of shape {(*shape, head_dim)}"
     table = entry.get(f"{prefix}rank_at")
@@ -193,9 +206,9 @@ def read_calibration(run_path: str | Path, ranks: dict | None = None) -> Calibra
         )
         raise KeyspaceError(f"run {run_path} has {what}.", hint)
     path = committed_calibration_path(run_path, ranks)
-    data = read_verified(path, ranks["calibration_sha256"], hint)
+    data = read_verified(path, ranks.get("calibration_sha256"), hint)
     calibration = calibration_from_bytes(data, path, hint)
-    shape = (ranks["num_layers"], ranks["num_kv_heads"], ranks["head_dim"])
+    shape = (*_ranks_shape(ranks), ranks["head_dim"])
     for kind, components in calibration.components.items():
         if tuple(components.shape[:3]) != shape:
             raise KeyspaceError(

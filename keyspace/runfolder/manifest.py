@@ -207,8 +207,6 @@ class Manifest:
             raise ManifestProblem(
                 "world_size", f"is {self.world_size}, but a shard was written by rank {max(ranks)}"
             )
-        if self.is_complete and self.moments_sha256 is None:
-            raise ManifestProblem("moments", "is missing from a complete run")
         kept = self.kept_per_layer
         if self.is_complete and kept is not None:
             for kind in KINDS:

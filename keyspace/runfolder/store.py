@@ -45,7 +45,8 @@ from keyspace.runfolder.files import write_bytes_atomic as write_bytes_atomic
 from keyspace.runfolder.files import write_json_atomic as write_json_atomic
 from keyspace.runfolder.manifest import STATE_COMPLETE as STATE_COMPLETE
 from keyspace.runfolder.manifest import STATE_PARTIAL as STATE_PARTIAL
-from keyspace.runfolder.manifest import Manifest, ShardRecord
+from keyspace.runfolder.manifest import Manifest
+from keyspace.runfolder.manifest import ShardRecord as ShardRecord
 from keyspace.runfolder.moments import KINDS as KINDS
 from keyspace.runfolder.moments import MOMENTS as MOMENTS
 from keyspace.runfolder.moments import QUERY_KINDS as QUERY_KINDS
@@ -286,12 +287,13 @@ class RunFolder:
                 f"run {self.path} kept no {kind} keys for layer {layer}.",
                 "Collect with `--keep-keys all` or `--keep-keys N` to keep a sample.",
             )
-        parts = [self._read_shard(s) for s in sorted(shards, key=lambda s: s.index)]
+        parts = [self.read_shard(s) for s in sorted(shards, key=lambda s: s.index)]
         return tuple(
             torch.cat([p[name] for p in parts]) for name in ("keys", "positions", "windows")
         )
 
-    def _read_shard(self, shard: ShardRecord) -> dict[str, torch.Tensor]:
+    def read_shard(self, shard: ShardRecord) -> dict[str, torch.Tensor]:
+        """One shard's tensors, verified by sha256, then shape and finiteness checked."""
         path = self.path / shard.path
         hint = self.repair_hint
         tensors = parse_tensors(read_verified(path, shard.sha256, hint), path, hint)

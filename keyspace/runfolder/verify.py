@@ -37,6 +37,7 @@ from keyspace.runfolder.store import (
     OK,
     RANKS,
     RunFolder,
+    ShardRecord,
     calibration_path,
     file_state,
     progress_path,
@@ -46,6 +47,7 @@ from keyspace.runfolder.store import (
 COLLECT, ANALYZE = "collect", "analyze"
 # An analysis intact in itself but computed from other moments than the run holds.
 STALE = "stale"
+STATE_WORDS = {STALE: "stale: computed from other moments than the run's, e.g. another run's"}
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Verification:
 
     def error(self) -> KeyspaceError:
         """One error naming the bad files and the commands that repair them."""
-        names = ", ".join(f"{f.path} ({f.state})" for f in self.bad)
+        names = ", ".join(f"{f.path} ({STATE_WORDS.get(f.state, f.state)})" for f in self.bad)
         hints = [
             f"`{cmd}`" for w, cmd in self.repair.items() if any(f.writer == w for f in self.bad)
         ]
@@ -109,7 +111,7 @@ def verify_run(path: str | Path) -> Verification:
     result.files.append(FileCheck(MANIFEST, "", OK, COLLECT))
     if run.is_complete:
         result.files.append(_moments_check(run))
-        result.files += [_check(run.path, s.path, s.sha256, COLLECT) for s in run.manifest.shards]
+        result.files += [_shard_check(run, s) for s in run.manifest.shards]
     for rank in range(_world(run)):
         result.files += _progress_checks(run, rank)
     if run.is_complete and _lists_disagree(run):
@@ -121,6 +123,19 @@ def verify_run(path: str | Path) -> Verification:
 
 def _check(run: Path, rel: str, sha256: str | None, writer: str) -> FileCheck:
     return FileCheck(rel, sha256 or "", file_state(run / rel, sha256), writer)
+
+
+def _shard_check(run: RunFolder, shard: ShardRecord) -> FileCheck:
+    """A kept-keys shard: read once, its sha256, then its shape and values (finite)."""
+    check = FileCheck(shard.path, shard.sha256, OK, COLLECT)
+    if not (run.path / shard.path).is_file():
+        check.state = MISSING
+        return check
+    try:
+        run.read_shard(shard)
+    except KeyspaceError:
+        check.state = DAMAGED
+    return check
 
 
 def _moments_check(run: RunFolder) -> FileCheck:
@@ -196,7 +211,7 @@ def _analysis_checks(run: RunFolder) -> list[FileCheck]:
         ranks = FileCheck(
             RANKS, (doc or {}).get(CHECKSUM_FIELD, ""), OK if doc else MISSING, ANALYZE
         )
-    if doc is not None and doc["moments_sha256"] != run.moments_sha256:
+    if doc is not None and doc.get("moments_sha256") != run.moments_sha256:
         ranks.state = STALE  # another run's analysis, or one of moments collected since
     expected = (doc or {}).get("calibration_sha256")
     calibration = FileCheck(CALIBRATION, expected or "", MISSING, ANALYZE)

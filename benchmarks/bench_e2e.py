@@ -7,8 +7,9 @@ each decode step one CUDA-graph replay, against transformers' own `generate`.
 `--loop FIELD=VALUE` (repeatable) sets a field of the loop's `DecodeLoopSettings`;
 `--variant NAME:FIELD=VALUE,...` (repeatable) times each named loop variant on the same prefilled
 caches. `--attention` instead times the dense decode attention candidates alone (one layer's
-cache). Writes e2e.json and e2e.md (or dense_attention.json) under --out. Never imported by the
-package.
+cache): the loop's own (`sdpa_gqa`, `keyspace.loki.graphs.dense_decode`) against the ones it beat
+(docs/notes/e2e-decode.md, attempt 2), which live here, under each SDPA backend. Writes e2e.json
+and e2e.md (or dense_attention.json) under --out. Never imported by the package.
 """
 
 from __future__ import annotations
@@ -50,6 +51,81 @@ def _parsed(values: dict[str, str], settings) -> dict:
         )
     parse = {"int": int, "bool": lambda v: v.lower() in ("1", "true", "yes", "on")}
     return {name: parse.get(types[name], str)(value) for name, value in values.items()}
+
+
+# --- the dense decode candidates (only the winner, sdpa_gqa, is in the package) -----------------
+
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def sdpa_backend(name: str):
+    """A context that pins SDPA to the backend `name` ("auto": torch's own choice)."""
+    import contextlib
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    return sdpa_kernel([backends[name]])
+
+
+def dense_sdpa_fold(query, layer, end, scale):
+    """SDPA with each KV head's query group on the query-length axis and a mask past the valid
+    length: (B, Hq, 1, D) -> (B, 1, Hq, D)."""
+    import torch.nn.functional as F
+
+    from keyspace.loki.graphs import _valid_mask
+
+    batch, q_heads, _, dim = query.shape
+    kv_heads = layer.keys.shape[1]
+    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)  # [B, Hkv, G, D]
+    out = F.scaled_dot_product_attention(
+        grouped,
+        layer.keys[:, :, :end],
+        layer.values[:, :, :end],
+        attn_mask=_valid_mask(layer, end),
+        scale=scale,
+    )
+    return out.reshape(batch, 1, q_heads, dim)
+
+
+def dense_varlen(query, layer, end, scale):
+    """flash attention over exactly the valid length (`varlen_attn` with `seqused_k`)."""
+    import inspect
+
+    import torch
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, q_heads, _, dim = query.shape
+    capacity, kv_heads = layer.key_store.shape[1], layer.key_store.shape[2]
+    rows = torch.arange(batch + 1, device=query.device, dtype=torch.int32)
+    # torch 2.11's varlen_attn takes GQA without a flag; later versions ask for enable_gqa.
+    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    out = varlen_attn(
+        query.reshape(batch, q_heads, dim),
+        layer.key_store.view(batch * capacity, kv_heads, dim),
+        layer.value_store.view(batch * capacity, kv_heads, dim),
+        rows,
+        rows * capacity,
+        1,
+        end,
+        scale=scale,
+        seqused_k=layer.seqlens.to(torch.int32),
+        **gqa,
+    )
+    return out.reshape(batch, 1, q_heads, dim)
+
+
+def dense_candidates() -> dict:
+    from keyspace.loki.graphs import dense_decode
+
+    return {"sdpa_gqa": dense_decode, "sdpa_fold": dense_sdpa_fold, "varlen": dense_varlen}
 
 
 def _point(text: str) -> tuple[int, float]:
@@ -94,8 +170,10 @@ def time_dense_attention(shape, batch: int, seq: int, bucket: int = 256) -> list
     import torch.nn.functional as F
 
     from keyspace.kernels import dense_attention_reference
-    from keyspace.loki.graphs import DENSE_DECODE, SDPA_BACKENDS, bucket_end, sdpa_backend
+    from keyspace.loki.graphs import bucket_end
     from keyspace.loki.static_cache import StaticKVLayer
+
+    candidates_by_kind = dense_candidates()
 
     dtype = {2: torch.float16, 4: torch.float32}[shape.element_size]
     kv_shape = (batch, shape.kv_heads, seq, shape.head_dim)
@@ -107,14 +185,17 @@ def time_dense_attention(shape, batch: int, seq: int, bucket: int = 256) -> list
     oracle = dense_attention_reference(query[:, :, 0], keys, values, scale)  # [B, Hq, D] fp32
     gbytes = 2 * keys.numel() * keys.element_size() / 1e9
     candidates = [("varlen", "auto")] + [
-        (kind, backend) for kind in DENSE_DECODE if kind != "varlen" for backend in SDPA_BACKENDS
+        (kind, backend)
+        for kind in candidates_by_kind
+        if kind != "varlen"
+        for backend in SDPA_BACKENDS
     ]
     rows = []
     for kind, backend in candidates:
 
         def call(kind=kind, backend=backend):
             with sdpa_backend(backend):
-                return DENSE_DECODE[kind](query, layer, end, scale)
+                return candidates_by_kind[kind](query, layer, end, scale)
 
         rows.append(_time_candidate(f"{kind}/{backend}", call, oracle, gbytes))
 

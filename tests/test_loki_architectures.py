@@ -1,38 +1,19 @@
-"""Masked-mode Loki through AttentionInterface works beyond Llama: Qwen3 (k_norm), Mistral, GPT-NeoX (partial rotary)."""
+"""Masked-mode Loki through AttentionInterface works beyond Llama: Qwen3 (k_norm), Mistral, GPT-NeoX
+(partial rotary), on the shared tiny configs (tests/tiny_models.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from loki_fixtures import logits_of, random_bases, random_tokens
+from tiny_models import tiny_model
 
 from keyspace.loki import SparseSettings
 
 
-def tiny(name: str):
-    import transformers
-
-    common = dict(
-        vocab_size=128, hidden_size=64, num_attention_heads=4, max_position_embeddings=256
-    )
-    configs = {
-        "qwen3": lambda: transformers.Qwen3Config(
-            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2, head_dim=16
-        ),
-        "mistral": lambda: transformers.MistralConfig(
-            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2
-        ),
-        "gpt_neox": lambda: transformers.GPTNeoXConfig(
-            **common, intermediate_size=128, num_hidden_layers=2, rotary_pct=0.25
-        ),
-    }
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(configs[name]()).eval()
-
-
 @pytest.mark.parametrize("name", ["qwen3", "mistral", "gpt_neox"])
 def test_full_and_full_rank_loki_match_the_model(name):
-    model, tokens = tiny(name), random_tokens()
+    model, tokens = tiny_model(name), random_tokens()
     kv_heads = (
         getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     )

@@ -78,6 +78,25 @@ def test_decode_step_equals_masked_row_mode_on_one_layer():
     assert (decode_logits - dense_logits).abs().max() > 1e-4  # the budget really bit
 
 
+@pytest.mark.parametrize(("k", "budget", "kept"), [(0.25, None, 6), (None, 4, 4), (None, 50, 22)])
+def test_a_decode_step_keeps_the_fraction_or_the_token_budget(k, budget, kept):
+    """22 cached tokens at the step: ceil(0.25 · 22) = 6; a budget of 4 keeps 4; one past the
+    length keeps all. The step equals masked mode's last row with that many tokens (k = kept/22)."""
+    model, tokens = tiny_llama(layers=1), random_tokens(batch=1, length=22)
+    basis, d = random_bases(1, 2, seed=2), 3
+    cache = LokiCache(basis, [d], k=k, budget=budget)
+    assert cache.tokens_kept(22) == kept and cache.tokens_kept(1) == 1
+    with torch.no_grad(), loki_decoding(model, cache):
+        model(tokens[:, :-1], **cache_kwargs(model, cache))
+        step = model(tokens[:, -1:], **cache_kwargs(model, cache)).logits[0, -1]
+    same = SparseSettings(
+        "loki", k=kept / 22, k_mode="row", dims=torch.full((1, 2), d), basis=basis
+    )
+    with torch.no_grad(), masked_attention(model, same):
+        masked = model(tokens, use_cache=False).logits[0, -1]
+    torch.testing.assert_close(step, masked, atol=1e-5, rtol=1e-4)
+
+
 def test_decode_check_is_exact_at_full_rank_and_reports_disagreement_at_low_rank():
     model, prompts = tiny_llama(), random_tokens(batch=2, length=10)
     exact = decode_check(model, prompts, 6, lambda: LokiCache(BASIS, [HEAD_DIM] * 2, k=1.0))
@@ -105,6 +124,12 @@ def test_crop_and_bad_settings():
         LokiCache(BASIS, [4, 4], k=0.0)
     with pytest.raises(ValueError, match="d must be"):
         LokiCache(BASIS, [0, 4], k=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        LokiCache(BASIS, [4, 4])
+    with pytest.raises(ValueError, match="budget must be"):
+        LokiCache(BASIS, [4, 4], budget=0)
+    with pytest.raises(ValueError, match="one d per layer"):
+        LokiCache(BASIS, [4], k=0.5)
 
 
 def test_model_restored_when_decoding_raises():

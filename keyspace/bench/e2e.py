@@ -36,8 +36,9 @@ from keyspace.bench.shapes import (
     kv_bytes,
     weight_bytes,
 )
+from keyspace.loki import Loki
 from keyspace.loki.graphs import DecodeLoop, DecodeLoopSettings, bucket_end, decode_budget
-from keyspace.loki.static_cache import StaticKVCache, StaticLokiCache
+from keyspace.loki.static_cache import StaticKVCache
 
 
 @dataclass(frozen=True)
@@ -229,8 +230,10 @@ def run_point(
         cache, first, prefill_s = None, None, None
         for k in [k for dd, k in cfg.points if dd == d]:
             if cache is None:
-                cache = StaticLokiCache(bases, [d] * shape.layers, k, capacity, cfg.group_select)
-            cache.k, k_top = k, decode_budget(k, seq)
+                loki = Loki.from_tensors(bases, d, k=k, group_select=cfg.group_select)
+                cache = loki.static_cache(model, capacity)
+            cache.set_budget(k=k)
+            k_top = decode_budget(k, seq)
             kv = kv_bytes(shape, batch, seq, d, k_top, cfg.group_select)
             first, prefill_s = time_cache(
                 cache, "loki", kv, first, prefill_s, d=d, k=k, k_top=k_top
@@ -270,7 +273,8 @@ def check_loop(model, cfg: E2EConfig, batch: int, steps: int = 12) -> list[dict]
     def make(d=None, k=None):
         if d is None:
             return StaticKVCache(shape.layers, capacity)
-        return StaticLokiCache(bases, [d] * shape.layers, k, capacity, cfg.group_select)
+        loki = Loki.from_tensors(bases, d, k=k, group_select=cfg.group_select)
+        return loki.static_cache(model, capacity)
 
     def agree(a, b) -> float:
         return float((a == b).double().mean())
@@ -366,7 +370,8 @@ def decode_speed(
         if name == "dense":
             cache = StaticKVCache(shape.layers, capacity)
         else:
-            cache = StaticLokiCache(basis, [d] * shape.layers, k, capacity, group_select)
+            loki = Loki.from_tensors(basis, d, k=k, group_select=group_select)
+            cache = loki.static_cache(model, capacity)
         first, prefill_s = prefill(model, cache, prompt, cfg.loop)
         step = statistics.median(run_path(model, cache, first, seq, cfg)["times_ms"])
         out[name] = {"step_ms": step, "tokens_per_s": batch * 1e3 / step, "prefill_s": prefill_s}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from keyspace.models.arch import keep_layers
 from keyspace.models.loading import alias_config, load_model
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,8 +63,7 @@ def build_model(cfg, device: str = "cuda"):
     if cfg.model is not None:
         model = load_model(cfg.model, dtype=cfg.dtype, device=device).model
         if cfg.layers is not None:
-            model.model.layers = model.model.layers[: cfg.layers]
-            model.config.num_hidden_layers = len(model.model.layers)
+            keep_layers(model, cfg.layers)
         return model.eval()
     torch.manual_seed(cfg.seed)
     with torch.device(device):

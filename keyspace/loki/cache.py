@@ -6,6 +6,9 @@ Per layer it stores, for batch B, KV heads Hkv, cached length S and head_dim D:
   values (B, Hkv, S, D)      never transformed
 Queries go through the query transform B: q~ = B q. The paper's PCA basis is orthonormal (B = A);
 the query-aware basis has B = A^-T. Either way q~ · k~ over all D coordinates equals q · k.
+The rotations, checks and the budget rule are `keyspace.loki.core`'s, shared with the static cache.
+
+Most users reach it through `keyspace.Loki` (`with loki.attach(model): model.generate(...)`); by hand:
 
     cache = LokiCache(basis, dims, k=0.125)
     with loki_decoding(model, cache):
@@ -17,32 +20,11 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from keyspace.loki.selection import rotate
+import keyspace.kernels as kernels
+from keyspace.loki.core import BudgetedCache, TransformedKeys, per_layer
 
 
-def check_query_basis(basis: torch.Tensor, query_basis: torch.Tensor | None) -> None:
-    """The query transform is None (the key transform serves both) or has the key transform's shape."""
-    if query_basis is not None and query_basis.shape != basis.shape:
-        raise ValueError(
-            f"query_basis {tuple(query_basis.shape)} must have the basis' shape {tuple(basis.shape)}"
-        )
-
-
-def per_layer(
-    basis: torch.Tensor, dims, k: float, query_basis: torch.Tensor | None
-) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
-    """(key transform, d, query transform or None) per layer, once the cache's arguments check."""
-    dims = [int(d) for d in dims]
-    if len(dims) != basis.shape[0]:
-        raise ValueError("need one d per layer")
-    if not 0.0 < k <= 1.0:
-        raise ValueError(f"k must be in (0, 1], got {k}")
-    check_query_basis(basis, query_basis)
-    queries = [None] * len(dims) if query_basis is None else query_basis
-    return [(basis[i], d, queries[i]) for i, d in enumerate(dims)]
-
-
-class LokiLayer(CacheLayerMixin):
+class LokiLayer(TransformedKeys, CacheLayerMixin):
     """One layer's transformed, split key cache.
 
     basis:       (kv_heads, D, D) key transform A, rows = PCA directions for the paper's basis
@@ -54,11 +36,7 @@ class LokiLayer(CacheLayerMixin):
 
     def __init__(self, basis: torch.Tensor, d: int, query_basis: torch.Tensor | None = None):
         super().__init__()
-        check_query_basis(basis, query_basis)
-        if not 1 <= d <= basis.shape[-1]:
-            raise ValueError(f"d must be in [1, {basis.shape[-1]}], got {d}")
-        self.basis, self.d = basis, int(d)
-        self.query_basis = basis if query_basis is None else query_basis
+        self._set_basis(basis, d, query_basis)
         self.k_low = self.k_rest = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -69,24 +47,36 @@ class LokiLayer(CacheLayerMixin):
             empty(batch, heads, 0, dim - self.d),
         )
         self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
-        # float32 whatever the model dtype: `rotate` computes in float32 (exactness of q~·k~).
-        self.basis = self.basis.to(key_states.device, torch.float32)
-        self.query_basis = self.query_basis.to(key_states.device, torch.float32)
+        self._cast_basis(key_states.device)
         self.device, self.is_initialized = key_states.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append post-RoPE keys (B, Hkv, T, D) rotated and split, and values; returns (k_low, values)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        rotated = rotate(key_states, self.basis)  # [B, Hkv, T, D]
-        self.k_low = torch.cat([self.k_low, rotated[..., : self.d]], dim=-2)
-        self.k_rest = torch.cat([self.k_rest, rotated[..., self.d :]], dim=-2)
+        low, rest = self.split_keys(key_states)
+        self.k_low = torch.cat([self.k_low, low], dim=-2)
+        self.k_rest = torch.cat([self.k_rest, rest], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         return self.k_low, self.values
 
     def rotated_keys(self) -> torch.Tensor:
         """All cached keys in the basis, k~ = A k: (B, Hkv, S, D)."""
         return torch.cat([self.k_low, self.k_rest], dim=-1)
+
+    def decode_step(
+        self, query_rot: torch.Tensor, k_top: int, scale: float, group_select: bool
+    ) -> torch.Tensor:
+        """Loki attention of one rotated query row (B, Hq, D) over the whole cache -> (B, Hq, D)."""
+        return kernels.loki_decode(
+            query_rot,
+            self.k_low,
+            self.k_rest,
+            self.values,
+            k_top,
+            scale=scale,
+            group_select=group_select,
+        )
 
     def get_seq_length(self) -> int:
         return 0 if not self.is_initialized else self.values.shape[-2]
@@ -124,12 +114,13 @@ class LokiLayer(CacheLayerMixin):
         return None
 
 
-class LokiCache(Cache):
+class LokiCache(BudgetedCache, Cache):
     """A LokiLayer per model layer, plus the decode budget.
 
     basis: (layers, kv_heads, D, D) key transform A (PCA directions as rows for the paper's basis)
     dims:  d per layer (layers,), one split width for all KV heads of a layer
-    k:     fraction of the cached tokens attended at each decode step, in (0, 1]
+    k:     fraction of the cached tokens attended at each decode step, in (0, 1] ...
+    budget: ... or tokens attended at each step (exactly one of k and budget)
     group_select: under GQA, one token set per KV head (summed group scores) instead of per query head
     query_basis: (layers, kv_heads, D, D) query transform B, or None for B = A (orthonormal A);
         the query-aware basis passes B = A^-T
@@ -139,13 +130,14 @@ class LokiCache(Cache):
         self,
         basis: torch.Tensor,
         dims: list[int] | torch.Tensor,
-        k: float,
+        k: float | None = None,
         group_select: bool = False,
         query_basis: torch.Tensor | None = None,
+        budget: int | None = None,
     ):
-        layers = [LokiLayer(*layer) for layer in per_layer(basis, dims, k, query_basis)]
+        self._set_budget(k, budget, group_select)
+        layers = [LokiLayer(*layer) for layer in per_layer(basis, dims, query_basis)]
         super().__init__(layers=layers)
-        self.k, self.group_select = k, group_select
 
     def crop(self, max_length: int) -> None:
         for layer in self.layers:

@@ -1,5 +1,7 @@
 """Decode mode: dense prefill, then `keyspace.kernels.loki_decode` at every single-token step.
 
+`keyspace.Loki.attach(model)` is the everyday way in; by hand:
+
 cache = LokiCache(basis, dims_per_layer, k=0.125)
 with loki_decoding(model, cache):
     ids = model.generate(prompt, past_key_values=cache, max_new_tokens=16, do_sample=False)
@@ -13,36 +15,9 @@ from collections.abc import Iterator
 
 import torch
 
-from keyspace.kernels import loki_decode
 from keyspace.loki.cache import LokiCache
-from keyspace.loki.masked import causal_mask, fraction_of
+from keyspace.loki.core import causal_attention
 from keyspace.loki.registry import use_attention
-from keyspace.loki.selection import rotate
-
-
-def _rotated_query(query: torch.Tensor, query_basis: torch.Tensor) -> torch.Tensor:
-    """q~ = B q: query (B, Hq, T, D) through its KV head's query transform B (Hkv, D, D) -> (B, Hq, T, D)."""
-    groups = query.shape[1] // query_basis.shape[0]
-    return rotate(query, query_basis.repeat_interleave(groups, dim=0))
-
-
-def causal_attention(query, key, value, scale) -> torch.Tensor:
-    """Exact causal attention, the queries being the last T positions of the keys:
-    query (B, Hq, T, D), key/value (B, Hkv, S, D) -> (B, T, Hq, D)."""
-    groups = query.shape[1] // key.shape[1]
-    q_len, kv_len = query.shape[-2], key.shape[-2]
-    # A whole sequence (is_causal) or one row (no mask) never materializes a (T, S) mask, so SDPA
-    # keeps its memory-efficient kernels: a batch of 8k-token prompts in float32 fits.
-    mask = None if q_len in (kv_len, 1) else causal_mask(q_len, kv_len, query.device)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query,
-        key.repeat_interleave(groups, dim=1),
-        value.repeat_interleave(groups, dim=1),
-        attn_mask=mask,
-        is_causal=mask is None and q_len > 1,
-        scale=scale,
-    )
-    return out.transpose(1, 2).contiguous()
 
 
 def dense_handler(module, query, key, value, scale) -> torch.Tensor:
@@ -57,21 +32,12 @@ def decode_handler(cache: LokiCache):
 
     def handler(module, query, key, value, scale):
         layer = cache.layers[module.layer_idx]
-        query_rot = _rotated_query(query, layer.query_basis)
+        query_rot = layer.rotated_query(query)
         if query.shape[-2] > 1:
             # Exact, in the transformed space: q~·k~ = q·k.
             return causal_attention(query_rot, layer.rotated_keys(), layer.values, scale)
-        seq = layer.get_seq_length()
-        k_top = min(int(fraction_of(cache.k, seq)), seq)
-        out = loki_decode(
-            query_rot[:, :, 0],
-            layer.k_low,
-            layer.k_rest,
-            layer.values,
-            k_top,
-            scale=scale,
-            group_select=cache.group_select,
-        )
+        k_top = cache.tokens_kept(layer.get_seq_length())
+        out = layer.decode_step(query_rot[:, :, 0], k_top, scale, cache.group_select)
         return out[:, None].to(query.dtype)  # [B, 1, Hq, D]
 
     return handler

@@ -12,7 +12,8 @@ model, in gpt-fast's recipe:
 Loki's budget is a Python int per graph, so it is set per bucket and rounded up:
     k_top = min(ceil(k · L), L)      L = bucket end, ceil(valid length / bucket) · bucket
 It never keeps fewer tokens than ceil(k · S) at the true length S ≤ L, and at most ceil(k · bucket)
-more; the kernels clamp it to each row's valid length. Without a bucket (`view_length` None, e.g.
+more; the kernels clamp it to each row's valid length. A token budget keeps min(budget, L), the
+same rule (`keyspace.loki.core.Budget`). Without a bucket (`view_length` None, e.g.
 inside `generate()`), L is the exact length and the budget is the dynamic `LokiCache`'s.
 
     with DecodeLoop(model, cache) as loop:
@@ -22,7 +23,6 @@ inside `generate()`), L is the exact length and the budget is the dynamic `LokiC
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,18 +30,16 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from keyspace.loki.core import Budget, causal_attention
 from keyspace.loki.decode import cache_kwargs
-from keyspace.loki.masked import causal_mask, fraction_of
-from keyspace.loki.methods.common import rotate
 from keyspace.loki.registry import Handler, use_attention
 from keyspace.loki.static_cache import StaticKVCache, StaticLokiCache
+from keyspace.models.arch import compiled_slots
 
 if TYPE_CHECKING:
     from keyspace.kernels import KernelSettings
 
-DENSE_DECODE_KINDS = ("sdpa_fold", "sdpa_gqa", "varlen")
-SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
-COMPILE_MODES = ("auto", "none", "blocks", "layers")
+COMPILE_MODES = ("auto", "none", "layers")
 
 
 @dataclass(frozen=True)
@@ -50,26 +48,20 @@ class DecodeLoopSettings:
 
     bucket: tokens per length bucket; one graph (and one Loki budget) per bucket end
     prefill_chunk: prompt tokens per eager prefill forward
-    dense_attention: the dense decode attention over the static cache, one of DENSE_DECODE_KINDS:
-        "sdpa_fold" SDPA with each KV head's query group on the query-length axis and a mask past
-            the valid length (K and V read once per KV head);
-        "sdpa_gqa" SDPA with enable_gqa and the same mask;
-        "varlen" flash attention over exactly the valid length (`varlen_attn` with `seqused_k`).
-    sdpa_backend: pins the SDPA kernel of the "sdpa_*" kinds (one of SDPA_BACKENDS; "auto" lets
-        torch choose)
     compile: "layers" runs each decoder layer, all but its attention and cache write, through
-        torch.compile before capture (fewer, fused kernels); "blocks" only its norms and MLP;
-        "none" keeps transformers' eager modules (see `CompiledModules`); "auto" is "layers" on
-        CUDA and "none" elsewhere
-    compile_backend: torch.compile's backend for the compiled modes (tests use "eager")
+        torch.compile before capture (fewer, fused kernels); "none" keeps transformers' eager
+        modules (see `CompiledModules`); "auto" is "layers" on CUDA and "none" elsewhere
+    compile_backend: torch.compile's backend for the compiled mode (tests use "eager")
     warmup_runs: eager runs of a step before its capture (compilation, autotuning, workspaces)
     kernels: the Loki kernels' `KernelSettings` (None: their tuned defaults)
+
+    Dense decode is SDPA with enable_gqa and a mask past the valid length (cuDNN on the H100 and
+    H200); the candidates it beat, and a "blocks" compile mode, are in docs/notes/e2e-decode.md
+    and benchmarks/bench_e2e.py.
     """
 
     bucket: int = 256
     prefill_chunk: int = 8192
-    dense_attention: str = "sdpa_gqa"
-    sdpa_backend: str = "auto"
     compile: str = "auto"
     compile_backend: str = "inductor"
     warmup_runs: int = 2
@@ -78,10 +70,6 @@ class DecodeLoopSettings:
     def __post_init__(self) -> None:
         if self.bucket < 1 or self.prefill_chunk < 2 or self.warmup_runs < 1:
             raise ValueError("bucket and warmup_runs must be positive, prefill_chunk at least 2")
-        if self.dense_attention not in DENSE_DECODE_KINDS:
-            raise ValueError(f"dense_attention must be one of {DENSE_DECODE_KINDS}")
-        if self.sdpa_backend not in SDPA_BACKENDS:
-            raise ValueError(f"sdpa_backend must be one of {SDPA_BACKENDS}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}")
 
@@ -93,7 +81,7 @@ def bucket_end(length: int, bucket: int, capacity: int) -> int:
 
 def decode_budget(k: float, end: int) -> int:
     """Loki's tokens per index set over a view of `end` tokens: ceil(k · end), in [1, end]."""
-    return min(int(fraction_of(k, end)), end)
+    return Budget(k).kept(end)
 
 
 # --- attention over a static cache -------------------------------------------------------------
@@ -107,51 +95,15 @@ def _view_end(cache, layer) -> int:
     return end
 
 
-def _prefill_attention(query, keys, values, scale) -> torch.Tensor:
-    """Exact causal attention, the queries being the last T of the S keys: (B, Hq, T, D) x (B, Hkv,
-    S, D) -> (B, T, Hq, D).
-
-    From an empty cache SDPA's causal kernels read K and V in place. A later chunk repeats K and V
-    to the query heads and passes an explicit mask, which the memory-efficient kernel takes (a
-    lower-right causal bias with GQA can fall back to materializing the whole score matrix).
-    """
-    q_len, kv_len = query.shape[-2], keys.shape[-2]
-    groups = query.shape[1] // keys.shape[1]
-    if q_len == kv_len:
-        out = F.scaled_dot_product_attention(
-            query, keys, values, is_causal=True, scale=scale, enable_gqa=groups > 1
-        )
-    else:
-        out = F.scaled_dot_product_attention(
-            query,
-            keys.repeat_interleave(groups, dim=1),
-            values.repeat_interleave(groups, dim=1),
-            attn_mask=causal_mask(q_len, kv_len, query.device),
-            scale=scale,
-        )
-    return out.transpose(1, 2)
-
-
 def _valid_mask(layer, end: int) -> torch.Tensor:
     """(B, 1, 1, end) bool: True at the valid positions of each row."""
     return (layer._steps[:end] < layer.seqlens[:, None])[:, None, None, :]
 
 
-def _dense_sdpa_fold(query, layer, end, scale) -> torch.Tensor:
-    batch, q_heads, _, dim = query.shape
-    kv_heads = layer.keys.shape[1]
-    grouped = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)  # [B, Hkv, G, D]
-    out = F.scaled_dot_product_attention(
-        grouped,
-        layer.keys[:, :, :end],
-        layer.values[:, :, :end],
-        attn_mask=_valid_mask(layer, end),
-        scale=scale,
-    )
-    return out.reshape(batch, 1, q_heads, dim)
-
-
-def _dense_sdpa_gqa(query, layer, end, scale) -> torch.Tensor:
+def dense_decode(query, layer, end: int, scale: float) -> torch.Tensor:
+    """Dense attention of one query row (B, Hq, 1, D) over the view [0, end) of a StaticKVLayer,
+    rows past each row's valid length masked -> (B, 1, Hq, D). SDPA with enable_gqa reads K and V
+    once per KV head; with the mask it takes cuDNN's decode kernel on the H100 and H200."""
     out = F.scaled_dot_product_attention(
         query,
         layer.keys[:, :, :end],
@@ -161,76 +113,6 @@ def _dense_sdpa_gqa(query, layer, end, scale) -> torch.Tensor:
         enable_gqa=query.shape[1] != layer.keys.shape[1],
     )
     return out.transpose(1, 2)
-
-
-def _dense_varlen(query, layer, end, scale) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
-    batch, q_heads, _, dim = query.shape
-    capacity, kv_heads = layer.key_store.shape[1], layer.key_store.shape[2]
-    if not hasattr(layer, "_varlen_offsets"):  # built on the first (eager) call, reused in graphs
-        rows = torch.arange(batch + 1, device=query.device, dtype=torch.int32)
-        layer._varlen_offsets = (rows, rows * capacity)
-    starts_q, starts_k = layer._varlen_offsets
-    # torch 2.11's varlen_attn takes GQA without a flag; later versions ask for enable_gqa.
-    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
-    out = varlen_attn(
-        query.reshape(batch, q_heads, dim),
-        layer.key_store.view(batch * capacity, kv_heads, dim),
-        layer.value_store.view(batch * capacity, kv_heads, dim),
-        starts_q,
-        starts_k,
-        1,
-        end,
-        scale=scale,
-        seqused_k=layer.seqlens.to(torch.int32),
-        **gqa,
-    )
-    return out.reshape(batch, 1, q_heads, dim)
-
-
-DENSE_DECODE = {"sdpa_fold": _dense_sdpa_fold, "sdpa_gqa": _dense_sdpa_gqa, "varlen": _dense_varlen}
-
-
-def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
-    """A context that pins SDPA to the backend `name` ("auto": torch's own choice)."""
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "math": SDPBackend.MATH,
-    }
-    return sdpa_kernel([backends[name]])
-
-
-def _rotated_query(layer, query: torch.Tensor) -> torch.Tensor:
-    """q~ = B q: query (B, Hq, T, D) through its KV head's query transform; the per-query-head copy is kept."""
-    if layer.per_query_head is None or layer.per_query_head.shape[0] != query.shape[1]:
-        groups = query.shape[1] // layer.query_basis.shape[0]
-        layer.per_query_head = layer.query_basis.repeat_interleave(groups, dim=0)  # [Hq, D, D]
-    return rotate(query, layer.per_query_head)
-
-
-def _loki_decode_step(cache, layer, query, end, scale, kernel_settings) -> torch.Tensor:
-    from keyspace.kernels import loki_decode
-
-    extra = {} if kernel_settings is None else {"settings": kernel_settings}
-    out = loki_decode(
-        _rotated_query(layer, query)[:, :, 0],  # [B, Hq, D]
-        layer.k_low[:, :, :end],
-        layer.k_rest[:, :, :end],
-        layer.values[:, :, :end],
-        decode_budget(cache.k, end),
-        scale=scale,
-        group_select=cache.group_select,
-        seqlens=layer.seqlens,
-        **extra,
-    )
-    return out[:, None].to(query.dtype)  # [B, 1, Hq, D]
 
 
 def static_attention(
@@ -243,56 +125,53 @@ def static_attention(
     skips attention (returns the query), to time the rest of the step."""
     settings = settings or DecodeLoopSettings()
     loki = isinstance(cache, StaticLokiCache)
-    dense_decode = DENSE_DECODE[settings.dense_attention]
 
     def handler(module, query, key, value, scale):
         layer = cache.layers[module.layer_idx]
         if query.shape[-2] > 1:
             values = layer.values[:, :, : layer.length]
             if loki:
-                query, keys = _rotated_query(layer, query), layer.rotated_keys()
+                query, keys = layer.rotated_query(query), layer.rotated_keys()
             else:
                 keys = layer.keys[:, :, : layer.length]
-            return _prefill_attention(query, keys, values, scale)
+            return causal_attention(query, keys, values, scale)
         if not attend:
             return query.transpose(1, 2)
         end = _view_end(cache, layer)
-        if loki:
-            return _loki_decode_step(cache, layer, query, end, scale, settings.kernels)
-        with sdpa_backend(settings.sdpa_backend):
+        if not loki:
             return dense_decode(query, layer, end, scale)
+        out = layer.decode_step(
+            layer.rotated_query(query)[:, :, 0],  # [B, Hq, D]
+            end,
+            cache.tokens_kept(end),
+            scale,
+            cache.group_select,
+            settings.kernels,
+        )
+        return out[:, None].to(query.dtype)  # [B, 1, Hq, D]
 
     return handler
 
 
 # --- the loop ----------------------------------------------------------------------------------
 
-COMPILED_CHILDREN = ("input_layernorm", "post_attention_layernorm", "mlp")
-
 
 class CompiledModules:
-    """torch.compile'd wrappers of a model's modules, swapped in for decode steps only.
+    """torch.compile'd wrappers of a model's decoder layers and final norm, swapped in for decode
+    steps only.
 
-    mode "blocks": each decoder layer's norms and MLP; "layers": each whole decoder layer (its
-    projections, RoPE, residuals, norms and MLP; the cache write and the attention stay eager, as
-    `torch.compiler.disable`d calls). The final norm in both. The wrappers share compiled graphs:
-    layers differ only in weights and in `layer_idx`, which is kept unspecialized. `active()` swaps
-    them in (prefill chunks of other lengths would recompile) and puts the originals back on exit,
-    also on error.
+    Each whole decoder layer (its projections, RoPE, residuals, norms and MLP) is compiled; the
+    cache write and the attention stay eager, as `torch.compiler.disable`d calls. Where the layers
+    and the norm live is the architecture's row in `keyspace.models.arch`. The wrappers share
+    compiled graphs: layers differ only in weights and in `layer_idx`, which is kept unspecialized.
+    `active()` swaps them in (prefill chunks of other lengths would recompile) and puts the
+    originals back on exit, also on error.
     """
 
-    def __init__(self, model: torch.nn.Module, mode: str, backend: str = "inductor"):
-        layers = model.model.layers
-        if mode == "blocks":
-            slots = [(layer, name) for layer in layers for name in COMPILED_CHILDREN]
-        else:
-            slots = [(layers, str(i)) for i in range(len(layers))]
-        slots.append((model.model, "norm"))
-        dynamic = False if mode == "blocks" else None  # None: layer_idx becomes a symbol
+    def __init__(self, model: torch.nn.Module, backend: str = "inductor"):
         self._slots = [
-            (parent, name, child, torch.compile(child, backend=backend, dynamic=dynamic))
-            for parent, name in slots
-            if (child := getattr(parent, name, None)) is not None
+            (parent, name, child, torch.compile(child, backend=backend, dynamic=None))
+            for parent, name, child in compiled_slots(model)
         ]
 
     @contextlib.contextmanager
@@ -339,7 +218,7 @@ class DecodeLoop:
         if mode == "auto":
             mode = "layers" if self.device.type == "cuda" else "none"
         self._compiled = (
-            None if mode == "none" else CompiledModules(model, mode, self.settings.compile_backend)
+            None if mode == "none" else CompiledModules(model, self.settings.compile_backend)
         )
         self._token = (
             None  # (B, 1) the token fed next; (1, 1) its position; (B, capacity + 1) output

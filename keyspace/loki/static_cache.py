@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from keyspace.loki.cache import check_query_basis, per_layer
-from keyspace.loki.selection import rotate
+import keyspace.kernels as kernels
+from keyspace.loki.core import BudgetedCache, TransformedKeys, per_layer
 
 
 class _StaticLayer(CacheLayerMixin):
@@ -135,24 +135,22 @@ class StaticKVLayer(_StaticLayer):
         return self.key_store, self.value_store
 
 
-class StaticLokiLayer(_StaticLayer):
+class StaticLokiLayer(TransformedKeys, _StaticLayer):
     """One layer's transformed, split keys and values, preallocated.
 
     basis:       (Hkv, D, D) key transform A, rows = directions
     query_basis: (Hkv, D, D) query transform B, or None for B = A
+
+    The store is three hooks, `lazy_initialization`, `_write` and `decode_step`: another layout
+    (e.g. a coordinate-major low-rank store for a per-step choice of coordinates) is a subclass
+    that overrides them and keeps the rotations, checks, lengths and budget rule.
     """
 
     def __init__(
         self, basis: torch.Tensor, d: int, capacity: int, query_basis: torch.Tensor | None = None
     ):
         super().__init__(capacity)
-        check_query_basis(basis, query_basis)
-        if not 1 <= d <= basis.shape[-1]:
-            raise ValueError(f"d must be in [1, {basis.shape[-1]}], got {d}")
-        self.basis, self.d = basis, int(d)
-        self.query_basis = basis if query_basis is None else query_basis
-        # (Hq, D, D): query_basis repeated to query heads, set by the handler
-        self.per_query_head = None
+        self._set_basis(basis, d, query_basis)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -160,9 +158,7 @@ class StaticLokiLayer(_StaticLayer):
         self.k_low = empty(batch, heads, self.capacity, self.d)  # [B, Hkv, capacity, d]
         self.k_rest = empty(batch, heads, self.capacity, dim - self.d)
         self.values = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
-        # float32 whatever the model dtype: `rotate` computes in float32 (exactness of q~·k~).
-        self.basis = self.basis.to(key_states.device, torch.float32)
-        self.query_basis = self.query_basis.to(key_states.device, torch.float32)
+        self._cast_basis(key_states.device)
         self._init_lengths(batch, key_states.device)
         self.is_initialized = True
 
@@ -172,17 +168,38 @@ class StaticLokiLayer(_StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         positions = self._positions(key_states.shape[-2])
-        rotated = rotate(key_states, self.basis)  # [B, Hkv, T, D]
-        self.k_low.index_copy_(2, positions, rotated[..., : self.d])
-        self.k_rest.index_copy_(2, positions, rotated[..., self.d :])
-        self.values.index_copy_(2, positions, value_states)
+        self._write(positions, *self.split_keys(key_states), value_states)
         self._advance(key_states.shape[-2])
         return self.k_low, self.values
+
+    def _write(self, positions, low, rest, values) -> None:
+        """Store low (B, Hkv, T, d), rest (B, Hkv, T, D - d) and values (B, Hkv, T, D) at positions (T,)."""
+        self.k_low.index_copy_(2, positions, low)
+        self.k_rest.index_copy_(2, positions, rest)
+        self.values.index_copy_(2, positions, values)
 
     def rotated_keys(self, end: int | None = None) -> torch.Tensor:
         """The first `end` (default: the valid length) cached keys k~ = A k: (B, Hkv, end, D)."""
         end = self.length if end is None else end
         return torch.cat([self.k_low[:, :, :end], self.k_rest[:, :, :end]], dim=-1)
+
+    def decode_step(
+        self, query_rot, end: int, k_top: int, scale: float, group_select: bool, settings=None
+    ) -> torch.Tensor:
+        """Loki attention of one rotated query row (B, Hq, D) over the view [0, end), rows past each
+        row's valid length never selected -> (B, Hq, D). `settings`: the kernels' KernelSettings."""
+        extra = {} if settings is None else {"settings": settings}
+        return kernels.loki_decode(
+            query_rot,
+            self.k_low[:, :, :end],
+            self.k_rest[:, :, :end],
+            self.values[:, :, :end],
+            k_top,
+            scale=scale,
+            group_select=group_select,
+            seqlens=self.seqlens,
+            **extra,
+        )
 
     def _buffers(self) -> tuple[torch.Tensor, ...]:
         return self.k_low, self.k_rest, self.values
@@ -224,31 +241,35 @@ class StaticKVCache(_StaticCache):
         super().__init__([StaticKVLayer(capacity) for _ in range(num_layers)])
 
 
-class StaticLokiCache(_StaticCache):
+class StaticLokiCache(BudgetedCache, _StaticCache):
     """A StaticLokiLayer per model layer, plus the decode budget.
 
     basis: (layers, kv_heads, D, D) key transform A (PCA directions as rows for the paper's basis)
     dims:  d per layer (layers,), one split width for all KV heads of a layer
-    k:     fraction of the cached tokens attended at each decode step, in (0, 1]
+    k:     fraction of the cached tokens attended at each decode step, in (0, 1] ...
+    budget: ... or tokens attended at each step (exactly one of k and budget)
     group_select: under GQA, one token set per KV head (summed group scores) instead of per query head
     capacity: tokens each layer holds (prompt plus generated tokens)
     query_basis: (layers, kv_heads, D, D) query transform B, or None for B = A (orthonormal A);
         the query-aware basis passes B = A^-T
     """
 
+    layer_class = StaticLokiLayer
+
     def __init__(
         self,
         basis: torch.Tensor,
         dims: list[int] | torch.Tensor,
-        k: float,
-        capacity: int,
+        k: float | None = None,
+        capacity: int = 0,
         group_select: bool = False,
         query_basis: torch.Tensor | None = None,
+        budget: int | None = None,
     ):
+        self._set_budget(k, budget, group_select)
         super().__init__(
             [
-                StaticLokiLayer(key_basis, d, capacity, queries)
-                for key_basis, d, queries in per_layer(basis, dims, k, query_basis)
+                self.layer_class(key_basis, d, capacity, queries)
+                for key_basis, d, queries in per_layer(basis, dims, query_basis)
             ]
         )
-        self.k, self.group_select = k, group_select

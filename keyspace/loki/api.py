@@ -1,0 +1,321 @@
+"""`Loki`, the one way into Loki decoding for any supported transformers model.
+
+    loki = Loki.from_run("runs/smollm2", d=32, k=0.125)
+    with loki.attach(model):
+        out = model.generate(ids, max_new_tokens=64)       # sampling, batches: generate's own args
+    out = loki.generate(model, ids, max_new_tokens=64)     # greedy; CUDA graphs on a GPU
+
+A `Loki` holds the basis and the budget, never a model: `attach` gives each `generate` call a
+fresh `LokiCache`; `generate` runs the static cache and the CUDA-graph `DecodeLoop` on CUDA and
+the same tokens through `LokiCache` on the CPU; `cache` and `static_cache` build caches for the
+studies (validate, tasks, bench).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from keyspace.errors import KeyspaceError, shell_command
+from keyspace.loki.cache import LokiCache
+from keyspace.loki.core import Budget
+from keyspace.loki.decode import batch_greedy, cache_kwargs, loki_decoding
+from keyspace.loki.graphs import DecodeLoop, DecodeLoopSettings, bucket_end
+from keyspace.loki.static_cache import StaticLokiCache
+from keyspace.models.arch import head_geometry
+from keyspace.runfolder.analysis import analyze_hint, queries_hint, read_calibration, read_ranks
+from keyspace.runfolder.store import RunFolder, ranks_path
+
+BASES = ("key", "query-aware")
+KINDS = ("pre", "post")
+DEFAULT_K = 0.125
+
+
+@dataclass(frozen=True, eq=False)
+class Loki:
+    """Loki's decode settings for one model.
+
+    basis:       (layers, kv_heads, D, D) key transform A, rows as directions (k~ = A k)
+    dims:        (layers, kv_heads) long, d per head; a layer's cache splits at its largest d
+    k:           fraction of the context each decode step attends, in (0, 1] ...
+    budget:      ... or tokens each step attends (exactly one of k and budget)
+    group_select: under GQA, one token set per KV head (summed group scores)
+    query_basis: (layers, kv_heads, D, D) query transform B (q~ = B q), or None for B = A
+    """
+
+    basis: torch.Tensor
+    dims: torch.Tensor
+    k: float | None = DEFAULT_K
+    budget: int | None = None
+    group_select: bool = False
+    query_basis: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        fix = "Build it with Loki.from_run(run, ...) or Loki.from_tensors(basis, d, ...)."
+        shape = tuple(self.basis.shape)
+        if self.basis.dim() != 4 or shape[-1] != shape[-2]:
+            raise KeyspaceError(f"basis must be (layers, kv_heads, D, D), got {shape}.", fix)
+        if self.query_basis is not None and tuple(self.query_basis.shape) != shape:
+            raise KeyspaceError(
+                f"query_basis {tuple(self.query_basis.shape)} must have the basis' shape {shape}.",
+                "Pass the key and query transforms of one calibration.",
+            )
+        if (
+            tuple(self.dims.shape) != shape[:2]
+            or int(self.dims.min()) < 1
+            or self.d_max > shape[-1]
+        ):
+            raise KeyspaceError(
+                f"d must be in [1, {shape[-1]}] per (layer, KV head) {shape[:2]}.",
+                f"Pass an int d between 1 and {shape[-1]}, or one per layer or per (layer, KV head).",
+            )
+        try:
+            Budget(self.k, self.budget)
+        except ValueError as err:
+            raise KeyspaceError(
+                f"{err}.", "Pass k=0.125 (a fraction of the context) or budget=2048 (tokens)."
+            ) from None
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_tensors(
+        cls,
+        basis: torch.Tensor,
+        d: int | list[int] | torch.Tensor,
+        k: float | None = None,
+        query_basis: torch.Tensor | None = None,
+        group_select: bool = False,
+        budget: int | None = None,
+    ) -> Loki:
+        """From your own basis (layers, kv_heads, D, D); d an int, one per layer, or one per
+        (layer, KV head). k defaults to 0.125 unless a token `budget` is given."""
+        if basis.dim() != 4:
+            raise KeyspaceError(
+                f"basis must be (layers, kv_heads, D, D), got {tuple(basis.shape)}.",
+                "Stack one (D, D) transform per (layer, KV head), rows as directions.",
+            )
+        dims = _dims_tensor(d, tuple(basis.shape[:2]))
+        k = DEFAULT_K if k is None and budget is None else k
+        return cls(basis, dims, k, budget, bool(group_select), query_basis)
+
+    @classmethod
+    def from_run(
+        cls,
+        run: str | Path,
+        d: int | str = 32,
+        k: float | None = None,
+        basis: str = "key",
+        kind: str = "post",
+        group_select: bool = False,
+        budget: int | None = None,
+    ) -> Loki:
+        """From the verified calibration of an analyzed run folder.
+
+        d: an int, or "auto:τ" (per head, the rank at explained variance τ from the run's ranks; under
+        the query-aware basis, of the score spectrum). basis: "key" (the paper's PCA of the keys)
+        or "query-aware" (needs a run collected with queries). kind: the "post"- or "pre"-RoPE
+        calibration. k defaults to 0.125 unless a token `budget` is given."""
+        _check_choice("basis", basis, BASES)
+        _check_choice("kind", kind, KINDS)
+        folder = RunFolder.open(run).require_complete()
+        ranks, hint = read_ranks(folder.path), analyze_hint(folder.path)
+        calibration = read_calibration(folder.path, ranks)
+        if ranks.get("moments_sha256") != folder.moments_sha256:
+            raise KeyspaceError(
+                f"the analysis in {folder.path} was computed from other moments than it holds now.",
+                hint,
+            )
+        if kind not in calibration.components:
+            raise KeyspaceError(f"the calibration of {folder.path} has no {kind} basis.", hint)
+        query_transform = None
+        key_transform = calibration.components[kind]
+        if basis == "query-aware":
+            fix = hint if calibration.has_queries else queries_hint(folder.path)
+            key_transform, query_transform = calibration.score_transforms(kind, fix)
+        dims = _run_dims(d, ranks, kind, basis, folder.path, tuple(key_transform.shape[:2]))
+        dims = _dims_tensor(dims, tuple(key_transform.shape[:2]))
+        k = DEFAULT_K if k is None and budget is None else k
+        return cls(key_transform, dims, k, budget, bool(group_select), query_transform)
+
+    # --- the paths ------------------------------------------------------------------------------
+
+    @property
+    def d_max(self) -> int:
+        return int(self.dims.max())
+
+    @property
+    def layer_dims(self) -> list[int]:
+        """d per layer: the largest d among the layer's KV heads (one split width per layer)."""
+        return self.dims.max(dim=1).values.tolist()
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """The basis must fit the model: (layers, kv_heads, head_dim, head_dim)."""
+        _, kv_heads, head_dim = head_geometry(model.config)
+        expected = (model.config.num_hidden_layers, kv_heads, head_dim, head_dim)
+        if tuple(self.basis.shape) != expected:
+            raise KeyspaceError(
+                f"the Loki basis {tuple(self.basis.shape)} does not fit this model {expected}"
+                " (layers, kv_heads, head_dim, head_dim).",
+                "Use the calibration of a run collected from this model.",
+            )
+
+    def cache(self, model: torch.nn.Module | None = None) -> LokiCache:
+        """A fresh dynamic `LokiCache` (checked against `model` when given)."""
+        if model is not None:
+            self.check_model(model)
+        return LokiCache(
+            self.basis, self.layer_dims, self.k, self.group_select, self.query_basis, self.budget
+        )
+
+    def static_cache(self, model: torch.nn.Module | None, capacity: int) -> StaticLokiCache:
+        """A fresh `StaticLokiCache` of `capacity` tokens per layer, for `DecodeLoop`."""
+        if model is not None:
+            self.check_model(model)
+        return StaticLokiCache(
+            self.basis,
+            self.layer_dims,
+            self.k,
+            capacity,
+            self.group_select,
+            self.query_basis,
+            self.budget,
+        )
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Inside the block, `model.generate(...)` decodes with Loki: each call gets a fresh
+        `LokiCache` and the Loki attention, for that call only. On exit (also on error) the model's
+        own `generate` is back and nothing of Loki is left on it.
+
+        transformers has no public hook that creates a custom `Cache` per call, so the block shadows
+        `model.generate` with an instance attribute that adds the cache and calls the original."""
+        self.check_model(model)
+        own = model.__dict__.get("generate")
+        original = model.generate
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            return self._generate_attached(model, original, args, kwargs)
+
+        model.generate = generate
+        try:
+            yield model
+        finally:
+            if own is None:
+                del model.generate
+            else:
+                model.generate = own
+
+    def _generate_attached(self, model, original, args, kwargs):
+        """`original(*args, **kwargs)` with a fresh LokiCache and the Loki attention."""
+        if any(kwargs.get(name) is not None for name in ("past_key_values", "cache")):
+            raise KeyspaceError(
+                "inside `loki.attach(model)` the cache is Loki's; generate got one too.",
+                "Drop past_key_values/cache from the call, or decode outside the attach block.",
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise KeyspaceError(
+                "Loki decodes unpadded batches only; this attention_mask pads some prompts.",
+                "Batch prompts of one length per call (or generate them one at a time).",
+            )
+        cache = self.cache()
+        name = next(iter(cache_kwargs(model, cache)))  # "cache" or "past_key_values"
+        with loki_decoding(model, cache):
+            return original(*args, **{**kwargs, name: cache})
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        settings=None,
+    ) -> torch.Tensor:
+        """Greedy decoding of equal-length prompts input_ids (B, P): (B, P + max_new_tokens) on
+        input_ids' device, as `model.generate` returns (but never stopping early at EOS).
+
+        On CUDA the static cache and the CUDA-graph `DecodeLoop` (`settings`: its
+        DecodeLoopSettings); elsewhere the same tokens through `LokiCache`."""
+        self.check_model(model)
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1 or max_new_tokens < 1:
+            raise KeyspaceError(
+                f"need input_ids (batch, tokens) and max_new_tokens >= 1, got"
+                f" {tuple(input_ids.shape)} and {max_new_tokens}.",
+                "Pass tokenizer(prompts, return_tensors='pt').input_ids of unpadded prompts.",
+            )
+        device = next(model.parameters()).device
+        prompt = input_ids.to(device)
+        if device.type == "cuda":
+            new = self._graph_loop(model, prompt, max_new_tokens, settings)
+        else:
+            cache = self.cache()
+            with loki_decoding(model, cache):
+                new = batch_greedy(model, cache, prompt, max_new_tokens)
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+
+    def _graph_loop(self, model, prompt, new_tokens: int, settings) -> torch.Tensor:
+        settings = settings or DecodeLoopSettings()
+        capacity = bucket_end(prompt.shape[1] + new_tokens, settings.bucket, 1 << 62)
+        with DecodeLoop(model, self.static_cache(None, capacity), settings) as loop:
+            return loop.generate(prompt, new_tokens)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise KeyspaceError(
+            f"{name} must be one of {', '.join(choices)}, got {value!r}.",
+            f"Pass {name}={choices[0]!r} or {name}={choices[-1]!r}.",
+        )
+
+
+def _dims_tensor(d, shape: tuple[int, int]) -> torch.Tensor:
+    """d (an int, one per layer, or one per (layer, KV head)) as (layers, kv_heads) long."""
+    if isinstance(d, bool) or not isinstance(d, int | list | tuple | torch.Tensor):
+        raise KeyspaceError(
+            f"d must be an int, one per layer or a (layers, kv_heads) tensor, got {d!r}.",
+            'Examples: d=32, d=[16, 32, ...], or from_run(..., d="auto:0.9").',
+        )
+    dims = torch.as_tensor(d, dtype=torch.long)
+    if dims.dim() == 1 and dims.shape[0] == shape[0]:
+        dims = dims[:, None]
+    if dims.dim() > 2 or not (dims.dim() == 0 or dims.shape[0] == shape[0]):
+        raise KeyspaceError(
+            f"d has shape {tuple(dims.shape)}; the basis has {shape[0]} layers and {shape[1]}"
+            " KV heads.",
+            "Pass one int, one d per layer, or one per (layer, KV head).",
+        )
+    return dims.expand(shape).clone()
+
+
+def _run_dims(d, ranks: dict, kind: str, basis: str, run: Path, shape) -> int | torch.Tensor:
+    """An int d as is; "auto:τ" as rank@τ per (layer, KV head) from the run's ranks (at least 1)."""
+    if not isinstance(d, str):
+        return d
+    if d.isdigit():
+        return int(d)
+    tau = d.removeprefix("auto:")
+    try:
+        tau = float(tau) if d.startswith("auto:") else None
+    except ValueError:
+        tau = None
+    if tau is None:
+        raise KeyspaceError(
+            f"d {d!r} is not an integer or auto:τ.", 'Examples: d=32, d="auto:0.9".'
+        )
+    field = "score_rank_at" if basis == "query-aware" else "rank_at"
+    table = ranks.get(kind, {}).get(field, {})
+    for key, value in table.items():
+        if abs(float(key) - tau) < 1e-9:
+            return torch.tensor(value, dtype=torch.long).clamp(min=1)
+    raise KeyspaceError(
+        f"{ranks_path(run)} has no {kind} {field} at τ={tau} (it has {', '.join(table) or 'none'}).",
+        f"Run `{shell_command('keyspace', 'analyze', run, '--threshold', tau)}` to write ranks"
+        f" at τ={tau}.",
+    )

@@ -1,5 +1,6 @@
 """Loki sparse attention inside transformers models, and the baselines it is compared with.
 
+- `Loki`: the one way in (`Loki.from_run(run).attach(model)`, `loki.generate(model, ids)`).
 - `masked_attention(model, SparseSettings(...))`: masked mode, for perplexity over whole windows.
 - `LokiCache` + `loki_decoding(model, cache)`: decode mode, real sparse decoding via the kernels.
 - `METHODS`: the method registry (keyspace.loki.methods), one file per method: loki, full,
@@ -10,6 +11,7 @@ x~ = T x: `basis=A` everywhere, and `query_basis=B` (None: B = A, the paper's or
 the query-aware basis passes B = A^-T, so q~·k~ = q·k). Values are never transformed.
 """
 
+from keyspace.loki.api import Loki
 from keyspace.loki.cache import LokiCache
 from keyspace.loki.decode import loki_decoding
 from keyspace.loki.masked import K_MODES, SparseSettings, masked_attention, row_budgets
@@ -20,6 +22,7 @@ __all__ = [
     "K_MODES",
     "METHODS",
     "LayerInputs",
+    "Loki",
     "LokiCache",
     "Method",
     "SparseSettings",

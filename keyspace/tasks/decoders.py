@@ -4,7 +4,8 @@ The B prompts of one call have the same length (a task cell's prompts all do) an
 
 - `cache_decoder(make_cache)`: real decoding; dense with transformers' DynamicCache (attention
   through `dense_handler`, the model's SDPA math without a materialized mask), or Loki with a
-  LokiCache under `loki_decoding` (the kernels at every step).
+  fresh LokiCache per batch from `make_cache` (a `keyspace.Loki`'s `loki.cache`) under
+  `loki_decoding` (the kernels at every step).
 - `masked_decoder(settings)`: for the baselines without a decode path. The prompt is prefilled
   densely; each later token is a decode step whose query keeps the method's top ceil(k·context)
   keys, in masked mode, one row against the dense cache. h2o ranks keys by the attention they got

@@ -13,7 +13,7 @@ import torch
 from keyspace.bench.e2e import decode_speed
 from keyspace.bench.kernels import BenchConfig, run_sweep
 from keyspace.errors import KeyspaceError
-from keyspace.loki import LokiCache, SparseSettings, get_method
+from keyspace.loki import Loki, SparseSettings, get_method
 from keyspace.runfolder.store import DEFAULT_THRESHOLD
 from keyspace.tasks import Decoder, cache_decoder, masked_decoder, run_tasks
 from keyspace.validate.config import Log, ValidateConfig
@@ -122,12 +122,12 @@ def recall_entry(
 
 
 def cache_factory(inputs: Inputs, d: DChoice, k: float, basis: str = "key"):
-    """A fresh LokiCache per call; a layer's split width is the largest d among its KV heads."""
-    per_layer = d.dims_for(basis).max(dim=1).values.tolist()
+    """A fresh LokiCache per call, from this point's `Loki` (a layer splits at its largest d)."""
     key_transform, query_transform = inputs.transforms(basis)
-    return lambda: LokiCache(
-        key_transform, per_layer, k, inputs.group_select, query_basis=query_transform
+    loki = Loki.from_tensors(
+        key_transform, d.dims_for(basis), k, query_transform, inputs.group_select
     )
+    return loki.cache
 
 
 def decode_prompts(windows: torch.Tensor, count: int, length: int) -> torch.Tensor:

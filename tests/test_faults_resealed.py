@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 from collections import Counter
@@ -418,3 +419,27 @@ def test_the_table():
     for command, counts in sorted(TABLE.items()):
         print(f"{command:12} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         assert counts["traceback"] == 0 and counts["accepted"] == 0
+
+
+def test_validate_json_is_checked_before_it_is_rendered_again(tmp_path):
+    from keyspace.validate.results import ResultRow, ValidateResult, read_validate_json
+
+    row = ResultRow("loki", 4, 4.0, 0.5, "fraction", 12.5, 2.5, 64, 62, 0.75, 0.1, "key")
+    doc = ValidateResult({"model": {"spec": "m"}}, [row], recall=[{"rho": None}]).to_json()
+    path = tmp_path / "validate.json"
+    path.write_text(json.dumps(doc))
+    assert read_validate_json(path, "hint") == doc
+    edits = {
+        "results[0].ppl": lambda d: d["results"][0].__setitem__("ppl", float("nan")),
+        "results[0].tokens": lambda d: d["results"][0].__setitem__("tokens", "64"),
+        "recall is not a list": lambda d: d.__setitem__("recall", 5),
+        "speed is not an object": lambda d: d.__setitem__("speed", []),
+        "decode[0].seconds": lambda d: d.__setitem__("decode", [{"seconds": float("inf")}]),
+    }
+    for field_name, edit in edits.items():
+        bad = json.loads(json.dumps(doc))
+        edit(bad)
+        path.write_text(json.dumps(bad))
+        with pytest.raises(KeyspaceError, match=re.escape(field_name)) as err:
+            read_validate_json(path, "Run `keyspace validate` again.")
+        assert str(path) in err.value.message and err.value.hint

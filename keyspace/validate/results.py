@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from scipy.stats import spearmanr
 
+from keyspace.errors import KeyspaceError
 from keyspace.reports.validate_report import write_validate_report
 from keyspace.runfolder.store import write_json_atomic
 
@@ -88,3 +91,71 @@ def write_outputs(doc: dict, out: str | Path) -> list[Path]:
     out = Path(out)
     write_json_atomic(out / VALIDATE_JSON, doc)
     return [out / VALIDATE_JSON, *write_validate_report(doc, out)]
+
+
+# ---- reading validate.json back (to re-render it): parse, then trust -------------------------
+
+SECTIONS = ("results", "recall", "decode", "passkey", "tasks")
+ROW_FIELDS = {"method": str, "tokens": int, "ppl": float, "nll": float, "kv_bytes_fraction": float}
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_doc_problem(doc: object) -> str | None:
+    """What makes a validate.json document unusable for re-rendering ("<field> <why>"), or None:
+    its sections of the right types, each result row's fields typed, every number in every
+    section finite or null."""
+    if not isinstance(doc, dict):
+        return "the document is not a JSON object"
+    for section in SECTIONS:
+        rows = doc.get(section, [])
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            return f"{section} is not a list of objects"
+    if not isinstance(doc.get("speed", {}), dict):
+        return "speed is not an object"
+    for i, row in enumerate(doc.get("results", [])):
+        for name, kind in ROW_FIELDS.items():
+            value = row.get(name)
+            ok = isinstance(value, str) if kind is str else _finite_number(value)
+            if kind is int:
+                ok = ok and isinstance(value, int) and value >= 0
+            if not ok:
+                return f"results[{i}].{name} is {value!r}"
+    return _nonfinite(doc, "")
+
+
+def _nonfinite(value: object, where: str) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where.lstrip('.')} is {value!r}, not a finite number"
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, item in items:
+        problem = _nonfinite(
+            item, f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]"
+        )
+        if problem:
+            return problem
+    return None
+
+
+def read_validate_json(path: str | Path, hint: str) -> dict:
+    """A validate.json, parsed and checked (`validate_doc_problem`); one KeyspaceError naming the
+    file and the field otherwise. `hint`: the validate command that writes it again."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_bytes())
+    except OSError as err:
+        raise KeyspaceError(f"{path} cannot be read ({err.strerror or err}).", hint) from None
+    except ValueError as err:
+        raise KeyspaceError(f"{path} is not valid JSON ({err}).", hint) from None
+    problem = validate_doc_problem(doc)
+    if problem:
+        raise KeyspaceError(f"{path} is damaged: {problem}.", hint)
+    return doc

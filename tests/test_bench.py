@@ -156,9 +156,9 @@ def test_sweep_rows_fixed_d_beside_adaptive_on_cpu(monkeypatch):
     dense = {"sdpa_ms": 2.0, "dense_backend": "flash", "dense_ms_by_backend": {"flash": 2.0}}
     rows = bench._shape_rows(cfg, sets, 2, 300, dense, 1.0, log=lambda line: None)
     assert [(r["method"], r["select"], r["k_top"]) for r in rows] == [
-        (m, s, k) for m in ("loki", "loki-adaptive") for k in (75, 20) for s in ("group", "head")
+        (m, s, k) for k in (75, 20) for s in ("group", "head") for m in ("loki", "loki-adaptive")
     ]
-    for fixed, adaptive in zip(rows[:4], rows[4:], strict=True):
+    for fixed, adaptive in zip(rows[::2], rows[1::2], strict=True):
         assert fixed["floor_speedup"] == adaptive["floor_speedup"]
         assert adaptive["loki_ms"] == 1.0 and adaptive["dense_backend"] == "flash"
     assert all(set(s) == {"q", "keys", "v"} for s in sets)  # the stores are dropped after

@@ -245,33 +245,31 @@ def finish_row(row: dict, floor_gbps: float) -> dict:
     return row
 
 
-def _add_stores(sets: list[dict], cfg: BenchConfig, d: int | None) -> None:
-    """The fixed-d split (k_low, k_rest) at d, or with d None the adaptive coordinate-major
-    store of the first store_d_max() coordinates; each set's previous ones are dropped."""
+def _split_keys(sets: list[dict], d: int) -> None:
+    """The fixed-d store of each input set: k_low (B, Hkv, S, d) and k_rest (.., D - d)."""
     for s in sets:
-        for name in ("k_low", "k_rest", "k_low_t"):
-            s.pop(name, None)
-        if d is None:
-            s["k_low_t"] = s["keys"][..., : cfg.store_d_max()].transpose(-1, -2).contiguous()
-        else:
-            s["k_low"] = s["keys"][..., :d].contiguous()
-            s["k_rest"] = s["keys"][..., d:].contiguous()
+        s["k_low"] = s["keys"][..., :d].contiguous()
+        s["k_rest"] = s["keys"][..., d:].contiguous()
 
 
 def _shape_rows(cfg, sets, kv_heads, seq, dense, peak, log) -> list[dict]:
-    """Every point's rows at one (kv_heads, seq): fixed-d Loki, then adaptive at r = d."""
+    """Every point's rows at one (kv_heads, seq): fixed-d Loki, then adaptive at r = d and the
+    same k, reading a coordinate-major store of the first store_d_max() coordinates."""
     modes = [True] if kv_heads == cfg.q_heads else [True] + [False] * cfg.per_head_under_gqa
-    methods = ["loki"] + ["loki-adaptive"] * cfg.adaptive
+    timers = {"loki": _time_loki} | ({"loki-adaptive": _time_adaptive} if cfg.adaptive else {})
+    if cfg.adaptive:
+        for s in sets:
+            s["k_low_t"] = s["keys"][..., : cfg.store_d_max()].transpose(-1, -2).contiguous()
     points = cfg.k_points(seq)
     rows = []
-    for method in methods:
-        for d in sorted({p[0] for p in points}):
-            _add_stores(sets, cfg, None if method == "loki-adaptive" else d)
-            for (pd, frac, budget, k_top), group in itertools.product(points, modes):
-                if pd != d:
-                    continue
-                timer = _time_adaptive if method == "loki-adaptive" else _time_loki
-                dense_b, loki_b = _floor_bytes(cfg, kv_heads, seq, d, k_top, group)
+    for d in sorted({p[0] for p in points}):
+        _split_keys(sets, d)
+        for (pd, frac, budget, k_top), group in itertools.product(points, modes):
+            if pd != d:
+                continue
+            select = "mha" if kv_heads == cfg.q_heads else ("group" if group else "head")
+            dense_b, loki_b = _floor_bytes(cfg, kv_heads, seq, d, k_top, group)
+            for method, timer in timers.items():
                 row = {
                     "method": method,
                     "batch": cfg.batch,
@@ -283,7 +281,7 @@ def _shape_rows(cfg, sets, kv_heads, seq, dense, peak, log) -> list[dict]:
                     "k_frac": frac,
                     "k_budget": budget,
                     "k_top": k_top,
-                    "select": "mha" if kv_heads == cfg.q_heads else ("group" if group else "head"),
+                    "select": select,
                     "dtype": cfg.dtype,
                     **dense,
                     **timer(sets, cfg, d, k_top, group),
@@ -292,9 +290,9 @@ def _shape_rows(cfg, sets, kv_heads, seq, dense, peak, log) -> list[dict]:
                 }
                 rows.append(finish_row(row, peak))
                 log(format_row(row))
-    _add_stores(sets, cfg, None)
     for s in sets:
-        s.pop("k_low_t")
+        for name in ("k_low", "k_rest", "k_low_t"):
+            s.pop(name, None)
     return rows
 
 

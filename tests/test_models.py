@@ -37,3 +37,44 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path, monkeypatch):
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(KeyspaceError, match="could not load GGUF"):
         load_model(str(bad))
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt_neox"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_table_finds_each_architectures_layers_and_attention(arch):
+    """The row's paths against a scan of the model: attention modules are the modules with a
+    layer_idx and the row's key projection, in layer order, one per decoder layer."""
+    import torch
+    from tiny_models import tiny_model
+
+    from keyspace.models.arch import arch_spec, attention_modules, decoder_layers
+
+    model = tiny_model(arch)
+    spec = arch_spec(model.config)
+    scanned = [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx")
+        and isinstance(getattr(m, spec.pre_module, None), torch.nn.Module)
+    ]
+    assert attention_modules(model, spec) == sorted(scanned, key=lambda m: m.layer_idx)
+    assert len(decoder_layers(model)) == model.config.num_hidden_layers == len(scanned)
+
+
+def test_a_row_that_does_not_fit_the_model_is_a_clear_error():
+    from tiny_models import tiny_model
+
+    from keyspace.models.arch import compiled_slots, keep_layers
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    keep_layers(model, 2)
+    assert len(model.model.layers) == model.config.num_hidden_layers == 2
+    del model.model.norm
+    with pytest.raises(KeyspaceError, match="no module at model.norm") as err:
+        compiled_slots(model)
+    assert "keyspace/models/arch.py" in err.value.hint
+    model.config.model_type = "bert"
+    with pytest.raises(KeyspaceError, match="bert is not supported"):
+        compiled_slots(model)

@@ -81,6 +81,20 @@ def test_sparse_loki_differs_from_dense_and_both_paths_agree():
     assert not torch.equal(attached, dense_generate(model, ids, 10))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_the_cuda_path_gives_the_reference_paths_tokens(arch):
+    """`generate`'s CUDA path (static cache + DecodeLoop), run eagerly here: with one-token buckets
+    its budget is the reference path's exactly, so a sparse setting gives the same tokens."""
+    from keyspace.loki.graphs import DecodeLoopSettings
+
+    model, basis, _ = model_and_basis(arch)
+    ids = prompts(length=20)
+    loki = Loki.from_tensors(basis, d=3, k=0.3)
+    settings = DecodeLoopSettings(bucket=1, prefill_chunk=8)
+    static = loki._graph_loop(model, ids, 7, settings)
+    assert torch.equal(static, loki.generate(model, ids, max_new_tokens=7)[:, 20:])
+
+
 def test_attach_takes_generates_own_arguments():
     model, basis, head_dim = model_and_basis("qwen2")
     ids = prompts(batch=3)

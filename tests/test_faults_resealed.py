@@ -443,3 +443,29 @@ def test_validate_json_is_checked_before_it_is_rendered_again(tmp_path):
         with pytest.raises(KeyspaceError, match=re.escape(field_name)) as err:
             read_validate_json(path, "Run `keyspace validate` again.")
         assert str(path) in err.value.message and err.value.hint
+
+
+@pytest.mark.parametrize("name", [MOMENTS, SHARD])
+def test_resume_repairs_a_resealed_nan(name, world, tmp_path):
+    """`collect --resume`, the command verify's hint names, recomputes a file holding a NaN under
+    a resealed hash: afterwards verify passes and the file is the original again."""
+    run = Path(shutil.copytree(world["run"], tmp_path / "run"))
+    edit = EDITS[name]["NaN in post.sum" if name == MOMENTS else "NaN in kept keys"]
+    edit(run / name)
+    reseal(run)
+    assert [f.path for f in verify_run(run).bad] == [name]
+    cfg = CollectConfig(
+        out=run,
+        model=str(world["model"]),
+        dataset=str(world["corpus"]),
+        window=WINDOW,
+        max_tokens=WINDOW * 6,
+        keep_keys="all",
+        shard_windows=2,
+        device="cpu",
+        resume=True,
+    )
+    result = collect(cfg)
+    assert result.repairs and all("damaged" in repair for repair in result.repairs)
+    assert (run / name).read_bytes() == (world["run"] / name).read_bytes()
+    assert [f.path for f in verify_run(run).bad] in ([], [RANKS])  # ranks: stale only if resealed

@@ -22,13 +22,14 @@ from keyspace.runfolder.store import (
     MOMENTS,
     OK,
     Moments,
-    file_state,
+    moments_file_state,
     moments_from_bytes,
     progress_moments_name,
     progress_path,
     read_verified,
     save_moments,
     sealed,
+    shard_file_state,
     write_json_atomic,
 )
 
@@ -98,7 +99,11 @@ def load_progress(
     except KeyspaceError as err:
         return RankState(fresh_progress(), zeros, notes=[f"{err.message} So {restart}."])
     redo = sorted(
-        {s["index"] for s in progress["shards"] if file_state(out / s["path"], s["sha256"]) != OK}
+        {
+            s["index"]
+            for s in progress["shards"]
+            if shard_file_state(out / s["path"], s["sha256"]) != OK
+        }
     )
     notes = [
         f"rank {rank}'s key shards of chunk {c} are missing or damaged; that chunk's windows will be recomputed."
@@ -138,7 +143,7 @@ def final_problems(
                 f" {done} on will be recomputed."
             )
     record = manifest.get("moments") or {}
-    if file_state(out / MOMENTS, record.get("sha256")) != OK:
+    if moments_file_state(out / MOMENTS, record.get("sha256")) != OK:
         problems.append(f"{out / MOMENTS} is missing or damaged; it will be merged again.")
     listed = sorted((s["path"], s["sha256"]) for s in manifest["shards"])
     committed = sorted((s["path"], s["sha256"]) for st in states for s in st.progress["shards"])

@@ -148,6 +148,41 @@ def run_capture(manifest: dict | Manifest) -> tuple[str, ...]:
     return ("keys",)
 
 
+def _read_state(path: Path, sha256: str | None) -> tuple[str, bytes]:
+    """(MISSING, b""), (DAMAGED, b"") or (OK, the bytes whose sha256 is `sha256`)."""
+    if not path.is_file():
+        return MISSING, b""
+    try:
+        data = read_verified(path, sha256, "")
+    except KeyspaceError:
+        return DAMAGED, b""
+    return OK, data
+
+
+def moments_file_state(path: Path, sha256: str | None) -> str:
+    """OK, MISSING or DAMAGED: the sha256, then the values (a NaN under a resealed hash is DAMAGED)."""
+    state, data = _read_state(path, sha256)
+    if state == OK:
+        try:
+            moments_from_bytes(data, path, "")
+        except KeyspaceError:
+            return DAMAGED
+    return state
+
+
+def shard_file_state(path: Path, sha256: str | None) -> str:
+    """OK, MISSING or DAMAGED: the sha256, then the kept keys present and finite."""
+    state, data = _read_state(path, sha256)
+    if state == OK:
+        try:
+            keys = parse_tensors(data, path, "").get("keys")
+        except KeyspaceError:
+            return DAMAGED
+        if keys is None or not bool(torch.isfinite(keys.float()).all()):
+            return DAMAGED
+    return state
+
+
 def _parse_json(path: Path) -> tuple[object, str | None]:
     """(document, None) or (None, why it cannot be read)."""
     try:

@@ -139,6 +139,10 @@ def test_coordinates_beyond_d_max_are_never_chosen():
     assert picked[..., 5:].sum() == 0 and (picked.sum(-1) == 3).all()
     with pytest.raises(ValueError, match="d_max"):
         inputs(2, r=6, d_max=5)
+    direct = inputs(2, r=3, d_max=5)
+    direct.d_max = 2  # LayerInputs built by hand: the method checks too
+    with pytest.raises(ValueError, match="exceeds d_max"):
+        ADAPTIVE(direct)
 
 
 @pytest.mark.parametrize(

@@ -46,18 +46,26 @@ def coordinate_weights(inp: LayerInputs, query_t: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def chosen_coordinates(inp: LayerInputs) -> torch.Tensor:
-    """The coordinates each query row scores on: a 0/1 mask (B, Hq, T, D) with dims[h] ones."""
+def rotated_query(inp: LayerInputs) -> torch.Tensor:
+    """q~ = B q (B: the query transform, or the key transform of an orthonormal basis): (B, Hq, T, D)."""
     if inp.basis is None or inp.dims is None:
         raise ValueError("loki-adaptive needs a basis and d")
-    query_t = rotate(inp.query, inp.basis if inp.query_basis is None else inp.query_basis)
+    if inp.d_max is not None and int(inp.dims.max()) > inp.d_max:
+        raise ValueError(f"r={int(inp.dims.max())} exceeds d_max={inp.d_max}")
+    return rotate(inp.query, inp.basis if inp.query_basis is None else inp.query_basis)
+
+
+def chosen_coordinates(inp: LayerInputs, query_t: torch.Tensor | None = None) -> torch.Tensor:
+    """The coordinates each query row scores on: a 0/1 mask (B, Hq, T, D) with dims[h] ones."""
+    query_t = rotated_query(inp) if query_t is None else query_t
     return top_coordinates(coordinate_weights(inp, query_t), inp.dims).to(query_t.dtype)
 
 
 def adaptive_scores(inp: LayerInputs) -> torch.Tensor:
     """q~·k~ over each row's chosen coordinates: (B, Hq, T, S)."""
-    query_t = rotate(inp.query, inp.basis if inp.query_basis is None else inp.query_basis)
-    return (query_t * chosen_coordinates(inp)) @ rotate(inp.key, inp.basis).transpose(-1, -2)
+    query_t = rotated_query(inp)
+    picked = chosen_coordinates(inp, query_t)  # [B, Hq, T, D]
+    return (query_t * picked) @ rotate(inp.key, inp.basis).transpose(-1, -2)
 
 
 def loki_adaptive(inp: LayerInputs) -> torch.Tensor:

@@ -280,10 +280,11 @@ def test_from_run_of_a_folder_that_is_no_analyzed_run(tmp_path, tiny_run):
 
 
 def readme_example() -> str:
-    """The README's one Python block."""
+    """The README's Python block that attaches Loki to a model."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 1, "README.md should hold exactly one ```python block"
-    return blocks[0]
+    found = [block for block in blocks if ".attach(model)" in block]
+    assert len(found) == 1, "README.md should hold one ```python block with loki.attach(model)"
+    return found[0]
 
 
 def test_readme_example_runs_as_written(tiny_run, monkeypatch, capsys):

@@ -445,7 +445,14 @@ def test_calibration_window_note_only_for_query_aware_loki_beyond_the_window(
 
     from keyspace.validate.inputs import calibration_window_note
 
-    manifest = {"model": {"spec": "m"}, "dataset": {"spec": "c.txt"}, "window": 64, "tokens": 256}
+    manifest = SimpleNamespace(
+        model_spec="m",
+        dataset_spec="c.txt",
+        dataset_split=None,
+        window=64,
+        tokens=256,
+        max_tokens=None,
+    )  # the fields of runfolder.manifest.Manifest that collect_again reads
     run = SimpleNamespace(manifest=manifest, path="runs/r", window=64)
     inputs = SimpleNamespace(bases=bases, methods=methods, tasks=tasks, run=run)
     config = SimpleNamespace(task_lengths=task_lengths, passkey_lengths=passkey_lengths)

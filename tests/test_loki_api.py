@@ -181,6 +181,7 @@ def test_bad_tensors_are_keyspace_errors():
     assert loki.layer_dims == [4, 8] and loki.k == 0.125 and loki.budget is None
     per_head = Loki.from_tensors(basis, torch.tensor([[2, 5], [3, 1]]))
     assert per_head.layer_dims == [5, 3]  # a layer splits at the largest d of its heads
+    assert "d=1..5, k=0.125" in repr(per_head)
     assert per_head.cache().layers[0].d == 5
     assert per_head.static_cache(None, capacity=8).layers[1].d == 3
     with pytest.raises(KeyspaceError, match="max_new_tokens"):

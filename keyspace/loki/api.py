@@ -81,6 +81,17 @@ class Loki:
                 f"{err}.", "Pass k=0.125 (a fraction of the context) or budget=2048 (tokens)."
             ) from None
 
+    def __repr__(self) -> str:
+        layers, kv_heads, dim, _ = self.basis.shape
+        low, high = int(self.dims.min()), self.d_max
+        budget = f"k={self.k:g}" if self.budget is None else f"budget={self.budget}"
+        kind = "query-aware" if self.query_basis is not None else "orthonormal"
+        return (
+            f"Loki({layers} layers x {kv_heads} KV heads, D={dim}, {kind} basis,"
+            f" d={low if low == high else f'{low}..{high}'}, {budget},"
+            f" group_select={self.group_select})"
+        )
+
     # --- construction -------------------------------------------------------------------------
 
     @classmethod

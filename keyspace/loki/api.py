@@ -253,7 +253,8 @@ class Loki:
         input_ids' device, as `model.generate` returns (but never stopping early at EOS).
 
         On CUDA the static cache and the CUDA-graph `DecodeLoop` (`settings`: its
-        DecodeLoopSettings); elsewhere the same tokens through `LokiCache`."""
+        DecodeLoopSettings), whose budget is rounded up to the end of each length bucket
+        (`keyspace.loki.graphs`; bucket=1 keeps the exact rule); elsewhere `LokiCache`."""
         self.check_model(model)
         if input_ids.dim() != 2 or input_ids.shape[1] < 1 or max_new_tokens < 1:
             raise KeyspaceError(

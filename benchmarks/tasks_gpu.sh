@@ -28,7 +28,7 @@ GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 export PYTHONUNBUFFERED=1 KEYSPACE_HOME=/tmp/ks KEYSPACE_WIKITEXT_DIR=$PWD/.gpu/wt
 mkdir -p /tmp/site
 python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/gguf-*.whl
-for pair in typer:typer rich:rich seaborn:seaborn; do
+for pair in typer:typer rich:rich seaborn:seaborn markdown_it:markdown_it_py mdurl:mdurl shellingham:shellingham; do
   python3 -c "import ${pair%%:*}" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/${pair##*:}-*.whl
 done
 export PYTHONPATH=$PWD:/tmp/site

@@ -176,3 +176,21 @@ def test_single_threaded_restores_thread_count():
         assert torch.get_num_threads() == 1
         raise RuntimeError("body failed")
     assert torch.get_num_threads() == before
+
+
+def test_analyze_refuses_to_write_a_nan_calibration(tmp_path, monkeypatch):
+    """Whatever produced it, a calibration that is not finite is never written."""
+    from keyspace.analyze import pca
+
+    run = synthetic_run(tmp_path / "run", layers=2, heads=2)
+    real = pca.calibration_of
+
+    def with_nan(analysis):
+        calibration = real(analysis)
+        calibration.components["post"][1, 0, 2, 3] = float("nan")
+        return calibration
+
+    monkeypatch.setattr(pca, "calibration_of", with_nan)
+    with pytest.raises(KeyspaceError, match=r"post.components of layer 1, KV head 0"):
+        analyze_and_write(run)
+    assert not (run / "ranks.json").exists() and not list(run.glob("calibration*"))

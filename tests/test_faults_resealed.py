@@ -469,3 +469,25 @@ def test_resume_repairs_a_resealed_nan(name, world, tmp_path):
     assert result.repairs and all("damaged" in repair for repair in result.repairs)
     assert (run / name).read_bytes() == (world["run"] / name).read_bytes()
     assert [f.path for f in verify_run(run).bad] in ([], [RANKS])  # ranks: stale only if resealed
+
+
+def test_manifest_reads_and_writes_back_byte_identical(world, tmp_path):
+    """Old run folders keep opening: the typed Manifest gives back the document it read, key
+    order and uninterpreted fields included, so rewriting a manifest changes no byte."""
+    from dataclasses import replace
+
+    from keyspace.runfolder.manifest import Manifest
+    from keyspace.runfolder.store import RunFolder, write_manifest
+
+    run = Path(shutil.copytree(world["run"], tmp_path / "run"))
+    original = (run / MANIFEST).read_bytes()
+    manifest = RunFolder.open(run).manifest
+    doc = json.loads(original)
+    assert manifest.to_json() == {k: v for k, v in doc.items() if k != "content_sha256"}
+    assert list(manifest.to_json()) == [k for k in doc if k != "content_sha256"]
+    write_manifest(run, manifest)
+    assert (run / MANIFEST).read_bytes() == original
+    assert Manifest.from_json(manifest.to_json(), run / MANIFEST) == manifest
+    edited = replace(manifest, dataset_split="valid")
+    assert edited.to_json()["dataset"]["split"] == "valid"
+    assert edited.to_json()["dataset"]["corpus_sha256"] == doc["dataset"]["corpus_sha256"]

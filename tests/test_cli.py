@@ -109,3 +109,42 @@ def test_bare_keyspace_still_shows_the_help():
     out = keyspace_process()
     assert out.returncode == 2 and "Usage" in out.stdout + out.stderr and "validate" in out.stdout
     assert keyspace_process("validate", "--help").returncode == 0
+
+
+# ---- Ctrl-C and SIGTERM: one line, exit 130 / 143, never swallowed --------------------------
+
+STOPPABLE = """
+import sys, time
+import keyspace.analyze.pca as stage
+
+def analyze_and_write(run, config):
+    import torch  # a heavy import, as a real command makes
+    print("ready", flush=True)
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        if {swallow}:  # a library that swallows it: the command goes on and returns
+            return None
+        raise
+
+stage.analyze_and_write = analyze_and_write
+sys.argv = ["keyspace", "analyze", "some-run"]
+from keyspace.cli.main import main
+main()
+"""
+
+
+@pytest.mark.parametrize("swallow", [False, True])
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_a_stop_signal_is_one_line_and_its_exit_code(signum, code, swallow):
+    script = STOPPABLE.format(swallow=swallow)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    lines = err.strip().splitlines()
+    assert proc.returncode == code, err
+    assert len(lines) == 1 and lines[0].startswith("Interrupted: stopped before finishing."), err
+    assert "Hint: " in lines[0]

@@ -78,3 +78,50 @@ def test_a_row_that_does_not_fit_the_model_is_a_clear_error():
     model.config.model_type = "bert"
     with pytest.raises(KeyspaceError, match="bert is not supported"):
         compiled_slots(model)
+
+
+# ---- the model cache: reading a warm one takes no lock; an unwritable one is one clear error ---
+
+
+def test_a_warm_alias_cache_loads_without_the_lock(tmp_path, monkeypatch):
+    """A read-only shared cache (clusters): nothing to fetch or convert, so no lock file."""
+    import hashlib
+
+    from keyspace.models import loading
+
+    home = tmp_path / "home"
+    gguf = home / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"GGUF stand-in")
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    converted = save_tiny_model(home / "converted" / digest[:16])
+    (converted / loading.CONVERTED_MARKER).write_text("{}")
+    monkeypatch.setenv("KEYSPACE_HOME", str(home))
+
+    def no_lock():
+        raise AssertionError("a warm cache took the lock")
+
+    monkeypatch.setattr(loading, "_home_lock", no_lock)
+    loaded = load_model("smollm2-135m")
+    assert loaded.identity == f"gguf:{digest}"
+    assert not (home / ".lock-models").exists()
+
+
+def test_a_cold_cache_that_cannot_be_locked_is_one_error_naming_the_lock(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("a file where KEYSPACE_HOME's folder should be")
+    monkeypatch.setenv("KEYSPACE_HOME", str(tmp_path / "file" / "home"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF stand-in")
+    with pytest.raises(KeyspaceError, match=r"cannot lock .*\.lock-models") as caught:
+        load_model(str(tmp_path / "m.gguf"))
+    assert "KEYSPACE_HOME" in caught.value.hint
+
+
+def test_hub_retries_are_quiet_while_loading_and_logging_comes_back():
+    import logging
+
+    from keyspace.models.loading import _quiet_hub_retries
+
+    retries = logging.getLogger("huggingface_hub.utils._http")
+    with _quiet_hub_retries():
+        assert not retries.isEnabledFor(logging.WARNING)
+    assert retries.isEnabledFor(logging.WARNING)

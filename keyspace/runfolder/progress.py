@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from keyspace.errors import KeyspaceError
-from keyspace.runfolder.store import KINDS, progress_path, seal_problem
+from keyspace.errors import FileSystemError, KeyspaceError
+from keyspace.runfolder.store import KINDS, progress_path, read_regular, seal_problem
 
 
 def rank_chunks(n_windows: int, rank: int, world: int, shard_windows: int) -> list[list[int]]:
@@ -70,13 +71,15 @@ def _shard_ok(shard: object, chunks_done: int) -> bool:
 def read_progress(out: Path, rank: int, chunks_total: int | None = None) -> dict | None:
     """A rank's progress file, parsed and checked; None when it has none. Raises KeyspaceError."""
     path = progress_path(out, rank)
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        progress = json.loads(path.read_bytes())
+        progress = json.loads(read_regular(path))  # a link, FIFO or device: refused, not read
         problem = seal_problem(progress) or _progress_problem(progress, chunks_total)
-    except OSError as err:
-        problem = err.strerror or str(err)
+    except FileSystemError as err:
+        problem = err.cause
+    except KeyspaceError as err:
+        problem = f"it {err.message.removeprefix(f'{path} ').rstrip('.')}"
     except ValueError as err:
         problem = f"it is not valid JSON ({err})"
     if problem:

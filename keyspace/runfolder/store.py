@@ -36,6 +36,7 @@ from keyspace.runfolder.files import content_checksum as content_checksum
 from keyspace.runfolder.files import file_state as file_state
 from keyspace.runfolder.files import parse_tensors as parse_tensors
 from keyspace.runfolder.files import read_file as read_file
+from keyspace.runfolder.files import read_regular as read_regular
 from keyspace.runfolder.files import read_verified as read_verified
 from keyspace.runfolder.files import save_tensors as save_tensors
 from keyspace.runfolder.files import seal_problem as seal_problem
@@ -186,9 +187,11 @@ def shard_file_state(path: Path, sha256: str | None) -> str:
 def _parse_json(path: Path) -> tuple[object, str | None]:
     """(document, None) or (None, why it cannot be read)."""
     try:
-        return json.loads(path.read_bytes()), None
-    except OSError as err:
-        return None, f"it cannot be read ({FileSystemError(path, err, 'read').cause})"
+        return json.loads(read_regular(path)), None
+    except FileSystemError as err:
+        return None, f"it cannot be read ({err.cause})"
+    except KeyspaceError as err:  # a link, a FIFO, a device: refused before a byte is read
+        return None, f"it {err.message.removeprefix(f'{path} ').rstrip('.')}"
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         return None, f"it is not valid JSON ({err})"
 

@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 
 from keyspace.errors import KeyspaceError
 from keyspace.reports.validate_report import write_validate_report
-from keyspace.runfolder.store import write_json_atomic
+from keyspace.runfolder.store import read_regular, write_json_atomic
 
 VALIDATE_JSON = "validate.json"
 
@@ -150,7 +150,7 @@ def read_validate_json(path: str | Path, hint: str) -> dict:
     file and the field otherwise. `hint`: the validate command that writes it again."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(read_regular(path, hint))  # a FIFO or a link: refused, not read
     except OSError as err:
         raise KeyspaceError(f"{path} cannot be read ({err.strerror or err}).", hint) from None
     except ValueError as err:

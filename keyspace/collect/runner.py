@@ -103,31 +103,34 @@ def _get(d: dict, dotted: str) -> Any:
     return d
 
 
-def _check_out_folder(cfg: CollectConfig) -> dict | None:
-    """Return the existing manifest (resume) or None (new run); refuse anything else.
+def _check_out_folder(cfg: CollectConfig) -> tuple[dict | None, str | None]:
+    """(the existing manifest (resume) or None (new run), the repair made); refuse anything else.
 
-    With --resume, a damaged or deleted manifest is rebuilt from the copy in rank 0's progress.
+    With --resume, a damaged or deleted manifest is rebuilt from the copy in rank 0's progress;
+    the repair says so (collect prints it as a `Repaired:` line).
     """
+    repair = None
     if (cfg.out / MANIFEST).exists() or progress_path(cfg.out, 0).is_file():
         try:
             existing = RunFolder.open(cfg.out).manifest.to_json()
-        except KeyspaceError:
+        except KeyspaceError as err:
             existing = unverified_manifest(cfg.out)  # rebuilt by finalizing again
             if not cfg.resume or existing is None:
                 raise
+            repair = f"{err.message.rstrip('.')}; rebuilt from the copy kept with the progress."
         if not cfg.resume:
             raise KeyspaceError(
                 f"{cfg.out} already holds a run (state={existing.get('state')}).",
                 "Pass --resume to continue it, or choose another --out.",
             )
-        return existing
+        return existing, repair
     leftovers = [p for p in cfg.out.iterdir() if not is_lock_file(p)] if cfg.out.is_dir() else []
     if leftovers:
         raise KeyspaceError(
             f"{cfg.out} is not empty and holds no keyspace run.",
             "Choose a new or empty --out folder.",
         )
-    return None
+    return None, None
 
 
 def _check_resume(existing: dict, fresh: dict) -> None:
@@ -267,14 +270,16 @@ def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> Collec
     Ctrl-C raises `Interrupted` and a failed write a `FileSystemError`, each saying how to resume.
     """
     dist = Dist.from_env()
-    existing = _check_out_folder(cfg)
+    existing, repair = _check_out_folder(cfg)
     if cfg.capture is None:  # a new run records both; a resumed one what it recorded
         cfg = replace(cfg, capture=run_capture(existing) if existing is not None else CAPTURES)
     check_writable(cfg.out)
     try:
         try:
             with FolderLock(cfg.out, dist.rank):
-                return _collect(cfg, existing, dist, on_progress)
+                result = _collect(cfg, existing, dist, on_progress)
+                result.repairs[:0] = [repair] if repair else []
+                return result
         except OSError as err:  # one that escaped the write boundary (a read, a lock)
             raise FileSystemError(err.filename or cfg.out, err) from None
     except KeyboardInterrupt:

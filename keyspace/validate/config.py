@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyspace.errors import KeyspaceError
-from keyspace.options import option, parse_positive_ints
+from keyspace.options import ABSURD, option, parse_int_fields, parse_positive_ints
 
 Log = Callable[[str], None]
 # `keyspace.tasks.HAYSTACKS`, spelled out for the same reason (tests check they agree).
@@ -55,16 +55,25 @@ class ValidateConfig:
         "--dataset", "wikitext, pydoc, a .txt file or folder. Default: WikiText-2 test, else pydoc."
     )
     split: str = option("--split", "Split for wikitext.", "test")
-    max_tokens: int = option("--max-tokens", "Evaluation tokens (whole windows) per method.", 2048)
-    window: int = option("--window", "Tokens per evaluation window.", 1024)
+    max_tokens: int = option(
+        "--max-tokens", "Evaluation tokens (whole windows) per method.", 2048, bounds=(1, ABSURD)
+    )
+    window: int = option("--window", "Tokens per evaluation window.", 1024, bounds=(2, 1 << 20))
     recall_windows: int = option(
-        "--recall-windows", "Windows used for the recall-vs-rank study (0: skip).", 1
+        "--recall-windows",
+        "Windows used for the recall-vs-rank study (0: skip).",
+        1,
+        bounds=(0, 1 << 20),
     )
     decode_prompts: int = option(
-        "--decode-prompts", "Prompts for the real-decoding check (0: skip).", 2
+        "--decode-prompts", "Prompts for the real-decoding check (0: skip).", 2, bounds=(0, 1 << 20)
     )
-    decode_prompt_tokens: int = option("--decode-prompt-tokens", "Tokens per decode prompt.", 128)
-    decode_tokens: int = option("--decode-tokens", "Greedy tokens generated per prompt.", 16)
+    decode_prompt_tokens: int = option(
+        "--decode-prompt-tokens", "Tokens per decode prompt.", 128, bounds=(1, 1 << 20)
+    )
+    decode_tokens: int = option(
+        "--decode-tokens", "Greedy tokens generated per prompt.", 16, bounds=(1, 1 << 20)
+    )
     passkey_lengths: tuple[int, ...] = option(
         "--passkey-lengths",
         "Passkey prompt lengths, e.g. 2048,8192 (empty: skip).",
@@ -72,7 +81,10 @@ class ValidateConfig:
         cli_type=str,
     )
     passkey_count: int = option(
-        "--passkey-count", "Passkey prompts per length (depths spread evenly).", 2
+        "--passkey-count",
+        "Passkey prompts per length (depths spread evenly).",
+        2,
+        bounds=(1, 1 << 20),
     )
     tasks: str = option(
         "--tasks",
@@ -85,9 +97,14 @@ class ValidateConfig:
         (2048, 4096),
         cli_type=str,
     )
-    task_count: int = option("--task-count", "Prompts per task and length.", 10)
+    task_count: int = option(
+        "--task-count", "Prompts per task and length.", 10, bounds=(1, 1 << 20)
+    )
     task_batch: int = option(
-        "--task-batch", "Task prompts decoded together (a cell's prompts share one length).", 8
+        "--task-batch",
+        "Task prompts decoded together (a cell's prompts share one length).",
+        8,
+        bounds=(1, 1 << 16),
     )
     task_haystack: str = option(
         "--task-haystack",
@@ -102,8 +119,11 @@ class ValidateConfig:
 
     def __post_init__(self) -> None:
         self.run = Path(self.run)
-        self.passkey_lengths = parse_positive_ints(self.passkey_lengths, "--passkey-lengths")
-        self.task_lengths = parse_positive_ints(self.task_lengths, "--task-lengths")
+        parse_int_fields(self)
+        self.passkey_lengths = parse_positive_ints(
+            self.passkey_lengths, "--passkey-lengths", 1 << 24
+        )
+        self.task_lengths = parse_positive_ints(self.task_lengths, "--task-lengths", 1 << 24)
         self._check_tasks()
         if self.gqa_select not in ("head", "group"):
             raise KeyspaceError(
@@ -120,20 +140,9 @@ class ValidateConfig:
                 f"--basis must be key, query-aware or both, got {self.basis!r}.",
                 "Use --basis key (default, the paper), query-aware, or key,query-aware.",
             )
-        for name in ("max_tokens", "window", "passkey_count", "decode_tokens"):
-            self._check_at_least(name, 1, "Give a positive integer.")
-        self._check_at_least("decode_prompt_tokens", 1, "Give a positive integer.")
-        for name in ("recall_windows", "decode_prompts"):
-            self._check_at_least(name, 0, "Use 0 to skip.")
-        if self.window < 2:
-            raise KeyspaceError("--window must be at least 2.", "Try --window 1024.")
         self._check_device()
 
     def _check_tasks(self) -> None:
-        self._check_at_least("task_count", 1, "Give a positive integer.")
-        self._check_at_least(
-            "task_batch", 1, "Give a positive integer; 1 decodes one prompt at a time."
-        )
         if self.tasks.strip() and not self.task_lengths:
             raise KeyspaceError("--task-lengths is empty.", "Example: --task-lengths 2048,4096.")
         if self.task_haystack not in TASK_HAYSTACKS and not Path(self.task_haystack).exists():
@@ -146,11 +155,6 @@ class ValidateConfig:
     def bases(self) -> tuple[str, ...]:
         """`--basis` as names, each once, in the order given."""
         return tuple(dict.fromkeys(p.strip() for p in self.basis.split(",") if p.strip()))
-
-    def _check_at_least(self, name: str, low: int, hint: str) -> None:
-        if getattr(self, name) < low:
-            flag = f"--{name.replace('_', '-')}"
-            raise KeyspaceError(f"{flag} must be {'positive' if low else '0 or more'}.", hint)
 
     def _check_device(self) -> None:
         if not self.device.startswith("cuda"):

@@ -11,6 +11,7 @@ import torch
 from keyspace.errors import KeyspaceError
 from keyspace.loki import METHODS, get_method
 from keyspace.loki.methods import default_methods
+from keyspace.options import parse_int
 from keyspace.runfolder.store import RANKS
 from keyspace.tasks import DEFAULT_TASKS, TASKS
 
@@ -139,17 +140,8 @@ def parse_d(
                 ) from None
             choices.append(DChoice(part, ranks_at(ranks, kind, tau).clamp(min=1)))
             continue
-        if not part.isdigit():
-            raise KeyspaceError(
-                f"--d {part!r} is not an integer or auto:τ.",
-                "Examples: --d 32, --d 16,32,64, --d auto:0.9.",
-            )
-        d = int(part)
-        if not 1 <= d <= head_dim:
-            raise KeyspaceError(
-                f"--d {d} is outside [1, head_dim={head_dim}].", f"Pick d between 1 and {head_dim}."
-            )
-        choices.append(DChoice(part, torch.full(shape, d, dtype=torch.long)))
+        d = parse_int(part, "--d", 1, head_dim, words="auto:τ")
+        choices.append(DChoice(str(d), torch.full(shape, d, dtype=torch.long)))
     return choices
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_sweep_writes_validate_json_and_report(synthetic):
     assert doc == json.loads((out / "validate.json").read_text())
     written = {p.name for p in out.iterdir()}
     assert {"validate.html", "validate_pareto-window.png", "validate_pareto-row.png"} <= written
-    assert any(n.startswith("validate_recall_vs_rank-") for n in written)
+    assert any(n.startswith("validate_recall_vs_key_rank-") for n in written)
     assert any(n.startswith("validate_recall_per_layer-") for n in written)
     rows = doc["results"]
     assert {r["method"] for r in rows} == {
@@ -234,9 +235,9 @@ def test_tasks_write_one_row_per_method_setting_task_and_length(synthetic):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--d", "17"], "outside [1, head_dim=16]"),
-        (["--d", "0"], "outside [1, head_dim=16]"),
-        (["--d", "x"], "not an integer or auto"),
+        (["--d", "17"], "--d must be a whole number from 1 to 16, or auto:τ"),
+        (["--d", "0"], "--d must be a whole number from 1 to 16"),
+        (["--d", "x"], "--d must be a whole number from 1 to 16"),
         (["--k", "0"], "outside (0, 1]"),
         (["--k", "1.5"], "outside (0, 1]"),
         (["--d", "auto:0.8"], "no post ranks at τ=0.8"),
@@ -246,17 +247,20 @@ def test_tasks_write_one_row_per_method_setting_task_and_length(synthetic):
         (["--gqa-select", "all"], "--gqa-select must be head or group"),
         (["--basis", "magic"], "--basis must be key, query-aware or both"),
         (["--basis", "key,magic"], "--basis must be key, query-aware or both"),
-        (["--recall-windows", "-1"], "--recall-windows must be 0 or more"),
+        (["--recall-windows", "-1"], "--recall-windows must be a whole number from 0 to"),
         (["--decode-prompts", "3"], "3 decode prompts of 128 tokens need 384 tokens"),
-        (["--window", "1"], "--window must be at least 2"),
+        (["--window", "1"], "--window must be a whole number from 2 to"),
         (["--passkey-lengths", "99999"], "exceeds the model's limit of 512"),
-        (["--passkey-lengths", "2k"], "comma list of positive integers"),
+        (["--passkey-lengths", "2k"], "--passkey-lengths must be a whole number from 1 to"),
         (["--tasks", "niah,magic"], "unknown --tasks value 'magic'"),
         (["--tasks", "niah", "--task-lengths", "1024"], "1024 exceeds the model's limit of 512"),
         (["--tasks", "default", "--task-lengths", "96"], "too short for niah-uuid"),
-        (["--tasks", "niah", "--task-lengths", "0"], "comma list of positive integers"),
+        (
+            ["--tasks", "niah", "--task-lengths", "0"],
+            "--task-lengths must be a whole number from 1",
+        ),
         (["--task-haystack", "nowhere"], "--task-haystack 'nowhere' is not filler"),
-        (["--task-count", "0"], "--task-count must be positive"),
+        (["--task-count", "0"], "--task-count must be a whole number from 1 to"),
     ],
 )
 def test_bad_input_is_one_error_line_with_exit_code_2(synthetic, args, message):
@@ -292,13 +296,12 @@ def test_calibration_identity_must_match_the_run(synthetic, tmp_path):
     import shutil
 
     from keyspace.analyze.pca import write_ranks
-    from keyspace.runfolder.analysis import read_ranks
-    from keyspace.runfolder.calibration import load_calibration
+    from keyspace.runfolder.analysis import read_calibration, read_ranks
 
     root, run = synthetic
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    calibration = load_calibration(copy / "calibration.safetensors")
+    calibration = read_calibration(copy)
     calibration.metadata["model_identity"] = "gguf:another-model"
     ranks = read_ranks(copy)
     ranks["calibration_sha256"] = calibration.save(copy / "calibration.safetensors")
@@ -373,3 +376,92 @@ def test_no_speed_skips_both_timings(synthetic, monkeypatch, flag, timed):
     speed = json.loads((out / "validate.json").read_text())["speed"]
     assert calls == (["speed", "decode"] if timed else [])
     assert speed["measured"] is None and speed["decode"] is None
+
+
+# ---- the three promised commands, in an empty folder -------------------------------------------
+
+
+def keyspace_in(folder, *args: str):
+    """`keyspace ARGS` as a user types it, in `folder`, with nothing set up."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "keyspace", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "KEYSPACE_NO_PROGRESS": "1"},
+    )
+
+
+def test_the_three_promised_lines_run_verbatim_in_an_empty_folder(tmp_path):
+    """collect without --out, then rank-report and validate with no run: the README's tour with a
+    tiny model and corpus standing in for smollm2-135m and wikitext."""
+    from tiny_models import save_tiny_model, write_corpus
+
+    # head_dim 32 so that --d 32 is the full dimension; positions for 1024-token windows
+    model = save_tiny_model(tmp_path / "tiny", hidden_size=64, num_attention_heads=2,
+                            num_key_value_heads=1, max_position_embeddings=2048)  # fmt: skip
+    corpus = write_corpus(tmp_path / "words.txt", repeats=30)
+    home = tmp_path / "home"
+    home.mkdir()
+
+    none_yet = keyspace_in(home, "rank-report")
+    assert none_yet.returncode == 2
+    assert none_yet.stderr.startswith("Error: no run folder given")
+    assert "keyspace collect --model smollm2-135m --dataset wikitext" in none_yet.stderr
+    assert len(none_yet.stderr.strip().splitlines()) == 1
+
+    collected = keyspace_in(home, "collect", "--model", str(model), "--dataset", str(corpus),
+                            "--max-tokens", "2048")  # fmt: skip
+    assert collected.returncode == 0, collected.stderr
+    assert "runs/tiny-words" in collected.stdout
+    run = home / "runs" / "tiny-words"
+    assert json.loads((run / "manifest.json").read_text())["state"] == "complete"
+
+    reported = keyspace_in(home, "rank-report")
+    assert reported.returncode == 0, reported.stderr
+    assert "Using the most recent complete run, runs/tiny-words" in reported.stderr
+    assert "Pass RUN to pick another" in reported.stderr
+    assert (home / "reports" / "tiny-words" / "index.html").is_file()
+
+    validated = keyspace_in(home, "validate", "--d", "32", "--k", "0.125")
+    assert validated.returncode == 0, validated.stderr
+    assert "Using the most recent complete run, runs/tiny-words" in validated.stderr
+    assert "Pass --run RUN to pick another" in validated.stderr
+    assert (run / "validate" / "validate.html").is_file()
+
+
+def test_the_newest_complete_run_is_taken_and_partial_ones_are_passed_over(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from keyspace.cli.defaults import complete_runs, default_run_folder, latest_run
+    from keyspace.errors import KeyspaceError
+    from keyspace.runfolder.store import write_manifest
+
+    assert default_run_folder("smollm2-135m", "wikitext", 1024).as_posix() == (
+        "runs/smollm2-135m-wikitext"
+    )
+    assert default_run_folder("/m/tiny/", "/c/words.txt", 512).as_posix() == "runs/tiny-words-w512"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyspaceError, match="there is no runs/ folder"):
+        latest_run("RUN")
+    made = synthetic_model_run(tmp_path / "made")
+    runs = tmp_path / "runs"
+    for age, name in enumerate(("new", "old", "partial")):
+        shutil.copytree(made, runs / name)
+        os.utime(runs / name / "manifest.json", (1e9 - age, 1e9 - age))
+    (runs / "not-a-run").mkdir()
+    manifest = json.loads((runs / "partial" / "manifest.json").read_text())
+    write_manifest(runs / "partial", {**manifest, "state": "partial"})
+    os.utime(runs / "partial" / "manifest.json", (2e9, 2e9))  # newest, but partial
+    assert complete_runs() == [Path("runs/new"), Path("runs/old")]
+    run, note = latest_run("--run RUN")
+    assert run == Path("runs/new") and "newest of 2" in note and "--run RUN" in note
+    shutil.rmtree(runs / "new")
+    shutil.rmtree(runs / "old")
+    with pytest.raises(KeyspaceError, match="runs/ has no complete run"):
+        latest_run("RUN")

@@ -97,11 +97,12 @@ def test_one_row_by_hand(basis, group_select):
     got = kept(ADAPTIVE(inp))
     for head in range(Q_HEADS):
         kv = head // 2
-        heads = [2 * kv, 2 * kv + 1] if group_select else [head]
+        group = [2 * kv, 2 * kv + 1]  # the group always shares its coordinates
+        heads = group if group_select else [head]
         for row in (0, 7, T - 1):
             weight = sum(
                 (query_t[0, kv].double() @ query[0, h, row].double()).abs() * scale[0, kv]
-                for h in heads
+                for h in group
             )
             coords = weight.argsort(descending=True)[:r]
             keys_t = key[0, kv, : row + 1].double() @ key_t[0, kv].double().T  # [row+1, D]
@@ -114,13 +115,16 @@ def test_one_row_by_hand(basis, group_select):
             assert set(got[0, head, row].nonzero().flatten().tolist()) == expected
 
 
-def test_the_group_shares_one_coordinate_set():
-    """Under group select each KV head's query heads score on the same r coordinates."""
-    shared = chosen_coordinates(inputs(2, "query-aware", r=4, group_select=True))  # [B, Hq, T, D]
+@pytest.mark.parametrize("group_select", [False, True])
+def test_the_group_shares_one_coordinate_set(group_select):
+    """Each KV head's query heads score on the same r coordinates (r·S bytes per KV head, as the
+    decode kernel reads), with or without group select (which shares the token set too)."""
+    inp = inputs(2, "query-aware", r=4, group_select=group_select)
+    shared = chosen_coordinates(inp)  # [B, Hq, T, D]
     assert torch.equal(shared[:, 0], shared[:, 1]) and torch.equal(shared[:, 2], shared[:, 3])
-    assert (shared.sum(-1) == 4).all()
-    alone = chosen_coordinates(inputs(2, "query-aware", r=4, group_select=False))
-    assert not torch.equal(alone[:, 0], alone[:, 1])  # without it each head picks its own
+    assert (shared.sum(-1) == 4).all() and not torch.equal(shared[:, 0], shared[:, 2])
+    mha = chosen_coordinates(inputs(4, "query-aware", r=4, group_select=group_select))
+    assert not torch.equal(mha[:, 0], mha[:, 1])  # one head per KV head: each picks its own
 
 
 def test_sigma_steers_the_choice():

@@ -245,9 +245,33 @@ def test_from_run_reads_the_verified_calibration_and_ranks(tiny_run):
         assert torch.equal(exact.generate(model, ids, max_new_tokens=6), dense)
 
 
+def test_from_run_adaptive_carries_the_calibrations_sigma(tiny_run):
+    """select="adaptive": σ = sqrt of the key eigenvalues (key basis) or of the score eigenvalues
+    (query-aware); at r = D and k = 1 both decode the dense tokens, through attach and generate."""
+    from keyspace.runfolder.analysis import read_calibration
+
+    _, model_dir, run = tiny_run
+    calibration = read_calibration(run)
+    model, ids = loaded(model_dir), prompts(length=10)
+    dense = dense_generate(model, ids, 5)
+    spectra = {"key": calibration.eigenvalues, "query-aware": calibration.score_eigenvalues}
+    for basis, eigenvalues in spectra.items():
+        loki = Loki.from_run(run, d=32, k=1.0, basis=basis, select="adaptive")
+        assert loki.select == "adaptive" and loki.d_max == 32
+        torch.testing.assert_close(loki.key_scale, eigenvalues["post"].clamp_min(0).sqrt())
+        with loki.attach(model):
+            assert torch.equal(dense_generate(model, ids, 5), dense)
+        assert torch.equal(loki.generate(model, ids, max_new_tokens=5), dense)
+    narrow = Loki.from_run(run, d=4, budget=3, select="adaptive", d_max=8)
+    assert narrow.cache().layers[0].sigma.shape == (narrow.basis.shape[1], 8)
+    assert Loki.from_run(run, d=4).key_scale is None  # fixed d carries no σ
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message", "hint"),
     [
+        ({"select": "both"}, "select must be one of", "adaptive"),
+        ({"d": 8, "select": "adaptive", "d_max": 4}, "d_max must be an int in", "d_max"),
         ({"d": "auto:0.42"}, "no post rank_at at τ=0.42", "--threshold 0.42"),
         ({"d": "auto:x"}, "not an integer or auto", "auto:0.9"),
         ({"d": 64}, "d must be in", "between 1 and 32"),

@@ -9,6 +9,11 @@ A `Loki` holds the basis and the budget, never a model: `attach` gives each `gen
 fresh `LokiCache`; `generate` runs the static cache and the CUDA-graph `DecodeLoop` on CUDA and
 the same tokens through `LokiCache` on the CPU; `cache` and `static_cache` build caches for the
 studies (validate, tasks, bench).
+
+`select="adaptive"` scores each step on r (= d) coordinates chosen from the query, the r largest
+Σ_group |q~_j|·σ_j among the first d_max (`keyspace.loki.adaptive_cache`), instead of the first d:
+
+    loki = Loki.from_run("runs/smollm2", d=16, k=0.125, select="adaptive")
 """
 
 from __future__ import annotations
@@ -21,18 +26,26 @@ from pathlib import Path
 
 import torch
 
-from keyspace.errors import KeyspaceError, shell_command
+from keyspace.errors import KeyspaceError
+from keyspace.loki.adaptive_cache import AdaptiveLokiCache, StaticAdaptiveLokiCache
 from keyspace.loki.cache import LokiCache
 from keyspace.loki.core import Budget
 from keyspace.loki.decode import batch_greedy, cache_kwargs, loki_decoding
+from keyspace.loki.from_run import (
+    BASES,
+    KINDS,
+    SELECTS,
+    check_choice,
+    dims_tensor,
+    key_scales,
+    open_calibration,
+    run_dims,
+    transforms,
+)
 from keyspace.loki.graphs import DecodeLoop, DecodeLoopSettings, bucket_end
 from keyspace.loki.static_cache import StaticLokiCache
 from keyspace.models.arch import head_geometry
-from keyspace.runfolder.analysis import analyze_hint, queries_hint, read_calibration, read_ranks
-from keyspace.runfolder.store import RunFolder, ranks_path
 
-BASES = ("key", "query-aware")
-KINDS = ("pre", "post")
 DEFAULT_K = 0.125
 
 
@@ -46,6 +59,10 @@ class Loki:
     budget:      ... or tokens each step attends (exactly one of k and budget)
     group_select: under GQA, one token set per KV head (summed group scores)
     query_basis: (layers, kv_heads, D, D) query transform B (q~ = B q), or None for B = A
+    select:      "fixed" (score on the first d coordinates, the paper) or "adaptive" (on the r = d
+                 coordinates of the largest Σ_group |q~_j|·σ_j among the first d_max, per step)
+    d_max:       coordinates the adaptive choice picks from (None: D); at least every d
+    key_scale:   (layers, kv_heads, D) σ per basis coordinate, or None (σ = 1); read by "adaptive"
     """
 
     basis: torch.Tensor
@@ -54,6 +71,9 @@ class Loki:
     budget: int | None = None
     group_select: bool = False
     query_basis: torch.Tensor | None = None
+    select: str = "fixed"
+    d_max: int | None = None
+    key_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         fix = "Build it with Loki.from_run(run, ...) or Loki.from_tensors(basis, d, ...)."
@@ -68,7 +88,7 @@ class Loki:
         if (
             tuple(self.dims.shape) != shape[:2]
             or int(self.dims.min()) < 1
-            or self.d_max > shape[-1]
+            or self.largest_d > shape[-1]
         ):
             raise KeyspaceError(
                 f"d must be in [1, {shape[-1]}] per (layer, KV head) {shape[:2]}.",
@@ -80,16 +100,43 @@ class Loki:
             raise KeyspaceError(
                 f"{err}.", "Pass k=0.125 (a fraction of the context) or budget=2048 (tokens)."
             ) from None
+        self._check_adaptive(shape)
+
+    def _check_adaptive(self, shape: tuple[int, ...]) -> None:
+        check_choice("select", self.select, SELECTS)
+        d_max = shape[-1] if self.d_max is None else self.d_max
+        if (
+            isinstance(d_max, bool)
+            or not isinstance(d_max, int)
+            or not (self.largest_d <= d_max <= shape[-1])
+        ):
+            raise KeyspaceError(
+                f"d_max must be an int in [{self.largest_d}, {shape[-1]}] (the largest d to D),"
+                f" got {self.d_max!r}.",
+                "Leave d_max out (all D coordinates) or pass one at least as large as d.",
+            )
+        object.__setattr__(self, "d_max", d_max)
+        scale = self.key_scale
+        if scale is not None and (
+            tuple(scale.shape) != shape[:3] or not bool(torch.isfinite(scale).all())
+            or bool((scale < 0).any())
+        ):  # fmt: skip
+            raise KeyspaceError(
+                f"key_scale must be finite and >= 0, of shape {shape[:3]} (layers, kv_heads, D),"
+                f" got {tuple(scale.shape)}.",
+                "Pass the sqrt of the calibration's eigenvalues, or None (σ = 1).",
+            )
 
     def __repr__(self) -> str:
         layers, kv_heads, dim, _ = self.basis.shape
-        low, high = int(self.dims.min()), self.d_max
+        low, high = int(self.dims.min()), self.largest_d
         budget = f"k={self.k:g}" if self.budget is None else f"budget={self.budget}"
         kind = "query-aware" if self.query_basis is not None else "orthonormal"
         return (
             f"Loki({layers} layers x {kv_heads} KV heads, D={dim}, {kind} basis,"
             f" d={low if low == high else f'{low}..{high}'}, {budget},"
-            f" group_select={self.group_select})"
+            f" group_select={self.group_select}"
+            + (f", select=adaptive, d_max={self.d_max})" if self.select == "adaptive" else ")")
         )
 
     # --- construction -------------------------------------------------------------------------
@@ -103,17 +150,23 @@ class Loki:
         query_basis: torch.Tensor | None = None,
         group_select: bool = False,
         budget: int | None = None,
+        select: str = "fixed",
+        d_max: int | None = None,
+        key_scale: torch.Tensor | None = None,
     ) -> Loki:
         """From your own basis (layers, kv_heads, D, D); d an int, one per layer, or one per
-        (layer, KV head). k defaults to 0.125 unless a token `budget` is given."""
+        (layer, KV head). k defaults to 0.125 unless a token `budget` is given. select, d_max and
+        key_scale (layers, kv_heads, D): as the fields."""
         if basis.dim() != 4:
             raise KeyspaceError(
                 f"basis must be (layers, kv_heads, D, D), got {tuple(basis.shape)}.",
                 "Stack one (D, D) transform per (layer, KV head), rows as directions.",
             )
-        dims = _dims_tensor(d, tuple(basis.shape[:2]))
+        dims = dims_tensor(d, tuple(basis.shape[:2]))
         k = DEFAULT_K if k is None and budget is None else k
-        return cls(basis, dims, k, budget, bool(group_select), query_basis)
+        return cls(
+            basis, dims, k, budget, bool(group_select), query_basis, select, d_max, key_scale
+        )
 
     @classmethod
     def from_run(
@@ -125,39 +178,34 @@ class Loki:
         kind: str = "post",
         group_select: bool = False,
         budget: int | None = None,
+        select: str = "fixed",
+        d_max: int | None = None,
     ) -> Loki:
         """From the verified calibration of an analyzed run folder.
 
         d: an int, or "auto:τ" (per head, the rank at explained variance τ from the run's ranks; under
         the query-aware basis, of the score spectrum). basis: "key" (the paper's PCA of the keys)
         or "query-aware" (needs a run collected with queries). kind: the "post"- or "pre"-RoPE
-        calibration. k defaults to 0.125 unless a token `budget` is given."""
-        _check_choice("basis", basis, BASES)
-        _check_choice("kind", kind, KINDS)
-        folder = RunFolder.open(run).require_complete()
-        ranks, hint = read_ranks(folder.path), analyze_hint(folder.path)
-        calibration = read_calibration(folder.path, ranks)
-        if ranks.get("moments_sha256") != folder.moments_sha256:
-            raise KeyspaceError(
-                f"the analysis in {folder.path} was computed from other moments than it holds now.",
-                hint,
-            )
-        if kind not in calibration.components:
-            raise KeyspaceError(f"the calibration of {folder.path} has no {kind} basis.", hint)
-        query_transform = None
-        key_transform = calibration.components[kind]
-        if basis == "query-aware":
-            fix = hint if calibration.has_queries else queries_hint(folder.path)
-            key_transform, query_transform = calibration.score_transforms(kind, fix)
-        dims = _run_dims(d, ranks, kind, basis, folder.path, tuple(key_transform.shape[:2]))
-        dims = _dims_tensor(dims, tuple(key_transform.shape[:2]))
+        calibration. k defaults to 0.125 unless a token `budget` is given. select="adaptive"
+        carries σ, the sqrt of the basis' eigenvalues (of the score spectrum for query-aware)."""
+        check_choice("basis", basis, BASES)
+        check_choice("kind", kind, KINDS)
+        check_choice("select", select, SELECTS)
+        path, ranks, calibration = open_calibration(run, kind)
+        key_transform, query_transform = transforms(calibration, kind, basis, path)
+        shape = tuple(key_transform.shape[:2])
+        dims = dims_tensor(run_dims(d, ranks, kind, basis, path), shape)
         k = DEFAULT_K if k is None and budget is None else k
-        return cls(key_transform, dims, k, budget, bool(group_select), query_transform)
+        scale = key_scales(calibration, kind, (basis,)).get(basis) if select == "adaptive" else None
+        return cls(
+            key_transform, dims, k, budget, bool(group_select), query_transform, select, d_max,
+            scale,
+        )  # fmt: skip
 
     # --- the paths ------------------------------------------------------------------------------
 
     @property
-    def d_max(self) -> int:
+    def largest_d(self) -> int:
         return int(self.dims.max())
 
     @property
@@ -176,19 +224,34 @@ class Loki:
                 "Use the calibration of a run collected from this model.",
             )
 
+    def _adaptive_args(self) -> dict:
+        return (
+            {"d_max": self.d_max, "key_scale": self.key_scale} if self.select == "adaptive" else {}
+        )
+
     def cache(self, model: torch.nn.Module | None = None) -> LokiCache:
-        """A fresh dynamic `LokiCache` (checked against `model` when given)."""
+        """A fresh dynamic `LokiCache` (an `AdaptiveLokiCache` under select="adaptive"), checked
+        against `model` when given."""
         if model is not None:
             self.check_model(model)
-        return LokiCache(
-            self.basis, self.layer_dims, self.k, self.group_select, self.query_basis, self.budget
+        kind = AdaptiveLokiCache if self.select == "adaptive" else LokiCache
+        return kind(
+            self.basis,
+            self.layer_dims,
+            self.k,
+            self.group_select,
+            self.query_basis,
+            self.budget,
+            **self._adaptive_args(),
         )
 
     def static_cache(self, model: torch.nn.Module | None, capacity: int) -> StaticLokiCache:
-        """A fresh `StaticLokiCache` of `capacity` tokens per layer, for `DecodeLoop`."""
+        """A fresh `StaticLokiCache` (a `StaticAdaptiveLokiCache` under select="adaptive") of
+        `capacity` tokens per layer, for `DecodeLoop`."""
         if model is not None:
             self.check_model(model)
-        return StaticLokiCache(
+        kind = StaticAdaptiveLokiCache if self.select == "adaptive" else StaticLokiCache
+        return kind(
             self.basis,
             self.layer_dims,
             self.k,
@@ -196,6 +259,7 @@ class Loki:
             self.group_select,
             self.query_basis,
             self.budget,
+            **self._adaptive_args(),
         )
 
     @contextlib.contextmanager
@@ -277,57 +341,3 @@ class Loki:
         capacity = bucket_end(prompt.shape[1] + new_tokens, settings.bucket, 1 << 62)
         with DecodeLoop(model, self.static_cache(None, capacity), settings) as loop:
             return loop.generate(prompt, new_tokens)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise KeyspaceError(
-            f"{name} must be one of {', '.join(choices)}, got {value!r}.",
-            f"Pass {name}={choices[0]!r} or {name}={choices[-1]!r}.",
-        )
-
-
-def _dims_tensor(d, shape: tuple[int, int]) -> torch.Tensor:
-    """d (an int, one per layer, or one per (layer, KV head)) as (layers, kv_heads) long."""
-    if isinstance(d, bool) or not isinstance(d, int | list | tuple | torch.Tensor):
-        raise KeyspaceError(
-            f"d must be an int, one per layer or a (layers, kv_heads) tensor, got {d!r}.",
-            'Examples: d=32, d=[16, 32, ...], or from_run(..., d="auto:0.9").',
-        )
-    dims = torch.as_tensor(d, dtype=torch.long)
-    if dims.dim() == 1 and dims.shape[0] == shape[0]:
-        dims = dims[:, None]
-    if dims.dim() > 2 or not (dims.dim() == 0 or dims.shape[0] == shape[0]):
-        raise KeyspaceError(
-            f"d has shape {tuple(dims.shape)}; the basis has {shape[0]} layers and {shape[1]}"
-            " KV heads.",
-            "Pass one int, one d per layer, or one per (layer, KV head).",
-        )
-    return dims.expand(shape).clone()
-
-
-def _run_dims(d, ranks: dict, kind: str, basis: str, run: Path, shape) -> int | torch.Tensor:
-    """An int d as is; "auto:τ" as rank@τ per (layer, KV head) from the run's ranks (at least 1)."""
-    if not isinstance(d, str):
-        return d
-    if d.isdigit():
-        return int(d)
-    tau = d.removeprefix("auto:")
-    try:
-        tau = float(tau) if d.startswith("auto:") else None
-    except ValueError:
-        tau = None
-    if tau is None:
-        raise KeyspaceError(
-            f"d {d!r} is not an integer or auto:τ.", 'Examples: d=32, d="auto:0.9".'
-        )
-    field = "score_rank_at" if basis == "query-aware" else "rank_at"
-    table = ranks.get(kind, {}).get(field, {})
-    for key, value in table.items():
-        if abs(float(key) - tau) < 1e-9:
-            return torch.tensor(value, dtype=torch.long).clamp(min=1)
-    raise KeyspaceError(
-        f"{ranks_path(run)} has no {kind} {field} at τ={tau} (it has {', '.join(table) or 'none'}).",
-        f"Run `{shell_command('keyspace', 'analyze', run, '--threshold', tau)}` to write ranks"
-        f" at τ={tau}.",
-    )

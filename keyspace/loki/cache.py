@@ -87,25 +87,28 @@ class LokiLayer(TransformedKeys, CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    # The stored tensors and the axis of each that runs over tokens (crop, reset, reorder).
+    token_axes = {"k_low": -2, "k_rest": -2, "values": -2}
+
     def crop(self, max_length: int) -> None:
         """Keep the first `max_length` tokens (negative: drop that many from the end)."""
         if not self.is_initialized:
             return
         keep = max_length if max_length >= 0 else self.get_seq_length() + max_length
-        self.k_low, self.k_rest, self.values = (
-            t[..., :keep, :] for t in (self.k_low, self.k_rest, self.values)
-        )
+        for name, axis in self.token_axes.items():
+            stored = getattr(self, name)
+            setattr(self, name, stored.narrow(axis, 0, min(max(0, keep), stored.shape[axis])))
 
     def reset(self) -> None:
-        self.k_low = self.k_rest = self.values = None
+        for name in self.token_axes:
+            setattr(self, name, None)
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
             index = beam_idx.to(self.values.device)
-            self.k_low, self.k_rest, self.values = (
-                t.index_select(0, index) for t in (self.k_low, self.k_rest, self.values)
-            )
+            for name in self.token_axes:
+                setattr(self, name, getattr(self, name).index_select(0, index))
 
     def offload(self) -> None:  # the split layout stays on its device
         return None

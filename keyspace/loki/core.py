@@ -81,9 +81,13 @@ class TransformedKeys:
         self.query_basis = self.query_basis.to(device, torch.float32)
         self.per_query_head = None
 
+    def rotate_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE keys (B, Hkv, T, D) -> k~ = A k, (B, Hkv, T, D) in the keys' dtype."""
+        return rotate(keys, self.basis)
+
     def split_keys(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-RoPE keys (B, Hkv, T, D) -> k~ = A k split at d: (B, Hkv, T, d), (B, Hkv, T, D - d)."""
-        rotated = rotate(keys, self.basis)  # [B, Hkv, T, D]
+        rotated = self.rotate_keys(keys)  # [B, Hkv, T, D]
         return rotated[..., : self.d], rotated[..., self.d :]
 
     def rotated_query(self, query: torch.Tensor) -> torch.Tensor:

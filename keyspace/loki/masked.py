@@ -30,8 +30,8 @@ class SparseSettings:
     dims:   (layers, kv_heads) long, d per KV head (r for loki-adaptive); needed by methods using d
     basis:  (layers, kv_heads, head_dim, head_dim), the key transform A (k~ = A k); rows = PCA
         directions for the paper's basis; needed by loki, loki-adaptive, pcaattn
-    group_select: loki keeps one token set per KV head (summed group scores), not per query head;
-        loki-adaptive also shares the group's coordinate choice
+    group_select: loki keeps one token set per KV head (summed group scores), not per query head
+        (loki-adaptive's coordinate choice is always one per KV head)
     dense_rows: rows at positions < dense_rows keep their whole context (a dense prefill); the rows
         after it are decode steps at the budget. 0: every row is sparse
     query_basis: (layers, kv_heads, head_dim, head_dim), the query transform B (q~ = B q), or None

@@ -141,9 +141,10 @@ class StaticLokiLayer(TransformedKeys, _StaticLayer):
     basis:       (Hkv, D, D) key transform A, rows = directions
     query_basis: (Hkv, D, D) query transform B, or None for B = A
 
-    The store is three hooks, `lazy_initialization`, `_write` and `decode_step`: another layout
-    (e.g. a coordinate-major low-rank store for a per-step choice of coordinates) is a subclass
-    that overrides them and keeps the rotations, checks, lengths and budget rule.
+    The store is five hooks, `lazy_initialization`, `_write`, `rotated_keys`, `decode_step` and
+    `_buffers`: another layout (`keyspace.loki.adaptive_cache`'s coordinate-major store for a
+    per-step choice of coordinates) is a subclass that overrides them and keeps the rotations,
+    checks, lengths and budget rule.
     """
 
     def __init__(
@@ -163,25 +164,30 @@ class StaticLokiLayer(TransformedKeys, _StaticLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write post-RoPE keys (B, Hkv, T, D) rotated and split, and values; return the whole
-        (k_low, values) buffers."""
+        """Write post-RoPE keys (B, Hkv, T, D) rotated, and values; return the whole key store
+        (`_buffers()[0]`) and values buffers."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         positions = self._positions(key_states.shape[-2])
-        self._write(positions, *self.split_keys(key_states), value_states)
+        self._write(positions, self.rotate_keys(key_states), value_states)
         self._advance(key_states.shape[-2])
-        return self.k_low, self.values
+        return self._buffers()[0], self.values
 
-    def _write(self, positions, low, rest, values) -> None:
-        """Store low (B, Hkv, T, d), rest (B, Hkv, T, D - d) and values (B, Hkv, T, D) at positions (T,)."""
-        self.k_low.index_copy_(2, positions, low)
-        self.k_rest.index_copy_(2, positions, rest)
+    def _write(self, positions, rotated, values) -> None:
+        """Store rotated keys (B, Hkv, T, D), split at d, and values (B, Hkv, T, D) at positions (T,)."""
+        self.k_low.index_copy_(2, positions, rotated[..., : self.d])
+        self.k_rest.index_copy_(2, positions, rotated[..., self.d :])
         self.values.index_copy_(2, positions, values)
+
+    def key_parts(self, end: int | None = None) -> tuple[torch.Tensor, ...]:
+        """The first `end` (default: the valid length) cached keys k~ = A k as views whose concat
+        over the last dim is the keys: (k_low (B, Hkv, end, d), k_rest (B, Hkv, end, D - d))."""
+        end = self.length if end is None else end
+        return self.k_low[:, :, :end], self.k_rest[:, :, :end]
 
     def rotated_keys(self, end: int | None = None) -> torch.Tensor:
         """The first `end` (default: the valid length) cached keys k~ = A k: (B, Hkv, end, D)."""
-        end = self.length if end is None else end
-        return torch.cat([self.k_low[:, :, :end], self.k_rest[:, :, :end]], dim=-1)
+        return torch.cat(self.key_parts(end), dim=-1)
 
     def decode_step(
         self, query_rot, end: int, k_top: int, scale: float, group_select: bool, settings=None

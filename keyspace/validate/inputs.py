@@ -8,6 +8,7 @@ import torch
 
 from keyspace.errors import KeyspaceError
 from keyspace.loki import K_MODES
+from keyspace.loki.from_run import key_scales
 from keyspace.runfolder.analysis import (
     analyze_hint,
     collect_again,
@@ -99,16 +100,6 @@ def open_inputs(config: ValidateConfig) -> Inputs:
         inputs.ds = [with_score_dims(d, ranks, config.rotary) for d in ds]
     inputs.scales = key_scales(calibration, config.rotary, config.bases)
     return inputs
-
-
-def key_scales(calibration, kind: str, bases: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """basis -> sigma_j = sqrt(eigenvalue_j) per coordinate, (layers, kv_heads, D): the spread of
-    k~_j = (T k)_j. For the key basis the key covariance's eigenvalues; for the query-aware basis
-    those of S_q^½ C_k S_q^½, which are the variances of k~ = A k (A C_k Aᵀ is diagonal)."""
-    scales = {"key": calibration.eigenvalues[kind].clamp_min(0.0).sqrt()}
-    if "query-aware" in bases and kind in calibration.score_eigenvalues:
-        scales["query-aware"] = calibration.score_eigenvalues[kind].clamp_min(0.0).sqrt()
-    return scales
 
 
 def query_aware_transforms(calibration, kind: str, run: RunFolder) -> tuple[torch.Tensor, ...]:

@@ -30,6 +30,8 @@ DECODE_BATCH = 16  # sequences per decode step in the end-to-end timing
 DECODE_SEQ = 4096  # prompt tokens before the timed decode steps (capped by the model's limit)
 DECODE_STEPS = 32  # timed decode steps; the median step is reported
 TASK_SEED = 0  # task prompts are a function of (task, length, seed, count, index)
+# The methods decoded through a Loki cache, and the `Loki(select=...)` that builds it.
+LOKI_SELECT = {"loki": "fixed", "loki-adaptive": "adaptive"}
 
 
 def settings_for(point: SweepPoint, inputs: Inputs) -> SparseSettings:
@@ -121,13 +123,27 @@ def recall_entry(
     return entry
 
 
-def cache_factory(inputs: Inputs, d: DChoice, k: float, basis: str = "key"):
-    """A fresh LokiCache per call, from this point's `Loki` (a layer splits at its largest d)."""
+def cache_factory(inputs: Inputs, d: DChoice, k: float, basis: str = "key", method: str = "loki"):
+    """A fresh LokiCache per call, from this point's `Loki` (a layer splits at its largest d):
+    loki's fixed d, or loki-adaptive's per-step choice of r = d coordinates with σ from the
+    calibration (`Loki(select="adaptive")`)."""
     key_transform, query_transform = inputs.transforms(basis)
+    select = LOKI_SELECT[method]
     loki = Loki.from_tensors(
-        key_transform, d.dims_for(basis), k, query_transform, inputs.group_select
+        key_transform,
+        d.dims_for(basis),
+        k,
+        query_transform,
+        inputs.group_select,
+        select=select,
+        key_scale=inputs.key_scale(basis) if select == "adaptive" else None,
     )
     return loki.cache
+
+
+def cache_methods(inputs: Inputs) -> list[str]:
+    """The requested methods that decode through a Loki cache (loki, loki-adaptive), in order."""
+    return [m for m in inputs.methods if m in LOKI_SELECT]
 
 
 def decode_prompts(windows: torch.Tensor, count: int, length: int) -> torch.Tensor:
@@ -144,23 +160,30 @@ def decode_prompts(windows: torch.Tensor, count: int, length: int) -> torch.Tens
 def decode_entries(
     model, windows: torch.Tensor, inputs: Inputs, config: ValidateConfig, log: Log
 ) -> list[dict]:
-    """Real decoding with LokiCache vs the dense cache, for every (basis, d, k), on prompts cut
-    from the windows."""
-    if config.decode_prompts == 0 or "loki" not in inputs.methods:
+    """Real decoding with a Loki cache vs the dense cache, for every Loki method and (basis, d, k),
+    on prompts cut from the windows."""
+    if config.decode_prompts == 0 or not cache_methods(inputs):
         return []
     prompts = decode_prompts(windows, config.decode_prompts, config.decode_prompt_tokens).to(
         config.device
     )
     entries = []
-    for basis, d, k in ((b, d, k) for b in inputs.bases for d in inputs.ds for k in inputs.ks):
-        make_cache = cache_factory(inputs, d, k, basis)
+    grid = [
+        (m, b, d, k)
+        for m in cache_methods(inputs)
+        for b in inputs.bases
+        for d in inputs.ds
+        for k in inputs.ks
+    ]
+    for method, basis, d, k in grid:
+        make_cache = cache_factory(inputs, d, k, basis, method)
         check = decode_check(model, prompts, config.decode_tokens, make_cache)
         log(
-            f"decode loki d={d.label} k={k:g} ({basis} basis): token agreement {check.token_agreement:.3f}"
+            f"decode {method} d={d.label} k={k:g} ({basis} basis): token agreement {check.token_agreement:.3f}"
         )
         entries.append(
             {
-                "method": "loki",
+                "method": method,
                 "d": d.value,
                 "k": k,
                 "k_mode": "row",
@@ -177,15 +200,15 @@ def passkey_entries(
 ) -> list[dict]:
     """Passkey accuracy per length for the dense cache and Loki at every (d, k)."""
     variants = {("full", None, None, None): None}
-    if "loki" in inputs.methods:
-        variants.update(
-            {
-                ("loki", d.value, k, basis): cache_factory(inputs, d, k, basis)
-                for basis in inputs.bases
-                for d in inputs.ds
-                for k in inputs.ks
-            }
-        )
+    variants.update(
+        {
+            (method, d.value, k, basis): cache_factory(inputs, d, k, basis, method)
+            for method in cache_methods(inputs)
+            for basis in inputs.bases
+            for d in inputs.ds
+            for k in inputs.ks
+        }
+    )
     entries = []
     for length in config.passkey_lengths:
         prompts = passkey_prompts(tokenizer, length, config.passkey_count)
@@ -208,15 +231,16 @@ def passkey_entries(
 
 
 def task_variants(inputs: Inputs) -> dict[tuple, Decoder]:
-    """(method, d, k, basis) -> decoder: `full` through the dense cache, loki at every (basis, d, k)
-    through LokiCache, every other requested method in masked mode at its decode budget
-    ceil(k·context)."""
+    """(method, d, k, basis) -> decoder: `full` through the dense cache, loki and loki-adaptive at
+    every (basis, d, k) through their Loki cache, every other requested method in masked mode at
+    its decode budget ceil(k·context)."""
     variants = {("full", None, None, None): cache_decoder()}
     for point in sweep_points(inputs.methods, inputs.ds, inputs.ks, ["row"], inputs.bases):
         key = (point.method, point.d.value if point.d else None, point.k, point.basis)
         path = get_method(point.method).decode
         if path == "cache":
-            variants[key] = cache_decoder(cache_factory(inputs, point.d, point.k, point.basis))
+            factory = cache_factory(inputs, point.d, point.k, point.basis, point.method)
+            variants[key] = cache_decoder(factory)
         elif path != "dense":
             variants[key] = masked_decoder(settings_for(point, inputs))
     return variants

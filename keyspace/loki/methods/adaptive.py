@@ -11,8 +11,10 @@ exactly the variance of k~_j = (A k)_j there (A C_k Aᵀ = diag(eigenvalues)). I
 spread: the key mean adds the same constant to every score of a row and never changes a selection.
 Without a key_scale, sigma = 1: the pick is the r largest |q~_j|.
 
-Under GQA with group_select the group shares one coordinate set (the r largest sums over its query
-heads of |q~_j|·sigma_j) and one token set, so a KV head reads r·S low-rank values, never G·r·S.
+Under GQA the group always shares one coordinate set, the r largest sums over its query heads of
+|q~_j|·sigma_j, so a KV head reads r·S low-rank values, never G·r·S: the decode kernel
+(`keyspace.kernels.adaptive_decode`) streams those r coordinates once per KV head. Each query head
+keeps its own top k, or with group_select the group keeps one token set (summed scores).
 Coordinates are chosen among the first d_max of the basis (None: all of them).
 """
 
@@ -32,15 +34,15 @@ from keyspace.loki.methods.common import (
 
 
 def coordinate_weights(inp: LayerInputs, query_t: torch.Tensor) -> torch.Tensor:
-    """|q~_j|·sigma_j per row (B, Hq, T, D), summed over each group under group_select, and -inf
-    beyond d_max so that those coordinates are never picked."""
+    """|q~_j|·sigma_j per row (B, Hq, T, D), summed over each KV head's query heads (one coordinate
+    set per group, as the kernel reads), and -inf beyond d_max so those are never picked."""
     weight = query_t.abs().float()
-    if inp.key_scale is not None:
-        weight = weight * inp.key_scale.float().to(weight.device)[None, :, None, :]
-    if inp.group_select:
+    if inp.group_size > 1:
         batch, heads, rows, dim = weight.shape
         grouped = weight.view(batch, heads // inp.group_size, inp.group_size, rows, dim).sum(2)
         weight = grouped.repeat_interleave(inp.group_size, dim=1)
+    if inp.key_scale is not None:  # sigma is per KV head: the same for every head of a group
+        weight = weight * inp.key_scale.float().to(weight.device)[None, :, None, :]
     if inp.d_max is not None:
         weight[..., inp.d_max :] = float("-inf")
     return weight
@@ -80,7 +82,7 @@ LOKI_ADAPTIVE = register_method(
         "loki-adaptive",
         loki_adaptive,
         cost=loki_cost,  # r·S low-rank values + 2·k·S·D, as Loki at d = r
-        decode="masked-row",  # LokiCache decoding of it is not built yet
+        decode="cache",  # Loki(select="adaptive"): LokiCache and the static cache
         style=Style("#ff9896", "h", "adaptive Loki"),
         uses_d=True,
         uses_k=True,

@@ -6,7 +6,9 @@ each decode step one CUDA-graph replay, against transformers' own `generate`.
 
 `--loop FIELD=VALUE` (repeatable) sets a field of the loop's `DecodeLoopSettings`;
 `--variant NAME:FIELD=VALUE,...` (repeatable) times each named loop variant on the same prefilled
-caches. `--attention` instead times the dense decode attention candidates alone (one layer's
+caches, e.g. issue 24's A/B:
+`--variant fused: --variant unfused:fuse_projections=false --variant bmm:query_rotation=bmm`.
+`--attention` instead times the dense decode attention candidates alone (one layer's
 cache): the loop's own (`sdpa_gqa`, `keyspace.loki.graphs.dense_decode`) against the ones it beat
 (docs/notes/e2e-decode.md, attempt 2), which live here, under each SDPA backend. Writes e2e.json
 and e2e.md (or dense_attention.json) under --out. Never imported by the package.

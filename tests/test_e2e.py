@@ -275,3 +275,100 @@ def test_the_bases_fit_the_model_they_decode():
     _, kv_heads, head_dim = head_geometry(model.config)
     assert head_dim == HEAD_DIM
     assert BASIS.shape == (model.config.num_hidden_layers, kv_heads, head_dim, head_dim)
+
+
+# --- prefill with a bounded workspace, the query rotation, the batch rows -----------------------
+
+
+def attention_oracle(query, keys, values, scale):
+    """Causal attention in float64, the queries being the last T of S positions: (B, T, Hq, D)."""
+    groups = query.shape[1] // keys.shape[1]
+    keys, values = (t.double().repeat_interleave(groups, dim=1) for t in (keys, values))
+    q_len, kv_len = query.shape[-2], keys.shape[-2]
+    logits = query.double() @ keys.transpose(-1, -2) * scale  # [B, Hq, T, S]
+    future = torch.arange(kv_len)[None, :] > torch.arange(kv_len - q_len, kv_len)[:, None]
+    weights = logits.masked_fill(future, float("-inf")).softmax(-1)
+    return (weights @ values).transpose(1, 2)
+
+
+@pytest.mark.parametrize("q_len", [7, 19])  # a later chunk; the whole sequence
+@pytest.mark.parametrize("workspace", [1, 1 << 30])  # one KV head per call; all at once
+def test_prefill_attention_reads_the_cache_in_slices_and_is_exact(q_len, workspace):
+    from keyspace.loki.prefill import prefill_attention
+
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 6, q_len, 8, generator=gen)
+    keys, values = torch.randn(2, 3, 19, 8, generator=gen), torch.randn(2, 3, 19, 8, generator=gen)
+    expected = attention_oracle(query, keys, values, 0.3)
+    for parts in ((keys,), (keys[..., :3], keys[..., 3:])):  # dense; Loki's (low, rest)
+        out = prefill_attention(query, parts, values, 0.3, workspace)
+        assert out.shape == (2, q_len, 6, 8) and out.is_contiguous()
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_chunks_and_attention_slices_are_bounded(monkeypatch):
+    import keyspace.loki.prefill as prefill
+    from keyspace.loki.prefill import chunk_length, heads_per_slice
+
+    assert [chunk_length(b, 8192, 16384) for b in (1, 4, 16, 64)] == [8192, 4096, 1024, 256]
+    assert chunk_length(100_000, 8192, 16384) == 2
+    per_head = 2 * 16 * 4 * 16384 * 128 * 2  # B=16, G=4, 16k, D=128, fp16: 512 MiB
+    assert heads_per_slice(16, 4, 16384, 128, 2, 8, 1 << 30) == 2 == (1 << 30) // per_head
+    assert heads_per_slice(16, 4, 32768, 128, 2, 8, 1 << 30) == 1  # never fewer than one head
+    assert heads_per_slice(16, 1, 32768, 128, 2, 32, 1) == 32  # MHA repeats nothing
+
+    shapes, sdpa = [], prefill.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        shapes.append((q.shape[2], q.shape[1], k.shape[1]))
+        return sdpa(q, k, v, **kwargs)
+
+    model, prompt = tiny_llama(), random_tokens(batch=2, length=12)
+    expected = hf_greedy(model, prompt, 4)
+    monkeypatch.setattr(prefill.F, "scaled_dot_product_attention", spy)  # torch's: the loop's
+    settings = DecodeLoopSettings(
+        bucket=4, prefill_chunk=64, prefill_tokens=10, prefill_workspace=1
+    )
+    tokens = loop_tokens(model, StaticKVCache(2, capacity=24), prompt, 4, settings)
+    assert torch.equal(tokens, expected)
+    prefill_calls = [s for s in shapes if s[0] > 1]
+    # chunks of 10 // 2 = 5 tokens (the last 2); each call one KV head's 2 query heads, its K/V
+    # in place (the first chunk) or repeated to those 2 heads: never the whole cache's
+    assert {s[0] for s in prefill_calls} == {5, 2}
+    assert {s[1:] for s in prefill_calls} == {(2, 1), (2, 2)}
+
+
+def test_bmm_query_rotation_gives_the_einsum_tokens():
+    model, prompt = tiny_llama(), random_tokens(batch=2, length=12)
+    tokens = []
+    for rotation in ("einsum", "bmm"):
+        settings = DecodeLoopSettings(bucket=4, prefill_chunk=5, query_rotation=rotation)
+        cache = StaticLokiCache(BASIS, [4, 7], 0.5, capacity=32, group_select=True)
+        tokens.append(loop_tokens(model, cache, prompt, 9, settings))
+    assert torch.equal(tokens[0], tokens[1])
+    settings = DecodeLoopSettings(bucket=4, prefill_chunk=5, query_rotation="bmm")
+    cache = StaticLokiCache(BASIS, [4, 7], 1.0, capacity=32, group_select=True)
+    assert torch.equal(loop_tokens(model, cache, prompt, 9, settings), hf_greedy(model, prompt, 9))
+    with pytest.raises(ValueError, match="query_rotation"):
+        DecodeLoopSettings(query_rotation="fold")
+
+
+def test_the_table_shows_each_batch_and_the_peak():
+    from keyspace.bench.e2e import markdown_table
+
+    rows = [
+        {
+            "batch": b,
+            "seq": 4096,
+            "method": "dense",
+            "step_ms": 5.0,
+            "tokens_per_s": 200.0 * b,
+            "floor_ms": 4.0,
+            "floor_pct": 80.0,
+            "peak_gb": 20.0 + b,
+        }
+        for b in (1, 4, 16)
+    ]
+    lines = markdown_table(rows).splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["1", "4", "16"]
+    assert "peak GB" in lines[0] and lines[-1].rstrip().endswith("| 36.0 |")

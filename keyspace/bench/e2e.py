@@ -8,7 +8,13 @@ Per row: prefill seconds; the median decode step (CUDA events around each replay
 the step's byte floor (weights once, all but the embedding table, of which B rows are read; plus
 the KV read: dense 2·S·D per KV head, Loki S·d + k_top·(2D − d) per index set) at the measured
 DRAM read rate, and the % of it reached; the split of the step into attention and the rest (the
-same step captured with attention skipped); the speedups over the dense loop and `generate`.
+same step captured with attention skipped); the speedups over the dense loop and `generate`; the
+peak device memory since the row's cache was allocated (its prefill included; Loki rows sharing a
+prefill report the peak since that prefill).
+
+Before anything is allocated, each (batch, seq) is checked against the card's free memory
+(`keyspace.bench.shapes.memory_need`): a shape that cannot fit stops the sweep with one error
+naming the memory it needs. Each row's cache is freed before the next is allocated.
 
 Speed does not depend on the weights: the `--config` models are random-init at real shapes, and
 the Loki bases random orthonormal matrices unless a calibration's are passed.
@@ -17,15 +23,15 @@ the Loki bases random orthonormal matrices unless a calibration's are passed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from keyspace.bench.e2e_memory import capacity_of, check_memory, free_memory, peak_gb
+from keyspace.bench.e2e_table import format_row, markdown_table, save_result
 from keyspace.bench.kernels import memory_bandwidth_gbps
 from keyspace.bench.shapes import (
     CONFIG_NAMES,
@@ -38,7 +44,11 @@ from keyspace.bench.shapes import (
 )
 from keyspace.loki import Loki
 from keyspace.loki.graphs import DecodeLoop, DecodeLoopSettings, bucket_end, decode_budget
+from keyspace.loki.prefill import chunk_length
 from keyspace.loki.static_cache import StaticKVCache
+
+__all__ = ["E2EConfig", "run_e2e", "decode_speed", "check_memory"]
+__all__ += ["format_row", "markdown_table", "save_result"]  # from e2e_table
 
 
 @dataclass(frozen=True)
@@ -129,8 +139,8 @@ def run_path(model, cache, first: torch.Tensor, seq: int, cfg: E2EConfig) -> dic
 
 def generate_baseline(model, prompt: torch.Tensor, steps: int, prefill_chunk: int) -> dict | None:
     """transformers' default greedy `generate` (DynamicCache, the model's attention; its own chunked
-    prefill): prefill seconds and the median ms of its decode steps, each timed between two
-    logits-processor calls. None if it runs out of device memory."""
+    prefill): prefill seconds, the median ms of its decode steps, each timed between two
+    logits-processor calls, and its peak memory. None if it runs out of device memory."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class Clock(LogitsProcessor):
@@ -144,6 +154,7 @@ def generate_baseline(model, prompt: torch.Tensor, steps: int, prefill_chunk: in
 
     clock = Clock()
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -157,10 +168,13 @@ def generate_baseline(model, prompt: torch.Tensor, steps: int, prefill_chunk: in
                 prefill_chunk_size=prefill_chunk,
             )
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
+        free_memory()
         return None
     gaps = [(b - a) * 1e3 for a, b in zip(clock.times, clock.times[1:], strict=False)]
-    return {"prefill_s": clock.times[0] - start, "step_ms": statistics.median(gaps)}
+    result = {"prefill_s": clock.times[0] - start, "step_ms": statistics.median(gaps)}
+    result["peak_gb"] = peak_gb()
+    free_memory()
+    return result
 
 
 def _row(batch, seq, method, path, weights, kv, gbps, **point) -> dict:
@@ -200,12 +214,13 @@ def run_point(
     shape, device = Shape.of(model), next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed + seq)
     prompt = torch.randint(0, model.config.vocab_size, (batch, seq), device=device, generator=gen)
-    capacity = bucket_end(seq + cfg.steps + 1, cfg.loop.bucket, 1 << 62)  # masks stay aligned
+    capacity = capacity_of(seq, cfg)
     weights, rows = weight_bytes(model, batch), []
     baseline = None
     if cfg.generate_steps:
         log(f"B={batch} S={seq}: transformers generate")
-        baseline = generate_baseline(model, prompt, cfg.generate_steps, cfg.loop.prefill_chunk)
+        chunk = chunk_length(batch, cfg.loop.prefill_chunk, cfg.loop.prefill_tokens)
+        baseline = generate_baseline(model, prompt, cfg.generate_steps, chunk)
 
     def time_cache(cache, method, kv, first=None, prefill_s=None, **point):
         if first is None:
@@ -220,16 +235,18 @@ def run_point(
                 continue
             path["prefill_s"] = prefill_s
             row = _row(batch, seq, method, path, weights, kv, gbps, **point)
-            rows.append({**row, "variant": name})
+            rows.append({**row, "variant": name, "peak_gb": peak_gb()})
         return first, prefill_s
 
+    torch.cuda.reset_peak_memory_stats()
     time_cache(StaticKVCache(shape.layers, capacity), "dense", kv_bytes(shape, batch, seq))
-    torch.cuda.empty_cache()
+    free_memory()
     bases = random_bases(shape, device, cfg.seed)
     for d in sorted({d for d, _ in cfg.points}):
         cache, first, prefill_s = None, None, None
         for k in [k for dd, k in cfg.points if dd == d]:
             if cache is None:
+                torch.cuda.reset_peak_memory_stats()
                 loki = Loki.from_tensors(bases, d, k=k, group_select=cfg.group_select)
                 cache = loki.static_cache(model, capacity)
             cache.set_budget(k=k)
@@ -239,7 +256,7 @@ def run_point(
                 cache, "loki", kv, first, prefill_s, d=d, k=k, k_top=k_top
             )
         del cache
-        torch.cuda.empty_cache()
+        free_memory()
     dense = {row["variant"]: row["step_ms"] for row in rows if row["method"] == "dense"}
     for row in rows:
         if row["variant"] in dense:
@@ -247,6 +264,7 @@ def run_point(
         if baseline is not None:
             row["generate_step_ms"] = baseline["step_ms"]
             row["generate_prefill_s"] = baseline["prefill_s"]
+            row["generate_peak_gb"] = baseline["peak_gb"]
             row["speedup_vs_generate"] = baseline["step_ms"] / row["step_ms"]
     return rows
 
@@ -308,11 +326,17 @@ def run_e2e(
 ) -> dict:
     """The whole sweep on this machine's GPU: {"meta": ..., "checks": [...], "rows": [...]}.
     `variants` (name -> loop settings) are each timed on the same prefilled caches; `save` gets
-    the result so far after each (batch, seq)."""
+    the result so far after each (batch, seq). Stops before allocating (KeyspaceError) if a
+    (batch, seq) cannot fit the card's free memory."""
+    if cfg.config is not None:
+        check_memory(cfg, torch.cuda.mem_get_info()[0])
     model = build_model(cfg)
+    if cfg.config is None:
+        check_memory(cfg, torch.cuda.mem_get_info()[0], model.config, weights_loaded=True)
     bandwidth = memory_bandwidth_gbps()
     log(f"DRAM read {bandwidth['read_gbps']:.0f} GB/s, copy {bandwidth['copy_gbps']:.0f} GB/s")
     checks = check_loop(model, cfg, min(cfg.batches)) if cfg.check else []
+    free_memory()
     for check in checks:
         log(f"check {check['check']}: {check['value']:.3f}")
     result = {"meta": _meta(cfg, model, bandwidth), "checks": checks, "rows": []}
@@ -322,6 +346,7 @@ def run_e2e(
             for row in point:
                 log(format_row(row))
             result["rows"] += point
+            free_memory()
             if save is not None:
                 save(result)
     return result
@@ -376,54 +401,6 @@ def decode_speed(
         step = statistics.median(run_path(model, cache, first, seq, cfg)["times_ms"])
         out[name] = {"step_ms": step, "tokens_per_s": batch * 1e3 / step, "prefill_s": prefill_s}
         del cache
-        torch.cuda.empty_cache()
+        free_memory()
     out["speedup"] = out["dense"]["step_ms"] / out["loki"]["step_ms"]
     return out
-
-
-def save_result(result: dict, folder: Path) -> None:
-    """Write a sweep as e2e.json (everything) and e2e.md (the table)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "e2e.json").write_text(json.dumps(result, indent=2, default=str))
-    (folder / "e2e.md").write_text(markdown_table(result["rows"]) + "\n")
-
-
-# --- presentation ------------------------------------------------------------------------------
-
-
-def _label(row: dict) -> str:
-    label = "dense" if row["method"] == "dense" else f"Loki d={row['d']} k={row['k']:g}"
-    return f"{label} [{row['variant']}]" if row.get("variant") else label
-
-
-def format_row(row: dict) -> str:
-    return (
-        f"B={row['batch']} S={row['seq']} {_label(row)}: {row['step_ms']:.2f} ms/step, "
-        f"{row['tokens_per_s']:.0f} tok/s, {row['floor_pct']:.0f}% of floor, "
-        f"{row.get('speedup_vs_dense', float('nan')):.2f}x dense"
-    )
-
-
-def markdown_table(rows: Sequence[dict]) -> str:
-    """One line per row: step time, tokens/s, the byte floor and % reached, the split, speedups."""
-
-    def cell(row, key, fmt):
-        value = row.get(key)
-        return "–" if value is None else format(value, fmt)
-
-    head = (
-        "| B | S | method | prefill s | step ms | tok/s | floor ms | % floor | attention ms "
-        "(floor) | rest ms (floor) | × dense loop | generate ms | × generate |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    lines = [head]
-    for r in rows:
-        attention = f"{cell(r, 'attention_ms', '.2f')} ({cell(r, 'attention_floor_ms', '.2f')})"
-        rest = f"{cell(r, 'rest_ms', '.2f')} ({cell(r, 'rest_floor_ms', '.2f')})"
-        lines.append(
-            f"| {r['batch']} | {r['seq']} | {_label(r)} | {cell(r, 'prefill_s', '.1f')} "
-            f"| {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | {r['floor_ms']:.2f} "
-            f"| {r['floor_pct']:.0f}% | {attention} | {rest} | {cell(r, 'speedup_vs_dense', '.2f')}× "
-            f"| {cell(r, 'generate_step_ms', '.1f')} | {cell(r, 'speedup_vs_generate', '.1f')}× |"
-        )
-    return "\n".join(lines)

@@ -128,3 +128,76 @@ def kv_bytes(
 
 def floor_ms(nbytes: int, gbps: float) -> float:
     return nbytes / gbps / 1e6
+
+
+# --- memory a sweep row needs, before anything is allocated ------------------------------------
+
+MARGIN_BYTES = 2 << 30  # CUDA graphs' pool, compiled kernels' and cuBLAS workspaces, rounding
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes one (batch, seq) of the end-to-end bench holds at its peak: the weights, one static
+    cache (dense and Loki store the same 2·D elements per token and KV head), a prefill chunk's
+    workspace, and a fixed margin."""
+
+    weights: int
+    kv_cache: int
+    prefill: int
+    margin: int = MARGIN_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.prefill + self.margin
+
+    def describe(self) -> str:
+        parts = (
+            f"weights {self.weights / 1e9:.1f}",
+            f"KV cache {self.kv_cache / 1e9:.1f}",
+            f"prefill workspace {self.prefill / 1e9:.1f}",
+            f"margin {self.margin / 1e9:.1f}",
+        )
+        return f"{self.total / 1e9:.1f} GB ({', '.join(parts)} GB)"
+
+
+def parameter_bytes(config, element_size: int) -> int:
+    """Bytes of a model's parameters at `config`'s shape (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()) * element_size
+
+
+def cache_bytes(shape: Shape, batch: int, capacity: int) -> int:
+    """Bytes of one static cache (`StaticKVCache` or `StaticLokiCache`) of `capacity` tokens."""
+    per_token = 2 * shape.kv_heads * shape.head_dim * shape.element_size
+    return shape.layers * batch * capacity * per_token
+
+
+def prefill_bytes(config, shape: Shape, batch: int, seq: int, loop) -> int:
+    """An upper estimate of a prefill chunk's transient bytes under the loop settings `loop`: the
+    layer's activations (residual stream and norms, the fused q/k/v and their RoPE copies, gate/up,
+    the gated product), Loki's float32 rotated query, and the attention's repeated K/V slice (see
+    `keyspace.loki.prefill`), the slice's rotated keys and the (T, S) mask with its float bias."""
+    from keyspace.loki.prefill import chunk_length, heads_per_slice
+
+    es, dim = shape.element_size, shape.head_dim
+    chunk = min(seq, chunk_length(batch, loop.prefill_chunk, loop.prefill_tokens))
+    tokens, q_width = batch * chunk, shape.q_heads * dim
+    qkv = q_width + 2 * shape.kv_heads * dim
+    inter = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    activations = tokens * es * (6 * config.hidden_size + 2 * qkv + 4 * inter)
+    groups = shape.q_heads // shape.kv_heads
+    heads = heads_per_slice(batch, groups, seq, dim, es, shape.kv_heads, loop.prefill_workspace)
+    repeated = 2 * batch * groups * heads * seq * dim * es if groups > 1 else 0
+    attention = repeated + batch * heads * seq * dim * es + chunk * seq * (1 + es)
+    return activations + tokens * q_width * (4 + es) + attention
+
+
+def memory_need(config, element_size: int, batch: int, seq: int, capacity: int, loop) -> MemoryNeed:
+    """What a (batch, seq) row of the bench needs, from the config alone."""
+    shape = Shape.from_config(config, element_size)
+    return MemoryNeed(
+        weights=parameter_bytes(config, element_size),
+        kv_cache=cache_bytes(shape, batch, capacity),
+        prefill=prefill_bytes(config, shape, batch, seq, loop),
+    )

@@ -2,7 +2,10 @@
 
 The same loop runs dense attention (`StaticKVCache`) and Loki (`StaticLokiCache`) over the same
 model, in gpt-fast's recipe:
-- prefill is dense and eager, in chunks of `prefill_chunk` prompt tokens;
+- prefill is dense and eager, in chunks of `prefill_chunk` prompt tokens (at most
+  `prefill_tokens` batch rows × tokens), its attention reading the cache in place with a bounded
+  workspace (`keyspace.loki.prefill`);
+- q/k/v and gate/up run as one GEMM each while the loop is entered (`keyspace.loki.fused`);
 - each decode step is the whole model step (embedding, every layer, the head, a greedy argmax)
   replayed from a captured `torch.cuda.CUDAGraph`: no Python and no host sync per token;
 - the graph attends over a fixed slice of the static cache, [0, L) with L the end of the step's
@@ -30,8 +33,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from keyspace.loki.core import Budget, causal_attention
+from keyspace.loki.core import Budget
 from keyspace.loki.decode import cache_kwargs
+from keyspace.loki.fused import fused_projections
+from keyspace.loki.prefill import chunk_length, prefill_attention
 from keyspace.loki.registry import Handler, use_attention
 from keyspace.loki.static_cache import StaticKVCache, StaticLokiCache
 from keyspace.models.arch import compiled_slots
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
     from keyspace.kernels import KernelSettings
 
 COMPILE_MODES = ("auto", "none", "layers")
+QUERY_ROTATIONS = ("einsum", "bmm")
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,19 @@ class DecodeLoopSettings:
     """How the loop runs; the defaults are the values measured best on an H200 (docs/notes/e2e-decode.md).
 
     bucket: tokens per length bucket; one graph (and one Loki budget) per bucket end
-    prefill_chunk: prompt tokens per eager prefill forward
+    prefill_chunk: prompt tokens per eager prefill forward ...
+    prefill_tokens: ... cut so that batch × chunk stays under this (bounds the activations)
+    prefill_workspace: bytes of K and V repeated to the query heads per prefill attention call
     compile: "layers" runs each decoder layer, all but its attention and cache write, through
         torch.compile before capture (fewer, fused kernels); "none" keeps transformers' eager
         modules (see `CompiledModules`); "auto" is "layers" on CUDA and "none" elsewhere
     compile_backend: torch.compile's backend for the compiled mode (tests use "eager")
     warmup_runs: eager runs of a step before its capture (compilation, autotuning, workspaces)
     kernels: the Loki kernels' `KernelSettings` (None: their tuned defaults)
+    fuse_projections: run q/k/v and gate/up as one GEMM each inside the loop (`fused_projections`)
+    query_rotation: how a Loki decode step rotates its query: "einsum" (`TransformedKeys.rotated_query`)
+        or "bmm" (one batched matmul over the heads, written contiguous in the query's dtype:
+        fewer launches, the same float32 products)
 
     Dense decode is SDPA with enable_gqa and a mask past the valid length (cuDNN on the H100 and
     H200); the candidates it beat, and a "blocks" compile mode, are in docs/notes/e2e-decode.md
@@ -66,12 +78,20 @@ class DecodeLoopSettings:
     compile_backend: str = "inductor"
     warmup_runs: int = 2
     kernels: KernelSettings | None = None
+    fuse_projections: bool = True
+    prefill_tokens: int = 16384
+    prefill_workspace: int = 1 << 30
+    query_rotation: str = "einsum"
 
     def __post_init__(self) -> None:
         if self.bucket < 1 or self.prefill_chunk < 2 or self.warmup_runs < 1:
             raise ValueError("bucket and warmup_runs must be positive, prefill_chunk at least 2")
+        if self.prefill_tokens < 2 or self.prefill_workspace < 1:
+            raise ValueError("prefill_tokens must be at least 2 and prefill_workspace positive")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}")
+        if self.query_rotation not in QUERY_ROTATIONS:
+            raise ValueError(f"query_rotation must be one of {QUERY_ROTATIONS}")
 
 
 def bucket_end(length: int, bucket: int, capacity: int) -> int:
@@ -125,23 +145,37 @@ def static_attention(
     skips attention (returns the query), to time the rest of the step."""
     settings = settings or DecodeLoopSettings()
     loki = isinstance(cache, StaticLokiCache)
+    rotations: dict[int, torch.Tensor] = {}  # layer -> (Hq, D, D) float32 B^T, for "bmm"
+
+    def decode_query(layer, query):
+        """q~ (B, Hq, D) of one query row (B, Hq, 1, D), contiguous, in the query's dtype."""
+        if settings.query_rotation == "einsum":
+            return layer.rotated_query(query)[:, :, 0]
+        if layer not in rotations:  # filled by the eager warm-up runs, before any capture
+            groups = query.shape[1] // layer.query_basis.shape[0]
+            per_head = layer.query_basis.float().repeat_interleave(groups, dim=0)
+            rotations[layer] = per_head.transpose(1, 2).contiguous()  # [Hq, D, D]
+        q = query[:, :, 0].transpose(0, 1).float()  # [Hq, B, D]
+        out = torch.bmm(q, rotations[layer]).transpose(0, 1)  # [B, Hq, D]
+        return out.to(query.dtype, memory_format=torch.contiguous_format)
 
     def handler(module, query, key, value, scale):
         layer = cache.layers[module.layer_idx]
         if query.shape[-2] > 1:
             values = layer.values[:, :, : layer.length]
             if loki:
-                query, keys = layer.rotated_query(query), layer.rotated_keys()
+                query = layer.rotated_query(query)
+                parts = layer.key_parts()  # the store's views, any layout
             else:
-                keys = layer.keys[:, :, : layer.length]
-            return causal_attention(query, keys, values, scale)
+                parts = (layer.keys[:, :, : layer.length],)
+            return prefill_attention(query, parts, values, scale, settings.prefill_workspace)
         if not attend:
             return query.transpose(1, 2)
         end = _view_end(cache, layer)
         if not loki:
             return dense_decode(query, layer, end, scale)
         out = layer.decode_step(
-            layer.rotated_query(query)[:, :, 0],  # [B, Hq, D]
+            decode_query(layer, query),  # [B, Hq, D]
             end,
             cache.tokens_kept(end),
             scale,
@@ -226,7 +260,13 @@ class DecodeLoop:
         self.length = self.start = 0  # valid cache tokens; the prompt length
 
     def __enter__(self) -> DecodeLoop:
-        self._stack.enter_context(use_attention(self.model, self._handler))
+        try:
+            if self.settings.fuse_projections:
+                self._stack.enter_context(fused_projections(self.model))
+            self._stack.enter_context(use_attention(self.model, self._handler))
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -245,7 +285,8 @@ class DecodeLoop:
         self.cache.set_length(0)
         self.cache.view_length = None
         prompt = prompt.to(self.device)
-        chunk, length = self.settings.prefill_chunk, prompt.shape[1]
+        settings, length = self.settings, prompt.shape[1]
+        chunk = chunk_length(prompt.shape[0], settings.prefill_chunk, settings.prefill_tokens)
         starts = list(range(0, length, chunk))
         if len(starts) > 1 and length - starts[-1] < 2:
             starts.pop()  # a one-token chunk would take the decode path: fold it into the last one

@@ -26,6 +26,13 @@ class ArchSpec:
     layers: dotted path from the causal-LM model to its decoder layers (a ModuleList)
     attention: attribute of a decoder layer holding its attention module
     final_norm: dotted path from the model to the norm after the last layer
+    qkv: the attention's input projections, in output order: q, k, v (three GEMMs, which the decode
+        loop fuses into one) or the one fused projection (Phi3, GPT-NeoX: nothing to fuse)
+    output: the attention's output projection
+    mlp: attribute of a decoder layer holding its MLP
+    gate_up: the MLP's input projections, gate then up (fused by the decode loop), or its one
+        input projection (Phi3's fused gate_up_proj; GPT-NeoX's ungated dense_h_to_4h)
+    down: the MLP's output projection
     RoPE is applied inside the attention module: post-RoPE keys are what the attention function
     receives (partial rotary, GPT-NeoX, included), so the table needs no rotary facts.
     A compiled decode step swaps in each decoder layer and the final norm (`compiled_slots`).
@@ -38,15 +45,29 @@ class ArchSpec:
     layers: str = "model.layers"
     attention: str = "self_attn"
     final_norm: str = "model.norm"
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    output: str = "o_proj"
+    mlp: str = "mlp"
+    gate_up: tuple[str, ...] = ("gate_proj", "up_proj")
+    down: str = "down_proj"
 
 
-_NEOX = {"layers": "gpt_neox.layers", "attention": "attention"}
+_NEOX = {
+    "layers": "gpt_neox.layers",
+    "attention": "attention",
+    "qkv": ("query_key_value",),
+    "output": "dense",
+    "gate_up": ("dense_h_to_4h",),
+    "down": "dense_4h_to_h",
+}
 ARCHITECTURES = {
     "llama": ArchSpec("k_proj", "kv", "q_proj", "kv"),
     "mistral": ArchSpec("k_proj", "kv", "q_proj", "kv"),
     "qwen2": ArchSpec("k_proj", "kv", "q_proj", "kv"),
     "qwen3": ArchSpec("k_norm", "heads", "q_norm", "heads"),
-    "phi3": ArchSpec("qkv_proj", "phi3_qkv", "qkv_proj", "phi3_qkv"),
+    "phi3": ArchSpec(
+        "qkv_proj", "phi3_qkv", "qkv_proj", "phi3_qkv", qkv=("qkv_proj",), gate_up=("gate_up_proj",)
+    ),
     "gpt_neox": ArchSpec(
         "query_key_value",
         "neox_qkv",

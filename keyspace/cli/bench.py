@@ -14,7 +14,9 @@ from keyspace.options import parse_int
 @handle_errors
 def command(
     model: str = typer.Option(None, help="Alias, local folder or hub id: take its head shapes."),
-    batch: int = typer.Option(16, help="Sequences per decode step."),
+    batch: list[int] = typer.Option(
+        None, help="Sequences per decode step (default 16); with --e2e repeat: --batch 1 --batch 4."
+    ),
     heads: int = typer.Option(None, help="Query heads (default 32, or the model's)."),
     kv_heads: list[int] = typer.Option(None, help="KV heads; repeat for several (default 32, 8)."),
     head_dim: int = typer.Option(None, help="Head dimension (default 128, or the model's)."),
@@ -39,6 +41,15 @@ def command(
 ) -> None:
     """Time one Loki decode step (scores, top-k, sparse attention) against dense SDPA; with --e2e,
     whole decode steps of a model (CUDA-graph loop, dense vs Loki, and transformers' generate)."""
+    batch = [parse_int(v, "--batch", 1, 1 << 16) for v in batch or [16]]
+    steps = parse_int(steps, "--steps", 1, 1 << 20)
+    heads, head_dim, layers = (
+        None if value is None else parse_int(value, flag, 1, 1 << 16)
+        for value, flag in ((heads, "--heads"), (head_dim, "--head-dim"), (layers, "--layers"))
+    )  # 0 is an error, never "the default"
+    kv_heads = [parse_int(v, "--kv-heads", 1, 1 << 16) for v in kv_heads or []]
+    seq = [parse_int(v, "--seq", 1, 1 << 24) for v in seq or []]
+    d = [parse_int(v, "--d", 1, 1 << 16) for v in d or []]
     budget = [parse_int(v, "--budget", 1, 1 << 24) for v in budget or []]
     if out is not None:  # before any work: a sweep is minutes of GPU time
         from keyspace.runfolder.store import check_writable
@@ -50,6 +61,11 @@ def command(
                 "--budget is not yet taken with --e2e.", "Give --k fractions with --e2e."
             )
         return _e2e(model, config, layers, batch, seq, d, k, steps, dtype, check, out, json_output)
+    if len(batch) > 1:
+        raise KeyspaceError(
+            "the kernel bench takes one --batch.", "Repeat --batch with --e2e only."
+        )
+    batch = batch[0]
     if bool(d) != bool(k or budget):
         raise KeyspaceError(
             "--d and --k (or --budget) go together.", "Give both, e.g. --d 32 --k 0.125."
@@ -111,7 +127,7 @@ def _e2e(model, config, layers, batch, seq, d, k, steps, dtype, check, out, json
             config=None if model else (config or "llama3-8b"),
             model=model,
             layers=layers,
-            batches=(batch,),
+            batches=tuple(batch),
             seqs=tuple(seq) if seq else E2EConfig.seqs,
             steps=steps,
             points=tuple((dd, kk) for dd in d for kk in k) if d else E2EConfig.points,

@@ -232,9 +232,44 @@ def test_tasks_write_one_row_per_method_setting_task_and_length(synthetic):
     assert (out / "validate_tasks.png").is_file()
 
 
+def test_select_adaptive_adds_one_loki_adaptive_row_per_loki_row(synthetic):
+    """--select fixed,adaptive: loki-adaptive at loki's (d, k, basis) in perplexity, the decode
+    check, passkey and tasks (through its cache), the printed table and the report."""
+    root, run = synthetic
+    out = root / "o-select"
+    args = ["--d", "4", "--k", "0.25", "--k-mode", "row", "--methods", "loki,full"]
+    args += ["--select", "fixed,adaptive", "--decode-prompts", "1", "--decode-tokens", "3"]
+    args += ["--passkey-lengths", "64", "--passkey-count", "1", "--recall-windows", "0"]
+    args += ["--tasks", "niah", "--task-lengths", "96", "--task-count", "1", "--out", str(out)]
+    result = invoke(root, run, *args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "validate.json").read_text())
+    assert [(r["method"], r["d"], r["k"], r["basis"]) for r in doc["results"]] == [
+        ("loki", 4, 0.25, "key"), ("loki-adaptive", 4, 0.25, "key"), ("full", None, None, None),
+    ]  # fmt: skip
+    adaptive = doc["results"][1]
+    assert adaptive["ppl"] != doc["results"][0]["ppl"]  # another selection, measured
+    for stage in ("decode", "passkey", "tasks"):
+        assert "loki-adaptive" in [e["method"] for e in doc[stage]], stage
+    assert [e["method"] for e in doc["decode"]] == ["loki", "loki-adaptive"]
+    table = [line for line in result.stdout.splitlines() if "loki-adaptive" in line]
+    assert any(f"{adaptive['ppl']:.3f}" in line for line in table)
+    assert "loki-adaptive" in (out / "validate.html").read_text()
+    alone = invoke(root, run, "--d", "4", "--k", "0.25", "--k-mode", "row", "--methods",
+                   "loki,full", "--select", "adaptive", "--decode-prompts", "0",
+                   "--recall-windows", "0", "--json")  # fmt: skip
+    assert alone.exit_code == 0, alone.output
+    rows = json.loads(alone.stdout)["results"]
+    assert [r["method"] for r in rows] == ["loki-adaptive", "full"]
+    assert rows[0]["ppl"] == pytest.approx(adaptive["ppl"], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--select", "magic"], "--select must be fixed, adaptive or both"),
+        (["--select", ","], "--select must be fixed, adaptive or both"),
+        (["--select", "adaptive", "--methods", "full"], "--methods has no loki"),
         (["--d", "17"], "--d must be a whole number from 1 to 16, or auto:τ"),
         (["--d", "0"], "--d must be a whole number from 1 to 16"),
         (["--d", "x"], "--d must be a whole number from 1 to 16"),

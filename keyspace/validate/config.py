@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyspace.errors import KeyspaceError
+from keyspace.models.placement import placement_from_options
 from keyspace.options import ABSURD, option, parse_int_fields, parse_positive_ints
 
 Log = Callable[[str], None]
@@ -20,6 +21,8 @@ TASK_HAYSTACKS = ("filler", "wikitext", "pydoc")
 # Loki's bases: "key" = PCA of the keys (the paper; transforms A = B orthonormal), "query-aware" =
 # the score basis A = Uᵀ S_q^½, B = A⁻ᵀ (docs/validate.md).
 BASES = ("key", "query-aware")
+# Loki's coordinate choice (`Loki(select=...)`): "fixed" runs method loki, "adaptive" loki-adaptive.
+SELECTS = ("fixed", "adaptive")
 
 
 @dataclass
@@ -44,6 +47,12 @@ class ValidateConfig:
         "--basis",
         "Loki's basis: key (PCA of keys, the paper), query-aware (scores as queries see them), or key,query-aware.",
         "key",
+    )
+    select: str = option(
+        "--select",
+        "Loki's coordinates: fixed (the first d, the paper), adaptive (r = d chosen per step from"
+        " the query: the loki-adaptive rows), or fixed,adaptive (both, at the same d, k, basis).",
+        "fixed",
     )
     methods: str = option(
         "--methods",
@@ -111,7 +120,23 @@ class ValidateConfig:
         "Text the needles hide in: filler, wikitext, pydoc or a .txt path.",
         "filler",
     )
-    device: str = option("--device", "cpu or cuda.", "cpu")
+    device: str | None = option("--device", "cpu (the default) or cuda. Not with --device-map.")
+    device_map: str | None = option(
+        "--device-map",
+        "Spread the layers over devices (accelerate): auto, balanced, sequential, or a JSON"
+        ' file {"module name": device}. Not with --device.',
+        None,
+    )
+    max_memory: str | None = option(
+        "--max-memory",
+        "Per-device limits for --device-map auto|balanced|sequential: 0=70GiB,1=70GiB,cpu=200GiB.",
+        None,
+    )
+    offload_folder: Path | None = option(
+        "--offload-folder",
+        "Where --device-map puts weights mapped to disk. Default: a scratch folder, removed after.",
+        None,
+    )
     dtype: str = option("--dtype", "float32, float16 or bfloat16.", "float32")
     speed: bool = option(
         "--speed/--no-speed", "On CUDA, also time the kernels and the decode loop.", True
@@ -140,7 +165,19 @@ class ValidateConfig:
                 f"--basis must be key, query-aware or both, got {self.basis!r}.",
                 "Use --basis key (default, the paper), query-aware, or key,query-aware.",
             )
-        self._check_device()
+        if not self.selects or any(name not in SELECTS for name in self.selects):
+            raise KeyspaceError(
+                f"--select must be fixed, adaptive or both, got {self.select!r}.",
+                "Use --select fixed (default, the paper), adaptive, or fixed,adaptive.",
+            )
+        self.placement = placement_from_options(
+            self.device, self.device_map, self.max_memory, self.offload_folder
+        )
+        if self.placement is None:
+            self.device = self.device or "cpu"
+            self._check_device()
+        else:  # no single device: the CUDA-graph speed stages, which need one, are skipped
+            self.device = "device-map"
 
     def _check_tasks(self) -> None:
         if self.tasks.strip() and not self.task_lengths:
@@ -150,6 +187,11 @@ class ValidateConfig:
                 f"--task-haystack {self.task_haystack!r} is not {', '.join(TASK_HAYSTACKS)} or an existing path.",
                 "Use --task-haystack filler, wikitext or pydoc, or give a .txt file or folder.",
             )
+
+    @property
+    def selects(self) -> tuple[str, ...]:
+        """`--select` as names, each once, in the order given."""
+        return tuple(dict.fromkeys(p.strip() for p in self.select.split(",") if p.strip()))
 
     @property
     def bases(self) -> tuple[str, ...]:

@@ -98,6 +98,24 @@ def parse_methods(text: str) -> list[str]:
     )
 
 
+# `--select` -> the method that runs Loki with that coordinate choice
+SELECT_METHODS = {"fixed": "loki", "adaptive": "loki-adaptive"}
+
+
+def with_selects(methods: list[str], selects: tuple[str, ...]) -> list[str]:
+    """`loki` in the methods stands for Loki at each `--select`, in place: fixed -> loki, adaptive
+    -> loki-adaptive (at the same d, k and basis); each name once."""
+    if "loki" not in methods:
+        if selects != ("fixed",):
+            raise KeyspaceError(
+                f"--select {','.join(selects)} chooses Loki's coordinates, and --methods has no loki.",
+                "Add loki to --methods (or leave --methods out), or drop --select.",
+            )
+        return methods
+    variants = [SELECT_METHODS[name] for name in selects]
+    return list(dict.fromkeys(v for m in methods for v in (variants if m == "loki" else [m])))
+
+
 def parse_tasks(text: str) -> list[str]:
     """`--tasks`: empty (skip), task names, and `default` for DEFAULT_TASKS; each name once."""
     if not text.strip():

@@ -27,6 +27,7 @@ from keyspace.validate.grid import (
     parse_names,
     parse_tasks,
     ranks_at,
+    with_selects,
 )
 
 
@@ -70,7 +71,7 @@ class Inputs:
 
 def open_inputs(config: ValidateConfig) -> Inputs:
     """Open the run, its calibration and ranks; parse the grid. Raises KeyspaceError on bad input."""
-    methods = parse_methods(config.methods)
+    methods = with_selects(parse_methods(config.methods), config.selects)
     k_modes = parse_names(config.k_modes, K_MODES, "--k-mode")
     ks = parse_k(config.k)
     tasks = tuple(parse_tasks(config.tasks))
@@ -153,7 +154,7 @@ def calibration_window_note(inputs: Inputs, config: ValidateConfig) -> str | Non
     every UUID needle at 8192 tokens when calibrated on 1024-token windows, and matched dense when
     calibrated on 8192-token windows (docs/notes/tasks-h200-smollm2.md). The key basis did not
     gain from longer windows there, so only the query-aware basis gets the note."""
-    if "query-aware" not in inputs.bases or "loki" not in inputs.methods:
+    if "query-aware" not in inputs.bases or not {"loki", "loki-adaptive"} & set(inputs.methods):
         return None
     window = inputs.run.window
     lengths = (config.task_lengths if inputs.tasks else ()) + tuple(config.passkey_lengths)

@@ -22,6 +22,8 @@ install: $(STAMP)
 
 # A suite that collects nothing exits 5 and fails the target: a vanished suite is a failure.
 test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		echo "Note: no Chromium, so tests/test_browser.py skips; install it with: apt-get install -y chromium"
 	$(PY) -m pytest -q -n 2 --durations=15
 
 lint: $(STAMP)

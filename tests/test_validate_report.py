@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
 from runfolder_fixtures import synthetic_run
+from scipy.stats import spearmanr
 from test_report import assert_self_contained, parse
 
 from keyspace.analyze.pca import AnalyzeConfig
@@ -188,6 +190,7 @@ def test_tables_hold_the_numbers(page):
     recall = parsed.table("recall")
     grid = make_doc()["recall"][0]["topk_recall"]
     mean = sum(map(sum, grid)) / (LAYERS * Q_HEADS)
+    rho, p = spearmanr([r for row in RANKS for r in row], [v for row in grid for v in row])
     assert recall[1] == [
         "16",
         "1/8",
@@ -195,8 +198,10 @@ def test_tables_hold_the_numbers(page):
         "3584",
         "top-k recall",
         f"{mean:.3f}",
-        "-0.50",
-        "0.01",
+        f"{rho:+.2f}",
+        "key rank",
+        f"{p:.1g}",
+        str(LAYERS * Q_HEADS),  # every query head has its own KV head here (G = 1)
     ]
     timing = parsed.table("timing")
     assert timing[1][:7] == ["4096", "16", "1/8", "group", "0.040", "0.030", "1.33×"]
@@ -433,12 +438,12 @@ def test_crowded_pareto_labels_become_numbers_named_in_a_key():
     point_labels = [t.get_text() for t in fig.axes[0].texts if not t.get_text().startswith("dense")]
     assert point_labels == [str(i) for i in range(1, 9)]
     key = [t.get_text() for t in fig.legends[-1].get_texts()]
-    assert key[0] == "1  d=16, k=1/8" and key[1] == "2  d=17, k=1/8, query-aware"
+    assert key[0] == "1  d=16, k=1/8, key" and key[1] == "2  d=17, k=1/8, query-aware"
     assert len(key) == 8
     plt.close(fig)
 
     fig = pareto(crowded_rows(1), "window")  # one label fits: it is the setting itself
-    assert "d=16, k=1/8" in [t.get_text() for t in fig.axes[0].texts]
+    assert "d=16, k=1/8, key" in [t.get_text() for t in fig.axes[0].texts]
     assert len(fig.legends) == 1
     plt.close(fig)
 
@@ -484,7 +489,7 @@ def nearest_basis(text: str, at: int) -> str | None:
 
 @pytest.mark.parametrize("path", validate_documents(), ids=lambda p: p.stem)
 def test_every_headline_number_stands_after_its_own_basis(path):
-    from keyspace.reports.validate_report import headline
+    from keyspace.reports.validate_report import bare_setting, headline
     from keyspace.reports.validate_tables import interval
 
     doc = json.loads(path.read_text())
@@ -497,11 +502,16 @@ def test_every_headline_number_stands_after_its_own_basis(path):
             quoted += 1
             assert nearest_basis(text, text.index(number)) == (row.get("basis") or "key"), number
     assert quoted >= (1 if loki else 0)
+    cells = {}  # the text a task clause quotes -> the bases of the rows that read so
     for row in doc.get("tasks") or []:
-        cell = f"{interval(row)} at d="
-        if row["method"] == "loki" and cell in text:
-            assert nearest_basis(text, text.index(cell)) == (row.get("basis") or "key"), cell
-            assert text.count(f"{row['task']} at {row['length']}") >= 1
+        if row["method"] == "loki":
+            cell = (
+                f"{row['task']} at {row['length']} tokens: {interval(row)} at {bare_setting(row)}"
+            )
+            cells.setdefault(cell, set()).add(row.get("basis") or "key")
+    for cell, bases in cells.items():
+        for found in re.finditer(re.escape(cell), text):
+            assert nearest_basis(text, found.start()) in bases, cell
     assert len(validate_documents()) >= 20
 
 
@@ -525,3 +535,132 @@ def test_the_h200_8192_headline_gives_each_basis_its_own_task_numbers():
         "in the query-aware basis Loki loses most on niah-uuid at 4096 tokens: 0.00 [0.00, 0.07]"
         in headline(doc)
     )
+
+
+# ---- the Pareto plot: told apart near dense, one marker per basis, labels clear of each other ----
+
+
+def pareto_cases():
+    cases = [("crowded-8", crowded_rows(8), "window"), ("crowded-3", crowded_rows(3), "window")]
+    for path in validate_documents():
+        doc = json.loads(path.read_text())
+        for mode in (doc.get("k_modes") or [None])[:1]:
+            cases.append((path.stem, doc["results"], mode))
+    return cases
+
+
+@pytest.mark.parametrize(
+    "name, rows, mode", pareto_cases(), ids=lambda c: c if isinstance(c, str) else ""
+)
+def test_pareto_labels_never_overlap_and_ticks_cover_the_data(name, rows, mode):
+    from keyspace.reports.validate_figures import pareto
+
+    fig = pareto(rows, mode)
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for ax in fig.axes for t in ax.texts if not t.get_text().startswith("dense")]
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            shared = max(0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(
+                0, min(a.y1, b.y1) - max(a.y0, b.y0)
+            )
+            assert shared == 0, (name, labels[i].get_text())
+    for ax in fig.axes:
+        low, high = ax.get_ylim()
+        ticks = [t for t in ax.get_yticks() if low <= t <= high]
+        assert len(ticks) >= 3, (name, ticks)
+        # every drawn point lies within the ticked range, widened by one tick step
+        step = min(b - a for a, b in zip(ticks, ticks[1:], strict=False))
+        for collection in ax.collections:
+            for _, y in collection.get_offsets():
+                assert ticks[0] - step * (2 if ax.get_yscale() == "log" else 1) <= y, (name, y)
+    plt.close(fig)
+
+
+def test_settings_within_five_percent_of_dense_are_told_apart():
+    """The issue's case: both Lokis, SparQ and exact-topk at 11.1–11.5 against dense 10.96 sat
+    within about 15 px; in the lower panel they are at least 20 px apart per 0.1 perplexity."""
+    from keyspace.reports.validate_figures import pareto
+
+    doc = json.loads((RESULTS / "tasks-smollm2-h200-8192-cal8192.json").read_text())
+    fig = pareto(doc["results"], "window")
+    fig.draw_without_rendering()
+    lower = fig.axes[1]
+    y0, y1 = (lower.transData.transform([(0, v)])[0][1] for v in (11.10, 11.27))
+    assert abs(y1 - y0) >= 30  # display px at 100 dpi
+    fills = {c.get_facecolor()[0][3] for c in lower.collections if len(c.get_offsets())}
+    assert any(c.get_facecolor()[0][:3].tolist() == [1.0, 1.0, 1.0] for c in lower.collections)
+    assert len(fills) >= 1
+    plt.close(fig)
+
+
+def test_recall_is_read_per_kv_head_against_the_rank_of_its_basis():
+    """Ranks repeat over each KV head's 3 query heads: ρ and p count 2 layers × 2 KV heads, not
+    12 query heads; the query-aware entry is read against its score rank."""
+    from keyspace.reports.validate_recall import kv_recall
+
+    rank = [[10, 10, 10, 30, 30, 30], [20, 20, 20, 40, 40, 40]]
+    score = [[5, 5, 5, 9, 9, 9], [7, 7, 7, 3, 3, 3]]
+    topk = [[0.9, 0.8, 0.7, 0.5, 0.5, 0.5], [0.6, 0.6, 0.6, 0.2, 0.3, 0.4]]
+    entry = {"d": 16, "k": 0.125, "basis": "key", "rank": rank, "score_rank": score,
+             "topk_recall": topk}  # fmt: skip
+    kv = kv_recall(entry, "topk_recall")
+    assert kv.group == 3 and kv.n == 4 and kv.rank_name == "key rank"
+    assert kv.rank.tolist() == [[10, 30], [20, 40]]
+    assert kv.recall.round(6).tolist() == [[0.8, 0.5], [0.6, 0.3]]
+    assert kv.rho == pytest.approx(spearmanr([10, 30, 20, 40], [0.8, 0.5, 0.6, 0.3]).statistic)
+    aware = kv_recall({**entry, "basis": "query-aware"}, "topk_recall")
+    assert aware.rank_name == "score rank" and aware.rank.tolist() == [[5, 9], [7, 3]]
+    older = {k: v for k, v in entry.items() if k != "score_rank"} | {"basis": "query-aware"}
+    assert kv_recall(older, "topk_recall").rank_name == "key rank"  # what the file holds
+
+
+def test_scatter_points_carry_their_layer_and_head_as_tooltips(page):
+    text = (page[0] / "validate.html").read_text()
+    tips = re.findall(r"<circle [^>]*><title>([^<]*)</title>", text)
+    assert tips and all(t.startswith("layer ") and "KV head" in t for t in tips)
+    assert "layer 2, KV head 3: key rank 52" in text
+
+
+# ---- keyspace report: any validate.json in, validate.html out ------------------------------------
+
+
+def other_records() -> list[Path]:
+    """The JSON files in results/ that are not validate.json (bench, e2e, study records)."""
+    return sorted(set(RESULTS.glob("*.json")) - set(validate_documents()))
+
+
+@pytest.mark.parametrize("path", validate_documents(), ids=lambda p: p.stem)
+def test_keyspace_report_renders_every_validate_json_in_results(path, tmp_path):
+    from typer.testing import CliRunner
+
+    from keyspace.cli.main import app
+
+    out = tmp_path / "page"
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    parsed = assert_self_contained(out / "validate.html")
+    doc = json.loads(path.read_text())
+    assert parsed.headline.startswith(("Loki in ", "Post-RoPE", "Pre-RoPE", "No Loki"))
+    text = (out / "validate.html").read_text()
+    # provenance: what the file holds is shown, what it lacks is "not recorded", never guessed
+    subtitle = re.search(r'<div class="subtitle">(.*?)</div>', text).group(1)
+    assert doc["model"]["identity"][:12] in text and doc["model"]["identity"] not in subtitle
+    assert not re.search(r"[0-9a-f]{64}", subtitle)  # no full hash in the subtitle
+    if "gqa_select" not in doc:
+        assert "selection per not recorded" in text
+    assert 'download="validate.json"' in text and 'download="perplexity.csv"' in text
+
+
+def test_keyspace_report_refuses_other_records_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from keyspace.cli.main import app
+
+    assert other_records(), "results/ holds bench and e2e records too"
+    for path in other_records():
+        result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path)])
+        assert result.exit_code == 2, path
+        assert result.output.startswith(f"Error: {path} is not a validate.json"), result.output
+    assert not (tmp_path / "validate.html").exists()

@@ -4,18 +4,42 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from keyspace.cli.common import handle_errors, print_json, progress_enabled, stderr, stdout
+from keyspace.cli.defaults import default_run_folder
 from keyspace.cli.options import config_options
 from keyspace.collect.config import CollectConfig
 from keyspace.errors import shell_command
+from keyspace.options import option
+
+
+@dataclass
+class CollectArgs(CollectConfig):
+    """CollectConfig as the command line gives it: --out may be left out."""
+
+    out: Path | None = option(
+        "--out",
+        "Run folder to write (new, or an existing partial run with --resume)."
+        " Default: runs/<model>-<dataset>, plus -w<window> at another --window.",
+        None,
+        short="-o",
+    )
+
+    def __post_init__(self) -> None:
+        named = self.out is not None
+        self.out = self.out if named else Path(".")  # named after the parsed --window, below
+        super().__post_init__()
+        if not named:
+            self.out = default_run_folder(self.model, self.dataset, self.window)
 
 
 @handle_errors
-@config_options(CollectConfig)
+@config_options(CollectArgs)
 def command(
     config: CollectConfig,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -42,7 +66,7 @@ def command(
     if as_json:
         print_json(summary)
         return
-    stdout.print(f"[bold]Run {result.state}[/bold]: ", end="")
+    stdout.print(f"[bold]Run {result.state}[/bold]: ", end="", markup=True)  # "complete"
     stdout.print(str(result.out), soft_wrap=True, markup=False)
     speed = (
         "all collected before"

@@ -34,6 +34,7 @@ COMMANDS = {
     "analyze": analyze.command,
     "rank-report": report.command,
     "validate": validate.command,
+    "report": validate.report_command,
     "bench": bench.command,
     "verify": verify.command,
 }

@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from keyspace.cli.common import handle_errors, print_json, stderr, stdout
+from keyspace.cli.defaults import latest_run
 from keyspace.cli.options import config_options
+from keyspace.options import option
 from keyspace.validate.config import ValidateConfig
+
+
+@dataclass
+class ValidateArgs(ValidateConfig):
+    """ValidateConfig as the command line gives it: --run may be left out."""
+
+    run: Path | None = option(
+        "--run",
+        "Run folder with calibration (from `keyspace analyze`). Default: the most recent"
+        " complete run under ./runs.",
+        None,
+        short="-r",
+    )
+    picked: str = ""  # the line that says which run was taken, when --run was left out
+
+    def __post_init__(self) -> None:
+        if self.run is None:
+            self.run, self.picked = latest_run("--run RUN")
+        super().__post_init__()
 
 
 def _print_table(doc: dict) -> None:
@@ -107,9 +129,9 @@ def _print_tasks(rows: list[dict]) -> None:
 
 
 @handle_errors
-@config_options(ValidateConfig)
+@config_options(ValidateArgs)
 def command(
-    config: ValidateConfig,
+    config: ValidateArgs,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -122,9 +144,46 @@ def command(
     long-context tasks."""
     from keyspace.validate.run import validate_into
 
+    if config.picked:
+        stderr.print(config.picked, soft_wrap=True, markup=False)
     doc, paths = validate_into(config, out, log=lambda line: stderr.print(line))
     if as_json:
         print_json(doc)
         return
     _print_table(doc)
     stdout.print(f"wrote {', '.join(str(p) for p in paths)}", soft_wrap=True, markup=False)
+
+
+@handle_errors
+def report_command(
+    validate_json: Annotated[
+        Path, typer.Argument(help="A validate.json, from `keyspace validate` or results/.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for validate.html and its PNGs. Default: reports/<run>/validate for"
+            " <run>/validate/validate.json (beside the run's rank report), else reports/<file name>.",
+        ),
+    ] = None,
+) -> None:
+    """Render validate.html from a validate.json, of any keyspace version (fields a file lacks show
+    as not recorded)."""
+    from keyspace.reports.validate_report import load_validate_doc, write_validate_report
+
+    doc = load_validate_doc(validate_json)
+    if out is None:
+        out = default_report_folder(validate_json)
+    paths = write_validate_report(doc, out)
+    stdout.print(f"Report: {paths[0]}", soft_wrap=True, markup=False)
+
+
+def default_report_folder(validate_json: Path) -> Path:
+    """reports/<run>/validate for a run's own validate.json (the rank report's sibling, so the
+    two pages link), else reports/<the file's name>."""
+    folder = validate_json.resolve().parent
+    if validate_json.stem == "validate" and folder.name == "validate":
+        return Path("reports") / folder.parent.name / "validate"
+    return Path("reports") / validate_json.stem

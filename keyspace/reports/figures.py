@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from keyspace.reports.html import Png  # noqa: E402
@@ -56,13 +57,43 @@ class HeadCurve:
 
 
 def to_png(fig: Figure, name: str) -> Png:
-    """Render `fig` as a PNG named `name` (the file it gets beside the page) and close it."""
+    """Render `fig` as a PNG named `name` (the file it gets beside the page) and close it, with
+    the hover targets of scatter points that carry `tooltips` and the figure's smallest text."""
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format="png", dpi=DPI * PIXEL_RATIO, bbox_inches="tight")
+        tips, smallest = point_tips(fig), min_font_px(fig)
     finally:
         plt.close(fig)
-    return Png(name, buffer.getvalue(), PIXEL_RATIO)
+    return Png(name, buffer.getvalue(), PIXEL_RATIO, tips, smallest)
+
+
+def min_font_px(fig: Figure) -> float:
+    """The smallest visible text in `fig`, in CSS pixels at the figure's own size."""
+    sizes = [
+        t.get_fontsize()
+        for t in fig.findobj(Text)
+        if t.get_visible() and t.get_text().strip() and t.get_figure() is not None
+    ]
+    return min(sizes) * DPI / 72 if sizes else 0.0
+
+
+def point_tips(fig: Figure) -> tuple[tuple[float, float, float, str], ...]:
+    """(x, y, radius, text) in CSS pixels of the saved (tight-cropped) PNG for every point of a
+    scatter collection given a `tooltips` list, one text per point."""
+    marked = [(ax, c) for ax in fig.axes for c in ax.collections if getattr(c, "tooltips", None)]
+    if not marked:
+        return ()
+    renderer = fig.canvas.get_renderer()
+    box = fig.get_tightbbox(renderer).padded(plt.rcParams["savefig.pad_inches"])  # inches
+    tips = []
+    for ax, collection in marked:
+        centers = ax.transData.transform(collection.get_offsets())  # display px at fig.dpi
+        radius = max(3.0, (collection.get_sizes()[0] ** 0.5) / 2 * DPI / 72 + 1)
+        for (x, y), text in zip(centers, collection.tooltips, strict=True):
+            left, top = (x / fig.dpi - box.x0) * DPI, (box.y1 - y / fig.dpi) * DPI
+            tips.append((round(left, 1), round(top, 1), round(radius, 1), text))
+    return tuple(tips)
 
 
 def styled(plot: Callable[..., Figure]) -> Callable[..., Figure]:
@@ -108,13 +139,13 @@ def rank_heatmaps(ranks: dict[str, np.ndarray], head_dim: int, tau: float, title
     for ax, kind in zip(axes[0], kinds, strict=True):
         sns.heatmap(
             ranks[kind], ax=ax, vmin=0, vmax=head_dim, cmap="viridis", annot=annotate, fmt="d",
-            annot_kws={"fontsize": 8}, cbar=False,
+            annot_kws={"fontsize": 9.5}, cbar=False,
             xticklabels=[f"h{h}" for h in range(heads)], yticklabels=list(range(layers)),
         )  # fmt: skip
         ax.set_title(f"{KIND_TITLES.get(kind, kind)}")
         ax.set_xlabel("KV head")
         ax.set_ylabel("layer")
-        ax.tick_params(axis="y", labelsize=8, rotation=0)
+        ax.tick_params(axis="y", labelsize=9.5, rotation=0)
     fig.colorbar(
         axes[0][0].collections[0],
         ax=axes,

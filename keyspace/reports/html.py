@@ -6,7 +6,9 @@ self-contained file; the only links that leave it point to a sibling report (see
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import re
 import struct
 from dataclasses import dataclass
@@ -57,10 +59,13 @@ def table(
     attrs: dict[str, object] | None = None,
     row_attrs: list[dict] | None = None,
     tall: bool = False,
+    csv_name: str | None = None,
 ) -> str:
-    """An HTML table in its own scroll box, so a wide or long table never widens the page.
+    """An HTML table in its own scroll box, so a wide or long table never widens the page, with
+    a link to its cells as CSV (`csv_name`.csv, default the css class).
 
-    Every cell is escaped; row_attrs[i] adds attributes to row i; tall caps the box's height.
+    Every cell is escaped; row_attrs[i] adds attributes to row i; tall caps the box's height
+    on screen (printed, every row shows).
     """
     text = [not all(is_number(row[j]) for row in rows) for j in range(len(headers))]
     cls = [' class="text"' if t else "" for t in text]
@@ -71,20 +76,66 @@ def table(
         cells = "".join(f"<td{c}>{esc(v)}</td>" for v, c in zip(row, cls, strict=True))
         body.append(f"<tr{extra}>{cells}</tr>")
     box = "table-box tall" if tall else "table-box"
+    csv_link = download(f"{csv_name or css_class}.csv", csv_text(headers, rows), "text/csv", "CSV")
     return (
         f'<div class="{box}"><table class="{esc(css_class)}"{attributes(attrs)}>'
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+        f'<div class="data-links">This table as {csv_link}</div>'
     )
+
+
+def csv_text(headers: list[str], rows: list[list[object]]) -> bytes:
+    """The table's cells as CSV (UTF-8), exactly as the page shows them."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(headers)
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def download(name: str, data: bytes, mime: str, label: str) -> str:
+    """A link that saves `data` as `name`: a data URI, so the page stays one file."""
+    uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    return f'<a class="data" download="{esc(name)}" href="{uri}">{esc(label)}</a>'
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One line of a page's provenance block: a label, its value, and an optional tooltip (the
+    full value where the line shows it shortened). `link` is HTML from `download`, shown after."""
+
+    label: str
+    value: str
+    tooltip: str | None = None
+    link: str = ""
+
+
+def provenance(facts: list[Fact]) -> str:
+    """Where a page's numbers come from, as a compact definition list."""
+    items = []
+    for fact in facts:
+        title = f' title="{esc(fact.tooltip)}"' if fact.tooltip else ""
+        missing = ' class="missing"' if fact.value.startswith("not recorded") else ""
+        link = f" {fact.link}" if fact.link else ""
+        items.append(
+            f"<dt>{esc(fact.label)}</dt><dd{missing}><span{title}>{esc(fact.value)}</span>{link}</dd>"
+        )
+    return f'<details class="provenance" open><summary>Provenance</summary><dl>{"".join(items)}</dl></details>'
 
 
 @dataclass(frozen=True)
 class Png:
     """A rendered figure: the file name it gets beside the page, its bytes, and the pixel ratio
-    it was drawn at (2 = drawn at twice its CSS size, sharp on high-density screens)."""
+    it was drawn at (2 = drawn at twice its CSS size, sharp on high-density screens).
+
+    tips: (x, y, radius, text) in CSS pixels of the image, one hover target per marked point;
+    min_font_px: its smallest text at its CSS size (a page test scales it to the shown width)."""
 
     name: str
     data: bytes
     ratio: int = 1
+    tips: tuple[tuple[float, float, float, str], ...] = ()
+    min_font_px: float = 0.0
 
     def __post_init__(self) -> None:
         if self.data[:8] != PNG_MAGIC:
@@ -103,12 +154,22 @@ class Png:
 
 
 def image(png: Png, alt: str) -> str:
+    """The PNG as a data URI; points with tips get an SVG overlay of <title>d circles, which
+    scales with the image, so hovering a point names it at any width."""
     data = base64.b64encode(png.data).decode("ascii")
     width, height = png.size
-    return (
+    img = (
         f'<img src="data:image/png;base64,{data}" width="{width}" height="{height}"'
-        f' alt="{esc(alt)}" data-file="{esc(png.name)}">'
+        f' alt="{esc(alt)}" data-file="{esc(png.name)}" data-min-font-px="{png.min_font_px:.1f}">'
     )
+    if not png.tips:
+        return img
+    circles = "".join(
+        f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}"><title>{esc(text)}</title></circle>'
+        for x, y, r, text in png.tips
+    )
+    overlay = f'<svg class="tips" viewBox="0 0 {width} {height}" aria-hidden="true">{circles}</svg>'
+    return f'<span class="tipped">{img}{overlay}</span>'
 
 
 def figure(pngs: Png | list[Png], caption: str, wide: bool = False) -> str:
@@ -150,13 +211,15 @@ def page(
     headline: str,
     sections: list[str],
     navigation: list[tuple[str, str]],
-    footer: str,
     generator: str,
+    facts: list[Fact] = (),
+    footer: str = "",
     warnings: list[tuple[str, str]] = (),
     related: list[tuple[str, str]] = (),
 ) -> str:
-    """The whole document. navigation: (anchor, label) pairs for the contents line; warnings:
-    (label, text) boxes shown under the headline; related: (href, label) sibling reports."""
+    """The whole document. navigation: (anchor, label) pairs for the contents line; facts: the
+    provenance block under the headline; warnings: (label, text) boxes shown under the headline;
+    related: (href, label) sibling reports; footer: a closing note, none when empty."""
     nav = " · ".join(f'<a href="#{esc(a)}">{esc(label)}</a>' for a, label in navigation)
     return Template(PAGE).substitute(
         title=esc(title),
@@ -166,7 +229,8 @@ def page(
         nav=nav,
         related=related_nav(list(related)),
         body="\n".join(sections),
-        footer=esc(footer),
+        provenance=provenance(list(facts)) if facts else "",
+        footer=f"<footer>{esc(footer)}</footer>" if footer else "",
         generator=esc(generator),
     )
 

@@ -39,7 +39,19 @@ def marker_boxes(fig: Figure) -> list:
     return boxes
 
 
-def repel(fig: Figure, labels: list) -> float:
+# For the short numbered labels: rings of spots further out, so that crowded numbers find room.
+RING_SPOTS = LABEL_SPOTS + tuple(
+    ((round(r * dx), round(r * dy)), ha, va)
+    for r in (12, 18, 26, 36)
+    for dx, dy, ha, va in (
+        (1, 0, "left", "center"), (-1, 0, "right", "center"), (0, 1, "center", "bottom"),
+        (0, -1, "center", "top"), (0.7, 0.7, "left", "bottom"), (-0.7, 0.7, "right", "bottom"),
+        (0.7, -0.7, "left", "top"), (-0.7, -0.7, "right", "top"),
+    )
+)  # fmt: skip
+
+
+def repel(fig: Figure, labels: list, spots: tuple = LABEL_SPOTS) -> float:
     """Put each point label in the first spot around its point (LABEL_SPOTS) that covers no
     other label or marker and stays inside its axes; else in the least covered spot. Returns the
     area (display units²) still covered or outside the axes: 0 when every label sits clear."""
@@ -54,7 +66,7 @@ def repel(fig: Figure, labels: list) -> float:
         others = [m for m in markers if not m.contains(*anchor)]
         frame = label.axes.get_window_extent(renderer)
         costs = []
-        for offset, ha, va in LABEL_SPOTS:
+        for offset, ha, va in spots:
             label.xyann = offset
             label.set(ha=ha, va=va)
             box = label.get_window_extent(renderer)
@@ -84,4 +96,4 @@ def place_labels(fig: Figure, labels: list, legend: Callable[[list[str]], None])
     for old in list(fig.legends):
         old.remove()
     legend(key)
-    repel(fig, labels)
+    repel(fig, labels, RING_SPOTS)

@@ -48,6 +48,26 @@ CSS = """
   .panels.wide { grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); }
   figcaption { font-size: 0.9em; margin-top: 4px; max-width: 900px; }
   footer { margin-top: 48px; font-size: 0.85em; max-width: 900px; }
+  .tipped { position: relative; display: block; width: fit-content; max-width: 100%; }
+  svg.tips { position: absolute; inset: 0; width: 100%; height: 100%; }
+  svg.tips circle { fill: transparent; pointer-events: all; }
+  svg.tips circle:hover { fill: rgba(0, 0, 0, 0.25); }
+  .data-links { font-size: 0.85em; margin: -10px 0 16px; color: var(--muted); }
+  .provenance { margin: 8px 0 4px; font-size: 0.88em; color: var(--muted); max-width: 960px; }
+  .provenance summary { cursor: pointer; color: var(--fg); }
+  .provenance dl { display: grid; grid-template-columns: max-content minmax(0, 1fr);
+                   gap: 1px 14px; margin: 6px 0 0; }
+  .provenance dt { font-weight: 600; }
+  .provenance dd { margin: 0; overflow-wrap: anywhere; }
+  .provenance dd.missing { font-style: italic; }
+  .provenance span[title] { text-decoration: underline dotted; cursor: help; }
+  @media print {
+    main { max-width: none; padding: 0; }
+    .table-box, .table-box.tall { max-height: none; overflow: visible; display: block; border: 0; }
+    th { position: static; }
+    nav, .data-links, a.data { display: none; }
+    figure, tr { break-inside: avoid; }
+  }
 """
 
 PAGE = (
@@ -73,9 +93,10 @@ PAGE = (
     + """
 <p class="headline">$headline</p>
 $warnings
+$provenance
 <nav>$nav</nav>
 $body
-<footer>$footer</footer>
+$footer
 </main>
 </body>
 </html>

@@ -22,7 +22,14 @@ OTHER_COLORS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22")
 ENTRY_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
 # Perplexities above this multiple of dense sit on the top edge and are named in the title.
 PPL_CAP = 2.5
+# The Pareto's lower panel spans dense to this multiple of it (settings within 5% stand apart).
+NEAR = 1.08
 NICE = (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+# Task scorings, each on its own colour bar: (scoring, colour map, bar label).
+TASK_SCALES = (
+    ("exact", "viridis", "exact match (share of prompts)"),
+    ("recall", "magma", "recall of the asked values"),
+)
 K_MODE_TITLES = {"window": "k per window", "row": "k per query row"}
 
 
@@ -45,6 +52,11 @@ def basis_suffix(row: dict) -> str:
     return "" if row.get("basis") in (None, "key") else f", {row['basis']}"
 
 
+def hollow(row: dict) -> bool:
+    """The query-aware basis draws hollow markers, the paper's key basis filled ones."""
+    return row.get("basis") == "query-aware"
+
+
 def settings_label(row: dict) -> str:
     """'d=32, k=1/8'; the method for a row without settings ('full')."""
     parts = [f"d={row['d']}"] if row.get("d") is not None else []
@@ -54,7 +66,8 @@ def settings_label(row: dict) -> str:
 
 
 def point_label(row: dict) -> str:
-    return settings_label(row) + basis_suffix(row)
+    """'d=32, k=1/8, key' when the row names its basis (every row since the query-aware basis)."""
+    return settings_label(row) + (f", {row['basis']}" if row.get("basis") else "")
 
 
 def nice_ticks(low: float, high: float) -> list[float]:
@@ -71,14 +84,19 @@ def nice_ticks(low: float, high: float) -> list[float]:
 
 
 def ppl_axis(ax, values: list[float], top: float) -> None:
-    """A perplexity axis with labelled ticks near the data: log when the values span > 2.5×."""
-    low = min(values) * 0.96
+    """A perplexity axis with labelled ticks across the data (at least three): log when the
+    values span > 2.5×."""
+    values = values or [top / 1.06]
+    low = min(min(values) * 0.96, min(values) - 0.1 * (top - min(values)))
+    low = max(low, min(values) * 0.9)
     if top / low > 2.5:
         ax.set_yscale("log")
     ax.set_ylim(low, top)
     log = ax.get_yscale() == "log"
     ax.yaxis.set_major_locator(
-        FixedLocator(nice_ticks(low, top)) if log else MaxNLocator(6, steps=[1, 2, 2.5, 5, 10])
+        FixedLocator(nice_ticks(low, top))
+        if log
+        else MaxNLocator(6, steps=[1, 2, 2.5, 5, 10], min_n_ticks=3)
     )
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter("{x:g}")
@@ -111,7 +129,12 @@ def draw_points(ax, rows, x_of, methods, top, label_methods=("loki",), dodge_wid
             off_scale.append(f"{row['method']} {point_label(row)}: {y:.1f}")
             continue
         size = {"loki": 90, "full": 160}.get(row["method"], 55)
-        ax.scatter(x, y, color=color, marker=marker, s=size, edgecolor="white", lw=0.6, zorder=3)
+        if hollow(row):
+            ax.scatter(x, y, marker=marker, s=size, facecolor="white", edgecolor=color, lw=1.8,
+                       zorder=3)  # fmt: skip
+        else:
+            ax.scatter(x, y, color=color, marker=marker, s=size, edgecolor="white", lw=0.6,
+                       zorder=3)  # fmt: skip
         if row["method"] in label_methods:
             labels.append(
                 ax.annotate(
@@ -129,14 +152,21 @@ def draw_points(ax, rows, x_of, methods, top, label_methods=("loki",), dodge_wid
     return labels, off_scale
 
 
-def method_legend(fig: Figure, methods: list[str], width: float, key: list[str] = ()) -> None:
-    """One marker per method; then `key`, the names of numbered point labels, if any."""
+def method_legend(
+    fig: Figure, methods: list[str], width: float, key: list[str] = (), bases: list[str] = ()
+) -> None:
+    """One marker per method, and for Loki one per basis (filled: key, hollow: query-aware);
+    then `key`, the names of numbered point labels, if any."""
     handles = []
     for method in methods:
         color, marker = method_style(method, methods)
         label = "dense (full)" if method == "full" else method
-        (handle,) = fig.axes[0].plot([], [], ls="", color=color, marker=marker, ms=8, label=label)
-        handles.append(handle)
+        for basis in (bases or [None]) if method == "loki" else [None]:
+            face = "white" if basis == "query-aware" else color
+            named = f"{label} ({basis} basis)" if basis else label
+            (handle,) = fig.axes[0].plot([], [], ls="", color=color, marker=marker, ms=8,
+                                         mfc=face, mew=1.6, label=named)  # fmt: skip
+            handles.append(handle)
     fig.legend(
         handles=handles,
         loc="outside lower center",
@@ -165,8 +195,9 @@ def pareto(rows: list[dict], mode: str | None, width: float = 8.0) -> Figure:
     """Perplexity against the share of dense KV bytes read, for the rows of one k-mode.
 
     rows: validate.json results; methods without a k-mode (dense, pcaattn) appear in every mode.
-    The mode's own rows set the perplexity range; a row far above them and dense (PCAAttn) sits
-    on the top edge and is named in the title rather than squeezing the rest.
+    With dense measured, the axis breaks: the lower panel spans dense to NEAR × dense, so
+    settings within a few percent of dense stand apart; the upper one holds the rest. A row
+    far above them (PCAAttn) sits on the top edge, named in the title with its value.
     """
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "loki", m != "full", m))
     dense = next((r["ppl"] for r in rows if r["method"] == "full"), None)
@@ -174,25 +205,61 @@ def pareto(rows: list[dict], mode: str | None, width: float = 8.0) -> Figure:
     own = [r["ppl"] for r in shown if r["k_mode"] == mode] or [r["ppl"] for r in shown]
     cap = (dense or min(own)) * PPL_CAP
     top = max(min(max(own), cap), dense or 0) * 1.06
-    fig, axes = new_figure(figsize=(width, 5.2 if width < 7 else 5.4), layout="constrained")
-    ax = axes[0][0]
-    labels, off_scale = draw_points(
-        ax, shown, lambda r: r["kv_bytes_fraction"], methods, top, dodge_width=0.03
+    near = [r for r in shown if dense and r["ppl"] <= dense * NEAR]
+    far = [r for r in shown if r not in near]
+    split = bool(far) and any(r["method"] != "full" for r in near)  # else nothing to tell apart
+    fig, axes = new_figure(
+        nrows=2 if split else 1, sharex=True, layout="constrained",
+        figsize=(width, 6.2 if split else 5.4),
+        **({"gridspec_kw": {"height_ratios": [1, 1.6]}} if split else {}),
+    )  # fmt: skip
+    panels = (
+        [(axes[0][0], far, top), (axes[1][0], near, dense * NEAR)]
+        if split
+        else [(axes[0][0], shown, top)]
     )
-    if dense:
-        dense_line(ax, dense)
-    ppl_axis(ax, [r["ppl"] for r in shown if r["ppl"] <= top], top)
-    ax.set_xlim(0, 1.08)
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.set_xlabel("KV bytes read per decode step (% of dense)")
-    ax.set_ylabel("perplexity (lower is better)")
+    labels, off_scale = [], []
+    for ax, points, ceiling in panels:
+        made, off = draw_points(
+            ax, points, lambda r: r["kv_bytes_fraction"], methods, ceiling, dodge_width=0.03
+        )
+        labels, off_scale = labels + made, off_scale + off
+        values = [r["ppl"] for r in points if r["ppl"] <= ceiling]
+        if dense and (not split or ax is panels[1][0]):
+            dense_line(ax, dense)
+            values.append(dense)
+        ppl_axis(ax, values, ceiling)
+        ax.set_xlim(0, 1.08)
+    if split:
+        broken_axis(panels[0][0], panels[1][0])
+    low = panels[-1][0]
+    low.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    low.set_xlabel("KV bytes read per decode step (% of dense)")
+    fig.supylabel("perplexity (lower is better)", fontsize=10)
     title = K_MODE_TITLES.get(mode, mode or "")
+    if split:
+        title += f" · lower panel: within {NEAR - 1:.0%} of dense"
     if off_scale:
         title += "\n" + wrap("▲ off the scale: " + "; ".join(off_scale), width)
-    ax.set_title(title.strip(), fontsize=10)
+    panels[0][0].set_title(title.strip(), fontsize=10)
     present = [m for m in methods if any(r["method"] == m for r in shown)]
-    place_labels(fig, labels, lambda key: method_legend(fig, present, width, key))
+    bases = list(
+        dict.fromkeys(r["basis"] for r in shown if r["method"] == "loki" and r.get("basis"))
+    )
+    bases = bases if len(bases) > 1 else []
+    place_labels(fig, labels, lambda key: method_legend(fig, present, width, key, bases))
     return fig
+
+
+def broken_axis(upper, lower) -> None:
+    """Mark the gap between two stacked panels of one axis with the usual diagonal ticks."""
+    upper.spines.bottom.set_visible(False)
+    lower.spines.top.set_visible(False)
+    upper.tick_params(bottom=False, labelbottom=False)
+    marks = {"marker": [(-1, -0.5), (1, 0.5)], "markersize": 10, "linestyle": "none",
+             "color": "k", "mec": "k", "mew": 1, "clip_on": False}  # fmt: skip
+    upper.plot([0, 1], [0, 0], transform=upper.transAxes, **marks)
+    lower.plot([0, 1], [1, 1], transform=lower.transAxes, **marks)
 
 
 def dense_line(ax, dense: float) -> None:
@@ -230,27 +297,35 @@ def entry_label(entry: dict) -> str:
 
 
 @styled
-def recall_vs_rank(entries: list[dict], field: str, title: str, rank_label: str) -> Figure:
-    """One recall of every (layer, query head) against its rank; entries: validate.json recall.
+def recall_vs_rank(points: list, title: str, rank_label: str) -> Figure:
+    """One recall of every (layer, KV head) against its rank, a colour per (d, k, basis).
 
-    Ranks are integers, so each point is shifted sideways by up to ±0.3 to show how many share one.
+    points: KvRecall records (validate_recall.kv_recall): `.rank` and `.recall` (layers,
+    kv_heads), `.rho`, `.entry`. Ranks are integers, so each point is shifted sideways by up to
+    ±0.3 to show how many share one. Each point carries its (layer, KV head) as a tooltip.
     """
-    fig, axes = new_figure(figsize=(3.8, 3.9), layout="constrained")
+    fig, axes = new_figure(figsize=(3.8, 4.1), layout="constrained")
     ax = axes[0][0]
     jitter = np.random.default_rng(0)
-    for i, entry in enumerate(entries):
-        ranks = np.array(entry["rank"], dtype=float).ravel()
-        values = np.array(entry[field], dtype=float).ravel()
-        rho = (entry.get(f"spearman_rank_vs_{field.removesuffix('_recall')}") or {}).get("rho")
-        label = f"{entry_label(entry)}: ρ {'n/a' if rho is None else f'{rho:+.2f}'}"
-        ranks = ranks + jitter.uniform(-0.3, 0.3, ranks.shape)
+    for i, kv in enumerate(points):
+        layers, heads = np.indices(kv.rank.shape)
+        rho = "n/a" if kv.rho is None else f"{kv.rho:+.2f}"
+        x = kv.rank.ravel() + jitter.uniform(-0.3, 0.3, kv.rank.size)
         color = ENTRY_COLORS[i % len(ENTRY_COLORS)]
-        ax.scatter(ranks, values, s=10, alpha=0.55, color=color, label=label, lw=0)
+        dots = ax.scatter(x, kv.recall.ravel(), s=14, alpha=0.6, color=color, lw=0,
+                          label=f"{entry_label(kv.entry)}: ρ {rho}")  # fmt: skip
+        dots.tooltips = [
+            f"layer {layer}, KV head {head}: {kv.rank_name} {rank:g}, {title} {value:.3f}"
+            f" ({entry_label(kv.entry)})"
+            for layer, head, rank, value in zip(
+                layers.ravel(), heads.ravel(), kv.rank.ravel(), kv.recall.ravel(), strict=True
+            )
+        ]
     ax.set_xlabel(rank_label)
-    ax.set_ylabel(title)
+    ax.set_ylabel(f"{title}, mean over the group")
     ax.set_title(wrap(f"{title} vs rank", 3.8))
     ax.grid(alpha=0.3)
-    fig.legend(loc="outside lower center", ncol=2, frameon=False, markerscale=2, fontsize=8.5)
+    fig.legend(loc="outside lower center", ncol=1, frameon=False, markerscale=1.6)
     return fig
 
 
@@ -299,18 +374,23 @@ def task_heatmap(rows: list[dict]) -> Figure:
     fig, axes = new_figure(
         ncols=len(lengths), figsize=(width, 1.9 + 0.32 * len(variants)), layout="constrained"
     )
+    scoring = {r["task"]: r.get("scoring") or "exact" for r in rows}
+    scales = [(name, cmap, label) for name, cmap, label in TASK_SCALES if name in scoring.values()]
     for i, (ax, length) in enumerate(zip(axes[0], lengths, strict=True)):
         grid = np.full((len(variants), len(tasks)), np.nan)  # [variant, task]
         for r in rows:
             if r["length"] == length:
                 grid[variants.index(task_variant(r)), tasks.index(r["task"])] = r["accuracy"]
-        sns.heatmap(
-            grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f",
-            annot_kws={"fontsize": 8}, cbar=False, xticklabels=tasks,
-            yticklabels=variants if i == 0 else False,
-        )  # fmt: skip
+        for name, cmap, _ in scales:  # exact-match and recall tasks on their own colour scales
+            other = np.array([[scoring[t] != name for t in tasks]] * len(variants))
+            sns.heatmap(
+                grid, ax=ax, mask=other | np.isnan(grid), vmin=0, vmax=1, cmap=cmap, annot=True,
+                fmt=".2f", annot_kws={"fontsize": 9}, cbar=False, xticklabels=tasks,
+                yticklabels=variants if i == 0 else False,
+            )  # fmt: skip
         ax.set_title(f"{length} tokens")
         ax.tick_params(axis="x", rotation=30)
         ax.tick_params(axis="y", rotation=0)
-    fig.colorbar(axes[0][0].collections[0], ax=axes, shrink=0.7, label="accuracy")
+    for mesh, (_, _, label) in zip(axes[0][0].collections, scales, strict=True):
+        fig.colorbar(mesh, ax=axes, shrink=0.7, label=label)
     return fig

@@ -49,6 +49,12 @@ def change(value: float, reference: float) -> str:
     return f"{100 * (value / reference - 1):+.1f}%"
 
 
+def on_gpu(doc: dict) -> bool:
+    """The byte-floor speed-up (1 / KV-bytes share) is a GPU memory-bandwidth bound: shown for
+    runs on CUDA, where the speed section measures against it, hidden on CPU runs."""
+    return str(doc.get("device") or "").startswith("cuda")
+
+
 def dense_ppl(doc: dict) -> float | None:
     return next((r["ppl"] for r in doc["results"] if r["method"] == "full"), None)
 
@@ -70,7 +76,9 @@ def perplexity_table(doc: dict) -> str:
             [r["method"], *basis_cells(doc, r), fmt_d(r), fmt_k(r["k"]), r["k_mode"] or "-"]
             + [f"{r['ppl']:.3f}"]
             + ([change(r["ppl"], dense)] if dense else [])
-            + [f"{100 * bytes_read:.1f}%", f"{1 / bytes_read:.2f}×", r["tokens"]]
+            + [f"{100 * bytes_read:.1f}%"]
+            + ([f"{1 / bytes_read:.2f}×"] if on_gpu(doc) else [])
+            + [r["tokens"]]
         )
         css = [{"loki": "ours", "full": "baseline"}.get(r["method"], "")]
         if group is not None and order(r)[:3] != group:
@@ -79,40 +87,9 @@ def perplexity_table(doc: dict) -> str:
         attrs.append({"class": " ".join(c for c in css if c), "data-method": r["method"]})
     headers = ["method", *basis_headers(doc), "d", "k", "k-mode", "perplexity"]
     headers += ["vs dense"] * bool(dense)
-    headers += ["KV bytes read (% of dense)", "byte-floor speed-up", "tokens"]
+    headers += ["KV bytes read (% of dense)"]
+    headers += ["byte-floor speed-up"] * on_gpu(doc) + ["tokens"]
     return html.table(headers, rows, "perplexity", row_attrs=attrs)
-
-
-def recall_table(doc: dict, fields: list[tuple[str, str]]) -> str:
-    """Per (d, k) and recall: its mean over (layer, query head) and its Spearman ρ with rank."""
-
-    def mean(table: list[list[float]]) -> str:
-        return f"{sum(map(sum, table)) / sum(map(len, table)):.3f}"
-
-    def rho(entry: dict, field: str) -> list[str]:
-        stat = entry.get(f"spearman_rank_vs_{field.removesuffix('_recall')}") or {}
-        if stat.get("rho") is None:
-            return ["n/a", "n/a"]
-        return [f"{stat['rho']:+.2f}", f"{stat['p']:.1g}"]
-
-    headers = [
-        *basis_headers(doc),
-        "d",
-        "k",
-        "k-mode",
-        "rows",
-        "recall",
-        "mean",
-        "ρ with rank",
-        "p",
-    ]
-    rows, attrs = [], []
-    for e in doc["recall"]:
-        for i, (field, title) in enumerate(fields):
-            setting_cells = [*basis_cells(doc, e), fmt_d(e), fmt_k(e["k"]), e["k_mode"], e["rows"]]
-            rows.append(setting_cells + [title, mean(e[field])] + rho(e, field))
-            attrs.append({"class": "group" if i == 0 and rows[:-1] else "", "data-field": field})
-    return html.table(headers, rows, "recall", row_attrs=attrs)
 
 
 def decode_table(doc: dict) -> str:

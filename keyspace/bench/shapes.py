@@ -8,49 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from keyspace.models.arch import keep_layers
-from keyspace.models.loading import alias_config, load_model
+from keyspace.models.configs import CONFIG_NAMES, MODEL_CONFIGS, named_config  # noqa: F401
+from keyspace.models.loading import load_model
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# Real shapes, random weights. smollm2-135m comes from keyspace.models.loading.alias_config.
-_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "head_dim": 128,
-    "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": False,
-}
-MODEL_CONFIGS = {
-    "llama3-8b": {
-        **_LLAMA,
-        "intermediate_size": 14336,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "rope_theta": 500000.0,
-    },
-    "llama2-7b": {
-        **_LLAMA,
-        "intermediate_size": 11008,
-        "num_key_value_heads": 32,
-        "vocab_size": 32000,
-        "rope_theta": 10000.0,
-    },
-}
-CONFIG_NAMES = (*MODEL_CONFIGS, "smollm2-135m")
 
 
 def model_config(name: str, layers: int | None = None):
-    """The transformers config of a known shape, cut to `layers` decoder layers."""
-    if name == "smollm2-135m":
-        config = alias_config(name)
-    else:
-        settings = dict(MODEL_CONFIGS[name])
-        config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    """The transformers config of a known shape (keyspace.models.configs), cut to `layers`
+    decoder layers."""
+    config = named_config(name)
     if layers is not None:
         config.num_hidden_layers = min(layers, config.num_hidden_layers)
     config.max_position_embeddings = max(config.max_position_embeddings, 131072)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyspace.errors import KeyspaceError
+from keyspace.models.placement import placement_from_options
 from keyspace.options import option, parse_int, parse_int_fields
 
 # What --capture can record, in this order. Keys always: every later stage needs them.
@@ -78,7 +79,25 @@ class CollectConfig:
         "2048",
     )
     dtype: str = option("--dtype", "Model dtype: float32, float16, bfloat16.", "float32")
-    device: str = option("--device", "cpu, cuda or auto.", "auto")
+    device: str | None = option(
+        "--device", "cpu, cuda or auto (the default). Not with --device-map.", None
+    )
+    device_map: str | None = option(
+        "--device-map",
+        "Spread the layers over devices (accelerate): auto, balanced, sequential, or a JSON"
+        ' file {"module name": device}. Not with --device.',
+        None,
+    )
+    max_memory: str | None = option(
+        "--max-memory",
+        "Per-device limits for --device-map auto|balanced|sequential: 0=70GiB,1=70GiB,cpu=200GiB.",
+        None,
+    )
+    offload_folder: Path | None = option(
+        "--offload-folder",
+        "Where --device-map puts weights mapped to disk. Default: a scratch folder, removed after.",
+        None,
+    )
     batch_size: int = option("--batch-size", "Windows per forward pass.", 1, bounds=(1, 1 << 16))
     shard_windows: int = option(
         "--shard-windows",
@@ -103,5 +122,11 @@ class CollectConfig:
         self.keep_keys = _parse_keep_keys(self.keep_keys)
         if self.capture is not None:
             self.capture = parse_capture(self.capture)
+        self.placement = placement_from_options(
+            self.device, self.device_map, self.max_memory, self.offload_folder
+        )
+        if self.placement is not None:
+            return
+        self.device = self.device or "auto"
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise KeyspaceError(f"unknown --device {self.device!r}.", "Use cpu, cuda or auto.")

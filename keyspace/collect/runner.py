@@ -46,6 +46,7 @@ from keyspace.collect.corpora import load_corpus, tokenize_windows
 from keyspace.errors import FileSystemError, Interrupted, KeyspaceError
 from keyspace.models.arch import arch_spec, head_geometry
 from keyspace.models.loading import load_model
+from keyspace.models.placement import input_device, placed_map
 from keyspace.runfolder.progress import rank_chunks
 from keyspace.runfolder.store import (
     MANIFEST,
@@ -199,6 +200,7 @@ def _base_manifest(cfg: CollectConfig, loaded: Any, tw: Any, dist: Dist, device:
         "model": {**loaded.info, "architecture": config.model_type},
         "dtype": cfg.dtype,
         "device": device,
+        "device_map": placed_map(loaded.model, cfg.placement),
         "dataset": {
             "spec": cfg.dataset,
             "split": cfg.split if cfg.dataset == "wikitext" else None,
@@ -295,9 +297,11 @@ def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> Collec
 def _collect(
     cfg: CollectConfig, existing: dict | None, dist: Dist, on_progress: ProgressFn | None
 ) -> CollectResult:
-    device = _resolve_device(cfg.device)
+    placement = cfg.placement and cfg.placement.with_scratch(cfg.out)  # scratch offload: in the run
+    device = _resolve_device(cfg.device) if placement is None else None
     corpus = load_corpus(cfg.dataset, cfg.split)  # before the model: bad data fails fast
-    loaded = load_model(cfg.model, cfg.dtype, device)
+    loaded = load_model(cfg.model, cfg.dtype, device, placement)
+    device = device or str(input_device(loaded.model))
     arch_spec(loaded.model.config)  # an unsupported architecture fails before anything is written
     tw = tokenize_windows(corpus, loaded.tokenizer, cfg.window, cfg.max_tokens)
     manifest = _base_manifest(cfg, loaded, tw, dist, device)
@@ -366,7 +370,7 @@ def _run_chunks(
     for kind, zeros in zero_moments(cfg.capture, shape).items():
         moments.setdefault(kind, zeros)  # a fresh rank's state holds the key kinds only
     keep = keep_mask(cfg.keep_keys, windows.numel())
-    device = next(model.parameters()).device
+    device = input_device(model)  # under a device map: where the embeddings run
     for chunk_index in state.redo:  # the chunk's moments are committed: recompute its keys only
         buffer = ChunkBuffer(zero_moments(cfg.capture, shape), keep, windows.shape[1])
         _forward(model, windows, chunks[chunk_index], buffer, cfg, device)

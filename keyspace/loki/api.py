@@ -45,6 +45,7 @@ from keyspace.loki.from_run import (
 from keyspace.loki.graphs import DecodeLoop, DecodeLoopSettings, bucket_end
 from keyspace.loki.static_cache import StaticLokiCache
 from keyspace.models.arch import head_geometry
+from keyspace.models.placement import input_device
 
 DEFAULT_K = 0.125
 
@@ -326,9 +327,10 @@ class Loki:
                 f" {tuple(input_ids.shape)} and {max_new_tokens}.",
                 "Pass tokenizer(prompts, return_tensors='pt').input_ids of unpadded prompts.",
             )
-        device = next(model.parameters()).device
+        device = input_device(model)
         prompt = input_ids.to(device)
-        if device.type == "cuda":
+        spread = len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+        if device.type == "cuda" and not spread:  # a dispatched model decodes layer by layer
             new = self._graph_loop(model, prompt, max_new_tokens, settings)
         else:
             cache = self.cache()

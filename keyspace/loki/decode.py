@@ -18,6 +18,7 @@ import torch
 from keyspace.loki.cache import LokiCache
 from keyspace.loki.core import causal_attention
 from keyspace.loki.registry import use_attention
+from keyspace.models.placement import input_device
 
 
 def dense_handler(module, query, key, value, scale) -> torch.Tensor:
@@ -99,7 +100,7 @@ def continue_greedy(
     Returns (tokens (new_tokens,), nll (new_tokens,)): the tokens fed (or, with report_argmax, the
     model's own argmax at each step), and each fed token's NLL.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     tokens, nll = [], []
     for step in range(new_tokens):
         token = logits.argmax() if forced is None else forced[step].to(logits.device)

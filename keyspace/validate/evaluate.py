@@ -18,6 +18,7 @@ from keyspace.loki.decode import greedy, loki_decoding
 from keyspace.loki.masked import SparseSettings, attend, layer_inputs, masked_attention
 from keyspace.loki.methods.common import group_sum, keep_top, masked
 from keyspace.loki.registry import use_attention
+from keyspace.models.placement import input_device
 
 Progress = Callable[[int, int], None]
 
@@ -58,7 +59,7 @@ def perplexity(
 ) -> Perplexity:
     """Perplexity of `model` under `settings` over windows (n_windows, T), in batches."""
     start, total = time.perf_counter(), torch.zeros((), dtype=torch.float64)
-    device = next(model.parameters()).device
+    device = input_device(model)
     # `full` runs the model's own attention: the fastest dense path, equal to ours (tests/test_loki_masked.py).
     dense = settings.method == "full"
     with contextlib.nullcontext() if dense else masked_attention(model, settings):
@@ -138,7 +139,7 @@ def loki_recall(model, windows: torch.Tensor, settings: SparseSettings) -> Recal
         raise ValueError("recall is measured for the loki method")
     config = model.config
     recorder = _RecallRecorder(settings, config.num_hidden_layers, config.num_attention_heads)
-    device = next(model.parameters()).device
+    device = input_device(model)
     with use_attention(model, recorder):
         for window in windows:
             model(window[None].to(device), use_cache=False)

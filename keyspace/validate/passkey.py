@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from keyspace.loki.decode import greedy, loki_decoding
+from keyspace.models.placement import input_device
 from keyspace.tasks.haystack import FILLER
 
 INTRO = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -72,7 +73,7 @@ def run_passkey(model, tokenizer, prompts: list[PasskeyPrompt], variants: dict) 
 
     Loki variants that share a cache factory's split (same d) could share a prefill; kept separate for clarity.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     correct = dict.fromkeys(variants, 0)
     for prompt in prompts:
         ids = prompt.ids.to(device)

@@ -11,6 +11,7 @@ from keyspace import __version__
 from keyspace.collect.corpora import load_corpus, load_token_windows
 from keyspace.errors import KeyspaceError
 from keyspace.models.loading import load_model
+from keyspace.models.placement import placed_map
 from keyspace.runfolder.store import check_writable, validate_dir
 from keyspace.validate.config import Log, ValidateConfig
 from keyspace.validate.grid import sweep_points
@@ -80,7 +81,11 @@ def run_validate(
     note = calibration_window_note(inputs, config)
     if note:
         log(note)
-    loaded = load_model(inputs.run.manifest.model_spec, dtype=config.dtype, device=config.device)
+    # with --device-map and no --offload-folder, disk weights go to a scratch folder in the
+    # system's temp folder (the run may be read-only), removed when the model is freed
+    loaded = load_model(
+        inputs.run.manifest.model_spec, config.dtype, config.device, config.placement
+    )
     check_model(loaded.model, loaded.identity, inputs)
     check_lengths(loaded.model, config.passkey_lengths, "--passkey-lengths")
     check_task_lengths(loaded.model, loaded.tokenizer, inputs.tasks, config)
@@ -129,6 +134,7 @@ def run_validate(
         "k_modes": inputs.k_modes,
         "grid": {"d": [d.value for d in inputs.ds], "k": inputs.ks, "methods": inputs.methods},
         "device": config.device,
+        "device_map": placed_map(loaded.model, config.placement),
         "dtype": config.dtype,
         "task_setup": task_setup(inputs, config),
     }

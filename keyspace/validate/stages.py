@@ -14,6 +14,7 @@ from keyspace.bench.e2e import decode_speed
 from keyspace.bench.kernels import BenchConfig, run_sweep
 from keyspace.errors import KeyspaceError
 from keyspace.loki import Loki, SparseSettings, get_method
+from keyspace.models.placement import input_device
 from keyspace.runfolder.store import DEFAULT_THRESHOLD
 from keyspace.tasks import Decoder, cache_decoder, masked_decoder, run_tasks
 from keyspace.validate.config import Log, ValidateConfig
@@ -165,7 +166,7 @@ def decode_entries(
     if config.decode_prompts == 0 or not cache_methods(inputs):
         return []
     prompts = decode_prompts(windows, config.decode_prompts, config.decode_prompt_tokens).to(
-        config.device
+        input_device(model)
     )
     entries = []
     grid = [

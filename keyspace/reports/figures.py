@@ -240,7 +240,7 @@ def cumulative_curves(curves: list[HeadCurve], tau: float, title: str) -> Figure
 
     fig = head_panels(curves, title, draw, "cumulative explained variance")
     for ax in fig.axes:
-        ax.text(1, tau + 0.01, f"τ = {tau:g}", fontsize=9, color="gray", va="bottom")
+        ax.text(1, tau + 0.01, f"τ = {tau:g}", fontsize=10, color="gray", va="bottom")
     return fig
 
 

@@ -221,8 +221,10 @@ def perplexity_section(doc: dict) -> tuple[str, list[html.Png]]:
         ]
     caption = (
         "Perplexity against the share of dense KV bytes each method reads per decode step. Dotted"
-        " line: dense. Points that share a byte share are spread slightly sideways; points far"
-        " above dense sit on the top edge, named in the title with their value."
+        " line: dense. Where settings come within 8% of dense the axis breaks: the lower panel"
+        " holds them, the upper one the rest. Loki's key basis is filled, its query-aware basis"
+        " hollow. Points that share a byte share are spread slightly sideways; points far above"
+        " dense sit on the top edge, named in the title with their value."
     )
     note = (
         "KV bytes: the share of dense KV-cache bytes one decode step reads, (d + 2·k·D) / (2·D)"

@@ -1,8 +1,12 @@
 """Selection methods for masked mode, one file each, all in one registry (`METHODS`).
 
 Importing this package registers every method in it; `get_method(name)` looks one up. A new
-method is one file here that calls `register_method`, plus its import below and its test.
+method is one file here that calls `register_method`, plus its test: the files not named below
+are imported after them, in name order.
 """
+
+import importlib
+import pkgutil
 
 # Each import registers one method; their order is the order validate runs and reports list them.
 # isort: off
@@ -26,6 +30,11 @@ from keyspace.loki.methods.base import (
     register_method,
 )
 from keyspace.loki.methods.common import LayerInputs
+
+_SUPPORT = {"base", "common"}
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in _SUPPORT:
+        importlib.import_module(f"{__name__}.{_module}")  # already imported: a no-op
 
 __all__ = [
     "DECODE_PATHS",

@@ -1,6 +1,7 @@
 """Corpora to token windows: every source, the windowing rule, and bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny_models import TEXT, tiny_tokenizer
@@ -92,3 +93,15 @@ def test_wikitext_falls_back_to_local_copy_or_fails_clearly(tmp_path, monkeypatc
     (tmp_path / "wt" / "test.txt").write_text(" = Heading = \n text")
     corpus = load_corpus("wikitext", "test")
     assert corpus.source.endswith("test.txt") and "Heading" in corpus.text
+
+
+def test_the_shared_wikitext_beside_the_checkout_is_found_from_any_folder(tmp_path, monkeypatch):
+    """`--dataset wikitext` in an empty folder finds ../shared/data/wikitext-2 beside the checkout."""
+    from keyspace.collect import corpora
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(corpora.WIKITEXT_LOCAL_ENV, raising=False)
+    checkout = Path(corpora.__file__).resolve().parents[2]
+    assert (checkout / "pyproject.toml").is_file()
+    expected = checkout.parent / "shared" / "data" / "wikitext-2"
+    assert expected in corpora._local_wikitext_dirs()

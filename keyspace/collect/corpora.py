@@ -53,7 +53,8 @@ def _local_wikitext_dirs() -> list[Path]:
     if os.environ.get(WIKITEXT_LOCAL_ENV):
         candidates.append(Path(os.environ[WIKITEXT_LOCAL_ENV]))
     candidates.append(Path.cwd().parent / "shared" / "data" / "wikitext-2")
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2")
+    checkout = Path(__file__).resolve().parents[2]  # keyspace/collect/corpora.py -> the checkout
+    candidates.append(checkout.parent / "shared" / "data" / "wikitext-2")
     return candidates
 
 

@@ -70,3 +70,29 @@ def parse_positive_ints(text: str | tuple, option_name: str, high: int = ABSURD)
     """ "2048,8192" (or a tuple already) -> (2048, 8192); each part is checked by `parse_int`."""
     parts = text if isinstance(text, tuple) else [p for p in text.split(",") if p.strip()]
     return tuple(parse_int(p, option_name, 1, high) for p in parts)
+
+
+# Model placement (accelerate), shared by collect and validate: declared once here.
+def device_map_option() -> dict:
+    return option(
+        "--device-map",
+        "Spread the layers over devices (accelerate): auto, balanced, sequential, or a JSON"
+        ' file {"module name": device}. Not with --device.',
+        None,
+    )
+
+
+def max_memory_option() -> dict:
+    return option(
+        "--max-memory",
+        "Per-device limits for --device-map auto|balanced|sequential: 0=70GiB,1=70GiB,cpu=200GiB.",
+        None,
+    )
+
+
+def offload_folder_option() -> dict:
+    return option(
+        "--offload-folder",
+        "Where --device-map puts weights mapped to disk. Default: a scratch folder, removed after.",
+        None,
+    )

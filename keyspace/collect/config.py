@@ -10,7 +10,14 @@ from pathlib import Path
 
 from keyspace.errors import KeyspaceError
 from keyspace.models.placement import placement_from_options
-from keyspace.options import option, parse_int, parse_int_fields
+from keyspace.options import (
+    device_map_option,
+    max_memory_option,
+    offload_folder_option,
+    option,
+    parse_int,
+    parse_int_fields,
+)
 
 # What --capture can record, in this order. Keys always: every later stage needs them.
 CAPTURES = ("keys", "queries")
@@ -82,22 +89,9 @@ class CollectConfig:
     device: str | None = option(
         "--device", "cpu, cuda or auto (the default). Not with --device-map.", None
     )
-    device_map: str | None = option(
-        "--device-map",
-        "Spread the layers over devices (accelerate): auto, balanced, sequential, or a JSON"
-        ' file {"module name": device}. Not with --device.',
-        None,
-    )
-    max_memory: str | None = option(
-        "--max-memory",
-        "Per-device limits for --device-map auto|balanced|sequential: 0=70GiB,1=70GiB,cpu=200GiB.",
-        None,
-    )
-    offload_folder: Path | None = option(
-        "--offload-folder",
-        "Where --device-map puts weights mapped to disk. Default: a scratch folder, removed after.",
-        None,
-    )
+    device_map: str | None = device_map_option()
+    max_memory: str | None = max_memory_option()
+    offload_folder: Path | None = offload_folder_option()
     batch_size: int = option("--batch-size", "Windows per forward pass.", 1, bounds=(1, 1 << 16))
     shard_windows: int = option(
         "--shard-windows",

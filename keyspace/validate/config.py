@@ -13,7 +13,15 @@ from pathlib import Path
 
 from keyspace.errors import KeyspaceError
 from keyspace.models.placement import placement_from_options
-from keyspace.options import ABSURD, option, parse_int_fields, parse_positive_ints
+from keyspace.options import (
+    ABSURD,
+    device_map_option,
+    max_memory_option,
+    offload_folder_option,
+    option,
+    parse_int_fields,
+    parse_positive_ints,
+)
 
 Log = Callable[[str], None]
 # `keyspace.tasks.HAYSTACKS`, spelled out for the same reason (tests check they agree).
@@ -121,22 +129,9 @@ class ValidateConfig:
         "filler",
     )
     device: str | None = option("--device", "cpu (the default) or cuda. Not with --device-map.")
-    device_map: str | None = option(
-        "--device-map",
-        "Spread the layers over devices (accelerate): auto, balanced, sequential, or a JSON"
-        ' file {"module name": device}. Not with --device.',
-        None,
-    )
-    max_memory: str | None = option(
-        "--max-memory",
-        "Per-device limits for --device-map auto|balanced|sequential: 0=70GiB,1=70GiB,cpu=200GiB.",
-        None,
-    )
-    offload_folder: Path | None = option(
-        "--offload-folder",
-        "Where --device-map puts weights mapped to disk. Default: a scratch folder, removed after.",
-        None,
-    )
+    device_map: str | None = device_map_option()
+    max_memory: str | None = max_memory_option()
+    offload_folder: Path | None = offload_folder_option()
     dtype: str = option("--dtype", "float32, float16 or bfloat16.", "float32")
     speed: bool = option(
         "--speed/--no-speed", "On CUDA, also time the kernels and the decode loop.", True

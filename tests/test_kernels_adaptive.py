@@ -24,6 +24,7 @@ from keyspace.kernels import (
     lowrank_scores,
     lowrank_scores_reference,
 )
+from keyspace.kernels.adaptive import _adaptive_fused_triton
 
 SCORE_TOL = {"atol": 1e-4, "rtol": 1e-5}  # fp32 accumulation of products, any input dtype
 # Against the fp64 oracle, per input dtype (the inputs are rounded to it first).
@@ -171,6 +172,64 @@ def test_pipelined_adaptive_step_and_a_store_read_in_place():
         args = (q, k_low_t, keys, v, 12, 50, None, None, group_select, seqlens)
         out = adaptive_decode(*args, backend="triton", settings=halves)
         torch.testing.assert_close(out, adaptive_decode_reference(*args), **OUT_TOL)
+
+
+# (batch, q_heads, kv_heads, seq, head_dim, d_max, r): MHA, GQA 4, a d_max that is no power of two.
+FUSED_CASES = [(2, 4, 4, 300, 64, 16, 5), (1, 8, 2, 300, 128, 48, 16), (2, 6, 2, 70, 32, 32, 32)]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=["mha", "gqa4_dmax48", "r_is_dmax"])
+@pytest.mark.parametrize("group_select", [False, True], ids=["per_head", "group"])
+@pytest.mark.parametrize("with_sigma", [False, True], ids=["no_sigma", "sigma"])
+def test_the_kernel_chooses_the_coordinates_adaptive_coords_chooses(case, group_select, with_sigma):
+    """The fused kernel ranks the coordinates itself; its scores equal the reference's from
+    adaptive_coords' choice and the fp64 oracle's, with ragged lengths."""
+    batch, hq, hkv, seq, dim, d_max, r = case
+    q, keys, _, k_low_t = make_store(batch, hq, hkv, seq, dim, d_max, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    sigma = torch.rand(hkv, d_max, generator=gen) + 0.2 if with_sigma else None
+    seqlens = torch.tensor([seq, seq // 2][:batch])
+    out = _adaptive_fused_triton(q, k_low_t, r, sigma, group_select, seqlens)
+    coords = adaptive_coords(q, r, hkv, d_max, sigma)
+    ref = adaptive_scores_reference(q, k_low_t, coords, group_select, seqlens)
+    torch.testing.assert_close(out, ref, **SCORE_TOL)
+    oracle = oracle_scores(q, keys, coords, group_select, seqlens)
+    torch.testing.assert_close(out.double(), oracle, **ORACLE_TOL[torch.float32])
+
+
+def test_the_kernel_breaks_ties_towards_the_lower_coordinate_as_adaptive_coords_does():
+    # Only coordinates 3 and 9 carry weight, equal; zeros tie for the rest of r = 4.
+    q = torch.zeros(1, 2, 16)
+    q[0, :, 3] = 1.0
+    q[0, :, 9] = -1.0
+    keys = torch.randn(1, 1, 40, 16, generator=torch.Generator().manual_seed(13))
+    k_low_t = keys.transpose(-1, -2).contiguous()
+    assert adaptive_coords(q, 4, 1, 16).flatten().tolist() == [0, 1, 3, 9]
+    q[0, :, 0] = 1e-3  # coordinates 0 and 1 now differ from the rest: still [0, 1, 3, 9]
+    q[0, :, 1] = 1e-3
+    out = _adaptive_fused_triton(q, k_low_t, 4, None, False, None)
+    coords = torch.tensor([[[0, 1, 3, 9]]], dtype=torch.int32)
+    torch.testing.assert_close(out, adaptive_scores_reference(q, k_low_t, coords), **SCORE_TOL)
+    # r = 1: the exact tie between 3 and 9 goes to 3 in both (the scores tell which was read).
+    assert adaptive_coords(q, 1, 1, 16).flatten().tolist() == [3]
+    out = _adaptive_fused_triton(q, k_low_t, 1, None, False, None)
+    three = torch.tensor([[[3]]], dtype=torch.int32)
+    torch.testing.assert_close(out, adaptive_scores_reference(q, k_low_t, three), **SCORE_TOL)
+    nine = adaptive_scores_reference(q, k_low_t, torch.tensor([[[9]]], dtype=torch.int32))
+    assert not torch.allclose(out, nine)
+
+
+@pytest.mark.parametrize("choice", ["kernel", "torch"])
+def test_both_coordinate_choices_give_the_reference_step(choice):
+    q, keys, v, k_low_t = make_store(2, 8, 2, 300, 64, 48, seed=14)
+    sigma = torch.rand(2, 48, generator=torch.Generator().manual_seed(14)) + 0.5
+    settings = replace(DEFAULT_SETTINGS, adaptive_choice=choice)
+    for group_select in (False, True):
+        args = (q, k_low_t, keys, v, 16, 40, sigma, None, group_select, torch.tensor([300, 77]))
+        out = adaptive_decode(*args, backend="triton", settings=settings)
+        torch.testing.assert_close(out, adaptive_decode_reference(*args), **OUT_TOL)
+    with pytest.raises(ValueError, match="adaptive_choice"):
+        replace(DEFAULT_SETTINGS, adaptive_choice="gpu")
 
 
 @hypothesis.settings(max_examples=4, deadline=None, derandomize=True)

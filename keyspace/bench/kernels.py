@@ -33,6 +33,7 @@ from keyspace.kernels import (
     KernelSettings,
     adaptive_coords,
     adaptive_decode,
+    adaptive_fused_scores,
     adaptive_scores,
     loki_decode,
     lowrank_scores,
@@ -207,7 +208,9 @@ def _time_adaptive(sets: list[dict], cfg: BenchConfig, r: int, k_top: int, group
         for s in sets
     ]
 
-    def score(s):
+    def score(s):  # the coordinate choice and the score pass, as the step runs them
+        if cfg.settings.adaptive_choice == "kernel":
+            return adaptive_fused_scores(s["q"], s["k_low_t"], r, None, group, **kernel)
         coords = adaptive_coords(s["q"], r, kv_heads, d_max)
         return adaptive_scores(s["q"], s["k_low_t"], coords, group, **kernel)
 

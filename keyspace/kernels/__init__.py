@@ -8,8 +8,8 @@ Every function takes `backend=` ("auto", "triton", "torch") and `settings=`, a f
 values; build variants with `dataclasses.replace(DEFAULT_SETTINGS, ...)`.
 
 `adaptive_decode` is the adaptive step: r coordinates chosen per (batch, KV head) from the
-query (`adaptive_coords`), scored from a coordinate-major store (`adaptive_scores`), then the
-same select and attention.
+query (`adaptive_coords`), scored from a coordinate-major store (`adaptive_scores`; both in one
+kernel: `adaptive_fused_scores`), then the same select and attention.
 
 Modules: `scores` (low-rank scores), `select` (top-k; kernels in `select_bisect`, `select_radix`,
 `select_bracket`), `attention` (sparse attention), `decode` (the step), `adaptive` and
@@ -18,6 +18,7 @@ Modules: `scores` (low-rank scores), `select` (top-k; kernels in `select_bisect`
 
 from keyspace.kernels.adaptive import (
     adaptive_coords,
+    adaptive_fused_scores,
     adaptive_scores,
     adaptive_scores_reference,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "adaptive_coords",
     "adaptive_decode",
     "adaptive_decode_reference",
+    "adaptive_fused_scores",
     "adaptive_scores",
     "adaptive_scores_reference",
     "dense_attention_reference",

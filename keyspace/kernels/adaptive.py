@@ -124,6 +124,162 @@ def _adaptive_scores_kernel(
                  mask=h_mask[:, None] & s_mask[None, :])  # fmt: skip
 
 
+@triton.jit
+def _adaptive_fused_kernel(
+    q_ptr,  # (B, Hq, >= d_max), last dim contiguous
+    k_ptr,  # (B, Hkv, d_max, S): one coordinate's S values contiguous, any other strides
+    sigma_ptr,  # (Hkv, d_max) fp32 contiguous, or a dummy when HAS_SIGMA is False
+    seqlens_ptr,  # (B,) int, or a dummy when HAS_SEQLENS is False
+    out_ptr,  # (B, Hsel, S) fp32 contiguous
+    counter_ptr,  # (B * Hsel,) int32 to zero when ZERO_COUNTERS
+    S,
+    R,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kd,
+    Q_HEADS,
+    KV_HEADS,
+    D_MAX: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= D_MAX
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ONE_ROW: tl.constexpr,
+    HAS_SIGMA: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EVICT: tl.constexpr,
+    TILE_MAJOR: tl.constexpr,
+    ZERO_COUNTERS: tl.constexpr,
+):
+    """The coordinate choice and the score pass in one program: each program ranks the d_max
+    weights w_j = σ_j·Σ_group |q_j| itself (ties to the lower index), then reads only the rows
+    of the r chosen coordinates (masked loads of the others move no bytes)."""
+    GROUP = Q_HEADS // KV_HEADS
+    if TILE_MAJOR:
+        pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(0)
+    else:
+        pid_bh = tl.program_id(0)
+        pid_s = tl.program_id(1)
+    b = pid_bh // KV_HEADS
+    h_kv = pid_bh % KV_HEADS
+    if ZERO_COUNTERS:
+        if pid_s == 0:
+            sets = 1 if ONE_ROW else GROUP
+            offs_c = tl.arange(0, BLOCK_H)
+            tl.store(counter_ptr + pid_bh * sets + offs_c, tl.zeros([BLOCK_H], tl.int32),
+                     mask=offs_c < sets)  # fmt: skip
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < D_MAX
+    s_mask = offs_s < S
+    q_rows = q_ptr + b * stride_qb + (h_kv * GROUP + offs_h)[:, None] * stride_qh  # [BLOCK_H, 1]
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+
+    # The weights of all d_max coordinates, once per program.
+    q_all = tl.load(q_rows + offs_d[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    w_all = tl.sum(tl.abs(q_all.to(tl.float32)), axis=0)  # [BLOCK_D]
+    if HAS_SIGMA:
+        w_all *= tl.load(sigma_ptr + h_kv * D_MAX + offs_d, mask=d_mask, other=0.0)
+    w_all = tl.where(d_mask, w_all, -1.0)  # padding: below every weight, never chosen
+
+    acc_row = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_S], tl.float32)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_R):
+        offs_c = c0 + offs_r  # [BLOCK_R]
+        c_mask = offs_c < D_MAX
+        same = offs_d[None, :] == offs_c[:, None]  # [BLOCK_R, BLOCK_D]
+        # w_c picked out of w_all (adding zeros is exact), so both sides of a comparison agree.
+        w_c = tl.sum(tl.where(same, w_all[None, :], 0.0), axis=1)  # [BLOCK_R]
+        beats = (w_all[None, :] > w_c[:, None]) | (
+            (w_all[None, :] == w_c[:, None]) & (offs_d[None, :] < offs_c[:, None])
+        )
+        rank = tl.sum(beats.to(tl.int32), axis=1)  # coordinates ahead of each one
+        chosen = (rank < R) & c_mask  # [BLOCK_R]
+        q_c = tl.load(q_rows + offs_c[None, :], mask=h_mask[:, None] & chosen[None, :], other=0.0)
+        k_tile = tl.load(
+            k_base + offs_c.to(tl.int64)[:, None] * stride_kd + offs_s[None, :],
+            mask=chosen[:, None] & s_mask[None, :],
+            other=0.0,
+            eviction_policy=EVICT,
+        )
+        if ONE_ROW:
+            q_sum = tl.sum(q_c.to(tl.float32), axis=0)  # [BLOCK_R], zero where not chosen
+            acc_row += tl.sum(k_tile.to(tl.float32) * q_sum[:, None], axis=0)
+        else:
+            acc += tl.dot(q_c, k_tile, input_precision=DOT_PRECISION)
+
+    length = S
+    if HAS_SEQLENS:
+        length = tl.minimum(tl.load(seqlens_ptr + b).to(tl.int32), S)
+    valid = offs_s < length
+    if ONE_ROW:
+        row = tl.where(valid, acc_row, float("-inf"))
+        tl.store(out_ptr + pid_bh.to(tl.int64) * S + offs_s, row, mask=s_mask)
+    else:
+        scores = tl.where(valid[None, :], acc, float("-inf"))
+        rows = (b * Q_HEADS + h_kv * GROUP + offs_h).to(tl.int64) * S
+        tl.store(out_ptr + rows[:, None] + offs_s[None, :], scores,
+                 mask=h_mask[:, None] & s_mask[None, :])  # fmt: skip
+
+
+def _adaptive_fused_triton(
+    q: torch.Tensor,
+    k_low_t: torch.Tensor,
+    r: int,
+    sigma: torch.Tensor | None,
+    group_select: bool,
+    seqlens: torch.Tensor | None,
+    counters: torch.Tensor | None = None,
+    settings: KernelSettings = DEFAULT_SETTINGS,
+) -> torch.Tensor:
+    """Launch the kernel that chooses the r coordinates and scores in one pass. q (B, Hq, >= d_max)
+    with unit last stride; k_low_t (B, Hkv, d_max, S) with unit last stride; sigma (Hkv, d_max)
+    fp32 contiguous or None. The same result as `adaptive_coords` then `_adaptive_scores_triton`
+    (up to ties between equal weights, which go to the lower coordinate here)."""
+    assert q.dtype == k_low_t.dtype and q.stride(-1) == 1
+    assert k_low_t.shape[-1] == 1 or k_low_t.stride(-1) == 1
+    batch, q_heads, _ = q.shape
+    _, kv_heads, d_max, seq = k_low_t.shape
+    assert q_heads % kv_heads == 0 and q.shape[2] >= d_max and 1 <= r <= d_max
+    assert sigma is None or (
+        sigma.dtype == torch.float32 and sigma.is_contiguous() and sigma.shape == (kv_heads, d_max)
+    )
+    out_heads = selected_heads(q_heads, kv_heads, group_select)
+    out = torch.empty((batch, out_heads, seq), device=q.device, dtype=torch.float32)
+    assert counters is None or (counters.numel() == batch * out_heads and counters.is_contiguous())
+    group = q_heads // kv_heads
+    tile_major = settings.scores_tile_major and batch * kv_heads <= TILE_MAJOR_MAX_ROWS
+    tiles = triton.cdiv(seq, settings.adaptive_block_s)
+    grid = (tiles, batch * kv_heads) if tile_major else (batch * kv_heads, tiles)
+    _adaptive_fused_kernel[grid](
+        q, k_low_t, sigma if sigma is not None else out, seqlens if seqlens is not None else out,
+        out, counters if counters is not None else out,
+        seq, r, q.stride(0), q.stride(1), *k_low_t.stride()[:3], q_heads, kv_heads,
+        D_MAX=d_max,
+        BLOCK_D=max(settings.adaptive_block_r, triton.next_power_of_2(d_max)),
+        BLOCK_H=max(16, triton.next_power_of_2(group)),  # tl.dot needs M >= 16
+        BLOCK_R=settings.adaptive_block_r,
+        BLOCK_S=settings.adaptive_block_s,
+        ONE_ROW=group_select or group == 1,
+        HAS_SIGMA=sigma is not None,
+        HAS_SEQLENS=seqlens is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        EVICT="evict_first" if settings.scores_evict_first else "",
+        TILE_MAJOR=tile_major,
+        ZERO_COUNTERS=counters is not None,
+        num_warps=settings.adaptive_num_warps,
+    )  # fmt: skip
+    return out
+
+
 def _adaptive_scores_triton(
     q: torch.Tensor,
     k_low_t: torch.Tensor,
@@ -235,7 +391,8 @@ def adaptive_coords(
         if sigma.shape != (kv_heads, d_max):
             raise ValueError(f"sigma must be ({kv_heads}, {d_max}), got {tuple(sigma.shape)}")
         weight = weight * sigma.to(device=q.device, dtype=torch.float32)
-    chosen = weight.topk(r, dim=-1, sorted=False).indices  # [B, Hkv, r]
+    # Ties go to the lower coordinate, as in the fused kernel: a stable descending sort.
+    chosen = weight.sort(dim=-1, descending=True, stable=True).indices[..., :r]  # [B, Hkv, r]
     return chosen.sort(dim=-1).values.to(torch.int32)
 
 
@@ -269,6 +426,36 @@ def adaptive_scores(
     q, k_low_t = q if q.stride(-1) == 1 else q.contiguous(), unit_last_stride(k_low_t)
     coords = coords.to(torch.int32).contiguous()
     return _adaptive_scores_triton(q, k_low_t, coords, group_select, seqlens, settings=settings)
+
+
+def adaptive_fused_scores(
+    q: torch.Tensor,
+    k_low_t: torch.Tensor,
+    r: int,
+    sigma: torch.Tensor | None = None,
+    group_select: bool = False,
+    seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    settings: KernelSettings = DEFAULT_SETTINGS,
+) -> torch.Tensor:
+    """`adaptive_coords` then `adaptive_scores` in one kernel: each program ranks the d_max
+    coordinate weights Σ_group |q_j|·σ_j itself and reads only the r chosen coordinate streams.
+
+    Args as `adaptive_scores`, with r (coordinates chosen, in [1, d_max]) and sigma ((kv_heads,
+    d_max) key scale per coordinate, or None) instead of coords. Returns the same scores.
+    """
+    batch, _, kv_heads, d_max, _ = check_adaptive(q, k_low_t, None, seqlens)
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d_max:
+        raise ValueError(f"r must be an int in [1, d_max={d_max}], got {r!r}")
+    if sigma is not None and tuple(sigma.shape) != (kv_heads, d_max):
+        raise ValueError(f"sigma must be ({kv_heads}, {d_max}), got {tuple(sigma.shape)}")
+    if not use_triton(backend, q, k_low_t):
+        coords = adaptive_coords(q, r, kv_heads, d_max, sigma)
+        return adaptive_scores_reference(q, k_low_t, coords, group_select, seqlens)
+    q, k_low_t = q if q.stride(-1) == 1 else q.contiguous(), unit_last_stride(k_low_t)
+    if sigma is not None:
+        sigma = sigma.to(device=q.device, dtype=torch.float32).contiguous()
+    return _adaptive_fused_triton(q, k_low_t, r, sigma, group_select, seqlens, settings=settings)
 
 
 def adaptive_scores_reference(

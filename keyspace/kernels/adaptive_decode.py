@@ -1,8 +1,8 @@
 """One adaptive Loki decode step: choose r coordinates per (batch, KV head) from the query, score
 every cached token with them, keep the exact top-k, attend exactly over the kept rows.
 
-Stages: `adaptive_coords` (a few small torch ops on the queries), the adaptive score pass
-(adaptive.py), the select (select.py), the split-K attention (attention.py) over the full
+Stages: the coordinate choice and the adaptive score pass (adaptive.py; one kernel with
+`KernelSettings.adaptive_choice = "kernel"`, else `adaptive_coords`' few torch ops first), the select (select.py), the split-K attention (attention.py) over the full
 rotated keys, passed to it as k_low = keys (d = D) with an empty k_rest. The coordinate-major
 store `k_low_t (B, Hkv, d_max, S)` is an extra copy of the first d_max coordinates, read only for
 scoring.
@@ -29,6 +29,7 @@ from keyspace.kernels._checks import (
     use_triton,
 )
 from keyspace.kernels.adaptive import (
+    _adaptive_fused_triton,
     _adaptive_scores_triton,
     adaptive_coords,
     adaptive_scores_reference,
@@ -46,10 +47,19 @@ def _no_rest(keys: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(q, k_low_t, coords, group_select, seqlens, settings):
-    """Adaptive score pass that also zeroes the attention's split counters."""
+    """Adaptive score pass that also zeroes the attention's split counters. `coords` is either
+    the chosen (B, Hkv, r) int32 coordinates, or (r, sigma) for the kernel to choose them."""
     sets = q.shape[0] * selected_heads(q.shape[1], k_low_t.shape[1], group_select)
     counters = torch.empty((sets,), device=q.device, dtype=torch.int32)
-    scores = _adaptive_scores_triton(q, k_low_t, coords, group_select, seqlens, counters, settings)
+    if isinstance(coords, tuple):
+        r, sigma = coords
+        scores = _adaptive_fused_triton(
+            q, k_low_t, r, sigma, group_select, seqlens, counters, settings
+        )
+    else:
+        scores = _adaptive_scores_triton(
+            q, k_low_t, coords, group_select, seqlens, counters, settings
+        )
     return scores, counters  # [B, Hsel, S] fp32, (B·Hsel,) int32
 
 
@@ -74,7 +84,10 @@ def _pipelined_step(q, k_low_t, keys, v, coords, k_top, scale, group_select, seq
     out = torch.empty_like(q)
     main = torch.cuda.current_stream(q.device) if q.is_cuda else None
     side = _side_stream(q.device) if q.is_cuda else None
-    first, second = ((q[h], k_low_t[h], keys[h], v[h], coords[h]) for h in halves)
+    def half(h):
+        return coords if isinstance(coords, tuple) else coords[h]
+
+    first, second = ((q[h], k_low_t[h], keys[h], v[h], half(h)) for h in halves)
     scores, counters = _scores(first[0], first[1], first[4], group_select, lens[0], settings)
     if side is not None:
         side.wait_stream(main)
@@ -145,7 +158,15 @@ def adaptive_decode(
         return adaptive_decode_reference(
             q, k_low_t, keys, v, r, k_top, sigma, scale, group_select, seqlens
         )
-    coords = adaptive_coords(q, r, keys.shape[1], k_low_t.shape[2], sigma)  # [B, Hkv, r] int32
+    if settings.adaptive_choice == "kernel":  # the score kernel ranks the coordinates itself
+        d_max = k_low_t.shape[2]
+        if sigma is not None:
+            if tuple(sigma.shape) != (keys.shape[1], d_max):
+                raise ValueError(f"sigma must be ({keys.shape[1]}, {d_max}), got {tuple(sigma.shape)}")
+            sigma = sigma.to(device=q.device, dtype=torch.float32).contiguous()
+        coords = (r, sigma)
+    else:
+        coords = adaptive_coords(q, r, keys.shape[1], k_low_t.shape[2], sigma)  # [B, Hkv, r]
     q = q.contiguous()
     k_low_t, keys, v = (unit_last_stride(t) for t in (k_low_t, keys, v))
     args = (q, k_low_t, keys, v, coords, k_top, scale, group_select, seqlens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 SELECT_METHODS = ("auto", "bisect", "radix", "sampled")
+ADAPTIVE_CHOICES = ("kernel", "torch")
 PIPELINE_MODES = ("capture", "always", "never")
 # The register bisection packs two counts into one int32 (16 bits each): no row may pass 2**15.
 BISECT_MAX_ROW = 32768
@@ -62,6 +63,7 @@ class KernelSettings:
     adaptive_block_s: int = 256  # tokens per program
     adaptive_block_r: int = 16  # chosen coordinates per inner step (a tl.dot K of at least 16)
     adaptive_num_warps: int = 4
+    adaptive_choice: str = "kernel"  # choose the r coordinates in the score kernel, or "torch"
 
     # Top-k selection (select.py): which exact method, by row length.
     select_method: str = "auto"  # "auto" picks by row length; the others force one method
@@ -121,6 +123,11 @@ class KernelSettings:
             raise ValueError(
                 f"KernelSettings.select_method must be one of {SELECT_METHODS}, "
                 f"got {self.select_method!r}"
+            )
+        if self.adaptive_choice not in ADAPTIVE_CHOICES:
+            raise ValueError(
+                f"KernelSettings.adaptive_choice must be one of {ADAPTIVE_CHOICES}, "
+                f"got {self.adaptive_choice!r}"
             )
         if self.pipeline not in PIPELINE_MODES:
             raise ValueError(

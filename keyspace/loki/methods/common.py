@@ -122,7 +122,8 @@ def top_coordinates(weight: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
     -> (B, H, T, D).
     """
     r_max = int(dims.max())
-    index = weight.topk(r_max, dim=-1).indices  # [B, H, T, r_max]
+    # Ties go to the lower coordinate (a stable sort), as in the adaptive decode kernel.
+    index = weight.sort(dim=-1, descending=True, stable=True).indices[..., :r_max]  # [B,H,T,r]
     rank_ok = torch.arange(r_max, device=index.device)[None, :] < dims.to(index.device)[:, None]
     keep = rank_ok[None, :, None, :].expand_as(index).to(weight.dtype)
     return torch.zeros_like(weight).scatter_(-1, index, keep)

@@ -9,7 +9,12 @@
 #   prepare DIR [extra collect flags]   join DIR/gguf.part01 to it, check the sha256, collect +
 #                        analyze on WikiText-2 valid (1024-token windows unless e.g. --window 8192)
 #   tasks OUT LENGTHS HAYSTACK TASKS [extra validate flags]   50 prompts per cell into $OUT/OUT;
-#                        a flag given again (--methods, --d, --k, ...) replaces the grid's
+#                        a flag given again (--methods, --d, --k, ...) replaces the grid's;
+#                        RUN=/tmp/run-mixed takes another calibration run
+#   mixed [extra collect flags]   a second calibration run, /tmp/run-mixed, from 1024- and
+#                        8192-token windows (16384 tokens of each)
+#   ppl OUT [extra validate flags]   perplexity on 16 windows of 1024 tokens of WikiText-2 test,
+#                        row and window modes, the issue-23 grid, into $OUT/OUT
 # Needs: .whl (the gguf wheel), .gpu/wt/{valid,test}.txt (WikiText-2), .gpu/smol-tok (tokenizer+config).
 # Set-up here, once (.gpu/ and .whl/ are in .git/info/exclude; carry them by name):
 #   mkdir -p .gpu/p1 .gpu/p2 .gpu/wt .whl && cp ../shared/data/wikitext-2/*.txt .gpu/wt/
@@ -65,10 +70,24 @@ prepare)
   ks collect --model smollm2-135m --dataset "$KEYSPACE_WIKITEXT_DIR/valid.txt" --out /tmp/run --max-tokens 16384 --device cuda "$@" 2>&1 | tail -3
   ks analyze /tmp/run 2>&1 | tail -3
   ;;
+mixed)
+  shift 1
+  ks collect --model smollm2-135m --dataset "$KEYSPACE_WIKITEXT_DIR/valid.txt" --out /tmp/run-mixed \
+    --window 1024,8192 --max-tokens 32768 --device cuda "$@" 2>&1 | tail -3
+  ks analyze /tmp/run-mixed 2>&1 | tail -3
+  ;;
+ppl)
+  out=$2; shift 2
+  mkdir -p "$OUT"
+  ks validate --run "${RUN:-/tmp/run}" --methods full,exact-topk,sparq,loki --select fixed,adaptive \
+    --basis key,query-aware --d 16,32 --k 0.0625,0.125 --k-mode row,window --max-tokens 16384 \
+    --window 1024 --recall-windows 0 --decode-prompts 0 --no-speed --device cuda \
+    --out "$OUT/$out" "$@" 2>&1 | tee "$OUT/$out.log" | tail -60
+  ;;
 tasks)
   out=$2 lengths=$3 haystack=$4 tasks=$5; shift 5
   mkdir -p "$OUT"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  ks validate --run /tmp/run "${GRID[@]}" --tasks "$tasks" --task-lengths "$lengths" --task-haystack "$haystack" \
+  ks validate --run "${RUN:-/tmp/run}" "${GRID[@]}" --tasks "$tasks" --task-lengths "$lengths" --task-haystack "$haystack" \
     --task-count 50 --task-batch 50 --max-tokens 1024 --recall-windows 0 --decode-prompts 0 --no-speed \
     --device cuda --out "$OUT/$out" "$@" 2>&1 | tee "$OUT/$out.log" | tail -100  # a cut-off call still returns its log
   ;;

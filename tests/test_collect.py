@@ -496,12 +496,13 @@ def test_torchrun_two_ranks_match_one_process(model_dir, corpus, tmp_path):
     ]
     subprocess.run(_cli(*args, "--out", str(tmp_path / "one")), check=True, capture_output=True)
     torchrun = Path(sys.executable).parent / "torchrun"
+    # --standalone: the agent's rendezvous store binds port 0 (the OS picks a free one) and the
+    # ranks join that same store, so no fixed port can be taken by a test running beside this one
     cmd = [
         str(torchrun),
+        "--standalone",
         "--nproc-per-node",
         "2",
-        "--master-port",
-        "29517",
         "-m",
         "keyspace",
         "collect",

@@ -22,8 +22,9 @@ stdout = Console(highlight=False, markup=False, emoji=False)
 stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
-# The signal that stopped the command (SIGINT or SIGTERM), once one came: see `on_stop_signal`.
-STOPPED: dict[str, int | None] = {"signal": None}
+# The signal that stopped the command (SIGINT or SIGTERM), once one came: see `on_stop_signal`;
+# reported: whether its `Interrupted:` line is printed (`keyspace.cli.main` prints it otherwise).
+STOPPED: dict[str, Any] = {"signal": None, "reported": False}
 
 
 def stopped_exit_code() -> int:
@@ -82,6 +83,7 @@ def _exit(err: KeyspaceError) -> None:
     if os.environ.get("KEYSPACE_DEBUG") == "1":
         raise err
     print(err.one_line(), file=sys.stderr)
+    STOPPED["reported"] = STOPPED["reported"] or isinstance(err, Interrupted)
     raise typer.Exit(err.exit_code) from None
 
 

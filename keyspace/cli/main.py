@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-STOPPED_EARLY = "Interrupted: stopped before starting. Hint: run the same command again."
+from keyspace.cli import STOPPED_EARLY  # its excepthook covers this module's other lines
+
 try:  # Ctrl-C while the CLI itself loads (before `main` installs its handlers): one line, no trace
     import typer
 
@@ -62,8 +63,10 @@ def main() -> None:
         code = _run_app()
     except KeyboardInterrupt:  # after the command returned, before the process ends
         code = None
-    if STOPPED["signal"] is not None and not code:
-        # the signal came, but something swallowed it or it came after the work: never exit 0
+    swallowed = code == 130 and not STOPPED["reported"]  # typer's own silent exit on Ctrl-C
+    if STOPPED["signal"] is not None and (not code or swallowed):
+        # the signal came, but something swallowed it or it came after the work: never exit 0,
+        # never without its line
         print(STOPPED_EARLY.replace("before starting", "before finishing"), file=sys.stderr)
         code = stopped_exit_code()
     sys.exit(code)

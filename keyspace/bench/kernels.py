@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from keyspace.bench.dense import time_dense
+from keyspace.bench.e2e_table import finite_json_text
 from keyspace.bench.timing import eager_ms, graph_ms, memory_bandwidth_gbps
 from keyspace.errors import KeyspaceError
 from keyspace.kernels import (
@@ -333,7 +333,7 @@ def run_sweep(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 def save_result(result: dict, folder: Path) -> None:
     """Write a sweep as bench_decode.json (everything) and bench_decode.md (the table)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "bench_decode.json").write_text(json.dumps(result, indent=2, default=str))
+    (folder / "bench_decode.json").write_text(finite_json_text(result))  # NaN: null
     (folder / "bench_decode.md").write_text(markdown_table(result["rows"]) + "\n")
 
 

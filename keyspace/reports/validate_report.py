@@ -27,7 +27,7 @@ from keyspace.reports.validate_tables import (
     tasks_table,
     timing_table,
 )
-from keyspace.runfolder.files import read_regular, write_text_atomic
+from keyspace.runfolder.files import dumps_json, read_regular, write_text_atomic
 from keyspace.runfolder.store import RunFolder
 
 REPORT_HTML = links.VALIDATE_PAGE
@@ -345,7 +345,7 @@ def validate_page(
         f" · {dataset_name(doc)}, {html.plural(data['windows'], 'window')} of {data['window']}"
         f" tokens · {doc.get('device') or 'device not recorded'}"
     )
-    as_json = json.dumps(doc, indent=1).encode("utf-8")
+    as_json = dumps_json(doc, indent=1).encode("utf-8")  # a NaN as null, as in validate.json
     facts = provenance.validate_facts(doc, calibration)
     facts.insert(0, html.Fact("Data", "every number on this page is validate.json's",
                               link=html.download("validate.json", as_json, "application/json", "validate.json")))  # fmt: skip

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -116,8 +117,25 @@ def write_text_atomic(path: str | Path, text: str, root: str | Path | None = Non
     return Path(path)
 
 
+def finite_json(value: object) -> object:
+    """`value` with every NaN and ±Infinity float as None: JSON has no NaN, and Python's json
+    would write a bare `NaN` that other readers refuse. Tuples become lists, as json makes them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def dumps_json(data: object, **kwargs) -> str:
+    """Strict JSON text: non-finite floats written as null (`finite_json`), never bare."""
+    return json.dumps(finite_json(data), allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path: str | Path, data: dict, root: str | Path | None = None) -> str:
-    return write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), root)
+    return write_bytes_atomic(path, (dumps_json(data, indent=2) + "\n").encode(), root)
 
 
 # JSON run files (manifest, progress, ranks) carry a checksum of their own content: the sha256 of
@@ -125,9 +143,11 @@ def write_json_atomic(path: str | Path, data: dict, root: str | Path | None = No
 CHECKSUM_FIELD = "content_sha256"
 
 
-def content_checksum(doc: dict) -> str:
+def content_checksum(doc: dict, legacy: bool = False) -> str:
+    """legacy: the form of keyspace before null, a bare NaN or Infinity in the canonical JSON."""
     body = {k: v for k, v in doc.items() if k != CHECKSUM_FIELD}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    dumps = json.dumps if legacy else dumps_json
+    canonical = dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -142,7 +162,7 @@ def seal_problem(doc: object) -> str | None:
         return "it is not a JSON object"
     if not isinstance(doc.get(CHECKSUM_FIELD), str):
         return "it has no checksum (written by an older keyspace, or by hand)"
-    if content_checksum(doc) != doc[CHECKSUM_FIELD]:
+    if doc[CHECKSUM_FIELD] not in (content_checksum(doc), content_checksum(doc, legacy=True)):
         return "its content does not match its checksum (edited, or damaged)"
     return None
 

@@ -139,7 +139,8 @@ def write_json_atomic(path: str | Path, data: dict, root: str | Path | None = No
 
 
 # JSON run files (manifest, progress, ranks) carry a checksum of their own content: the sha256 of
-# their canonical JSON without this field. Python floats round-trip through JSON exactly.
+# their canonical JSON without this field. Python floats round-trip through JSON exactly; a NaN
+# or Infinity is written as null, so it is null in the canonical form too.
 CHECKSUM_FIELD = "content_sha256"
 
 

@@ -108,11 +108,11 @@ def _run_with_progress(cfg: Any, collect: Callable) -> Any:
         task = bar.add_task("collect", total=None, rate="-")
         first: dict[str, float] = {}
 
-        def on_progress(done: int, total: int) -> None:
+        def on_progress(done: int, total: int, tokens: int) -> None:
             if not first:  # the first call comes before the first window
-                first.update(t=time.perf_counter(), n=done)
+                first.update(t=time.perf_counter(), n=tokens)
             elapsed = max(time.perf_counter() - first["t"], 1e-9)
-            rate = (done - first["n"]) * cfg.window / elapsed
+            rate = (tokens - first["n"]) / elapsed  # windows of several lengths: count tokens
             bar.update(task, completed=done, total=total, rate=f"{rate:,.0f}")
 
         return collect(cfg, on_progress)

@@ -40,8 +40,45 @@ def require_kinds(moments: dict[str, Moments], capture: tuple[str, ...], where: 
         )
 
 
+class WindowLayout:
+    """The run's windows in global order (all of the first --window length, then the next ...):
+    where each window's tokens start in the run, and batches that never mix lengths."""
+
+    def __init__(self, groups: list[torch.Tensor]):
+        self.groups = groups  # one (n_windows, length) token-id tensor per length
+        self.lengths = torch.cat(
+            [torch.full((g.shape[0],), g.shape[1], dtype=torch.long) for g in groups]
+        )
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
+        counts = torch.tensor([g.shape[0] for g in groups], dtype=torch.long)
+        self.group_starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def tokens_of(self, window_ids: list[int]) -> int:
+        return int(self.lengths[window_ids].sum()) if window_ids else 0
+
+    def batches(
+        self, window_ids: list[int], batch_size: int
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """(window ids, (B, length) token ids): consecutive ids of one length, ≤ batch_size each."""
+        found = []
+        for g, tokens in enumerate(self.groups):
+            low, high = int(self.group_starts[g]), int(self.group_starts[g + 1])
+            mine = [w for w in window_ids if low <= w < high]
+            for start in range(0, len(mine), batch_size):
+                ids = mine[start : start + batch_size]
+                found.append((ids, tokens[torch.tensor(ids) - low]))
+        return found
+
+
 def keep_mask(keep_keys: str, total_tokens: int) -> torch.Tensor:
-    """Which global token indices (window * window_len + position) keep their keys."""
+    """Which global token indices (the window's first token's index + position) keep their keys."""
     if keep_keys == "all":
         return torch.ones(total_tokens, dtype=torch.bool)
     mask = torch.zeros(total_tokens, dtype=torch.bool)
@@ -54,8 +91,9 @@ def keep_mask(keep_keys: str, total_tokens: int) -> torch.Tensor:
 class ChunkBuffer:
     """Accumulates one chunk's moments updates and kept keys from the capture callbacks."""
 
-    def __init__(self, moments: dict[str, Moments], keep: torch.Tensor, window: int):
-        self.moments, self.keep, self.window = moments, keep, window
+    def __init__(self, moments: dict[str, Moments], keep: torch.Tensor, offsets: torch.Tensor):
+        # offsets[w]: the global index of window w's first token (WindowLayout.offsets)
+        self.moments, self.keep, self.offsets = moments, keep, offsets
         self.kept: dict[tuple[str, int], list[tuple[torch.Tensor, ...]]] = {}
         self.window_ids: torch.Tensor = torch.empty(0, dtype=torch.long)
 
@@ -64,7 +102,7 @@ class ChunkBuffer:
         keys = keys.detach().cpu()
         for b, w in enumerate(self.window_ids.tolist()):
             self.moments[kind].add_keys(layer, keys[b])
-            mask = self.keep[w * self.window : (w + 1) * self.window]
+            mask = self.keep[int(self.offsets[w]) : int(self.offsets[w + 1])]
             if mask.any():
                 positions = mask.nonzero().squeeze(1)
                 entry = (keys[b][positions].clone(), positions, torch.full_like(positions, w))

@@ -5,6 +5,7 @@ No torch import here: the CLI reads this module at start-up.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,63 @@ def parse_capture(value: str | tuple) -> tuple[str, ...]:
             "Try --capture keys,queries (the default) or --capture keys.",
         )
     return tuple(c for c in CAPTURES if c in parts)
+
+
+# --window: the bounds of one length, and how many lengths one run may mix.
+WINDOW_BOUNDS = (2, 1 << 20)
+MAX_WINDOW_LENGTHS = 8
+_LIST_HINT = "Example: --window 1024 or --window 1024,8192."
+
+
+def parse_window_lengths(value: int | str | tuple) -> tuple[int, ...]:
+    """ "1024" -> (1024,); "1024,8192" (or "1024+8192", the manifest's form) -> (1024, 8192).
+
+    Each length goes through `parse_int` (2 .. 2^20); an empty part, a repeated length or more
+    than MAX_WINDOW_LENGTHS lengths is a KeyspaceError. The order is kept: it is the cut order.
+    """
+    if isinstance(value, tuple):
+        parts: list = list(value)
+    elif isinstance(value, str):
+        parts = re.split(r"[,+]", value)
+    else:
+        parts = [value]
+    if len(parts) == 1:
+        return (parse_int(parts[0], "--window", *WINDOW_BOUNDS),)
+    if any(isinstance(p, str) and not p.strip() for p in parts):
+        raise KeyspaceError(f"--window has an empty length in {value!r}.", _LIST_HINT)
+    if len(parts) > MAX_WINDOW_LENGTHS:
+        raise KeyspaceError(
+            f"--window lists {len(parts)} lengths; at most {MAX_WINDOW_LENGTHS} can be mixed.",
+            _LIST_HINT,
+        )
+    lengths = tuple(parse_int(p, "--window", *WINDOW_BOUNDS) for p in parts)
+    repeated = sorted({n for n in lengths if lengths.count(n) > 1})
+    if repeated:
+        raise KeyspaceError(
+            f"--window lists {', '.join(map(str, repeated))} more than once ({value!r}).",
+            "Give each length once, e.g. --window 1024,8192.",
+        )
+    return lengths
+
+
+def window_label(lengths: tuple[int, ...]) -> int | str:
+    """What the manifest (and the default run name) records: 1024 for one length, "1024+8192"."""
+    return lengths[0] if len(lengths) == 1 else "+".join(map(str, lengths))
+
+
+def check_window_budget(lengths: tuple[int, ...], max_tokens: int | None) -> None:
+    """Several lengths share --max-tokens equally; refuse a share below one window of each."""
+    if len(lengths) < 2 or max_tokens is None:
+        return
+    share, longest = max_tokens // len(lengths), max(lengths)
+    if share < longest:
+        short = ", ".join(str(n) for n in lengths if n > share)
+        raise KeyspaceError(
+            f"--max-tokens {max_tokens} split over {len(lengths)} window lengths gives each"
+            f" {share} tokens, fewer than one window of {short}.",
+            f"Use --max-tokens {len(lengths) * longest} or more ({len(lengths)} × {longest}),"
+            " or shorter --window lengths.",
+        )
 
 
 def _parse_max_tokens(value: int | str | None) -> int | None:
@@ -71,8 +129,14 @@ class CollectConfig:
         short="-d",
     )
     split: str = option("--split", "Split for `wikitext` (validation, test, train).", "validation")
-    window: int = option(
-        "--window", "Tokens per window (non-overlapping).", 1024, bounds=(2, 1 << 20)
+    window: int | str = option(
+        "--window",
+        "Tokens per window (non-overlapping). A comma list (1024,8192) mixes lengths: --max-tokens"
+        " is split equally, floor(max_tokens / lengths) tokens each in whole windows of that"
+        " length, cut one after the other (all of the first length, then the next); a batch"
+        " never mixes lengths.",
+        1024,
+        cli_type=str,
     )
     max_tokens: int | None = option(
         "--max-tokens",
@@ -113,6 +177,9 @@ class CollectConfig:
         self.out = Path(self.out)
         parse_int_fields(self)
         self.max_tokens = _parse_max_tokens(self.max_tokens)
+        # One length stays an int; several become the manifest's label "1024+8192".
+        self.window = window_label(parse_window_lengths(self.window))
+        check_window_budget(self.window_lengths, self.max_tokens)
         self.keep_keys = _parse_keep_keys(self.keep_keys)
         if self.capture is not None:
             self.capture = parse_capture(self.capture)
@@ -124,3 +191,8 @@ class CollectConfig:
         self.device = self.device or "auto"
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise KeyspaceError(f"unknown --device {self.device!r}.", "Use cpu, cuda or auto.")
+
+    @property
+    def window_lengths(self) -> tuple[int, ...]:
+        """The --window lengths, in cut order: (1024,) or (1024, 8192)."""
+        return parse_window_lengths(self.window)

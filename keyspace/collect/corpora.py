@@ -196,32 +196,76 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 @dataclass
 class TokenWindows:
-    """windows: (n_windows, window) int64 token ids; plus provenance for the manifest."""
+    """groups: one (n_windows, length) int64 tensor of token ids per --window length, in cut
+    order; plus provenance for the manifest."""
 
-    windows: Any
+    groups: list
     source: str
     corpus_sha256: str
     corpus_tokens: int
     bos: bool
 
+    @property
+    def windows(self) -> Any:
+        """(n_windows, window) token ids of a one-length cut."""
+        if len(self.groups) != 1:
+            raise ValueError("windows of several lengths have no single tensor; use groups")
+        return self.groups[0]
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(int(g.shape[1]) for g in self.groups)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Windows of each length."""
+        return tuple(int(g.shape[0]) for g in self.groups)
+
 
 def tokenize_windows(
     spec: str | Corpus,
     tokenizer: Any,
-    window: int,
+    window: int | tuple[int, ...],
     max_tokens: int | None,
     split: str = "validation",
 ) -> TokenWindows:
-    """Split a corpus (a spec, or one already loaded) into non-overlapping windows (docs/data.md)."""
+    """Split a corpus (a spec, or one already loaded) into non-overlapping windows (docs/data.md).
+
+    `window` one length, or a tuple of several: then each length gets ⌊max_tokens / lengths⌋
+    tokens (of the corpus's tokens with `max_tokens` None or above them) in whole windows, cut
+    consecutively: every window of the first length, then the next.
+    """
     import torch
 
-    if window <= 1:
+    lengths = tuple(window) if isinstance(window, tuple) else (window,)
+    if any(n <= 1 for n in lengths):
         raise KeyspaceError(f"--window must be at least 2, got {window}.", "Try --window 1024.")
     corpus = spec if isinstance(spec, Corpus) else load_corpus(spec, split)
     spec = corpus.source if isinstance(spec, Corpus) else spec
     text = corpus.text
     ids = tokenizer(text, add_special_tokens=False).input_ids
     bos = _adds_bos(tokenizer)
+    if len(lengths) == 1:
+        counts = [_single_count(spec, ids, lengths[0], bos, max_tokens)]
+    else:
+        counts = _mixed_counts(spec, len(ids), lengths, max_tokens)
+    groups, start = [], 0
+    for length, n_windows in zip(lengths, counts, strict=True):
+        body = length - 1 if bos else length
+        chunks = torch.tensor(ids[start : start + n_windows * body], dtype=torch.long)
+        chunks = chunks.view(n_windows, body)
+        start += n_windows * body
+        if bos:
+            chunks = torch.cat(
+                [torch.full((n_windows, 1), tokenizer.bos_token_id, dtype=torch.long), chunks],
+                dim=1,
+            )
+        groups.append(chunks)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return TokenWindows(groups, corpus.source, digest, len(ids), bos)
+
+
+def _single_count(spec: str, ids: list, window: int, bos: bool, max_tokens: int | None) -> int:
     body = window - 1 if bos else window
     n_windows = len(ids) // body
     if max_tokens is not None:
@@ -236,13 +280,28 @@ def tokenize_windows(
             f"dataset {spec!r} gives {have}, fewer than one window of {window}.",
             "Lower --window, raise --max-tokens, or give more text.",
         )
-    chunks = torch.tensor(ids[: n_windows * body], dtype=torch.long).view(n_windows, body)
-    if bos:
-        chunks = torch.cat(
-            [torch.full((n_windows, 1), tokenizer.bos_token_id, dtype=torch.long), chunks], dim=1
+    return n_windows
+
+
+def _mixed_counts(
+    spec: str, corpus_tokens: int, lengths: tuple[int, ...], max_tokens: int | None
+) -> list[int]:
+    """Windows of each length: ⌊budget / len(lengths)⌋ tokens each, the budget capped by the corpus
+    (so the cut always fits, with or without a BOS token per window)."""
+    from keyspace.collect.config import check_window_budget
+
+    check_window_budget(lengths, max_tokens)
+    budget = corpus_tokens if max_tokens is None else min(max_tokens, corpus_tokens)
+    share = budget // len(lengths)
+    short = [n for n in lengths if share < n]
+    if short:
+        raise KeyspaceError(
+            f"dataset {spec!r} gives {corpus_tokens} tokens: split over {len(lengths)} window"
+            f" lengths, {share} each, fewer than one window of {', '.join(map(str, short))}.",
+            f"Give more text (at least {len(lengths) * max(lengths)} tokens), or shorter"
+            " --window lengths.",
         )
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return TokenWindows(chunks, corpus.source, digest, len(ids), bos)
+    return [share // n for n in lengths]
 
 
 def load_token_windows(

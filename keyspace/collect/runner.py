@@ -36,12 +36,13 @@ from keyspace.collect.checkpoint import (
 )
 from keyspace.collect.chunks import (
     ChunkBuffer,
+    WindowLayout,
     keep_mask,
     require_kinds,
     write_shards,
     zero_moments,
 )
-from keyspace.collect.config import CAPTURES, CollectConfig
+from keyspace.collect.config import CAPTURES, CollectConfig, window_label
 from keyspace.collect.corpora import load_corpus, tokenize_windows
 from keyspace.errors import FileSystemError, Interrupted, KeyspaceError
 from keyspace.models.arch import arch_spec, head_geometry
@@ -71,6 +72,7 @@ RESUME_FIELDS = (
     "dataset.corpus_sha256",
     "window",
     "num_windows",
+    "window_counts",
     "keep_keys",
     "dtype",
     "world_size",
@@ -89,13 +91,12 @@ class CollectResult:
     shards: int
     resumed_windows: int = 0
     extra: dict = field(default_factory=dict)
+    resumed_tokens: int = 0
     repairs: list[str] = field(default_factory=list)  # what --resume found damaged and recomputed
 
     @property
     def tokens_per_second(self) -> float:
-        return (self.tokens - self.resumed_windows * self.extra.get("window", 0)) / max(
-            self.seconds, 1e-9
-        )
+        return (self.tokens - self.resumed_tokens) / max(self.seconds, 1e-9)
 
 
 def _get(d: dict, dotted: str) -> Any:
@@ -191,7 +192,9 @@ def _base_manifest(cfg: CollectConfig, loaded: Any, tw: Any, dist: Dist, device:
     heads, kv_heads, head_dim = head_geometry(config)
     rope = dict(getattr(config, "rope_parameters", None) or {})
     partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-    n_windows, window = tw.windows.shape
+    n_windows = sum(tw.counts)
+    # Several --window lengths: "window" is their label "1024+8192", plus the windows of each.
+    counts = {"window_counts": list(tw.counts)} if len(tw.counts) > 1 else {}
     return {
         "format": "keyspace-run/1",
         "keyspace_version": __version__,
@@ -209,10 +212,11 @@ def _base_manifest(cfg: CollectConfig, loaded: Any, tw: Any, dist: Dist, device:
             "corpus_tokens": tw.corpus_tokens,
             "bos": tw.bos,
         },
-        "window": window,
+        "window": window_label(tw.lengths),
         "num_windows": n_windows,
+        **counts,
         "max_tokens": cfg.max_tokens,
-        "tokens": n_windows * window,
+        "tokens": sum(n * length for n, length in zip(tw.counts, tw.lengths, strict=True)),
         "num_layers": config.num_hidden_layers,
         "num_heads": heads,
         "num_kv_heads": kv_heads,
@@ -247,7 +251,7 @@ def _finalize(cfg: CollectConfig, manifest: dict, dist: Dist, shape: tuple[int, 
         require_kinds(state.moments, cfg.capture, f"rank {rank}'s progress in {cfg.out}")
         merged = {k: merged[k].merge(state.moments[k]) for k in merged}
         shards += state.progress["shards"]
-    expected = manifest["num_windows"] * manifest["window"]
+    expected = manifest["tokens"]
     if int(merged["pre"].count[0]) != expected:
         raise KeyspaceError(
             f"merged moments cover {int(merged['pre'].count[0])} tokens, expected {expected}.",
@@ -263,7 +267,8 @@ def _finalize(cfg: CollectConfig, manifest: dict, dist: Dist, shape: tuple[int, 
     return manifest
 
 
-ProgressFn = Callable[[int, int], None]  # (windows done, windows total) for this rank
+# (windows done, windows total, tokens done), for this rank
+ProgressFn = Callable[[int, int, int], None]
 
 
 def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> CollectResult:
@@ -303,7 +308,7 @@ def _collect(
     loaded = load_model(cfg.model, cfg.dtype, device, placement)
     device = device or str(input_device(loaded.model))
     arch_spec(loaded.model.config)  # an unsupported architecture fails before anything is written
-    tw = tokenize_windows(corpus, loaded.tokenizer, cfg.window, cfg.max_tokens)
+    tw = tokenize_windows(corpus, loaded.tokenizer, cfg.window_lengths, cfg.max_tokens)
     manifest = _base_manifest(cfg, loaded, tw, dist, device)
     if existing is not None:
         _check_resume(existing, manifest)
@@ -318,25 +323,28 @@ def _collect(
     if existing is not None and existing["state"] == STATE_COMPLETE:
         repairs = final_problems(cfg.out, existing, states, totals)
         if not repairs:
-            return _result(cfg, existing, 0.0, n_windows)
+            return _result(cfg, existing, 0.0, n_windows, existing["tokens"])
     else:
         repairs = [note for state in states for note in state.notes]
     if dist.rank == 0:  # partial until _finalize: a repair in progress is not a complete run
         write_manifest(cfg.out, manifest)
     started = time.perf_counter()
-    done_before = _run_chunks(
-        cfg, loaded.model, tw.windows, manifest, dist, states[dist.rank], on_progress
+    layout = WindowLayout(tw.groups)
+    done_before, tokens_before = _run_chunks(
+        cfg, loaded.model, layout, manifest, dist, states[dist.rank], on_progress
     )
     dist.barrier()
     if dist.rank == 0:
         manifest = _finalize(cfg, manifest, dist, shape)
     dist.barrier()
-    result = _result(cfg, manifest, time.perf_counter() - started, done_before)
+    result = _result(cfg, manifest, time.perf_counter() - started, done_before, tokens_before)
     result.repairs = repairs
     return result
 
 
-def _result(cfg: CollectConfig, manifest: dict, seconds: float, resumed: int) -> CollectResult:
+def _result(
+    cfg: CollectConfig, manifest: dict, seconds: float, resumed: int, resumed_tokens: int
+) -> CollectResult:
     return CollectResult(
         out=cfg.out,
         state=manifest["state"],
@@ -347,69 +355,73 @@ def _result(cfg: CollectConfig, manifest: dict, seconds: float, resumed: int) ->
         shards=len(manifest["shards"]),
         resumed_windows=resumed,
         extra={"window": manifest["window"]},
+        resumed_tokens=resumed_tokens,
     )
 
 
 def _run_chunks(
     cfg: CollectConfig,
     model: Any,
-    windows: torch.Tensor,
+    windows: WindowLayout,
     manifest: dict,
     dist: Dist,
     state: RankState,
     on_progress: ProgressFn | None,
-) -> int:
+) -> tuple[int, int]:
     """Recompute this rank's damaged chunks, then process its remaining ones; returns how many of
-    its windows were already done."""
+    its windows (and of their tokens) were already done."""
     shape = (manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"])
-    chunks = rank_chunks(windows.shape[0], dist.rank, dist.world, cfg.shard_windows)
+    chunks = rank_chunks(len(windows), dist.rank, dist.world, cfg.shard_windows)
     progress, moments = state.progress, state.moments
     progress["manifest"] = {k: v for k, v in manifest.items() if k not in ("shards", "moments")}
     if progress["chunks_done"]:
         require_kinds(moments, cfg.capture, f"rank {dist.rank}'s progress in {cfg.out}")
     for kind, zeros in zero_moments(cfg.capture, shape).items():
         moments.setdefault(kind, zeros)  # a fresh rank's state holds the key kinds only
-    keep = keep_mask(cfg.keep_keys, windows.numel())
+    keep = keep_mask(cfg.keep_keys, windows.total_tokens)
     device = input_device(model)  # under a device map: where the embeddings run
     for chunk_index in state.redo:  # the chunk's moments are committed: recompute its keys only
-        buffer = ChunkBuffer(zero_moments(cfg.capture, shape), keep, windows.shape[1])
+        buffer = ChunkBuffer(zero_moments(cfg.capture, shape), keep, windows.offsets)
         _forward(model, windows, chunks[chunk_index], buffer, cfg, device)
         kept = [s for s in progress["shards"] if s["index"] != chunk_index]
         progress["shards"] = kept + write_shards(cfg.out, buffer, dist.rank, chunk_index)
         write_progress(cfg.out, dist.rank, progress)
-    done_before = sum(len(c) for c in chunks[: progress["chunks_done"]])
-    done = [done_before]
+    committed = [w for c in chunks[: progress["chunks_done"]] for w in c]
+    done_before, tokens_before = len(committed), windows.tokens_of(committed)
+    done = [done_before, tokens_before]
     total = sum(len(c) for c in chunks)
 
-    def tick(n: int) -> None:
-        done[0] += n
+    def tick(window_ids: list[int]) -> None:
+        done[0] += len(window_ids)
+        done[1] += windows.tokens_of(window_ids)
         if on_progress:
-            on_progress(done[0], total)
+            on_progress(done[0], total, done[1])
 
-    tick(0)
+    tick([])
     for chunk_index in range(progress["chunks_done"], len(chunks)):
-        buffer = ChunkBuffer(moments, keep, windows.shape[1])
+        buffer = ChunkBuffer(moments, keep, windows.offsets)
         _forward(model, windows, chunks[chunk_index], buffer, cfg, device, tick)
         progress["shards"] += write_shards(cfg.out, buffer, dist.rank, chunk_index)
         progress["chunks_done"] = chunk_index + 1
         commit_chunk(cfg.out, dist.rank, progress, moments)
-    return done_before
+    return done_before, tokens_before
 
 
 def _forward(
     model: Any,
-    windows: torch.Tensor,
+    windows: WindowLayout,
     chunk: list[int],
     buffer: ChunkBuffer,
     cfg: CollectConfig,
     device: Any,
-    tick: Callable[[int], None] | None = None,
+    tick: Callable[[list[int]], None] | None = None,
 ) -> None:
-    """Run the model over one chunk's windows (batches of --batch-size), capturing into `buffer`."""
+    """Run the model over one chunk's windows (batches of --batch-size, each of one window
+    length), capturing into `buffer`."""
     on_queries = buffer.on_queries if "queries" in cfg.capture else None
     with torch.inference_mode(), capture_keys(model, buffer.on_keys, on_queries):
-        for start in range(0, len(chunk), cfg.batch_size):
-            buffer.window_ids = torch.tensor(chunk[start : start + cfg.batch_size])
-            model(windows[buffer.window_ids].to(device), use_cache=False)
+        for ids, tokens in windows.batches(chunk, cfg.batch_size):
+            buffer.window_ids = torch.tensor(ids)
+            model(tokens.to(device), use_cache=False)
             if tick:
-                tick(len(buffer.window_ids))
+                tick(ids)

@@ -132,12 +132,26 @@ class Manifest:
     capture: tuple[str, ...] = ("keys",)
     shard_windows: int | None = None
     world_size: int | None = None
+    # Runs of several --window lengths: the lengths in cut order (`window` is the longest) and
+    # the windows of each; () and None in a one-length run.
+    window_lengths: tuple[int, ...] = ()
+    window_counts: tuple[int, ...] | None = None
     source: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """(layers, kv_heads, head_dim)."""
         return self.num_layers, self.num_kv_heads, self.head_dim
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The window lengths, in cut order: (window,) for a one-length run."""
+        return self.window_lengths or (self.window,)
+
+    @property
+    def window_label(self) -> str:
+        """'1024', or '1024+8192' for a run of several window lengths."""
+        return "+".join(map(str, self.lengths))
 
     @property
     def is_complete(self) -> bool:
@@ -163,13 +177,14 @@ class Manifest:
         shards = doc.get("shards")
         if not isinstance(shards, list):
             raise ManifestProblem("shards", "is not a list")
+        lengths, counts = _window_lengths(doc)
         manifest = cls(
             state=state,
             model_identity=_str(model, "identity", "model."),
             model_spec=_str(model, "spec", "model.", optional=True),
             dataset_spec=_str(dataset, "spec", "dataset.", optional=True),
             dataset_split=_str(dataset, "split", "dataset.", optional=True),
-            window=_int(doc, "window", 1, MAX_DIM * 1024),
+            window=max(lengths) if lengths else _int(doc, "window", 1, MAX_DIM * 1024),
             tokens=_int(doc, "tokens"),
             num_layers=layers,
             num_kv_heads=_int(doc, "num_kv_heads", 1, MAX_DIM),
@@ -184,6 +199,8 @@ class Manifest:
             capture=_capture(doc),
             shard_windows=_opt_int(doc, "shard_windows", 1),
             world_size=_opt_int(doc, "world_size", 1, MAX_WORLD_SIZE),
+            window_lengths=lengths,
+            window_counts=counts,
             source=copy.deepcopy(doc),
         )
         manifest._check_sizes()
@@ -191,7 +208,9 @@ class Manifest:
 
     def _check_sizes(self) -> None:
         """Sizes that must agree with each other: a resealed manifest could claim anything."""
-        if self.num_windows is not None and self.num_windows * self.window != self.tokens:
+        if self.window_counts is not None:
+            self._check_mixed_sizes()
+        elif self.num_windows is not None and self.num_windows * self.window != self.tokens:
             raise ManifestProblem(
                 "tokens",
                 f"is {self.tokens}, not num_windows × window = {self.num_windows * self.window}",
@@ -220,6 +239,18 @@ class Manifest:
                             f"hold {listed} {kind} keys of layer {layer}, not the {kept} kept",
                         )
 
+    def _check_mixed_sizes(self) -> None:
+        counts = self.window_counts or ()
+        if self.num_windows != sum(counts):
+            raise ManifestProblem(
+                "num_windows", f"is {self.num_windows}, not the sum of window_counts {sum(counts)}"
+            )
+        tokens = sum(n * length for n, length in zip(counts, self.lengths, strict=True))
+        if self.tokens != tokens:
+            raise ManifestProblem(
+                "tokens", f"is {self.tokens}, not Σ window_counts × window lengths = {tokens}"
+            )
+
     @property
     def kept_per_layer(self) -> int | None:
         """Keys a complete run keeps per (kind, layer) under its --keep-keys; None when unrecorded."""
@@ -237,7 +268,7 @@ class Manifest:
         doc.pop(CHECKSUM_FIELD, None)
         top = {
             "state": self.state,
-            "window": self.window,
+            "window": self.window if self.window_counts is None else self.window_label,
             "tokens": self.tokens,
             "num_layers": self.num_layers,
             "num_kv_heads": self.num_kv_heads,
@@ -249,6 +280,7 @@ class Manifest:
             "dtype": self.dtype,
             "shard_windows": self.shard_windows,
             "world_size": self.world_size,
+            "window_counts": None if self.window_counts is None else list(self.window_counts),
         }
         for key, value in top.items():
             if value is not None or key in doc:
@@ -283,6 +315,32 @@ def _moments_sha256(record: object) -> str | None:
     ):
         raise ManifestProblem("moments", f"is {record!r}, not {{path: {MOMENTS}, sha256: ...}}")
     return record["sha256"]
+
+
+def _window_lengths(doc: dict) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """A run of several --window lengths records `window` as "1024+8192" and `window_counts`
+    (windows of each length); a run without window_counts has one length, `window` (an int)."""
+    counts, label = doc.get("window_counts"), doc.get("window")
+    if counts is None:
+        return (), None
+    if not isinstance(label, str) or not all(
+        part.isascii() and part.isdigit() and len(part) <= 12 for part in label.split("+")
+    ):
+        raise ManifestProblem("window", f"is {label!r}, not lengths joined by + (1024+8192)")
+    lengths = tuple(int(part) for part in label.split("+"))
+    if len(lengths) < 2 or len(set(lengths)) != len(lengths):
+        raise ManifestProblem("window", f"is {label!r}, not two or more different lengths")
+    if any(not 1 <= n <= MAX_DIM * 1024 for n in lengths):
+        raise ManifestProblem("window", f"is {label!r}, a length out of [1, {MAX_DIM * 1024}]")
+    if not (
+        isinstance(counts, list)
+        and len(counts) == len(lengths)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts)
+    ):
+        raise ManifestProblem(
+            "window_counts", f"is {counts!r}, not one count ≥ 1 per length of {label}"
+        )
+    return lengths, tuple(counts)
 
 
 def _keep_keys(doc: dict) -> str | None:

@@ -46,12 +46,16 @@ def parse_int(
         number = value
     else:
         text = value.strip() if isinstance(value, str) else ""
-        number = int(text) if text.isascii() and text.isdigit() else None
+        # isdigit() alone takes '٣' and '²', and int() refuses more than 4300 digits: ASCII
+        # digits only, and a number too long for any bound is out of range, not a traceback
+        digits = text.isascii() and text.isdigit()
+        number = int(text) if digits and len(text) <= 30 else (high + 1 if digits else None)
     if number is None or not low <= number <= high:
+        shown = repr(value)
         alternatives = f", or {words}" if words else ""
         raise KeyspaceError(
             f"{option_name} must be a whole number from {low} to {high:,}{alternatives};"
-            f" got {value!r}.",
+            f" got {shown[:40] + '…' if len(shown) > 40 else shown}.",
             f"Example: {option_name} {max(low, min(high, 16))}.",
         )
     return number
@@ -64,6 +68,14 @@ def parse_int_fields(config: object) -> None:
         if bounds is not None:
             value = parse_int(getattr(config, f.name), f.metadata["flags"][0], *bounds)
             setattr(config, f.name, value)
+
+
+def parse_int_list(
+    text: str, option_name: str, low: int = 1, high: int = ABSURD
+) -> tuple[int, ...]:
+    """ "512,2048" -> (512, 2048), each part checked by `parse_int`; an empty part ("512,,", "")
+    is the same one-line error, not skipped."""
+    return tuple(parse_int(part, option_name, low, high) for part in str(text).split(","))
 
 
 def parse_positive_ints(text: str | tuple, option_name: str, high: int = ABSURD) -> tuple[int, ...]:

@@ -169,5 +169,6 @@ def test_bench_cli_checks_budget():
     runner = CliRunner()
     result = runner.invoke(app, ["bench", "--d", "32", "--budget", "0"])
     assert result.exit_code == 2 and "--budget must be a whole number" in result.output
-    result = runner.invoke(app, ["bench", "--e2e", "--d", "32", "--budget", "512"])
-    assert result.exit_code == 2 and "--budget is not yet taken with --e2e" in result.output
+    result = runner.invoke(app, ["bench", "--e2e", "--d", "32", "--budget", "٣"])
+    assert result.exit_code == 2 and "--budget must be a whole number" in result.output
+    # --e2e takes a budget now (tests/test_budget_option.py): past the parsing, the GPU check

@@ -215,7 +215,7 @@ def test_tasks_write_one_row_per_method_setting_task_and_length(synthetic):
     paired = {"vs_full", "vs_full_low", "vs_full_high"}
     for row in doc["tasks"]:
         extra = set() if row["method"] == "full" else paired
-        assert set(row) == keys | {"basis", "scoring", "scores"} | extra
+        assert set(row) == keys | {"basis", "k_budget", "scoring", "scores"} | extra
         assert row["count"] == 2 and row["scoring"] == "exact" and len(row["scores"]) == 2
         if extra:
             assert row["vs_full_low"] <= row["vs_full"] <= row["vs_full_high"]

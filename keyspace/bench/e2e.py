@@ -53,7 +53,8 @@ __all__ += ["format_row", "markdown_table", "save_result"]  # from e2e_table
 
 @dataclass(frozen=True)
 class E2EConfig:
-    """One end-to-end sweep: every (batch, seq), dense and each (d, k) point, on one model."""
+    """One end-to-end sweep: every (batch, seq), dense and each (d, k) and (d, budget) point, on
+    one model."""
 
     config: str | None = "llama3-8b"  # random-init at a real shape (CONFIG_NAMES) ...
     model: str | None = (
@@ -64,6 +65,7 @@ class E2EConfig:
     seqs: tuple[int, ...] = (4096, 16384, 32768)
     steps: int = 64  # timed decode steps per row
     points: tuple[tuple[int, float], ...] = ((32, 0.125),)
+    budgets: tuple[tuple[int, int], ...] = ()  # (d, tokens kept per step): min(tokens, context)
     group_select: bool = True
     dtype: str = "float16"
     generate_steps: int = 4  # transformers' generate baseline; 0 skips it
@@ -86,6 +88,16 @@ class E2EConfig:
         for d, k in self.points:
             if d < 1 or not 0 < k <= 1:
                 raise ValueError(f"bad (d, k) point ({d}, {k}): d >= 1 and k in (0, 1]")
+        for d, tokens in self.budgets:
+            if d < 1 or tokens < 1:
+                raise ValueError(f"bad (d, budget) point ({d}, {tokens}): d >= 1 and budget >= 1")
+        if not self.points and not self.budgets:
+            raise ValueError("give at least one (d, k) point or (d, budget) point")
+
+    def loki_points(self) -> list[tuple[int, float | None, int | None]]:
+        """(d, k, budget) of every Loki row: the fractions, then the token budgets (one of k and
+        budget is None)."""
+        return [(d, k, None) for d, k in self.points] + [(d, None, b) for d, b in self.budgets]
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -178,9 +190,11 @@ def generate_baseline(model, prompt: torch.Tensor, steps: int, prefill_chunk: in
 
 
 def _row(batch, seq, method, path, weights, kv, gbps, **point) -> dict:
-    """One table row from a timed path; `point` is the Loki (d, k, k_top) when method is loki."""
+    """One table row from a timed path; `point` is the Loki (d, k, k_budget, k_top) when method is
+    loki (k None for a token budget, k_budget None for a fraction)."""
     step = statistics.median(path["times_ms"])
-    row = {"batch": batch, "seq": seq, "method": method, "d": None, "k": None, "k_top": None}
+    row = {"batch": batch, "seq": seq, "method": method, "d": None, "k": None, "k_budget": None}
+    row["k_top"] = None
     row |= point | {
         "prefill_s": path["prefill_s"],
         "step_ms": step,
@@ -242,18 +256,22 @@ def run_point(
     time_cache(StaticKVCache(shape.layers, capacity), "dense", kv_bytes(shape, batch, seq))
     free_memory()
     bases = random_bases(shape, device, cfg.seed)
-    for d in sorted({d for d, _ in cfg.points}):
+    points = cfg.loki_points()
+    for d in sorted({d for d, _, _ in points}):
         cache, first, prefill_s = None, None, None
-        for k in [k for dd, k in cfg.points if dd == d]:
+        for _, k, budget in [p for p in points if p[0] == d]:
             if cache is None:
                 torch.cuda.reset_peak_memory_stats()
-                loki = Loki.from_tensors(bases, d, k=k, group_select=cfg.group_select)
+                loki = Loki.from_tensors(
+                    bases, d, k=k, group_select=cfg.group_select, budget=budget
+                )
                 cache = loki.static_cache(model, capacity)
-            cache.set_budget(k=k)
-            k_top = decode_budget(k, seq)
+            cache.set_budget(k=k, budget=budget)
+            # tokens a step at `seq` attends: ceil(k·seq), or min(budget, seq) (the cache's rule)
+            k_top = decode_budget(k, seq) if budget is None else cache.tokens_kept(seq)
             kv = kv_bytes(shape, batch, seq, d, k_top, cfg.group_select)
             first, prefill_s = time_cache(
-                cache, "loki", kv, first, prefill_s, d=d, k=k, k_top=k_top
+                cache, "loki", kv, first, prefill_s, d=d, k=k, k_budget=budget, k_top=k_top
             )
         del cache
         free_memory()
@@ -288,20 +306,21 @@ def check_loop(model, cfg: E2EConfig, batch: int, steps: int = 12) -> list[dict]
     capacity, bases = seq + steps + 1, random_bases(shape, device, cfg.seed)
     checks = []
 
-    def make(d=None, k=None):
+    def make(d=None, k=None, budget=None):
         if d is None:
             return StaticKVCache(shape.layers, capacity)
-        loki = Loki.from_tensors(bases, d, k=k, group_select=cfg.group_select)
+        loki = Loki.from_tensors(bases, d, k=k, group_select=cfg.group_select, budget=budget)
         return loki.static_cache(model, capacity)
 
     def agree(a, b) -> float:
         return float((a == b).double().mean())
 
-    dense = None
-    for d, k in [(None, None), *cfg.points, (cfg.points[0][0], 1.0)]:
-        graph = _loop_tokens(model, make(d, k), prompt, steps, cfg.loop, graphs=True)
-        eager = _loop_tokens(model, make(d, k), prompt, steps, cfg.loop, graphs=False)
-        name = "dense" if d is None else f"loki d={d} k={k:g}"
+    dense, first_d = None, cfg.loki_points()[0][0]
+    for d, k, budget in [(None, None, None), *cfg.loki_points(), (first_d, 1.0, None)]:
+        graph = _loop_tokens(model, make(d, k, budget), prompt, steps, cfg.loop, graphs=True)
+        eager = _loop_tokens(model, make(d, k, budget), prompt, steps, cfg.loop, graphs=False)
+        setting = f"k={k:g}" if budget is None else f"budget={budget}"
+        name = "dense" if d is None else f"loki d={d} {setting}"
         checks.append({"check": f"{name}: graph == eager", "value": agree(graph, eager)})
         if d is None:
             dense = graph
@@ -378,14 +397,17 @@ def decode_speed(
     seq: int,
     steps: int = 32,
     d: int = 32,
-    k: float = 0.125,
+    k: float | None = 0.125,
     basis: torch.Tensor | None = None,
     group_select: bool = True,
     settings: DecodeLoopSettings | None = None,
+    budget: int | None = None,
 ) -> dict:
-    """Decode tokens/s of `model` (on CUDA) with a dense static cache and with Loki at (d, k), both
-    through the graph loop from a random prompt of `seq` tokens. `basis` (layers, kv_heads, D, D)
-    defaults to random orthonormal bases. Returns {"dense": {...}, "loki": {...}, "speedup": x}."""
+    """Decode tokens/s of `model` (on CUDA) with a dense static cache and with Loki at (d, k), or
+    at (d, budget) tokens per step when `budget` is given (k is then ignored), both through the
+    graph loop from a random prompt of `seq` tokens. `basis` (layers, kv_heads, D, D) defaults to
+    random orthonormal bases. Returns {"dense": {...}, "loki": {...}, "speedup": x}."""
+    k = None if budget is not None else k
     shape, device = Shape.of(model), next(model.parameters()).device
     cfg = E2EConfig(steps=steps, split=False, loop=settings or DecodeLoopSettings())
     prompt = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
@@ -395,7 +417,7 @@ def decode_speed(
         if name == "dense":
             cache = StaticKVCache(shape.layers, capacity)
         else:
-            loki = Loki.from_tensors(basis, d, k=k, group_select=group_select)
+            loki = Loki.from_tensors(basis, d, k=k, group_select=group_select, budget=budget)
             cache = loki.static_cache(model, capacity)
         first, prefill_s = prefill(model, cache, prompt, cfg.loop)
         step = statistics.median(run_path(model, cache, first, seq, cfg)["times_ms"])

@@ -34,7 +34,13 @@ def save_result(result: dict, folder: Path) -> None:
 
 
 def _label(row: dict) -> str:
-    label = "dense" if row["method"] == "dense" else f"Loki d={row['d']} k={row['k']:g}"
+    """'dense', 'Loki d=32 k=0.125' or, for a token budget, 'Loki d=32 2048 tok'."""
+    if row["method"] == "dense":
+        label = "dense"
+    elif row.get("k_budget") is not None:
+        label = f"Loki d={row['d']} {row['k_budget']} tok"
+    else:
+        label = f"Loki d={row['d']} k={row['k']:g}"
     return f"{label} [{row['variant']}]" if row.get("variant") else label
 
 

@@ -8,22 +8,47 @@ import typer
 
 from keyspace.cli.common import handle_errors, print_json, stderr
 from keyspace.errors import KeyspaceError
-from keyspace.options import parse_int
+from keyspace.options import parse_int, parse_int_list
+
+
+def _ints(values: list[str] | None, flag: str, high: int) -> list[int]:
+    """A repeated option's values, each a number or a comma list (--seq 4096,16384 or --seq 4096
+    --seq 16384), every part checked by `parse_int`: ASCII digits only, in [1, high]."""
+    return [n for v in values or [] for n in parse_int_list(v, flag, 1, high)]
 
 
 @handle_errors
 def command(
     model: str = typer.Option(None, help="Alias, local folder or hub id: take its head shapes."),
-    batch: list[int] = typer.Option(
-        None, help="Sequences per decode step (default 16); with --e2e repeat: --batch 1 --batch 4."
+    batch: list[str] = typer.Option(
+        None,
+        help="Sequences per decode step (default 16); with --e2e several: --batch 1,4.",
+        metavar="INTEGER",
     ),
-    heads: int = typer.Option(None, help="Query heads (default 32, or the model's)."),
-    kv_heads: list[int] = typer.Option(None, help="KV heads; repeat for several (default 32, 8)."),
-    head_dim: int = typer.Option(None, help="Head dimension (default 128, or the model's)."),
-    seq: list[int] = typer.Option(None, help="Cache lengths; repeat (default 4096 16384 32768)."),
-    d: list[int] = typer.Option(None, help="Low-rank dims; with --k, every (d, k) pair."),
+    heads: str = typer.Option(
+        None, help="Query heads (default 32, or the model's).", metavar="INTEGER"
+    ),
+    kv_heads: list[str] = typer.Option(
+        None, help="KV heads; several: 32,8 (default 32, 8).", metavar="INTEGER"
+    ),
+    head_dim: str = typer.Option(
+        None, help="Head dimension (default 128, or the model's).", metavar="INTEGER"
+    ),
+    seq: list[str] = typer.Option(
+        None,
+        help="Cache lengths: 4096,16384 or repeat (default 4096 16384 32768).",
+        metavar="INTEGER",
+    ),  # fmt: skip
+    d: list[str] = typer.Option(
+        None, help="Low-rank dims; with --k, every (d, k) pair.", metavar="INTEGER"
+    ),
     k: list[float] = typer.Option(None, help="Kept fraction in (0, 1]; with --d."),
-    budget: list[int] = typer.Option(None, help="Tokens kept per step; with --d, beside --k."),
+    budget: list[str] = typer.Option(
+        None,
+        help="Tokens kept per step, min(budget, S): 2048 or 512,2048; with --d, beside --k"
+        " (kernels and --e2e).",
+        metavar="INTEGER",
+    ),
     adaptive: bool = typer.Option(True, help="Also time adaptive Loki at r = d beside each d."),
     dtype: str = typer.Option("float16", help="float16, bfloat16 or float32."),
     per_head: bool = typer.Option(True, help="Under GQA also time per-query-head selection."),
@@ -36,31 +61,33 @@ def command(
     config: str = typer.Option(
         None, help="With --e2e: random-init shape llama3-8b, llama2-7b or smollm2-135m."
     ),
-    layers: int = typer.Option(None, help="With --e2e: keep the first N decoder layers."),
-    steps: int = typer.Option(64, help="With --e2e: timed decode steps per row."),
+    layers: str = typer.Option(
+        None, help="With --e2e: keep the first N decoder layers.", metavar="INTEGER"
+    ),
+    steps: str = typer.Option(
+        "64", help="With --e2e: timed decode steps per row.", metavar="INTEGER"
+    ),
 ) -> None:
     """Time one Loki decode step (scores, top-k, sparse attention) against dense SDPA; with --e2e,
     whole decode steps of a model (CUDA-graph loop, dense vs Loki, and transformers' generate)."""
-    batch = [parse_int(v, "--batch", 1, 1 << 16) for v in batch or [16]]
+    batch = _ints(batch or ["16"], "--batch", 1 << 16)
     steps = parse_int(steps, "--steps", 1, 1 << 20)
     heads, head_dim, layers = (
         None if value is None else parse_int(value, flag, 1, 1 << 16)
         for value, flag in ((heads, "--heads"), (head_dim, "--head-dim"), (layers, "--layers"))
     )  # 0 is an error, never "the default"
-    kv_heads = [parse_int(v, "--kv-heads", 1, 1 << 16) for v in kv_heads or []]
-    seq = [parse_int(v, "--seq", 1, 1 << 24) for v in seq or []]
-    d = [parse_int(v, "--d", 1, 1 << 16) for v in d or []]
-    budget = [parse_int(v, "--budget", 1, 1 << 24) for v in budget or []]
+    kv_heads = _ints(kv_heads, "--kv-heads", 1 << 16)
+    seq = _ints(seq, "--seq", 1 << 24)
+    d = _ints(d, "--d", 1 << 16)
+    budget = sorted(set(_ints(budget, "--budget", 1 << 24)))
     if out is not None:  # before any work: a sweep is minutes of GPU time
         from keyspace.runfolder.store import check_writable
 
         check_writable(out)
     if e2e:
-        if budget:
-            raise KeyspaceError(
-                "--budget is not yet taken with --e2e.", "Give --k fractions with --e2e."
-            )
-        return _e2e(model, config, layers, batch, seq, d, k, steps, dtype, check, out, json_output)
+        return _e2e(
+            model, config, layers, batch, seq, d, k, budget, steps, dtype, check, out, json_output
+        )
     if len(batch) > 1:
         raise KeyspaceError(
             "the kernel bench takes one --batch.", "Repeat --batch with --e2e only."
@@ -116,10 +143,15 @@ def _require_cuda(command: str, tests: str) -> None:
         )
 
 
-def _e2e(model, config, layers, batch, seq, d, k, steps, dtype, check, out, json_output) -> None:
+def _e2e(
+    model, config, layers, batch, seq, d, k, budget, steps, dtype, check, out, json_output
+) -> None:
     """`keyspace bench --e2e`: build the sweep's config and run it (keyspace.bench.e2e)."""
-    if bool(d) != bool(k):
-        raise KeyspaceError("--d and --k go together.", "Give both, e.g. --d 32 --k 0.125.")
+    if bool(d) != bool(k or budget):
+        raise KeyspaceError(
+            "--d and --k (or --budget) go together.",
+            "Give both, e.g. --d 32 --k 0.125 or --d 32 --budget 2048.",
+        )
     from keyspace.bench.e2e import E2EConfig
 
     try:
@@ -130,7 +162,8 @@ def _e2e(model, config, layers, batch, seq, d, k, steps, dtype, check, out, json
             batches=tuple(batch),
             seqs=tuple(seq) if seq else E2EConfig.seqs,
             steps=steps,
-            points=tuple((dd, kk) for dd in d for kk in k) if d else E2EConfig.points,
+            points=tuple((dd, kk) for dd in d for kk in k or ()) if d else E2EConfig.points,
+            budgets=tuple((dd, bb) for dd in d for bb in budget),
             dtype=dtype,
             check=check,
         )

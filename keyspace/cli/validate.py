@@ -34,8 +34,17 @@ class ValidateArgs(ValidateConfig):
         super().__post_init__()
 
 
+def _k(row: dict) -> str:
+    """A row's budget as the tables show it: '1/8', '2048 tok', or '-'."""
+    from keyspace.reports.validate_figures import keep_label
+
+    return keep_label(row) or "-"
+
+
 def _print_table(doc: dict) -> None:
     from rich.table import Table
+
+    from keyspace.reports.validate_report import headline
 
     bases = ", ".join(doc.get("basis") or ["key"])
     table = Table(
@@ -48,7 +57,7 @@ def _print_table(doc: dict) -> None:
             r["method"],
             r.get("basis") or "-",
             str(r["d"] or "-"),
-            f"{r['k']:g}" if r["k"] else "-",
+            _k(r),
             r["k_mode"] or "-",
         )
         table.add_row(
@@ -59,28 +68,30 @@ def _print_table(doc: dict) -> None:
         _print_recall(entry)
     for entry in doc["decode"]:
         stdout.print(
-            f"decode {entry['method']} d={entry['d']} k={entry['k']:g} ({entry.get('basis', 'key')} basis): token agreement {entry['token_agreement']:.3f} (teacher-forced {entry['forced_agreement']:.3f}), NLL of the dense continuation {entry['nll_sparse']:.3f} vs {entry['nll_dense']:.3f} dense"
+            f"decode {entry['method']} d={entry['d']} k={_k(entry)} ({entry.get('basis', 'key')} basis): token agreement {entry['token_agreement']:.3f} (teacher-forced {entry['forced_agreement']:.3f}), NLL of the dense continuation {entry['nll_sparse']:.3f} vs {entry['nll_dense']:.3f} dense"
         )
     for entry in (doc.get("speed") or {}).get("decode") or []:
         stdout.print(
-            f"decode speed d={entry['d']} k={entry['k']:g} (B={entry['batch']}, S={entry['seq']}): "
+            f"decode speed d={entry['d']} k={_k(entry)} (B={entry['batch']}, S={entry['seq']}): "
             f"{entry['loki_tokens_per_s']:.0f} tokens/s vs {entry['dense_tokens_per_s']:.0f} dense, "
             f"{entry['speedup']:.2f}x"
         )
     for entry in doc["passkey"]:
         basis = f" ({entry['basis']} basis)" if entry.get("basis") else ""
+        setting = "" if entry["method"] == "full" else f" d={entry['d']} k={_k(entry)}"
         stdout.print(
-            f"passkey {entry['method']}{basis} @ {entry['length']} tokens: {entry['correct']}/{entry['count']}"
+            f"passkey {entry['method']}{setting}{basis} @ {entry['length']} tokens: {entry['correct']}/{entry['count']}"
         )
     if doc.get("tasks"):
         _print_tasks(doc["tasks"])
+    stdout.print(headline(doc), soft_wrap=True, markup=False)
 
 
 def _print_recall(entry: dict) -> None:
     """Mean recalls of one (basis, d, k), with Spearman ρ against key rank@90 and score rank@90."""
     score = entry.get("score_rank") is not None
     stdout.print(
-        f"recall d={entry['d']} k={entry['k']:g} ({entry.get('basis', 'key')} basis), mean over"
+        f"recall d={entry['d']} k={_k(entry)} ({entry.get('basis', 'key')} basis), mean over"
         f" (layer, query head) / Spearman ρ with key rank@90{' / score rank@90' if score else ''}:"
     )
     for field, name in (
@@ -101,8 +112,6 @@ def _print_tasks(rows: list[dict]) -> None:
     """One line per row, narrow enough for an 80-column terminal; the report has the rest."""
     from rich.table import Table
 
-    from keyspace.reports.validate_figures import fraction_label
-
     table = Table(
         title="long-context tasks: accuracy [95% interval] over n prompts",
         box=None,
@@ -119,7 +128,7 @@ def _print_tasks(rows: list[dict]) -> None:
             str(r["length"]),
             r["method"] if basis in (None, "key") else f"{r['method']} ({basis})",
             str(r["d"] if r["d"] is not None else "-"),
-            fraction_label(r["k"]) if r["k"] is not None else "-",
+            _k(r),
             f"{r['accuracy']:.2f}",
             f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
             f"{r['vs_full']:+.2f}" if "vs_full" in r else "-",

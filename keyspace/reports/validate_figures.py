@@ -47,6 +47,14 @@ def fraction_label(k: float) -> str:
     return f"{k:g}"
 
 
+def keep_label(row: dict) -> str | None:
+    """A row's budget: '2048 tok' for a token budget (`k_budget`), '1/8' for a fraction k, None
+    for a method that keeps everything."""
+    if row.get("k_budget") is not None:
+        return f"{row['k_budget']} tok"
+    return None if row.get("k") is None else fraction_label(row["k"])
+
+
 def basis_suffix(row: dict) -> str:
     """', query-aware' for a row in a basis other than the paper's key basis."""
     return "" if row.get("basis") in (None, "key") else f", {row['basis']}"
@@ -58,10 +66,10 @@ def hollow(row: dict) -> bool:
 
 
 def settings_label(row: dict) -> str:
-    """'d=32, k=1/8'; the method for a row without settings ('full')."""
+    """'d=32, k=1/8' or 'd=32, k=2048 tok'; the method for a row without settings ('full')."""
     parts = [f"d={row['d']}"] if row.get("d") is not None else []
-    if row.get("k") is not None:
-        parts.append(f"k={fraction_label(row['k'])}")
+    if keep_label(row) is not None:
+        parts.append(f"k={keep_label(row)}")
     return ", ".join(parts) or row["method"]
 
 
@@ -293,7 +301,7 @@ def measured_pareto(points: list[tuple[dict, float]], dense_ppl: float | None) -
 
 
 def entry_label(entry: dict) -> str:
-    return f"d={entry['d']}, k={fraction_label(entry['k'])}{basis_suffix(entry)}"
+    return f"d={entry['d']}, k={keep_label(entry)}{basis_suffix(entry)}"
 
 
 @styled

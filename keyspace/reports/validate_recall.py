@@ -85,7 +85,7 @@ def recall_table(doc: dict, fields: list[tuple[str, str]]) -> str:
     rows, attrs = [], []
     for e in doc["recall"]:
         for i, (field, title) in enumerate(fields):
-            cells = [*basis_cells(doc, e), fmt_d(e), fmt_k(e["k"]), e["k_mode"], e["rows"], title]
+            cells = [*basis_cells(doc, e), fmt_d(e), fmt_k(e), e["k_mode"], e["rows"], title]
             mean = float(np.mean(np.asarray(e[field], dtype=float)))
             if e.get("rank"):
                 kv = kv_recall(e, field)

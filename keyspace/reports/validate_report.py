@@ -71,14 +71,22 @@ def basis_name(basis: str) -> str:
     return "the paper's key basis" if basis == "key" else f"the {basis} basis"
 
 
+# Loki with its fixed first d coordinates (the paper) and with r = d chosen per step (--select):
+# the headline weighs them together, naming the adaptive rows.
+LOKI_FAMILY = ("loki", "loki-adaptive")
+
+
 def bare_setting(row: dict) -> str:
-    """'d=32, k=1/8' without the basis: the sentence names it already."""
-    return setting({**row, "basis": None})
+    """'d=32, k=1/8' without the basis: the sentence names it already; a loki-adaptive row
+    says so: 'd=32, k=1/8 (loki-adaptive)'."""
+    text = setting({**row, "basis": None})
+    return text + (f" ({row['method']})" if row.get("method") == "loki-adaptive" else "")
 
 
 def loki_rows(doc: dict) -> list[dict]:
-    """Loki's perplexity rows of the first k-mode (the one the page leads with)."""
-    rows = [r for r in doc["results"] if r["method"] == "loki"]
+    """The Loki family's perplexity rows (loki, loki-adaptive) of the first k-mode (the one the
+    page leads with)."""
+    rows = [r for r in doc["results"] if r["method"] in LOKI_FAMILY]
     mode = (doc.get("k_modes") or [None])[0]
     return [r for r in rows if r["k_mode"] == mode] or rows
 
@@ -125,7 +133,7 @@ def tasks_clause(doc: dict) -> str:
     no task ran): one clause per basis, so no number stands next to another basis's name."""
     rows = doc.get("tasks") or []
     dense = {(r["task"], r["length"]): r for r in rows if r["method"] == "full"}
-    loki = [r for r in rows if r["method"] == "loki" and (r["task"], r["length"]) in dense]
+    loki = [r for r in rows if r["method"] in LOKI_FAMILY and (r["task"], r["length"]) in dense]
     parts = []
     for basis in dict.fromkeys(basis_of(r) for r in loki):
         pairs = [(dense[(r["task"], r["length"])], r) for r in loki if basis_of(r) == basis]
@@ -190,22 +198,27 @@ def measured_time_points(doc: dict) -> list[tuple[dict, float]]:
     speed = doc.get("speed") or {}
     if speed.get("decode"):
         ratio = {
-            (str(m["d"]), m["k"]): m["loki_step_ms"] / m["dense_step_ms"] for m in speed["decode"]
+            (str(m["d"]), m["k"], m.get("k_budget")): m["loki_step_ms"] / m["dense_step_ms"]
+            for m in speed["decode"]
         }
     elif speed.get("measured"):
         longest = max(m["seq"] for m in speed["measured"])
         ratio = {
-            (str(m["d"]), m["k_frac"]): m["loki_ms"] / m["sdpa_ms"]
+            (str(m["d"]), None if m.get("k_budget") else m["k_frac"], m.get("k_budget")): m[
+                "loki_ms"
+            ]
+            / m["sdpa_ms"]
             for m in speed["measured"]
             if m["seq"] == longest and m["select"] in ("group", "mha")
         }
     else:
         return []
     mode = (doc.get("k_modes") or [None])[0]
+    key = lambda r: (str(r["d"]), r["k"], r.get("k_budget"))  # noqa: E731
     return [
-        (r, ratio[(str(r["d"]), r["k"])])
+        (r, ratio[key(r)])
         for r in doc["results"]
-        if r["method"] == "loki" and r["k_mode"] == mode and (str(r["d"]), r["k"]) in ratio
+        if r["method"] == "loki" and r["k_mode"] == mode and key(r) in ratio
     ]
 
 

@@ -7,7 +7,7 @@ show as n/a.
 from __future__ import annotations
 
 from keyspace.reports import html
-from keyspace.reports.validate_figures import fraction_label, task_method
+from keyspace.reports.validate_figures import fraction_label, keep_label, task_method
 
 
 def fmt_d(row: dict) -> str:
@@ -19,7 +19,10 @@ def fmt_d(row: dict) -> str:
     return f"{d} (mean {mean:.1f})" if str(d).startswith("auto") and mean else str(d)
 
 
-def fmt_k(k: float | None) -> str:
+def fmt_k(k: float | dict | None) -> str:
+    """A fraction as '1/8'; a row (dict) as its budget: '1/8', '2048 tok' or '-'."""
+    if isinstance(k, dict):
+        return keep_label(k) or "-"
     return "-" if k is None else fraction_label(k)
 
 
@@ -27,7 +30,7 @@ def setting(row: dict) -> str:
     """'d=32, k=1/8' (with the mean d of an auto setting), leaving out what the method lacks;
     a basis other than the paper's key basis is named."""
     parts = [f"d={fmt_d(row)}"] if row.get("d") is not None else []
-    parts += [f"k={fmt_k(row['k'])}"] if row.get("k") is not None else []
+    parts += [f"k={fmt_k(row)}"] if keep_label(row) is not None else []
     parts += [f"{row['basis']} basis"] if row.get("basis") not in (None, "key") else []
     return ", ".join(parts) or "its only setting"
 
@@ -67,13 +70,14 @@ def perplexity_table(doc: dict) -> str:
 
     def order(r: dict):
         mode = modes.index(r["k_mode"]) if r["k_mode"] in modes else len(modes)
-        return (r["method"] != "full", mode, r["k"] or 1.0, r["ppl"])
+        # fractions first, then token budgets, each ascending
+        return (r["method"] != "full", mode, r.get("k_budget") or 0, r["k"] or 1.0, r["ppl"])
 
     rows, attrs, group = [], [], None
     for r in sorted(doc["results"], key=order):
         bytes_read = r["kv_bytes_fraction"]
         rows.append(
-            [r["method"], *basis_cells(doc, r), fmt_d(r), fmt_k(r["k"]), r["k_mode"] or "-"]
+            [r["method"], *basis_cells(doc, r), fmt_d(r), fmt_k(r), r["k_mode"] or "-"]
             + [f"{r['ppl']:.3f}"]
             + ([change(r["ppl"], dense)] if dense else [])
             + [f"{100 * bytes_read:.1f}%"]
@@ -81,9 +85,9 @@ def perplexity_table(doc: dict) -> str:
             + [r["tokens"]]
         )
         css = [{"loki": "ours", "full": "baseline"}.get(r["method"], "")]
-        if group is not None and order(r)[:3] != group:
+        if group is not None and order(r)[:4] != group:
             css.append("group")  # a new (k-mode, k) budget starts: a rule above the row
-        group = order(r)[:3]
+        group = order(r)[:4]
         attrs.append({"class": " ".join(c for c in css if c), "data-method": r["method"]})
     headers = ["method", *basis_headers(doc), "d", "k", "k-mode", "perplexity"]
     headers += ["vs dense"] * bool(dense)
@@ -102,7 +106,7 @@ def decode_table(doc: dict) -> str:
     headers += ["free-running agreement"]
     headers += ["NLL Loki", "NLL dense", "selection", "prompts", "prompt tokens", "new tokens"]
     rows = [
-        [e["method"], *basis_cells(doc, e), fmt_d(e), fmt_k(e["k"]), e.get("k_mode") or "-"]
+        [e["method"], *basis_cells(doc, e), fmt_d(e), fmt_k(e), e.get("k_mode") or "-"]
         + [share(e.get("forced_agreement")), share(e["token_agreement"])]
         + [f"{e['nll_sparse']:.3f}", f"{e['nll_dense']:.3f}", e.get("gqa_select") or "-"]
         + [e["prompts"], e.get("prompt_tokens", "n/a"), e["tokens"]]
@@ -115,7 +119,8 @@ def timing_table(measured: list[dict]) -> str:
     headers = ["cache S", "d", "k", "selection", "SDPA ms", "Loki ms", "speed-up"]
     headers += ["byte-floor speed-up", "Loki % of byte floor"]
     rows = [
-        [m["seq"], m["d"], fmt_k(m["k_frac"]), m["select"], f"{m['sdpa_ms']:.3f}"]
+        [m["seq"], m["d"], fmt_k({"k": m["k_frac"], "k_budget": m.get("k_budget")})]
+        + [m["select"], f"{m['sdpa_ms']:.3f}"]
         + [f"{m['loki_ms']:.3f}", f"{m['speedup']:.2f}×", f"{m['floor_speedup']:.2f}×"]
         + [f"{m['loki_pct_floor']:.0f}%" if "loki_pct_floor" in m else "n/a"]
         for m in measured
@@ -128,7 +133,7 @@ def decode_speed_table(decode: list[dict]) -> str:
     headers = ["d", "k", "selection", "batch", "prompt S", "dense ms/step", "Loki ms/step"]
     headers += ["dense tokens/s", "Loki tokens/s", "speed-up"]
     rows = [
-        [m["d"], fmt_k(m["k"]), m["gqa_select"], m["batch"], m["seq"]]
+        [m["d"], fmt_k(m), m["gqa_select"], m["batch"], m["seq"]]
         + [f"{m['dense_step_ms']:.2f}", f"{m['loki_step_ms']:.2f}"]
         + [
             f"{m['dense_tokens_per_s']:.0f}",
@@ -142,7 +147,7 @@ def decode_speed_table(decode: list[dict]) -> str:
 
 def passkey_table(doc: dict) -> str:
     rows = [
-        [e["method"], fmt_d(e), fmt_k(e.get("k")), e["length"], f"{e['correct']}/{e['count']}"]
+        [e["method"], fmt_d(e), fmt_k(e), e["length"], f"{e['correct']}/{e['count']}"]
         for e in doc["passkey"]
     ]
     return html.table(["method", "d", "k", "context length", "correct"], rows, "passkey")
@@ -166,7 +171,7 @@ def tasks_table(doc: dict) -> str:
         if "vs_full" in r:  # validate.json before the paired differences has the point only
             versus = f"{r['vs_full']:+.2f} [{r['vs_full_low']:+.2f}, {r['vs_full_high']:+.2f}]"
         rows.append(
-            [r["task"], r["length"], task_method(r), fmt_d(r), fmt_k(r["k"]), r.get("scoring", "-")]
+            [r["task"], r["length"], task_method(r), fmt_d(r), fmt_k(r), r.get("scoring", "-")]
             + [f"{r['accuracy']:.2f}", f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"]
             + ["-" if r["method"] == "full" else versus, r["count"]]
         )

@@ -20,12 +20,15 @@ from keyspace.options import (
     offload_folder_option,
     option,
     parse_int_fields,
+    parse_int_list,
     parse_positive_ints,
 )
 
 Log = Callable[[str], None]
 # `keyspace.tasks.HAYSTACKS`, spelled out for the same reason (tests check they agree).
 TASK_HAYSTACKS = ("filler", "wikitext", "pydoc")
+# Above this (16M tokens) a `--budget` is a typo; `keyspace bench --budget` takes the same bound.
+MAX_BUDGET = 1 << 24
 # Loki's bases: "key" = PCA of the keys (the paper; transforms A = B orthonormal), "query-aware" =
 # the score basis A = Uᵀ S_q^½, B = A⁻ᵀ (docs/validate.md).
 BASES = ("key", "query-aware")
@@ -43,7 +46,15 @@ class ValidateConfig:
     d: str | None = option(
         "--d", "Low-rank dims: 32, 16,32,64, or auto:0.9 (per head rank). Default: head_dim/2."
     )
-    k: str = option("--k", "Fractions of context kept, in (0, 1]: 0.125 or 0.125,0.25.", "0.125")
+    k: str | None = option(
+        "--k",
+        "Fractions of context kept, in (0, 1]: 0.125 or 0.125,0.25. Default: 0.125, none when"
+        " only --budget is given.",
+    )
+    budget: str | None = option(
+        "--budget",
+        "Tokens kept per step, min(budget, context): 2048 or 512,2048; beside --k, rows for each.",
+    )
     k_modes: str = option("--k-mode", "Budget protocol: window, row, or window,row.", "window")
     gqa_select: str = option(
         "--gqa-select",
@@ -144,6 +155,10 @@ class ValidateConfig:
             self.passkey_lengths, "--passkey-lengths", 1 << 24
         )
         self.task_lengths = parse_positive_ints(self.task_lengths, "--task-lengths", 1 << 24)
+        budgets = (
+            () if self.budget is None else parse_int_list(self.budget, "--budget", 1, MAX_BUDGET)
+        )
+        self.budgets = sorted(set(budgets))
         self._check_tasks()
         if self.gqa_select not in ("head", "group"):
             raise KeyspaceError(

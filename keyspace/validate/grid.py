@@ -47,12 +47,47 @@ class DChoice:
 
 
 @dataclass(frozen=True)
+class Keep:
+    """One budget of the grid: a fraction `k` of the context (`--k`) or `budget` tokens per step
+    (`--budget`, min(budget, context)); exactly one is set."""
+
+    k: float | None = None
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.k is None) == (self.budget is None):
+            raise ValueError("a Keep is a fraction k or a token budget, exactly one")
+
+    @property
+    def label(self) -> str:
+        """'0.125' or '2048 tok'."""
+        return f"{self.k:g}" if self.budget is None else f"{self.budget} tok"
+
+    def fields(self) -> dict:
+        """The JSON fields of a row at this budget: k (the fraction or None) and k_budget."""
+        return {"k": self.k, "k_budget": self.budget}
+
+
+def keeps(ks: list[float], budgets: list[int] = ()) -> list[Keep]:
+    """Every fraction, then every token budget."""
+    return [Keep(k=k) for k in ks] + [Keep(budget=b) for b in budgets]
+
+
+@dataclass(frozen=True)
 class SweepPoint:
     method: str
     d: DChoice | None
     k: float | None
     k_mode: str | None
     basis: str | None = None  # "key" or "query-aware" for methods that use a basis, else None
+    budget: int | None = None  # tokens kept per row instead of the fraction k (then None)
+
+    @property
+    def keep(self) -> Keep | None:
+        """This point's budget, or None for a method that keeps everything."""
+        if self.k is None and self.budget is None:
+            return None
+        return Keep(self.k, self.budget)
 
     @property
     def dims(self) -> torch.Tensor | None:
@@ -61,6 +96,7 @@ class SweepPoint:
 
 
 def parse_k(text: str) -> list[float]:
+    """`--k`: fractions in (0, 1], sorted, each once."""
     values = []
     for part in text.split(","):
         try:
@@ -169,15 +205,18 @@ def sweep_points(
     ks: list[float],
     k_modes: list[str],
     bases: tuple[str, ...] = ("key",),
+    budgets: list[int] = (),
 ) -> list[SweepPoint]:
     """Every distinct run: a method that ignores d (or k, or the basis) is run once, not once per
-    d (or k, or basis)."""
+    d (or k and budget, or basis). Token budgets come after the fractions, each at every k-mode
+    (a budget keeps the same tokens in both)."""
     points = []
     for name in methods:
         spec = get_method(name)
         for basis in bases if spec.uses_basis else [None]:
             for d in ds if spec.uses_d else [None]:
-                for k in ks if spec.uses_k else [None]:
+                for keep in keeps(ks, budgets) if spec.uses_k else [Keep(k=1.0)]:
+                    k = keep.k if spec.uses_k else None
                     for mode in k_modes if spec.uses_k else [None]:
-                        points.append(SweepPoint(name, d, k, mode, basis))
+                        points.append(SweepPoint(name, d, k, mode, basis, keep.budget))
     return points

@@ -8,6 +8,7 @@ import torch
 
 from keyspace.errors import KeyspaceError
 from keyspace.loki import K_MODES
+from keyspace.loki.api import DEFAULT_K
 from keyspace.loki.from_run import key_scales
 from keyspace.runfolder.analysis import (
     analyze_hint,
@@ -21,6 +22,8 @@ from keyspace.tasks import load_haystack, make_prompts
 from keyspace.validate.config import ValidateConfig
 from keyspace.validate.grid import (
     DChoice,
+    Keep,
+    keeps,
     parse_d,
     parse_k,
     parse_methods,
@@ -49,6 +52,12 @@ class Inputs:
     score_transforms: tuple[torch.Tensor, torch.Tensor] | None = None
     # basis -> sigma per coordinate of its keys, (layers, kv_heads, D): `key_scales`
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    budgets: list[int] = field(default_factory=list)  # `--budget`: tokens kept per step
+
+    @property
+    def keeps(self) -> list[Keep]:
+        """Every budget of the grid: the fractions `ks`, then the token `budgets`."""
+        return keeps(self.ks, self.budgets)
 
     @property
     def head_dim(self) -> int:
@@ -73,7 +82,9 @@ def open_inputs(config: ValidateConfig) -> Inputs:
     """Open the run, its calibration and ranks; parse the grid. Raises KeyspaceError on bad input."""
     methods = with_selects(parse_methods(config.methods), config.selects)
     k_modes = parse_names(config.k_modes, K_MODES, "--k-mode")
-    ks = parse_k(config.k)
+    budgets = list(getattr(config, "budgets", []))
+    # --k defaults to 0.125 unless --budget alone is given: then only the token budgets run
+    ks = parse_k(config.k) if config.k is not None else ([] if budgets else [DEFAULT_K])
     tasks = tuple(parse_tasks(config.tasks))
     run = RunFolder.open(config.run).require_complete()
     ranks = read_ranks(run.path)  # verified by its checksum
@@ -96,6 +107,7 @@ def open_inputs(config: ValidateConfig) -> Inputs:
     group_select = config.gqa_select == "group"
     inputs = Inputs(run, components, ranks, ds, ks, k_modes, methods, group_select, tasks)
     inputs.bases = config.bases
+    inputs.budgets = budgets
     if "query-aware" in config.bases:
         inputs.score_transforms = query_aware_transforms(calibration, config.rotary, run)
         inputs.ds = [with_score_dims(d, ranks, config.rotary) for d in ds]

@@ -33,6 +33,11 @@ class ResultRow:
     kv_bytes_fraction: float
     seconds: float
     basis: str | None = None  # "key" or "query-aware" for methods that use a basis (loki, pcaattn)
+    # `--budget`: tokens kept per row, min(k_budget, context); then k is None
+    k_budget: int | None = None
+    # tokens the last row of a window keeps (ceil(k·window) or min(k_budget, window)); None for
+    # methods that keep everything. A token budget's KV-bytes share is taken at that row.
+    kept_tokens: int | None = None
 
 
 @dataclass
@@ -76,6 +81,7 @@ def speed_ceilings(rows: list[ResultRow]) -> dict:
                 "method": r.method,
                 "d": r.d,
                 "k": r.k,
+                "k_budget": r.k_budget,
                 "basis": r.basis,
                 "kv_bytes_fraction": r.kv_bytes_fraction,
                 "max_speedup": 1 / r.kv_bytes_fraction,

@@ -103,14 +103,16 @@ def run_validate(
     )
     rows = [
         measure_perplexity(loaded.model, windows, p, inputs, log)
-        for p in sweep_points(inputs.methods, inputs.ds, inputs.ks, inputs.k_modes, inputs.bases)
+        for p in sweep_points(
+            inputs.methods, inputs.ds, inputs.ks, inputs.k_modes, inputs.bases, inputs.budgets
+        )
     ]
     sample = windows[: config.recall_windows]
     recall = [
-        recall_entry(loaded.model, sample, d, k, inputs.k_modes[0], inputs, config.rotary, basis)
+        recall_entry(loaded.model, sample, d, keep, inputs.k_modes[0], inputs, config.rotary, basis)
         for basis in inputs.bases
         for d in inputs.ds
-        for k in inputs.ks
+        for keep in inputs.keeps
         if "loki" in inputs.methods and config.recall_windows > 0
     ]
     decode = decode_entries(loaded.model, windows, inputs, config, log)
@@ -132,7 +134,12 @@ def run_validate(
         "gqa_select": config.gqa_select,
         "head_dim": inputs.head_dim,
         "k_modes": inputs.k_modes,
-        "grid": {"d": [d.value for d in inputs.ds], "k": inputs.ks, "methods": inputs.methods},
+        "grid": {
+            "d": [d.value for d in inputs.ds],
+            "k": inputs.ks,
+            "k_budget": inputs.budgets,
+            "methods": inputs.methods,
+        },
         "device": config.device,
         "device_map": placed_map(loaded.model, config.placement),
         "dtype": config.dtype,

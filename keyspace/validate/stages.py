@@ -14,12 +14,13 @@ from keyspace.bench.e2e import decode_speed
 from keyspace.bench.kernels import BenchConfig, run_sweep
 from keyspace.errors import KeyspaceError
 from keyspace.loki import Loki, SparseSettings, get_method
+from keyspace.loki.core import Budget
 from keyspace.models.placement import input_device
 from keyspace.runfolder.store import DEFAULT_THRESHOLD
 from keyspace.tasks import Decoder, cache_decoder, masked_decoder, run_tasks
 from keyspace.validate.config import Log, ValidateConfig
 from keyspace.validate.evaluate import decode_check, loki_recall, perplexity
-from keyspace.validate.grid import DChoice, SweepPoint, ranks_at, sweep_points
+from keyspace.validate.grid import DChoice, Keep, SweepPoint, ranks_at, sweep_points
 from keyspace.validate.inputs import Inputs
 from keyspace.validate.passkey import passkey_prompts, run_passkey
 from keyspace.validate.results import ResultRow, spearman
@@ -40,7 +41,8 @@ def settings_for(point: SweepPoint, inputs: Inputs) -> SparseSettings:
     spec = get_method(point.method)
     return SparseSettings(
         point.method,
-        k=point.k if point.k is not None else 1.0,
+        k=point.k if point.k is not None or point.budget is not None else 1.0,
+        budget=point.budget,
         k_mode=point.k_mode or "window",
         dims=point.dims,
         basis=key_transform if spec.uses_basis else None,
@@ -53,11 +55,16 @@ def settings_for(point: SweepPoint, inputs: Inputs) -> SparseSettings:
 def measure_perplexity(
     model, windows: torch.Tensor, point: SweepPoint, inputs: Inputs, log: Log
 ) -> ResultRow:
-    label = f"{point.method} d={point.d.label if point.d else '-'} k={point.k or '-'} {point.k_mode or ''}"
-    label += f" ({point.basis} basis)" if point.basis else ""
+    keep, window = point.keep, windows.shape[1]
+    label = f"{point.method} d={point.d.label if point.d else '-'} k={keep.label if keep else '-'}"
+    label += f" {point.k_mode or ''}" + (f" ({point.basis} basis)" if point.basis else "")
     result = perplexity(model, windows, settings_for(point, inputs))
     log(f"{label}: ppl {result.ppl:.3f} ({result.seconds:.0f} s)")
     d_mean = float(point.dims.float().mean()) if point.d else None
+    spec = get_method(point.method)
+    # tokens a window's last row keeps, and the share of it: a token budget's k at that context
+    kept = Budget(keep.k, keep.budget).kept(window) if keep and spec.uses_k else None
+    share = point.k if point.budget is None else kept / window
     return ResultRow(
         point.method,
         point.d.value if point.d else None,
@@ -68,9 +75,11 @@ def measure_perplexity(
         result.nll,
         result.tokens,
         result.predicted_tokens,
-        get_method(point.method).kv_bytes_fraction(inputs.head_dim, d_mean, point.k),
+        spec.kv_bytes_fraction(inputs.head_dim, d_mean, share),
         result.seconds,
         point.basis,
+        point.budget,
+        kept,
     )
 
 
@@ -78,21 +87,22 @@ def recall_entry(
     model,
     windows: torch.Tensor,
     d: DChoice,
-    k: float,
+    keep: Keep,
     k_mode: str,
     inputs: Inputs,
     kind: str,
     basis: str = "key",
 ) -> dict:
-    """Loki's recall per (layer, query head) at one (d, k) in `basis`, and its link to each head's
-    rank@90: of the key spectrum, and of the score spectrum when the run's ranks have it."""
-    point = SweepPoint("loki", d, k, k_mode, basis)
+    """Loki's recall per (layer, query head) at one (d, k or token budget) in `basis`, and its link
+    to each head's rank@90: of the key spectrum, and of the score spectrum when the run's ranks
+    have it."""
+    point = SweepPoint("loki", d, keep.k, k_mode, basis, keep.budget)
     recall = loki_recall(model, windows, settings_for(point, inputs))
     groups = recall.mass.shape[1] // d.dims.shape[1]
     relative = recall.mass / recall.exact_mass.clamp(min=1e-12)  # Loki's mass / the best possible
     entry = {
         "d": d.value,
-        "k": k,
+        **keep.fields(),
         "k_mode": k_mode,
         "basis": basis,
         "rows": recall.rows,
@@ -124,18 +134,22 @@ def recall_entry(
     return entry
 
 
-def cache_factory(inputs: Inputs, d: DChoice, k: float, basis: str = "key", method: str = "loki"):
+def cache_factory(
+    inputs: Inputs, d: DChoice, keep: Keep | float, basis: str = "key", method: str = "loki"
+):
     """A fresh LokiCache per call, from this point's `Loki` (a layer splits at its largest d):
     loki's fixed d, or loki-adaptive's per-step choice of r = d coordinates with σ from the
-    calibration (`Loki(select="adaptive")`)."""
+    calibration (`Loki(select="adaptive")`); at a fraction k or a token budget per step."""
+    keep = keep if isinstance(keep, Keep) else Keep(k=keep)
     key_transform, query_transform = inputs.transforms(basis)
     select = LOKI_SELECT[method]
     loki = Loki.from_tensors(
         key_transform,
         d.dims_for(basis),
-        k,
+        keep.k,
         query_transform,
         inputs.group_select,
+        budget=keep.budget,
         select=select,
         key_scale=inputs.key_scale(basis) if select == "adaptive" else None,
     )
@@ -170,23 +184,23 @@ def decode_entries(
     )
     entries = []
     grid = [
-        (m, b, d, k)
+        (m, b, d, keep)
         for m in cache_methods(inputs)
         for b in inputs.bases
         for d in inputs.ds
-        for k in inputs.ks
+        for keep in inputs.keeps
     ]
-    for method, basis, d, k in grid:
-        make_cache = cache_factory(inputs, d, k, basis, method)
+    for method, basis, d, keep in grid:
+        make_cache = cache_factory(inputs, d, keep, basis, method)
         check = decode_check(model, prompts, config.decode_tokens, make_cache)
         log(
-            f"decode {method} d={d.label} k={k:g} ({basis} basis): token agreement {check.token_agreement:.3f}"
+            f"decode {method} d={d.label} k={keep.label} ({basis} basis): token agreement {check.token_agreement:.3f}"
         )
         entries.append(
             {
                 "method": method,
                 "d": d.value,
-                "k": k,
+                **keep.fields(),
                 "k_mode": "row",
                 "basis": basis,
                 "gqa_select": "group" if inputs.group_select else "head",
@@ -199,28 +213,30 @@ def decode_entries(
 def passkey_entries(
     model, tokenizer, inputs: Inputs, config: ValidateConfig, log: Log
 ) -> list[dict]:
-    """Passkey accuracy per length for the dense cache and Loki at every (d, k)."""
-    variants = {("full", None, None, None): None}
+    """Passkey accuracy per length for the dense cache and Loki at every (d, k or token budget)."""
+    variants = {("full", None, Keep(k=1.0), None): None}
     variants.update(
         {
-            (method, d.value, k, basis): cache_factory(inputs, d, k, basis, method)
+            (method, d.value, keep, basis): cache_factory(inputs, d, keep, basis, method)
             for method in cache_methods(inputs)
             for basis in inputs.bases
             for d in inputs.ds
-            for k in inputs.ks
+            for keep in inputs.keeps
         }
     )
     entries = []
     for length in config.passkey_lengths:
         prompts = passkey_prompts(tokenizer, length, config.passkey_count)
         correct = run_passkey(model, tokenizer, prompts, variants)
-        for (method, d, k, basis), hits in correct.items():
-            log(f"passkey {method} d={d} k={k} @ {length}: {hits}/{len(prompts)}")
+        for (method, d, keep, basis), hits in correct.items():
+            dense = method == "full"
+            k_label = "-" if dense else keep.label
+            log(f"passkey {method} d={d} k={k_label} @ {length}: {hits}/{len(prompts)}")
             entries.append(
                 {
                     "method": method,
                     "d": d,
-                    "k": k,
+                    **({"k": None, "k_budget": None} if dense else keep.fields()),
                     "basis": basis,
                     "length": length,
                     "count": len(prompts),
@@ -231,17 +247,25 @@ def passkey_entries(
     return entries
 
 
-def task_variants(inputs: Inputs) -> dict[tuple, Decoder]:
-    """(method, d, k, basis) -> decoder: `full` through the dense cache, loki and loki-adaptive at
-    every (basis, d, k) through their Loki cache, every other requested method in masked mode at
-    its decode budget ceil(k·context)."""
-    variants = {("full", None, None, None): cache_decoder()}
-    for point in sweep_points(inputs.methods, inputs.ds, inputs.ks, ["row"], inputs.bases):
-        key = (point.method, point.d.value if point.d else None, point.k, point.basis)
+def task_variants(inputs: Inputs, log: Log = lambda _: None) -> dict[tuple, Decoder]:
+    """(method, d, k, basis, k_budget) -> decoder: `full` through the dense cache, loki and
+    loki-adaptive at every (basis, d, k or budget) through their Loki cache, every other requested
+    method in masked mode at its decode budget ceil(k·context) or min(budget, context). H2O's
+    decode steps take a fraction only: its token-budget variants are left out, with a log line."""
+    variants = {("full", None, None, None, None): cache_decoder()}
+    points = sweep_points(
+        inputs.methods, inputs.ds, inputs.ks, ["row"], inputs.bases, inputs.budgets
+    )
+    for point in points:
+        key = (point.method, point.d.value if point.d else None, point.k, point.basis, point.budget)
         path = get_method(point.method).decode
         if path == "cache":
-            factory = cache_factory(inputs, point.d, point.k, point.basis, point.method)
+            factory = cache_factory(inputs, point.d, point.keep, point.basis, point.method)
             variants[key] = cache_decoder(factory)
+        elif path == "heavy-hitters" and point.budget is not None:
+            log(
+                f"tasks: {point.method} takes a fraction k only; its {point.budget}-token rows are left out"
+            )
         elif path != "dense":
             variants[key] = masked_decoder(settings_for(point, inputs))
     return variants
@@ -267,10 +291,14 @@ def task_entries(model, tokenizer, inputs: Inputs, config: ValidateConfig, log: 
 
 
 def _run_tasks(model, tokenizer, inputs: Inputs, config: ValidateConfig, log: Log) -> list[dict]:
-    return run_tasks(
+    """Task rows with each variant's token budget as `k_budget`. run_tasks writes a row per
+    variant per (task, length) cell, in the variants' order, and reads (method, d, k, basis) of
+    each key: the fifth element, the budget, keeps the keys distinct and is added here."""
+    variants = task_variants(inputs, log)
+    rows = run_tasks(
         model,
         tokenizer,
-        task_variants(inputs),
+        variants,
         inputs.tasks,
         config.task_lengths,
         config.task_count,
@@ -279,6 +307,13 @@ def _run_tasks(model, tokenizer, inputs: Inputs, config: ValidateConfig, log: Lo
         log,
         config.task_batch,
     )
+    keys = list(variants)
+    for i, row in enumerate(rows):
+        method, d, k, basis, budget = keys[i % len(keys)]
+        if (row["method"], row["d"], row["k"], row.get("basis")) != (method, d, k, basis):
+            raise RuntimeError(f"task row {i} is not variant {keys[i % len(keys)]}")
+        row["k_budget"] = budget
+    return rows
 
 
 def measured_speed(model, inputs: Inputs, config: ValidateConfig, log: Log) -> list[dict] | None:
@@ -296,6 +331,7 @@ def measured_speed(model, inputs: Inputs, config: ValidateConfig, log: Log) -> l
         head_dim=inputs.head_dim,
         seqs=SPEED_SEQS,
         points=tuple((d, k) for d in fixed for k in inputs.ks),
+        budgets=tuple((d, b) for d in fixed for b in inputs.budgets),
         dtype="float16",
     )
     return run_sweep(cfg, log=log)["rows"]
@@ -321,19 +357,20 @@ def measured_decode(model, inputs: Inputs, config: ValidateConfig, log: Log) -> 
     basis = inputs.components.to(parameter.device, parameter.dtype)
     seq, rows = decode_seq(model), []
     for d in fixed_dims(inputs):
-        for k in inputs.ks:
+        for keep in inputs.keeps:
             speed = decode_speed(
-                model, DECODE_BATCH, seq, DECODE_STEPS, d, k, basis, inputs.group_select
-            )
+                model, DECODE_BATCH, seq, DECODE_STEPS, d, keep.k, basis, inputs.group_select,
+                budget=keep.budget,
+            )  # fmt: skip
             dense, loki = speed["dense"], speed["loki"]
             log(
-                f"decode speed d={d} k={k:g}: {loki['tokens_per_s']:.0f} tokens/s vs "
+                f"decode speed d={d} k={keep.label}: {loki['tokens_per_s']:.0f} tokens/s vs "
                 f"{dense['tokens_per_s']:.0f} dense ({speed['speedup']:.2f}x)"
             )
             rows.append(
                 {
                     "d": d,
-                    "k": k,
+                    **keep.fields(),
                     "batch": DECODE_BATCH,
                     "seq": seq,
                     "steps": DECODE_STEPS,

@@ -1,8 +1,9 @@
 """One adaptive Loki decode step: choose r coordinates per (batch, KV head) from the query, score
 every cached token with them, keep the exact top-k, attend exactly over the kept rows.
 
-Stages: the coordinate choice and the adaptive score pass (adaptive.py; one kernel with
-`KernelSettings.adaptive_choice = "kernel"`, else `adaptive_coords`' few torch ops first), the select (select.py), the split-K attention (attention.py) over the full
+Stages: the coordinate choice (`adaptive_coords`, a few small torch ops on the queries, or,
+with `KernelSettings.adaptive_choice = "kernel"`, inside the score kernel), the adaptive score
+pass (adaptive.py), the select (select.py), the split-K attention (attention.py) over the full
 rotated keys, passed to it as k_low = keys (d = D) with an empty k_rest. The coordinate-major
 store `k_low_t (B, Hkv, d_max, S)` is an extra copy of the first d_max coordinates, read only for
 scoring.

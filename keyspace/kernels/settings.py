@@ -63,7 +63,7 @@ class KernelSettings:
     adaptive_block_s: int = 256  # tokens per program
     adaptive_block_r: int = 16  # chosen coordinates per inner step (a tl.dot K of at least 16)
     adaptive_num_warps: int = 4
-    adaptive_choice: str = "kernel"  # choose the r coordinates in the score kernel, or "torch"
+    adaptive_choice: str = "torch"  # "kernel": the score kernel chooses the r coordinates itself
 
     # Top-k selection (select.py): which exact method, by row length.
     select_method: str = "auto"  # "auto" picks by row length; the others force one method

@@ -234,6 +234,34 @@ def test_downstream_reads_a_mixed_run(mixed_run, tmp_path):
     assert "16+48" in pages
 
 
+def test_collect_again_repeats_every_window_length(mixed_run):
+    """The "collect it again with queries" hint of a 16,48 run asks for --window 16,48."""
+    from keyspace.runfolder.analysis import collect_again, queries_hint
+
+    manifest = RunFolder.open(mixed_run).manifest
+    words = shlex.split(collect_again(manifest, "/tmp/again").split(", then ")[0].strip("`"))
+    flags = dict(zip(words[2::2], words[3::2], strict=True))
+    assert flags["--window"] == "16,48" and int(flags["--max-tokens"]) == MAX_TOKENS
+    assert "--window 16,48 " in queries_hint(mixed_run)
+    words = shlex.split(collect_again(manifest, "/tmp/w", window=96).split(", then ")[0].strip("`"))
+    assert words[words.index("--window") + 1] == "96"
+
+
+def test_validate_says_the_calibration_windows_of_a_mixed_run(mixed_run, corpus, tmp_path):
+    """validate.json and the report name the run's windows 16+48, not the longest alone."""
+    runner = CliRunner()
+    analyze = runner.invoke(app, ["analyze", str(mixed_run)])
+    assert analyze.exit_code == 0, analyze.output
+    args = ["validate", "--run", str(mixed_run), "--dataset", str(corpus), "--window", "16"]
+    args += ["--max-tokens", "16", "--d", "4", "--k", "0.5", "--methods", "loki"]
+    args += ["--decode-prompts", "0", "--recall-windows", "0", "--out", str(tmp_path / "v")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "v" / "validate.json").read_text())
+    assert doc["calibration_window"] == "16+48"
+    assert "calibrated on 16+48-token windows" in (tmp_path / "v" / "validate.html").read_text()
+
+
 def test_default_run_name_says_the_lengths(tmp_path, monkeypatch):
     seen = []
 

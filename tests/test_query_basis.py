@@ -452,7 +452,9 @@ def test_calibration_window_note_only_for_query_aware_loki_beyond_the_window(
         window=64,
         tokens=256,
         max_tokens=None,
-    )  # the fields of runfolder.manifest.Manifest that collect_again reads
+        lengths=(64,),
+        window_label="64",
+    )  # the fields of runfolder.manifest.Manifest that collect_again and the note read
     run = SimpleNamespace(manifest=manifest, path="runs/r", window=64)
     inputs = SimpleNamespace(bases=bases, methods=methods, tasks=tasks, run=run)
     config = SimpleNamespace(task_lengths=task_lengths, passkey_lengths=passkey_lengths)
@@ -463,3 +465,22 @@ def test_calibration_window_note_only_for_query_aware_loki_beyond_the_window(
         assert note.startswith("Note: the query-aware basis was calibrated on 64-token windows")
         assert f"has {noted} tokens" in note and f"--window {noted}" in note
         assert f"--out runs/r-w{noted}" in note and "keyspace analyze runs/r-w" in note
+
+
+def test_calibration_window_note_names_every_length_and_compares_with_the_longest():
+    """A run of --window 32,64: the note says 32+64-token windows; 64 tokens need no note."""
+    from types import SimpleNamespace
+
+    from keyspace.validate.inputs import calibration_window_note
+
+    manifest = SimpleNamespace(
+        model_spec="m", dataset_spec="c.txt", dataset_split=None, window=64, tokens=512,
+        max_tokens=512, lengths=(32, 64), window_label="32+64",
+    )  # fmt: skip
+    run = SimpleNamespace(manifest=manifest, path="runs/r", window=64)
+    inputs = SimpleNamespace(bases=("query-aware",), methods=["loki"], tasks=("niah",), run=run)
+    config = SimpleNamespace(task_lengths=(64,), passkey_lengths=())
+    assert calibration_window_note(inputs, config) is None
+    note = calibration_window_note(inputs, SimpleNamespace(task_lengths=(96,), passkey_lengths=()))
+    assert note.startswith("Note: the query-aware basis was calibrated on 32+64-token windows")
+    assert "--window 96 " in note and "has 96 tokens" in note

@@ -222,16 +222,16 @@ def read_calibration(run_path: str | Path, ranks: dict | None = None) -> Calibra
 def collect_again(manifest: Manifest, out: str | Path, window: int | None = None) -> str:
     """`keyspace collect ...`, then `keyspace analyze ...`: a new run at `out` from the model and
     corpus of the run `manifest` describes, with queries, in `window`-token windows (default: the
-    run's own)."""
-    window = window or manifest.window
+    run's own, every length of a run of several: --window 1024,8192)."""
+    lengths = (window,) if window else manifest.lengths
     tokens: int | str = manifest.max_tokens or manifest.tokens or "all"
-    if isinstance(tokens, int) and tokens < window:
-        tokens = window  # at least one whole window
+    if isinstance(tokens, int) and tokens < len(lengths) * max(lengths):
+        tokens = len(lengths) * max(lengths)  # at least one whole window of each length
     words: list[object] = ["keyspace", "collect", "--model", manifest.model_spec or "?"]
     words += ["--dataset", manifest.dataset_spec or "?"]
     if manifest.dataset_split:
         words += ["--split", manifest.dataset_split]
-    words += ["--window", window, "--max-tokens", tokens]
+    words += ["--window", ",".join(map(str, lengths)), "--max-tokens", tokens]
     words += ["--capture", "keys,queries", "--out", out]
     return f"`{shell_command(*words)}`, then `{analyze_command(out)}`"
 

@@ -159,6 +159,13 @@ def check_task_lengths(model, tokenizer, tasks: tuple[str, ...], config: Validat
                 ) from None
 
 
+def calibration_window(inputs: Inputs) -> int | str:
+    """The run's collect window as its manifest records it, for validate.json: an int, or the
+    lengths joined by + ("1024+8192") for a run of several --window lengths."""
+    manifest = inputs.run.manifest
+    return manifest.window if manifest.window_counts is None else manifest.window_label
+
+
 def calibration_window_note(inputs: Inputs, config: ValidateConfig) -> str | None:
     """A note when the query-aware basis meets prompts longer than the calibration's windows.
 
@@ -168,14 +175,15 @@ def calibration_window_note(inputs: Inputs, config: ValidateConfig) -> str | Non
     gain from longer windows there, so only the query-aware basis gets the note."""
     if "query-aware" not in inputs.bases or not {"loki", "loki-adaptive"} & set(inputs.methods):
         return None
-    window = inputs.run.window
+    window = inputs.run.window  # the longest of a run of several window lengths
     lengths = (config.task_lengths if inputs.tasks else ()) + tuple(config.passkey_lengths)
     longest = max(lengths, default=0)
     if longest <= window:
         return None
     again = collect_again(inputs.run.manifest, f"{inputs.run.path}-w{longest}", window=longest)
+    label = inputs.run.manifest.window_label
     return (
-        f"Note: the query-aware basis was calibrated on {window}-token windows and the longest"
+        f"Note: the query-aware basis was calibrated on {label}-token windows and the longest"
         f" prompt here has {longest} tokens; it can lose long-range retrieval there. To calibrate"
         f" for that length: {again}, and validate that run."
     )

@@ -17,6 +17,7 @@ from keyspace.validate.config import Log, ValidateConfig
 from keyspace.validate.grid import sweep_points
 from keyspace.validate.inputs import (
     Inputs,
+    calibration_window,
     calibration_window_note,
     check_lengths,
     check_model,
@@ -128,7 +129,7 @@ def run_validate(
             "window": config.window,
             "windows": int(windows.shape[0]),
         },
-        "calibration_window": inputs.run.window,
+        "calibration_window": calibration_window(inputs),
         "rotary": config.rotary,
         "basis": list(inputs.bases),
         "gqa_select": config.gqa_select,

@@ -445,6 +445,30 @@ def test_validate_json_is_checked_before_it_is_rendered_again(tmp_path):
         assert str(path) in err.value.message and err.value.hint
 
 
+def test_validate_json_takes_null_for_a_diverged_row_and_refuses_other_types(tmp_path):
+    """ppl, nll and kv_bytes_fraction may be null (a NaN or infinity, as keyspace writes it);
+    a string, a boolean, a list or a missing field is still refused."""
+    from keyspace.validate.results import ResultRow, ValidateResult, read_validate_json
+
+    row = ResultRow("loki", 4, 4.0, 0.5, "fraction", 12.5, 2.5, 64, 62, 0.75, 0.1, "key")
+    doc = ValidateResult({"model": {"spec": "m"}}, [row]).to_json()
+    path = tmp_path / "validate.json"
+    for name in ("ppl", "nll", "kv_bytes_fraction"):
+        for bad in ("12.5", True, [1.0], "missing"):
+            edited = json.loads(json.dumps(doc))
+            if bad == "missing":
+                del edited["results"][0][name]
+            else:
+                edited["results"][0][name] = bad
+            path.write_text(json.dumps(edited))
+            with pytest.raises(KeyspaceError, match=re.escape(f"results[0].{name}")):
+                read_validate_json(path, "Run `keyspace validate` again.")
+        edited = json.loads(json.dumps(doc))
+        edited["results"][0][name] = None
+        path.write_text(json.dumps(edited))
+        assert read_validate_json(path, "hint") == edited
+
+
 @pytest.mark.parametrize("name", [MOMENTS, SHARD])
 def test_resume_repairs_a_resealed_nan(name, world, tmp_path):
     """`collect --resume`, the command verify's hint names, recomputes a file holding a NaN under

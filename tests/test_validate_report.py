@@ -664,3 +664,34 @@ def test_keyspace_report_refuses_other_records_in_one_line(tmp_path):
         assert result.exit_code == 2, path
         assert result.output.startswith(f"Error: {path} is not a validate.json"), result.output
     assert not (tmp_path / "validate.html").exists()
+
+
+def test_a_diverged_row_written_as_null_renders_as_n_a(tmp_path, capsys):
+    """validate.json writes a diverged method's NaN/infinity as null: `keyspace report` renders
+    the file, the table shows n/a, the headline and the figures leave the row out; the printed
+    table says n/a too."""
+    from typer.testing import CliRunner
+
+    from keyspace.cli.main import app
+    from keyspace.cli.validate import _print_table
+    from keyspace.runfolder.files import write_json_atomic
+    from keyspace.validate.results import validate_doc_problem
+
+    doc = make_doc()
+    doc["results"][2].update(ppl=float("nan"), nll=float("inf"))  # loki d=32, the best setting
+    doc["results"][4].update(ppl=float("inf"), kv_bytes_fraction=float("nan"))  # h2o
+    write_json_atomic(tmp_path / "validate.json", doc)
+    stored = json.loads((tmp_path / "validate.json").read_text())
+    assert stored["results"][2]["ppl"] is None and stored["results"][4]["kv_bytes_fraction"] is None
+    assert validate_doc_problem(stored) is None
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "validate.json"), "--out", str(tmp_path / "p")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    parsed = assert_self_contained(tmp_path / "p" / "validate.html")
+    table = parsed.table("perplexity")
+    cells = [dict(zip(table[0], row, strict=True)) for row in table[1:]]
+    h2o = next(c for c in cells if c["method"] == "h2o")
+    assert (h2o["perplexity"], h2o["vs dense"], h2o["KV bytes read (% of dense)"]) == ("n/a",) * 3
+    assert [c["perplexity"] for c in cells].count("n/a") == 2
+    assert "20.50" not in parsed.headline and "nan" not in parsed.headline.lower()
+    _print_table(stored)
+    assert "n/a" in capsys.readouterr().out

@@ -45,6 +45,7 @@ def _print_table(doc: dict) -> None:
     from rich.table import Table
 
     from keyspace.reports.validate_report import headline
+    from keyspace.reports.validate_tables import measured
 
     bases = ", ".join(doc.get("basis") or ["key"])
     table = Table(
@@ -60,8 +61,11 @@ def _print_table(doc: dict) -> None:
             _k(r),
             r["k_mode"] or "-",
         )
+        numbers = (r["ppl"], r["kv_bytes_fraction"])
         table.add_row(
-            *cells, f"{r['ppl']:.3f}", f"{r['kv_bytes_fraction']:.3f}", f"{r['seconds']:.0f}"
+            *cells,
+            *("n/a" if measured(v) is None else f"{v:.3f}" for v in numbers),
+            f"{r['seconds']:.0f}",
         )
     stdout.print(table)
     for entry in doc["recall"]:

@@ -21,6 +21,7 @@ from keyspace.reports.validate_tables import (
     decode_table,
     dense_ppl,
     interval,
+    measured_rows,
     passkey_table,
     perplexity_table,
     setting,
@@ -86,7 +87,7 @@ def bare_setting(row: dict) -> str:
 def loki_rows(doc: dict) -> list[dict]:
     """The Loki family's perplexity rows (loki, loki-adaptive) of the first k-mode (the one the
     page leads with)."""
-    rows = [r for r in doc["results"] if r["method"] in LOKI_FAMILY]
+    rows = [r for r in measured_rows(doc["results"]) if r["method"] in LOKI_FAMILY]
     mode = (doc.get("k_modes") or [None])[0]
     return [r for r in rows if r["k_mode"] == mode] or rows
 
@@ -105,7 +106,8 @@ def loki_clause(doc: dict) -> str:
     rows, dense = loki_rows(doc), dense_ppl(doc)
     if not rows:
         sparse = sorted(
-            (r for r in doc["results"] if r["method"] != "full"), key=lambda r: r["ppl"]
+            (r for r in measured_rows(doc["results"]) if r["method"] != "full"),
+            key=lambda r: r["ppl"],
         )
         if not sparse:
             return f"Dense perplexity is {dense:.2f}" if dense else "No perplexity was measured"
@@ -217,15 +219,17 @@ def measured_time_points(doc: dict) -> list[tuple[dict, float]]:
     key = lambda r: (str(r["d"]), r["k"], r.get("k_budget"))  # noqa: E731
     return [
         (r, ratio[key(r)])
-        for r in doc["results"]
+        for r in measured_rows(doc["results"])
         if r["method"] == "loki" and r["k_mode"] == mode and key(r) in ratio
     ]
 
 
 def perplexity_section(doc: dict) -> tuple[str, list[html.Png]]:
-    rows = doc["results"]
+    rows = measured_rows(doc["results"])  # a diverged row (null perplexity) has no place on it
     modes = vf.pareto_modes(rows, list(doc.get("k_modes") or []))
-    if len(modes) == 1:
+    if not rows:
+        pngs = []
+    elif len(modes) == 1:
         pngs = [figures.to_png(vf.pareto(rows, modes[0]), "validate_pareto.png")]
     else:  # one panel per k-mode: side by side on a wide screen, stacked on a narrow one
         pngs = [
@@ -245,7 +249,7 @@ def perplexity_section(doc: dict) -> tuple[str, list[html.Png]]:
         " at full memory bandwidth (shown for GPU runs)."
     )
     parts = [html.paragraph(note, "note"), perplexity_table(doc)]
-    parts.append(html.figure(pngs, caption, wide=True))
+    parts += [html.figure(pngs, caption, wide=True)] if pngs else []
     return html.section("Perplexity at an equal token budget", parts, "perplexity"), pngs
 
 

@@ -1,10 +1,13 @@
 """The validate report's tables and number formats: validate.json records in, HTML tables out.
 
 Fields newer than a document (forced_agreement, relative mass recall, the % of byte floor)
-show as n/a.
+show as n/a, and so does a number the run could not measure (a diverged method's perplexity: null
+in validate.json, NaN or infinity in memory).
 """
 
 from __future__ import annotations
+
+import math
 
 from keyspace.reports import html
 from keyspace.reports.validate_figures import fraction_label, keep_label, task_method
@@ -48,7 +51,23 @@ def basis_headers(doc: dict) -> list[str]:
     return ["basis"] if shows_basis(doc) else []
 
 
-def change(value: float, reference: float) -> str:
+def measured(value: object) -> float | None:
+    """A finite number, else None: validate.json writes a diverged method's NaN or infinity as
+    null."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
+
+
+def measured_rows(rows: list[dict]) -> list[dict]:
+    """The perplexity rows with a finite perplexity and KV-bytes share: the ones a figure or a
+    headline can place; the table shows the others as n/a."""
+    return [r for r in rows if None not in (measured(r["ppl"]), measured(r["kv_bytes_fraction"]))]
+
+
+def change(value: float | None, reference: float) -> str:
+    if measured(value) is None:
+        return "n/a"
     return f"{100 * (value / reference - 1):+.1f}%"
 
 
@@ -59,7 +78,7 @@ def on_gpu(doc: dict) -> bool:
 
 
 def dense_ppl(doc: dict) -> float | None:
-    return next((r["ppl"] for r in doc["results"] if r["method"] == "full"), None)
+    return next((r["ppl"] for r in measured_rows(doc["results"]) if r["method"] == "full"), None)
 
 
 def perplexity_table(doc: dict) -> str:
@@ -71,17 +90,24 @@ def perplexity_table(doc: dict) -> str:
     def order(r: dict):
         mode = modes.index(r["k_mode"]) if r["k_mode"] in modes else len(modes)
         # fractions first, then token budgets, each ascending
-        return (r["method"] != "full", mode, r.get("k_budget") or 0, r["k"] or 1.0, r["ppl"])
+        ppl = measured(r["ppl"])
+        return (
+            r["method"] != "full",
+            mode,
+            r.get("k_budget") or 0,
+            r["k"] or 1.0,
+            math.inf if ppl is None else ppl,
+        )
 
     rows, attrs, group = [], [], None
     for r in sorted(doc["results"], key=order):
-        bytes_read = r["kv_bytes_fraction"]
+        ppl, bytes_read = measured(r["ppl"]), measured(r["kv_bytes_fraction"])
         rows.append(
             [r["method"], *basis_cells(doc, r), fmt_d(r), fmt_k(r), r["k_mode"] or "-"]
-            + [f"{r['ppl']:.3f}"]
-            + ([change(r["ppl"], dense)] if dense else [])
-            + [f"{100 * bytes_read:.1f}%"]
-            + ([f"{1 / bytes_read:.2f}×"] if on_gpu(doc) else [])
+            + ["n/a" if ppl is None else f"{ppl:.3f}"]
+            + ([change(ppl, dense)] if dense else [])
+            + ["n/a" if bytes_read is None else f"{100 * bytes_read:.1f}%"]
+            + ([("n/a" if not bytes_read else f"{1 / bytes_read:.2f}×")] if on_gpu(doc) else [])
             + [r["tokens"]]
         )
         css = [{"loki": "ours", "full": "baseline"}.get(r["method"], "")]

@@ -125,6 +125,8 @@ def validate_doc_problem(doc: object) -> str | None:
         for name, kind in ROW_FIELDS.items():
             value = row.get(name)
             ok = isinstance(value, str) if kind is str else _finite_number(value)
+            if kind is float:  # null: a diverged method (its NaN or infinity, written as null)
+                ok = ok or (name in row and value is None)
             if kind is int:
                 ok = ok and isinstance(value, int) and value >= 0
             if not ok:

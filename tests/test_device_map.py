@@ -114,6 +114,36 @@ def test_collect_auto_spills_to_disk_and_removes_its_scratch_folder(
     assert not [p for p in out.iterdir() if p.name.startswith(".offload-")]
 
 
+def test_resume_command_repeats_the_placement_options_as_given(
+    model_dir, corpus, single_run, tmp_path
+):
+    """The manifest records --device-map, --max-memory, --offload-folder as given (and nothing
+    for a run without them); the resume hint repeats them, shell-quoted, and runs."""
+    import shlex
+
+    from keyspace.runfolder.store import RunFolder, resume_command
+
+    out, offload = tmp_path / "run", tmp_path / "off load"
+    given = {"device_map": "auto", "max_memory": "cpu=100KB", "offload_folder": str(offload)}
+    args = [
+        word for name, value in given.items() for word in (f"--{name.replace('_', '-')}", value)
+    ]
+    result = _collect_cli(model_dir, corpus, out, *args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["placement_options"] == given
+    words = shlex.split(RunFolder.open(out).resume_command)
+    assert words[:3] == ["keyspace", "collect", "--resume"]
+    flags = dict(zip(words[3::2], words[4::2], strict=True))
+    assert {flag: flags.get(flag) for flag in args[::2]} == dict(
+        zip(args[::2], args[1::2], strict=True)
+    )
+    again = CliRunner().invoke(app, words[1:])  # `keyspace collect --resume ...` as printed
+    assert again.exit_code == 0, again.output
+    plain = json.loads((single_run / "manifest.json").read_text())
+    assert "placement_options" not in plain  # a run on one device: the manifest as before
+    assert "--device-map" not in resume_command(plain, single_run)
+
+
 def _collect_cli(model_dir, corpus, out, *args):
     base = ["collect", "--model", str(model_dir), "--dataset", str(corpus), "--out", str(out)]
     sizes = ["--window", str(WINDOW), "--max-tokens", str(WINDOW * 4), "--keep-keys", "all"]

@@ -187,6 +187,18 @@ def _stopped(cfg: CollectConfig, err: FileSystemError | None = None) -> tuple[st
     return "the run stays partial and resumable", f"{first}, then {go_on}"
 
 
+def _placement_options(cfg: CollectConfig) -> dict:
+    """The --device-map, --max-memory and --offload-folder the user gave, as given, for the
+    resume command to repeat; {} without them (such a run's manifest is unchanged)."""
+    given = {
+        "device_map": cfg.device_map,
+        "max_memory": cfg.max_memory,
+        "offload_folder": None if cfg.offload_folder is None else str(cfg.offload_folder),
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    return {"placement_options": given} if given else {}
+
+
 def _base_manifest(cfg: CollectConfig, loaded: Any, tw: Any, dist: Dist, device: str) -> dict:
     config = loaded.model.config
     heads, kv_heads, head_dim = head_geometry(config)
@@ -204,6 +216,7 @@ def _base_manifest(cfg: CollectConfig, loaded: Any, tw: Any, dist: Dist, device:
         "dtype": cfg.dtype,
         "device": device,
         "device_map": placed_map(loaded.model, cfg.placement),
+        **_placement_options(cfg),
         "dataset": {
             "spec": cfg.dataset,
             "split": cfg.split if cfg.dataset == "wikitext" else None,

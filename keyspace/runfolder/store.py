@@ -109,6 +109,10 @@ def write_manifest(run: str | Path, manifest: dict | Manifest) -> None:
     write_json_atomic(Path(run) / MANIFEST, sealed(doc))
 
 
+# The placement options a collect records as given (manifest `placement_options`), in order.
+PLACEMENT = ("device_map", "max_memory", "offload_folder")
+
+
 def resume_command(manifest: dict | Manifest, run: str | Path) -> str:
     """The `keyspace collect --resume` command that continues or repairs the run `manifest` describes."""
     if isinstance(manifest, Manifest):
@@ -133,6 +137,9 @@ def resume_command(manifest: dict | Manifest, run: str | Path) -> str:
         ("--shard-windows", manifest.get("shard_windows")),
         ("--capture", ",".join(run_capture(manifest))),
     )
+    placement = manifest.get("placement_options")  # absent in runs placed on one device
+    placement = placement if isinstance(placement, dict) else {}
+    flags += tuple((f"--{name.replace('_', '-')}", placement.get(name)) for name in PLACEMENT)
     for flag, value in flags:
         if value is not None and not isinstance(value, (dict, list)):
             words += [flag, value]

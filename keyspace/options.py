@@ -6,6 +6,7 @@ no torch: the CLI reads the configs at start-up.
 
 from __future__ import annotations
 
+import re
 from dataclasses import field, fields
 
 from keyspace.errors import KeyspaceError
@@ -59,6 +60,36 @@ def parse_int(
             f"Example: {option_name} {max(low, min(high, 16))}.",
         )
     return number
+
+
+# A decimal in ASCII: 0.125, .5, 1, 1.0, 1e-3. No sign, no nan/inf, no '١', no '1_0'.
+DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_fraction(value: object, option_name: str) -> float:
+    """A fraction option (`--k`): an ASCII decimal in (0, 1]. `float()` alone takes 'nan',
+    'inf', '١' and '1_0': each is the same one-line KeyspaceError naming the option."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        number: float | None = value
+    else:
+        text = value.strip() if isinstance(value, str) else ""
+        ok = text.isascii() and len(text) <= 40 and DECIMAL.fullmatch(text)
+        number = float(text) if ok else None
+    if number is None or not 0.0 < number <= 1.0:  # a NaN fails the comparison too
+        shown = repr(value)
+        raise KeyspaceError(
+            f"{option_name} must be a fraction in (0, 1], such as 0.125;"
+            f" got {shown[:40] + '…' if len(shown) > 40 else shown}.",
+            f"k is the fraction of the context kept, e.g. {option_name} 0.125.",
+        )
+    return number
+
+
+def parse_fraction_list(values: list[str] | str | None, option_name: str) -> list[float]:
+    """A repeated or comma-listed fraction option (--k 0.125,0.25 or --k 0.125 --k 0.25), every
+    part checked by `parse_fraction`; an empty part is an error, not skipped."""
+    values = [values] if isinstance(values, str) else values or []
+    return [parse_fraction(part, option_name) for v in values for part in str(v).split(",")]
 
 
 def parse_int_fields(config: object) -> None:

@@ -197,6 +197,23 @@ def test_bench_integer_options_take_ascii_digits_only(flag, value):
     one_error_line(result, f"{flag} must be a whole number")
 
 
+@pytest.mark.parametrize("e2e", [[], ["--e2e"]])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "١", "0.1_25", "0", "1.5", "-0.5", "0.125,", "", "1e400", "0x1p-3"])  # fmt: skip
+def test_bench_k_takes_ascii_fractions_in_0_1_only(e2e, value):
+    result = CliRunner().invoke(app, ["bench", *e2e, "--d", "32", "--k", value])
+    one_error_line(result, "--k must be a fraction in (0, 1]")
+
+
+def test_fractions_are_parsed_strictly():
+    from keyspace.options import parse_fraction, parse_fraction_list
+
+    assert [parse_fraction(t, "--k") for t in ("0.125", ".5", "1", "1.0", "1e-3", " 0.25 ")] == [
+        0.125, 0.5, 1.0, 1.0, 0.001, 0.25,
+    ]  # fmt: skip
+    assert parse_fraction_list(["0.125,0.25", "0.5"], "--k") == [0.125, 0.25, 0.5]
+    assert parse_fraction_list(None, "--k") == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_bench_e2e_takes_a_budget():
     result = CliRunner().invoke(app, ["bench", "--e2e", "--d", "32", "--budget", "512,2048"])

@@ -8,7 +8,7 @@ import typer
 
 from keyspace.cli.common import handle_errors, print_json, stderr
 from keyspace.errors import KeyspaceError
-from keyspace.options import parse_int, parse_int_list
+from keyspace.options import parse_fraction_list, parse_int, parse_int_list
 
 
 def _ints(values: list[str] | None, flag: str, high: int) -> list[int]:
@@ -42,7 +42,9 @@ def command(
     d: list[str] = typer.Option(
         None, help="Low-rank dims; with --k, every (d, k) pair.", metavar="INTEGER"
     ),
-    k: list[float] = typer.Option(None, help="Kept fraction in (0, 1]; with --d."),
+    k: list[str] = typer.Option(
+        None, help="Kept fraction in (0, 1]: 0.125 or 0.125,0.25; with --d.", metavar="FLOAT"
+    ),
     budget: list[str] = typer.Option(
         None,
         help="Tokens kept per step, min(budget, S): 2048 or 512,2048; with --d, beside --k"
@@ -80,6 +82,7 @@ def command(
     seq = _ints(seq, "--seq", 1 << 24)
     d = _ints(d, "--d", 1 << 16)
     budget = sorted(set(_ints(budget, "--budget", 1 << 24)))
+    k = parse_fraction_list(k, "--k")
     if out is not None:  # before any work: a sweep is minutes of GPU time
         from keyspace.runfolder.store import check_writable
 

@@ -3,7 +3,6 @@ into runs."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from keyspace.errors import KeyspaceError
 from keyspace.loki import METHODS, get_method
 from keyspace.loki.methods import default_methods
-from keyspace.options import parse_int
+from keyspace.options import parse_fraction_list, parse_int
 from keyspace.runfolder.store import RANKS
 from keyspace.tasks import DEFAULT_TASKS, TASKS
 
@@ -96,22 +95,8 @@ class SweepPoint:
 
 
 def parse_k(text: str) -> list[float]:
-    """`--k`: fractions in (0, 1], sorted, each once."""
-    values = []
-    for part in text.split(","):
-        try:
-            k = float(part)
-        except ValueError:
-            raise KeyspaceError(
-                f"--k {part!r} is not a number.", "Give fractions in (0, 1], e.g. --k 0.125,0.25."
-            ) from None
-        if not 0.0 < k <= 1.0 or math.isnan(k):
-            raise KeyspaceError(
-                f"--k {part} is outside (0, 1].",
-                "k is the fraction of context kept, e.g. --k 0.125.",
-            )
-        values.append(k)
-    return sorted(set(values))
+    """`--k`: fractions in (0, 1] (ASCII decimals: `parse_fraction`), sorted, each once."""
+    return sorted(set(parse_fraction_list(text, "--k")))
 
 
 def parse_names(text: str, known: tuple[str, ...], option: str) -> list[str]:

@@ -149,10 +149,12 @@ def test_validate_budget_alone_runs_no_fraction_rows_and_keeps_min_budget_contex
     assert [(e["method"], e["k_budget"]) for e in doc["passkey"]] == [
         ("full", None), ("loki", budget), ("loki-adaptive", budget),
     ]  # fmt: skip
-    # h2o's decode steps take a fraction only: no task row at a token budget
+    # every method has its task row at the budget, h2o through its heavy-hitter steps
     assert [(e["method"], e["k_budget"]) for e in doc["tasks"]] == [
         ("full", None), ("loki", budget), ("loki-adaptive", budget), ("exact-topk", budget),
+        ("h2o", budget),
     ]  # fmt: skip
+    assert "left out" not in result.output
     assert [(e["k"], e["k_budget"]) for e in doc["recall"]] == [(None, budget)]
     assert doc["recall"][0]["rows"] > 0
     # the printed table, the report: the budget as '16 tok'

@@ -318,6 +318,28 @@ def test_one_row_steps_equal_whole_sequence_steps(prompt_ids, method, k):
         assert not torch.equal(rows, cache_decoder()(model, prompt_ids, 6))
 
 
+@pytest.mark.parametrize("method", ["exact-topk", "streaming", "h2o"])
+def test_one_row_steps_at_a_token_budget_equal_whole_sequence_steps(batch_ids, method):
+    """A token budget (min(budget, context) per step): h2o's heavy-hitter steps, like the other
+    row decoders, give the slow reference's tokens; a budget above the context is dense."""
+    model, settings = tiny_llama(), SparseSettings(method, budget=6)
+    rows = masked_decoder(settings)(model, batch_ids, 6)
+    assert torch.equal(rows, masked_decoder(settings, whole_sequence=True)(model, batch_ids, 6))
+    dense = cache_decoder()(model, batch_ids, 6)
+    assert not torch.equal(rows, dense)  # 6 of 40+ keys: the budget bites
+    everything = masked_decoder(SparseSettings(method, budget=1000))(model, batch_ids, 6)
+    assert torch.equal(everything, dense)
+
+
+def test_heavy_hitters_keep_min_budget_and_context():
+    from keyspace.tasks.heavy_hitters import HeavyHitters
+
+    assert [HeavyHitters(budget=8).rule.kept(n) for n in (3, 8, 50)] == [3, 8, 8]
+    assert [HeavyHitters(0.25).rule.kept(n) for n in (3, 8, 50)] == [1, 2, 13]
+    with pytest.raises(ValueError, match="exactly one"):
+        HeavyHitters(0.25, 8)
+
+
 @pytest.fixture(scope="module")
 def batch_ids():
     return torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(1))

@@ -8,9 +8,9 @@ The B prompts of one call have the same length (a task cell's prompts all do) an
   `loki_decoding` (the kernels at every step).
 - `masked_decoder(settings)`: for the baselines without a decode path. The prompt is prefilled
   densely; each later token is a decode step whose query keeps the method's top ceil(k·context)
-  keys, in masked mode, one row against the dense cache. h2o ranks keys by the attention they got
-  from all earlier rows, so its steps keep that running sum (`HeavyHitters`). The reference for
-  both re-runs the whole sequence at every step with the prompt rows dense
+  (or min(budget, context)) keys, in masked mode, one row against the dense cache. h2o ranks
+  keys by the attention they got from all earlier rows, so its steps keep that running sum
+  (`HeavyHitters`), at a fraction or a token budget alike. The reference for both re-runs the whole sequence at every step with the prompt rows dense
   (`SparseSettings.dense_rows`); tests check that they agree.
 """
 
@@ -52,7 +52,8 @@ def cache_decoder(make_cache: Callable[[], object] | None = None) -> Decoder:
 
 
 def masked_decoder(settings: SparseSettings, whole_sequence: bool = False) -> Decoder:
-    """Dense prefill, then decode steps at ceil(k·context) (settings.k_mode is not used).
+    """Dense prefill, then decode steps at ceil(k·context), or min(budget, context) for a token
+    budget (settings.k_mode is not used).
 
     whole_sequence: re-run the whole sequence at every step (the slow reference) instead of one row
     against the cache.
@@ -65,11 +66,10 @@ def masked_decoder(settings: SparseSettings, whole_sequence: bool = False) -> De
 
 
 def _heavy_hitters_decoder(settings: SparseSettings) -> Decoder:
-    if settings.budget is not None:
-        raise ValueError("h2o's decode steps take a fraction k, not a token budget")
+    """H2O's steps at ceil(k·context), or min(budget, context) for a token budget."""
 
     def decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        with use_attention(model, HeavyHitters(settings.k)):
+        with use_attention(model, HeavyHitters(settings.k, settings.budget)):
             return batch_greedy(model, DynamicCache(), _on_device(model, ids), new_tokens)
 
     return decode

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from keyspace.loki.masked import fraction_of
+from keyspace.loki.core import Budget
 
 PREFILL_ROWS_PER_CHUNK = 1024  # bounds the (rows, S) probability block of the prefill's column sums
 CHUNK_ELEMENTS = 2**29  # and the whole (B, H, rows, S) block: 2 GiB of float32 per temporary
@@ -32,10 +32,11 @@ def column_sums(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.T
 
 
 class HeavyHitters:
-    """The attention handler of one H2O decode (a fresh one per prompt), at budget ceil(k·S)."""
+    """The attention handler of one H2O decode (a fresh one per prompt), keeping ceil(k·S) keys
+    per step for a fraction k, or min(budget, S) for a token `budget` (Loki's `Budget` rule)."""
 
-    def __init__(self, k: float):
-        self.k = k
+    def __init__(self, k: float | None = None, budget: int | None = None):
+        self.rule = Budget(k, budget)
         self.scores: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, S) accumulated attention
 
     def __call__(self, module, query, key, value, scale):
@@ -60,7 +61,7 @@ class HeavyHitters:
         scores = torch.nn.functional.pad(seen, (0, length - seen.shape[-1]))
         scores = scores + torch.softmax(logits, dim=-1)[:, :, 0]
         self.scores[layer] = scores
-        budget = int(fraction_of(self.k, length))
+        budget = self.rule.kept(length)
         recent = budget - budget // 2
         ranked = scores.clone()
         ranked[..., length - recent :] = float("inf")

@@ -250,8 +250,8 @@ def passkey_entries(
 def task_variants(inputs: Inputs, log: Log = lambda _: None) -> dict[tuple, Decoder]:
     """(method, d, k, basis, k_budget) -> decoder: `full` through the dense cache, loki and
     loki-adaptive at every (basis, d, k or budget) through their Loki cache, every other requested
-    method in masked mode at its decode budget ceil(k·context) or min(budget, context). H2O's
-    decode steps take a fraction only: its token-budget variants are left out, with a log line."""
+    method in masked mode at its decode budget ceil(k·context) or min(budget, context) (H2O
+    through its heavy-hitter steps, at either)."""
     variants = {("full", None, None, None, None): cache_decoder()}
     points = sweep_points(
         inputs.methods, inputs.ds, inputs.ks, ["row"], inputs.bases, inputs.budgets
@@ -262,10 +262,6 @@ def task_variants(inputs: Inputs, log: Log = lambda _: None) -> dict[tuple, Deco
         if path == "cache":
             factory = cache_factory(inputs, point.d, point.keep, point.basis, point.method)
             variants[key] = cache_decoder(factory)
-        elif path == "heavy-hitters" and point.budget is not None:
-            log(
-                f"tasks: {point.method} takes a fraction k only; its {point.budget}-token rows are left out"
-            )
         elif path != "dense":
             variants[key] = masked_decoder(settings_for(point, inputs))
     return variants

@@ -10,8 +10,9 @@ The B prompts of one call have the same length (a task cell's prompts all do) an
   densely; each later token is a decode step whose query keeps the method's top ceil(k·context)
   (or min(budget, context)) keys, in masked mode, one row against the dense cache. h2o ranks
   keys by the attention they got from all earlier rows, so its steps keep that running sum
-  (`HeavyHitters`), at a fraction or a token budget alike. The reference for both re-runs the whole sequence at every step with the prompt rows dense
-  (`SparseSettings.dense_rows`); tests check that they agree.
+  (`HeavyHitters`), at a fraction or a token budget alike. The reference for both re-runs the
+  whole sequence at every step with the prompt rows dense (`SparseSettings.dense_rows`); tests
+  check that they agree.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ each decode step one CUDA-graph replay, against transformers' own `generate`.
     PYTHONPATH=. python benchmarks/bench_e2e.py --config llama3-8b --batch 16 \\
         --seq 4096 --seq 16384 --seq 32768 --point 32:0.125 --out results/e2e
 
+`--point D:K` times Loki at a fraction k of the context, `--budget-point D:TOKENS` at a token
+budget, min(TOKENS, context) kept per step (both repeatable; `keyspace bench --e2e --budget`'s
+rows). Without either: --point 32:0.125; with --budget-point alone, budget rows only.
+
 `--loop FIELD=VALUE` (repeatable) sets a field of the loop's `DecodeLoopSettings`;
 `--variant NAME:FIELD=VALUE,...` (repeatable) times each named loop variant on the same prefilled
 caches, e.g. issue 24's A/B:
@@ -135,6 +139,70 @@ def _point(text: str) -> tuple[int, float]:
     return int(d), float(k)
 
 
+def _budget_point(text: str) -> tuple[int, int]:
+    """D:TOKENS, e.g. 32:2048: ASCII whole numbers, both at least 1."""
+    from keyspace.errors import KeyspaceError
+    from keyspace.options import parse_int
+
+    d, colon, tokens = text.partition(":")
+    try:
+        if not colon:
+            raise KeyspaceError("no ':'", "")
+        return parse_int(d, "d", 1, 1 << 16), parse_int(tokens, "tokens", 1, 1 << 24)
+    except KeyspaceError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not D:TOKENS (whole numbers from 1, e.g. 32:2048)"
+        ) from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="llama3-8b, llama2-7b or smollm2-135m")
+    parser.add_argument("--model", default=None, help="a real model (alias or folder)")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batch", type=int, action="append")
+    parser.add_argument("--seq", type=int, action="append")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--point", type=_point, action="append", help="d:k, e.g. 32:0.125")
+    parser.add_argument(
+        "--budget-point",
+        type=_budget_point,
+        action="append",
+        help="d:tokens, e.g. 32:2048: min(tokens, context) kept per step",
+    )
+    parser.add_argument("--per-head", action="store_true", help="per-query-head selection")
+    parser.add_argument("--generate-steps", type=int, default=4)
+    parser.add_argument("--no-split", action="store_true")
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--loop", action="append", default=[], help="FIELD=VALUE")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:FIELD=VALUE,...")
+    parser.add_argument("--attention", action="store_true", help="time dense candidates alone")
+    parser.add_argument("--out", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def e2e_config(args: argparse.Namespace, loop=None):
+    """The sweep's E2EConfig from the parsed arguments (no GPU needed)."""
+    from keyspace.bench import e2e
+
+    default_points = () if args.budget_point else ((32, 0.125),)
+    return e2e.E2EConfig(
+        config=args.config or (None if args.model else "llama3-8b"),
+        model=args.model,
+        layers=args.layers,
+        batches=tuple(args.batch or (16,)),
+        seqs=tuple(args.seq or (4096, 16384, 32768)),
+        steps=args.steps,
+        points=tuple(args.point or default_points),
+        budgets=tuple(args.budget_point or ()),
+        group_select=not args.per_head,
+        generate_steps=args.generate_steps,
+        split=not args.no_split,
+        check=not args.no_check,
+        loop=loop if loop is not None else _loop_settings(args.loop),
+    )
+
+
 def graph_ms(fn, replays: int = 20, reps: int = 5) -> float:
     """Median ms per call of `fn` captured in a CUDA graph (after two eager warm-up calls)."""
     import statistics
@@ -221,23 +289,7 @@ def _time_candidate(name: str, call, oracle, gbytes: float) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="llama3-8b, llama2-7b or smollm2-135m")
-    parser.add_argument("--model", default=None, help="a real model (alias or folder)")
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--batch", type=int, action="append")
-    parser.add_argument("--seq", type=int, action="append")
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--point", type=_point, action="append", help="d:k, e.g. 32:0.125")
-    parser.add_argument("--per-head", action="store_true", help="per-query-head selection")
-    parser.add_argument("--generate-steps", type=int, default=4)
-    parser.add_argument("--no-split", action="store_true")
-    parser.add_argument("--no-check", action="store_true")
-    parser.add_argument("--loop", action="append", default=[], help="FIELD=VALUE")
-    parser.add_argument("--variant", action="append", default=[], help="NAME:FIELD=VALUE,...")
-    parser.add_argument("--attention", action="store_true", help="time dense candidates alone")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parse_args()
 
     import torch
 
@@ -247,20 +299,7 @@ def main() -> int:
     from keyspace.bench import e2e, shapes
 
     loop = _loop_settings(args.loop)
-    cfg = e2e.E2EConfig(
-        config=args.config or (None if args.model else "llama3-8b"),
-        model=args.model,
-        layers=args.layers,
-        batches=tuple(args.batch or (16,)),
-        seqs=tuple(args.seq or (4096, 16384, 32768)),
-        steps=args.steps,
-        points=tuple(args.point or ((32, 0.125),)),
-        group_select=not args.per_head,
-        generate_steps=args.generate_steps,
-        split=not args.no_split,
-        check=not args.no_check,
-        loop=loop,
-    )
+    cfg = e2e_config(args, loop)
     variants = None
     if args.variant:
         variants = {}

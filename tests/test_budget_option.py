@@ -224,6 +224,37 @@ def test_bench_e2e_takes_a_budget():
     one_error_line(result, "--d and --k (or --budget) go together")
 
 
+def bench_e2e_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_e2e.py"
+    spec = importlib.util.spec_from_file_location("bench_e2e", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bench_e2e_script_takes_budget_points(capsys):
+    """benchmarks/bench_e2e.py --budget-point D:TOKENS reaches E2EConfig.budgets; alone it times
+    budget rows only; beside --point, both; a bad point is argparse's one usage error."""
+    script = bench_e2e_script()
+
+    def points(*argv):
+        return script.e2e_config(script.parse_args(list(argv))).loki_points()
+
+    assert points() == [(32, 0.125, None)]
+    assert points("--budget-point", "32:2048") == [(32, None, 2048)]
+    assert points("--point", "16:0.25", "--budget-point", "32:2048", "--budget-point", "8:512") == [
+        (16, 0.25, None), (32, None, 2048), (8, None, 512),
+    ]  # fmt: skip
+    for bad in ("32", "32:0", "0:2048", "32:2k", "32:١", "32:2048:1", ":2048"):
+        with pytest.raises(SystemExit) as stop:
+            script.parse_args(["--budget-point", bad])
+        assert stop.value.code == 2
+        assert "is not D:TOKENS" in capsys.readouterr().err
+
+
 def test_e2e_config_takes_budget_points():
     from keyspace.bench.e2e import E2EConfig
 

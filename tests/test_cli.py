@@ -92,8 +92,8 @@ def keyspace_process(*args: str) -> subprocess.CompletedProcess:
          "validate --help` lists every option"),
         (["validate", "--run", "x", "--speed=no"], "Option '--speed' does not take a value",
          "validate --help` lists every option"),
-        (["bench", "--batch", "abc"], "Invalid value for '--batch'",
-         "bench --help` lists every option"),
+        (["bench", "--batch", "abc"], "--batch must be a whole number from 1 to",
+         "Hint: Example: --batch"),
         (["bogus"], "No such command 'bogus'", "keyspace --help` lists the commands"),
     ],
 )  # fmt: skip

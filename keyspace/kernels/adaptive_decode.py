@@ -85,6 +85,7 @@ def _pipelined_step(q, k_low_t, keys, v, coords, k_top, scale, group_select, seq
     out = torch.empty_like(q)
     main = torch.cuda.current_stream(q.device) if q.is_cuda else None
     side = _side_stream(q.device) if q.is_cuda else None
+
     def half(h):
         return coords if isinstance(coords, tuple) else coords[h]
 
@@ -163,7 +164,9 @@ def adaptive_decode(
         d_max = k_low_t.shape[2]
         if sigma is not None:
             if tuple(sigma.shape) != (keys.shape[1], d_max):
-                raise ValueError(f"sigma must be ({keys.shape[1]}, {d_max}), got {tuple(sigma.shape)}")
+                raise ValueError(
+                    f"sigma must be ({keys.shape[1]}, {d_max}), got {tuple(sigma.shape)}"
+                )
             sigma = sigma.to(device=q.device, dtype=torch.float32).contiguous()
         coords = (r, sigma)
     else:

@@ -28,7 +28,7 @@ ALLOWED = {
     "kernels": set(),
     "loki": {"errors", "kernels", "models", "runfolder"},
     "tasks": {"errors", "collect", "loki"},
-    "bench": {"errors", "kernels", "loki", "models"},
+    "bench": {"errors", "kernels", "loki", "models", "runfolder"},  # runfolder: strict JSON
     "validate": {
         "keyspace",
         "errors",

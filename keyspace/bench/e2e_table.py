@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from keyspace.bench.dense import E2E_DENSE_BACKEND
-
-
-def finite_json_text(result: dict) -> str:
-    """The bench's JSON: strict, a NaN or Infinity written as null (bench cannot import
-    runfolder's `dumps_json`; this is its twin)."""
-
-    def finite(value: object) -> object:
-        if isinstance(value, float):
-            return value if math.isfinite(value) else None
-        if isinstance(value, dict):
-            return {key: finite(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [finite(item) for item in value]
-        return value
-
-    return json.dumps(finite(result), indent=2, default=str, allow_nan=False)
+from keyspace.runfolder.files import dumps_json
 
 
 def save_result(result: dict, folder: Path) -> None:
     """Write a sweep as e2e.json (everything) and e2e.md (the table)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "e2e.json").write_text(finite_json_text(result))
+    (folder / "e2e.json").write_text(dumps_json(result, indent=2, default=str))
     (folder / "e2e.md").write_text(markdown_table(result["rows"]) + "\n")
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from keyspace.bench.dense import time_dense
-from keyspace.bench.e2e_table import finite_json_text
 from keyspace.bench.timing import eager_ms, graph_ms, memory_bandwidth_gbps
 from keyspace.errors import KeyspaceError
 from keyspace.kernels import (
@@ -42,6 +41,7 @@ from keyspace.kernels import (
 )
 from keyspace.models.arch import head_geometry
 from keyspace.models.loading import ALIASES, alias_config
+from keyspace.runfolder.files import dumps_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BELOW_FLOOR = "baseline below its floor"
@@ -333,7 +333,9 @@ def run_sweep(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 def save_result(result: dict, folder: Path) -> None:
     """Write a sweep as bench_decode.json (everything) and bench_decode.md (the table)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "bench_decode.json").write_text(finite_json_text(result))  # NaN: null
+    (folder / "bench_decode.json").write_text(
+        dumps_json(result, indent=2, default=str)
+    )  # NaN: null
     (folder / "bench_decode.md").write_text(markdown_table(result["rows"]) + "\n")
 
 

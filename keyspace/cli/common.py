@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -33,9 +34,15 @@ def stopped_exit_code() -> int:
 
 
 def on_stop_signal(signum: int, frame: Any) -> None:
-    """Ctrl-C and SIGTERM: remember which came, then stop the command as Ctrl-C does."""
+    """Ctrl-C and SIGTERM: remember which came, then stop the command as Ctrl-C does; while the
+    interpreter runs its exit callbacks (logging's shutdown), only remember it."""
     STOPPED["signal"] = signum
-    raise KeyboardInterrupt
+    if not STOPPED.get("exiting"):
+        raise KeyboardInterrupt
+
+
+def _exiting() -> None:
+    STOPPED["exiting"] = True
 
 
 def install_stop_handlers() -> None:
@@ -43,6 +50,7 @@ def install_stop_handlers() -> None:
     command end as if nothing came (`keyspace.cli.main` checks `STOPPED` at the end)."""
     signal.signal(signal.SIGINT, on_stop_signal)
     signal.signal(signal.SIGTERM, on_stop_signal)
+    atexit.register(_exiting)  # runs before the exit callbacks registered earlier (LIFO)
 
 
 def interrupted() -> Interrupted:

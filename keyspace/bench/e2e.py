@@ -295,6 +295,13 @@ def _loop_tokens(model, cache, prompt, steps, settings, graphs: bool) -> torch.T
         return loop.generate(prompt, steps)
 
 
+def check_name(d: int | None, k: float | None, budget: int | None) -> str:
+    """The name of one graph-against-eager check: dense (d None), or a Loki point."""
+    if d is None:
+        return "dense"
+    return f"loki d={d} " + (f"k={k:g}" if budget is None else f"budget={budget}")
+
+
 def check_loop(model, cfg: E2EConfig, batch: int, steps: int = 12) -> list[dict]:
     """The graph loop's tokens against the same loop run eagerly (must be equal), and agreement
     shares of Loki at k=1 against dense and of the dense loop against transformers' generate. The
@@ -319,8 +326,7 @@ def check_loop(model, cfg: E2EConfig, batch: int, steps: int = 12) -> list[dict]
     for d, k, budget in [(None, None, None), *cfg.loki_points(), (first_d, 1.0, None)]:
         graph = _loop_tokens(model, make(d, k, budget), prompt, steps, cfg.loop, graphs=True)
         eager = _loop_tokens(model, make(d, k, budget), prompt, steps, cfg.loop, graphs=False)
-        setting = f"k={k:g}" if budget is None else f"budget={budget}"
-        name = "dense" if d is None else f"loki d={d} {setting}"
+        name = check_name(d, k, budget)
         checks.append({"check": f"{name}: graph == eager", "value": agree(graph, eager)})
         if d is None:
             dense = graph

@@ -60,10 +60,10 @@ class KernelSettings:
 
     # Adaptive low-rank scores (adaptive.py): r chosen coordinates of a coordinate-major store;
     # also takes scores_evict_first and scores_tile_major.
-    adaptive_block_s: int = 256  # tokens per program
-    adaptive_block_r: int = 16  # chosen coordinates per inner step (a tl.dot K of at least 16)
+    adaptive_block_s: int = 1024  # tokens per program (H100 sweep, docs/notes/kernel-attempts.md)
+    adaptive_block_r: int = 32  # chosen coordinates per inner step (a tl.dot K of at least 16)
     adaptive_num_warps: int = 4
-    adaptive_choice: str = "torch"  # "kernel": the score kernel chooses the r coordinates itself
+    adaptive_choice: str = "kernel"  # the score kernel ranks the r coordinates; "torch": before it
 
     # Top-k selection (select.py): which exact method, by row length.
     select_method: str = "auto"  # "auto" picks by row length; the others force one method

@@ -33,7 +33,7 @@ lint: $(STAMP)
 # The offline demo: collect keys and queries on CPython's own docs, report their key, query and
 # score ranks, validate Loki in the paper's key basis and the query-aware basis.
 demo: $(STAMP)
-	$(VENV)/bin/keyspace collect --model smollm2-135m --dataset pydoc --out $(DEMO_RUN) --max-tokens 8192 --resume
+	$(VENV)/bin/keyspace collect --model smollm2-135m --dataset pydoc --out $(DEMO_RUN) --window 1024 --max-tokens 8192 --resume
 	$(VENV)/bin/keyspace rank-report $(DEMO_RUN) --out $(DEMO_REPORT)
 	$(VENV)/bin/keyspace validate --run $(DEMO_RUN) --d 32 --k 0.125 --basis key,query-aware --max-tokens 1024 --out $(DEMO_REPORT)/validate
 	@echo

@@ -33,7 +33,9 @@ def collect_tps(dataset: str, tokens: int, out: Path) -> float:
     from keyspace.collect.runner import CollectConfig, collect
 
     result = collect(
-        CollectConfig(model="smollm2-135m", dataset=dataset, out=out, max_tokens=tokens)
+        CollectConfig(
+            model="smollm2-135m", dataset=dataset, out=out, window=1024, max_tokens=tokens
+        )
     )
     return result.tokens / result.seconds
 
@@ -48,6 +50,8 @@ def peak_rss_mb(dataset: str, tokens: int, out: Path) -> float:
         dataset,
         "--out",
         str(out),
+        "--window",
+        "1024",
         "--max-tokens",
         str(tokens),
     ]

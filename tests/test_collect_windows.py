@@ -262,7 +262,8 @@ def test_validate_says_the_calibration_windows_of_a_mixed_run(mixed_run, corpus,
     assert "calibrated on 16+48-token windows" in (tmp_path / "v" / "validate.html").read_text()
 
 
-def test_default_run_name_says_the_lengths(tmp_path, monkeypatch):
+def _stopped_collect(monkeypatch) -> list:
+    """Replace the collect stage by one that records its config and stops: the CLI's parse only."""
     seen = []
 
     def fake_collect(config, on_progress=None):
@@ -270,15 +271,131 @@ def test_default_run_name_says_the_lengths(tmp_path, monkeypatch):
         raise KeyspaceError("stop here.", "This is a test.")
 
     monkeypatch.setattr("keyspace.collect.runner.collect", fake_collect)
-    for window in ("1024,8192", "1024", "2048"):
-        args = ["collect", "--model", "m", "--dataset", "pydoc", "--window", window]
+    return seen
+
+
+def test_default_run_name_says_the_lengths(tmp_path, monkeypatch):
+    """No suffix for what the auto --window gives (1024+8192, or 1024), named or not."""
+    seen = _stopped_collect(monkeypatch)
+    for window in (["--window", "1024,8192"], ["--window", "1024"], ["--window", "2048"], []):
+        args = ["collect", "--model", "m", "--dataset", "pydoc", *window]
         CliRunner().invoke(app, [*args, "--max-tokens", "16384"])
+    CliRunner().invoke(app, ["collect", "--model", "m", "--dataset", "pydoc"])
+    CliRunner().invoke(
+        app, ["collect", "--model", "m", "--dataset", "pydoc", "--max-tokens", "4096"]
+    )
     assert [str(c.out) for c in seen] == [
-        "runs/m-pydoc-w1024+8192",
+        "runs/m-pydoc",
         "runs/m-pydoc",
         "runs/m-pydoc-w2048",
+        "runs/m-pydoc",
+        "runs/m-pydoc",
+        "runs/m-pydoc",
     ]
-    assert [c.window_lengths for c in seen] == [(1024, 8192), (1024,), (2048,)]
+    assert [c.window_lengths for c in seen] == [
+        (1024, 8192),
+        (1024,),
+        (2048,),
+        (1024, 8192),
+        (1024, 8192),
+        (1024,),
+    ]
+
+
+AUTO_NOTE = (
+    "Note: --max-tokens 4096 is below 16384, so every window has 1024 tokens; the query-aware"
+    " basis from them can lose long-range retrieval past 1024 tokens. For the default 1024+8192"
+    " windows, give --max-tokens 32768."
+)
+
+
+@pytest.mark.parametrize(
+    ("given", "lengths", "note"),
+    [
+        ({}, (1024, 8192), ""),  # the default --max-tokens, 32768
+        ({"max_tokens": "all"}, (1024, 8192), ""),
+        ({"max_tokens": "16384"}, (1024, 8192), ""),  # one 8192-token window of each length
+        ({"max_tokens": "4096"}, (1024,), AUTO_NOTE),
+        ({"max_tokens": 16383}, (1024,), AUTO_NOTE.replace("4096", "16383")),
+        ({"window": "1024"}, (1024,), ""),  # an explicit --window always wins, without a note
+        ({"window": "2048", "max_tokens": "4096"}, (2048,), ""),
+        ({"window": "16,48", "max_tokens": "all"}, (16, 48), ""),
+    ],
+)
+def test_auto_window_follows_max_tokens(tmp_path, given, lengths, note):
+    cfg = CollectConfig(out=tmp_path / "r", **given)
+    assert (cfg.window_lengths, cfg.window_note) == (lengths, note)
+    assert cfg.max_tokens == {"all": None}.get(given.get("max_tokens"), cfg.max_tokens)
+    assert CollectConfig(out=tmp_path / "r").max_tokens == 32768
+
+
+def test_auto_window_note_is_one_stderr_line_and_explicit_window_keeps_its_error(
+    tmp_path, monkeypatch
+):
+    seen = _stopped_collect(monkeypatch)
+    out = ["collect", "--out", str(tmp_path / "r")]
+    small = CliRunner().invoke(app, [*out, "--max-tokens", "4096"])
+    assert small.exit_code == 2 and small.stderr.splitlines() == [
+        AUTO_NOTE,
+        "Error: stop here. Hint: This is a test.",
+    ]
+    default = CliRunner().invoke(app, out)
+    assert default.stderr.splitlines() == ["Error: stop here. Hint: This is a test."]
+    assert [c.window_lengths for c in seen] == [(1024,), (1024, 8192)]
+    explicit = CliRunner().invoke(app, [*out, "--window", "1024,8192", "--max-tokens", "4096"])
+    assert explicit.exit_code == 2 and len(seen) == 2
+    (line,) = explicit.stderr.strip().splitlines()
+    assert (
+        line.startswith("Error: --max-tokens 4096 split over 2 window lengths")
+        and " Hint: " in line
+    )
+
+
+def _cut_after_one_chunk(monkeypatch, cfg: CollectConfig) -> None:
+    """Collect `cfg` until its second chunk's commit fails: a partial run of one chunk."""
+    import keyspace.collect.runner as mod
+
+    real_commit, calls = mod.commit_chunk, {"n": 0}
+
+    def failing_commit(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_commit(*args)
+
+    monkeypatch.setattr(mod, "commit_chunk", failing_commit)
+    with pytest.raises(KeyspaceError, match="no space left"):
+        collect(cfg)
+    monkeypatch.setattr(mod, "commit_chunk", real_commit)
+
+
+def test_resume_without_window_takes_the_runs_own(
+    model_dir, corpus, tmp_path, monkeypatch, mixed_run
+):
+    """A run recorded with one length (as every run before the auto default) and one with two,
+    each resumed with no --window: the same files as an uninterrupted run."""
+    one = dict(window=16, max_tokens=96)
+    whole = collect(_cfg(model_dir, corpus, tmp_path / "whole", **one)).out
+    _cut_after_one_chunk(monkeypatch, _cfg(model_dir, corpus, tmp_path / "cut16", **one))
+    resumed = _cfg(model_dir, corpus, tmp_path / "cut16", resume=True, window=None, max_tokens=96)
+    assert (resumed.window, resumed.window_note) == (16, "")
+    assert collect(resumed).resumed_windows == 4
+    _cut_after_one_chunk(monkeypatch, _cfg(model_dir, corpus, tmp_path / "cut-mixed"))
+    args = ["collect", "--resume", "--model", str(model_dir), "--dataset", str(corpus)]
+    args += ["--out", str(tmp_path / "cut-mixed"), "--max-tokens", str(MAX_TOKENS)]
+    args += ["--keep-keys", "all", "--shard-windows", "4", "--batch-size", "3", "--json"]
+    result = CliRunner().invoke(app, args)  # no --window
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["resumed_windows"] == 4 and "Note:" not in result.stderr
+    for a, b in ((whole, tmp_path / "cut16"), (mixed_run, tmp_path / "cut-mixed")):
+        ma, mb = (load_file(str(p / "moments.safetensors")) for p in (a, b))
+        assert ma.keys() == mb.keys() and all(torch.equal(ma[n], mb[n]) for n in ma)
+        sa, sb = ({s.path: s.sha256 for s in RunFolder.open(p).manifest.shards} for p in (a, b))
+        assert sa == sb
+    assert RunFolder.open(tmp_path / "cut-mixed").manifest.window_label == "16+48"
+    # A --resume into a folder with no run yet is a new run: the auto rule.
+    fresh = CollectConfig(out=tmp_path / "new", resume=True, max_tokens="4096")
+    assert (fresh.window_lengths, fresh.window_note) == ((1024,), AUTO_NOTE)
 
 
 HOSTILE = {

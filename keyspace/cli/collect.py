@@ -25,16 +25,19 @@ class CollectArgs(CollectConfig):
     out: Path | None = option(
         "--out",
         "Run folder to write (new, or an existing partial run with --resume)."
-        " Default: runs/<model>-<dataset>, plus -w<window> at another --window.",
+        " Default: runs/<model>-<dataset>, plus -w<window> at a --window other than 1024 or"
+        " 1024,8192.",
         None,
         short="-o",
     )
 
     def __post_init__(self) -> None:
-        named = self.out is not None
-        self.out = self.out if named else Path(".")  # named after the parsed --window, below
+        # Named before the parse: the auto --window reads a resumed run's from this folder. An
+        # explicit --window names it after, from the parsed label.
+        named, auto = self.out is not None, self.window is None
+        self.out = self.out if named else default_run_folder(self.model, self.dataset, None)
         super().__post_init__()
-        if not named:
+        if not named and not auto:
             self.out = default_run_folder(self.model, self.dataset, self.window)
 
 
@@ -48,6 +51,8 @@ def command(
     from keyspace.collect.runner import collect
 
     cfg = config
+    if cfg.window_note:
+        stderr.print(cfg.window_note, soft_wrap=True)
     result = _run_with_progress(cfg, collect)
     for line in result.repairs:
         stderr.print(f"Repaired: {line}", soft_wrap=True)

@@ -8,10 +8,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from keyspace.collect.config import AUTO_WINDOW_LENGTHS, window_label
 from keyspace.errors import KeyspaceError
 
 RUNS = Path("runs")
-DEFAULT_WINDOW = 1024  # CollectConfig.window's default: a run at another window says so in its name
+# What the auto --window can give (1024+8192, or 1024 at a small --max-tokens): a run at another
+# window says so in its name.
+DEFAULT_WINDOWS = (window_label(AUTO_WINDOW_LENGTHS), AUTO_WINDOW_LENGTHS[0])
 FIRST_COLLECT = "keyspace collect --model smollm2-135m --dataset wikitext --max-tokens 4096"
 
 
@@ -22,10 +25,11 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
 
 
-def default_run_folder(model: str, dataset: str, window: int) -> Path:
-    """runs/<model>-<dataset>, plus -w<window> when the window is not the default."""
+def default_run_folder(model: str, dataset: str, window: int | str | None) -> Path:
+    """runs/<model>-<dataset>, plus -w<window> when the window (a label: 2048, "1024+8192") is
+    none the auto --window gives; None is the auto --window itself."""
     name = f"{_slug(model)}-{_slug(dataset)}"
-    if window != DEFAULT_WINDOW:
+    if window is not None and window not in DEFAULT_WINDOWS:
         name += f"-w{window}"
     return RUNS / name
 

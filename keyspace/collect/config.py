@@ -92,6 +92,36 @@ def check_window_budget(lengths: tuple[int, ...], max_tokens: int | None) -> Non
         )
 
 
+# The auto --window (none given) of a new run: these lengths mixed when --max-tokens leaves each a
+# whole window, else the first alone. Why these: docs/notes/adaptive-loki.md.
+AUTO_WINDOW_LENGTHS = (1024, 8192)
+DEFAULT_MAX_TOKENS = 32768  # 16384 tokens of each auto length
+
+
+def auto_window(max_tokens: int | None) -> tuple[tuple[int, ...], str]:
+    """(the auto --window lengths of a new run, the note to print or ""): AUTO_WINDOW_LENGTHS when
+    --max-tokens is `all` (None) or has room for one window of each, else the first length alone
+    and a note that says what that loses."""
+    lengths, short = AUTO_WINDOW_LENGTHS, AUTO_WINDOW_LENGTHS[0]
+    needed = len(lengths) * max(lengths)
+    if max_tokens is None or max_tokens >= needed:
+        return lengths, ""
+    note = (
+        f"Note: --max-tokens {max_tokens} is below {needed}, so every window has {short} tokens;"
+        f" the query-aware basis from them can lose long-range retrieval past {short} tokens."
+        f" For the default {window_label(lengths)} windows, give --max-tokens {DEFAULT_MAX_TOKENS}."
+    )
+    return (short,), note
+
+
+def _recorded_window(out: Path) -> int | str | None:
+    """The --window label the run in `out` recorded (None where there is none to read: collect
+    then says why). Imported here: the run folder's reader loads torch, and only --resume needs it."""
+    from keyspace.runfolder.store import run_window
+
+    return run_window(out)
+
+
 def _parse_max_tokens(value: int | str | None) -> int | None:
     """`all` or None -> None; a count -> int (`parse_int`); anything else is a KeyspaceError."""
     if value is None or value == "all":
@@ -129,19 +159,20 @@ class CollectConfig:
         short="-d",
     )
     split: str = option("--split", "Split for `wikitext` (validation, test, train).", "validation")
-    window: int | str = option(
+    window: int | str | None = option(
         "--window",
         "Tokens per window (non-overlapping). A comma list (1024,8192) mixes lengths: --max-tokens"
         " is split equally, floor(max_tokens / lengths) tokens each in whole windows of that"
         " length, cut one after the other (all of the first length, then the next); a batch"
-        " never mixes lengths.",
-        1024,
+        " never mixes lengths. Default: 1024,8192 when --max-tokens is all or at least 16384,"
+        " else 1024; with --resume, what the run recorded.",
+        None,
         cli_type=str,
     )
     max_tokens: int | None = option(
         "--max-tokens",
         "Stop after this many tokens (whole windows), or `all`.",
-        16384,
+        DEFAULT_MAX_TOKENS,
         cli_type=str,
     )
     keep_keys: str = option(
@@ -172,11 +203,14 @@ class CollectConfig:
         cli_type=str,
     )
     resume: bool = option("--resume", "Continue a partial run in --out.", False)
+    window_note: str = ""  # the line that says what the auto --window gave up, when it did
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         parse_int_fields(self)
         self.max_tokens = _parse_max_tokens(self.max_tokens)
+        if self.window is None:
+            self.window, self.window_note = self._auto_window()
         # One length stays an int; several become the manifest's label "1024+8192".
         self.window = window_label(parse_window_lengths(self.window))
         check_window_budget(self.window_lengths, self.max_tokens)
@@ -191,6 +225,12 @@ class CollectConfig:
         self.device = self.device or "auto"
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise KeyspaceError(f"unknown --device {self.device!r}.", "Use cpu, cuda or auto.")
+
+    def _auto_window(self) -> tuple[int | str | tuple[int, ...], str]:
+        """No --window: a resumed run keeps what it recorded (as --capture does); a new run gets
+        `auto_window`."""
+        recorded = _recorded_window(self.out) if self.resume else None
+        return (recorded, "") if recorded is not None else auto_window(self.max_tokens)
 
     @property
     def window_lengths(self) -> tuple[int, ...]:

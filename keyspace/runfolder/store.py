@@ -156,6 +156,19 @@ def run_capture(manifest: dict | Manifest) -> tuple[str, ...]:
     return ("keys",)
 
 
+def run_window(path: str | Path) -> int | str | None:
+    """The --window a run recorded (1024, or "1024+8192"), as --resume reads it: the manifest, else
+    the copy kept with rank 0's progress. None where neither can be read."""
+    path = Path(path)
+    if not (path / MANIFEST).exists() and not progress_path(path, 0).is_file():
+        return None
+    try:
+        doc: dict | None = RunFolder.open(path).manifest.to_json()
+    except KeyspaceError:
+        doc = unverified_manifest(path)
+    return None if doc is None else doc.get("window")
+
+
 def _read_state(path: Path, sha256: str | None) -> tuple[str, bytes]:
     """(MISSING, b""), (DAMAGED, b"") or (OK, the bytes whose sha256 is `sha256`)."""
     if not path.is_file():

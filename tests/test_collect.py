@@ -232,8 +232,14 @@ def test_existing_run_needs_resume_and_same_model(model_dir, corpus, tmp_path):
     other = save_tiny_model(tmp_path / "other-model", seed=1)
     with pytest.raises(KeyspaceError, match="different model"):
         collect(_cfg(other, corpus, tmp_path / "run", resume=True))
-    with pytest.raises(KeyspaceError, match="arguments differ"):
+    with pytest.raises(KeyspaceError, match="arguments differ") as err:
         collect(_cfg(model_dir, corpus, tmp_path / "run", resume=True, window=16))
+    assert err.value.hint == "Resume with the original arguments."
+    # A run resumed with another --max-tokens (as after the default's change) is told which.
+    recorded = RunFolder.open(tmp_path / "run").manifest.max_tokens
+    with pytest.raises(KeyspaceError, match="arguments differ") as err:
+        collect(_cfg(model_dir, corpus, tmp_path / "run", resume=True, max_tokens=recorded // 2))
+    assert err.value.hint == f"Resume with the original arguments: --max-tokens {recorded}."
 
 
 def test_damaged_shard_of_a_partial_run_is_recomputed_on_resume(

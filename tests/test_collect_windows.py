@@ -458,3 +458,43 @@ def test_a_mixed_manifest_that_does_not_add_up_is_refused(mixed_run, edit, probl
     assert Manifest.from_json(doc, "m.json").to_json() == doc  # read and written back unchanged
     with pytest.raises(KeyspaceError, match=f"^m.json is damaged: .*{re.escape(problem)}"):
         Manifest.from_json({**doc, **edit}, "m.json")
+
+
+def test_auto_window_falls_back_to_its_first_length_on_a_short_corpus(
+    model_dir, tmp_path, monkeypatch
+):
+    """No --window and a corpus too short for one window of each auto length: windows of the first
+    length, one note line, and a manifest (so a resume) that says so. An explicit list still
+    refuses such a corpus."""
+    import keyspace.collect.config as config_mod
+
+    monkeypatch.setattr(config_mod, "AUTO_WINDOW_LENGTHS", (16, 48))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    words = Path(write_corpus(tmp_path / "long.txt")).read_text().split()
+    text = " ".join(words[:40])
+    while len(tokenizer(text, add_special_tokens=False).input_ids) >= 96:  # < 2 windows of 48
+        text = " ".join(text.split()[:-5])
+    short = tmp_path / "short.txt"
+    short.write_text(text)
+    n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+    assert n_tokens >= 32  # room for windows of 16
+    args = ["collect", "--model", str(model_dir), "--dataset", str(short), "--max-tokens", "all"]
+    args += ["--out", str(tmp_path / "run"), "--keep-keys", "all", "--json"]
+    result = CliRunner().invoke(app, args)  # no --window
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("Note:")]
+    assert notes == [
+        f"Note: the corpus gives {n_tokens} tokens, fewer than one window of each of 16+48 (at"
+        " least 96 tokens), so every window has 16 tokens; the query-aware basis from them can"
+        " lose long-range retrieval past 16 tokens. Give more text for the default mixed windows."
+    ]
+    manifest = RunFolder.open(tmp_path / "run").manifest
+    assert manifest.window == 16 and manifest.window_counts is None
+    assert json.loads(result.stdout)["windows"] == n_tokens // 16
+    resumed = CollectConfig(out=tmp_path / "run", resume=True, max_tokens="all")
+    assert resumed.window_lengths == (16,)
+    explicit = _cfg(model_dir, short, tmp_path / "explicit", max_tokens=None)
+    with pytest.raises(KeyspaceError, match="fewer than one window of 48"):
+        collect(explicit)

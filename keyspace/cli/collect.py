@@ -54,6 +54,8 @@ def command(
     if cfg.window_note:
         stderr.print(cfg.window_note, soft_wrap=True)
     result = _run_with_progress(cfg, collect)
+    if result.window_note:  # the corpus was too short for the auto --window's lengths
+        stderr.print(result.window_note, soft_wrap=True)
     for line in result.repairs:
         stderr.print(f"Repaired: {line}", soft_wrap=True)
     summary = {

@@ -204,6 +204,7 @@ class CollectConfig:
     )
     resume: bool = option("--resume", "Continue a partial run in --out.", False)
     window_note: str = ""  # the line that says what the auto --window gave up, when it did
+    window_auto: bool = False  # the lengths are the auto choice of a new run (no --window)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -230,7 +231,10 @@ class CollectConfig:
         """No --window: a resumed run keeps what it recorded (as --capture does); a new run gets
         `auto_window`."""
         recorded = _recorded_window(self.out) if self.resume else None
-        return (recorded, "") if recorded is not None else auto_window(self.max_tokens)
+        if recorded is not None:
+            return recorded, ""
+        self.window_auto = True
+        return auto_window(self.max_tokens)
 
     @property
     def window_lengths(self) -> tuple[int, ...]:

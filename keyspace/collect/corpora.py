@@ -204,6 +204,7 @@ class TokenWindows:
     corpus_sha256: str
     corpus_tokens: int
     bos: bool
+    fell_back: bool = False  # the auto --window's lengths did not fit: the first length alone
 
     @property
     def windows(self) -> Any:
@@ -228,12 +229,15 @@ def tokenize_windows(
     window: int | tuple[int, ...],
     max_tokens: int | None,
     split: str = "validation",
+    short_corpus_fallback: bool = False,
 ) -> TokenWindows:
     """Split a corpus (a spec, or one already loaded) into non-overlapping windows (docs/data.md).
 
     `window` one length, or a tuple of several: then each length gets ⌊max_tokens / lengths⌋
     tokens (of the corpus's tokens with `max_tokens` None or above them) in whole windows, cut
-    consecutively: every window of the first length, then the next.
+    consecutively: every window of the first length, then the next. With
+    `short_corpus_fallback` (collect's auto --window), a corpus too short for one window of each
+    length is cut into windows of the first length alone (`TokenWindows.fell_back`).
     """
     import torch
 
@@ -245,6 +249,13 @@ def tokenize_windows(
     text = corpus.text
     ids = tokenizer(text, add_special_tokens=False).input_ids
     bos = _adds_bos(tokenizer)
+    fell_back = (
+        short_corpus_fallback
+        and len(lengths) > 1
+        and min(len(ids), max_tokens or len(ids)) // len(lengths) < max(lengths)
+    )
+    if fell_back:
+        lengths = lengths[:1]
     if len(lengths) == 1:
         counts = [_single_count(spec, ids, lengths[0], bos, max_tokens)]
     else:
@@ -262,7 +273,7 @@ def tokenize_windows(
             )
         groups.append(chunks)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return TokenWindows(groups, corpus.source, digest, len(ids), bos)
+    return TokenWindows(groups, corpus.source, digest, len(ids), bos, fell_back)
 
 
 def _single_count(spec: str, ids: list, window: int, bos: bool, max_tokens: int | None) -> int:

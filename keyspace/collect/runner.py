@@ -93,6 +93,7 @@ class CollectResult:
     extra: dict = field(default_factory=dict)
     resumed_tokens: int = 0
     repairs: list[str] = field(default_factory=list)  # what --resume found damaged and recomputed
+    window_note: str = ""  # the auto --window fell back to its first length on a short corpus
 
     @property
     def tokens_per_second(self) -> float:
@@ -149,10 +150,11 @@ def _check_resume(existing: dict, fresh: dict) -> None:
     diffs = [f for f in RESUME_FIELDS if _get(existing, f) != _get(fresh, f)]
     if diffs:
         detail = ", ".join(f"{f}: {_get(existing, f)!r} vs {_get(fresh, f)!r}" for f in diffs)
-        raise KeyspaceError(
-            f"cannot resume: the arguments differ from the run's ({detail}).",
-            "Resume with the original arguments.",
-        )
+        hint = "Resume with the original arguments."
+        recorded = existing.get("max_tokens", fresh["max_tokens"])
+        if recorded != fresh["max_tokens"]:  # e.g. a run made before --max-tokens' default changed
+            hint = f"Resume with the original arguments: --max-tokens {recorded or 'all'}."
+        raise KeyspaceError(f"cannot resume: the arguments differ from the run's ({detail}).", hint)
 
 
 def _resolve_device(device: str) -> str:
@@ -312,6 +314,17 @@ def collect(cfg: CollectConfig, on_progress: ProgressFn | None = None) -> Collec
         raise
 
 
+def short_corpus_note(cfg: CollectConfig, tw: Any) -> str:
+    """The line collect prints when the auto --window fell back to its first length."""
+    lengths, first = cfg.window_lengths, cfg.window_lengths[0]
+    return (
+        f"Note: the corpus gives {tw.corpus_tokens} tokens, fewer than one window of each of"
+        f" {window_label(lengths)} (at least {len(lengths) * max(lengths)} tokens), so every"
+        f" window has {first} tokens; the query-aware basis from them can lose long-range"
+        f" retrieval past {first} tokens. Give more text for the default mixed windows."
+    )
+
+
 def _collect(
     cfg: CollectConfig, existing: dict | None, dist: Dist, on_progress: ProgressFn | None
 ) -> CollectResult:
@@ -321,7 +334,16 @@ def _collect(
     loaded = load_model(cfg.model, cfg.dtype, device, placement)
     device = device or str(input_device(loaded.model))
     arch_spec(loaded.model.config)  # an unsupported architecture fails before anything is written
-    tw = tokenize_windows(corpus, loaded.tokenizer, cfg.window_lengths, cfg.max_tokens)
+    tw = tokenize_windows(
+        corpus,
+        loaded.tokenizer,
+        cfg.window_lengths,
+        cfg.max_tokens,
+        short_corpus_fallback=cfg.window_auto,
+    )
+    note = short_corpus_note(cfg, tw) if tw.fell_back else ""
+    if tw.fell_back:  # the manifest records what was cut, and a resume reads it back
+        cfg = replace(cfg, window=cfg.window_lengths[0], window_note=note)
     manifest = _base_manifest(cfg, loaded, tw, dist, device)
     if existing is not None:
         _check_resume(existing, manifest)
@@ -351,7 +373,7 @@ def _collect(
         manifest = _finalize(cfg, manifest, dist, shape)
     dist.barrier()
     result = _result(cfg, manifest, time.perf_counter() - started, done_before, tokens_before)
-    result.repairs = repairs
+    result.repairs, result.window_note = repairs, note
     return result
 
 

@@ -398,7 +398,7 @@ def test_validate_notes_prompts_longer_than_the_calibration_windows_under_the_qu
     assert text.count("Note:") == 1
     note = text[text.index("Note:") :]
     assert "calibrated on 64-token windows" in note and "96 tokens" in note
-    assert "--window 96" in note and f"--out {run}-w96" in note and "keyspace analyze" in note
+    assert "--window 64,96" in note and f"--out {run}-w64+96" in note and "keyspace analyze" in note
     doc = json.loads((tmp_path / "qa" / "validate.json").read_text())
     assert doc["calibration_window"] == 64
     assert "calibrated on 64-token windows" in (tmp_path / "qa" / "validate.html").read_text()
@@ -463,8 +463,9 @@ def test_calibration_window_note_only_for_query_aware_loki_beyond_the_window(
         assert note is None
     else:
         assert note.startswith("Note: the query-aware basis was calibrated on 64-token windows")
-        assert f"has {noted} tokens" in note and f"--window {noted}" in note
-        assert f"--out runs/r-w{noted}" in note and "keyspace analyze runs/r-w" in note
+        assert f"has {noted} tokens" in note and f"--window 64,{noted}" in note
+        assert f"--out runs/r-w64+{noted}" in note and "keyspace analyze runs/r-w" in note
+        assert "in one run" in note
 
 
 def test_calibration_window_note_names_every_length_and_compares_with_the_longest():
@@ -483,4 +484,4 @@ def test_calibration_window_note_names_every_length_and_compares_with_the_longes
     assert calibration_window_note(inputs, config) is None
     note = calibration_window_note(inputs, SimpleNamespace(task_lengths=(96,), passkey_lengths=()))
     assert note.startswith("Note: the query-aware basis was calibrated on 32+64-token windows")
-    assert "--window 96 " in note and "has 96 tokens" in note
+    assert "--window 32,96 " in note and "has 96 tokens" in note

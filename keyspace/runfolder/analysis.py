@@ -219,11 +219,13 @@ def read_calibration(run_path: str | Path, ranks: dict | None = None) -> Calibra
     return calibration
 
 
-def collect_again(manifest: Manifest, out: str | Path, window: int | None = None) -> str:
+def collect_again(
+    manifest: Manifest, out: str | Path, window: int | tuple[int, ...] | None = None
+) -> str:
     """`keyspace collect ...`, then `keyspace analyze ...`: a new run at `out` from the model and
-    corpus of the run `manifest` describes, with queries, in `window`-token windows (default: the
-    run's own, every length of a run of several: --window 1024,8192)."""
-    lengths = (window,) if window else manifest.lengths
+    corpus of the run `manifest` describes, with queries, in `window`-token windows: one length,
+    several mixed (a tuple), or by default the run's own (every length of a run of several)."""
+    lengths = window if isinstance(window, tuple) else (window,) if window else manifest.lengths
     tokens: int | str = manifest.max_tokens or manifest.tokens or "all"
     if isinstance(tokens, int) and tokens < len(lengths) * max(lengths):
         tokens = len(lengths) * max(lengths)  # at least one whole window of each length

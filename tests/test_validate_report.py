@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 from runfolder_fixtures import synthetic_run
 from scipy.stats import spearmanr
@@ -489,12 +490,13 @@ def nearest_basis(text: str, at: int) -> str | None:
 
 @pytest.mark.parametrize("path", validate_documents(), ids=lambda p: p.stem)
 def test_every_headline_number_stands_after_its_own_basis(path):
-    from keyspace.reports.validate_report import bare_setting, headline
+    from keyspace.reports.validate_report import LOKI_FAMILY, bare_setting, headline
     from keyspace.reports.validate_tables import interval
 
     doc = json.loads(path.read_text())
     text = headline(doc)
-    loki = [r for r in doc["results"] if r["method"] == "loki"]
+    # the headline weighs loki-adaptive with loki (LOKI_FAMILY); a diverged row (null) is left out
+    loki = [r for r in doc["results"] if r["method"] in LOKI_FAMILY and r["ppl"] is not None]
     quoted = 0
     for row in loki:
         number = f" {row['ppl']:.2f}"
@@ -504,7 +506,7 @@ def test_every_headline_number_stands_after_its_own_basis(path):
     assert quoted >= (1 if loki else 0)
     cells = {}  # the text a task clause quotes -> the bases of the rows that read so
     for row in doc.get("tasks") or []:
-        if row["method"] == "loki":
+        if row["method"] in LOKI_FAMILY:
             cell = (
                 f"{row['task']} at {row['length']} tokens: {interval(row)} at {bare_setting(row)}"
             )
@@ -695,3 +697,99 @@ def test_a_diverged_row_written_as_null_renders_as_n_a(tmp_path, capsys):
     assert "20.50" not in parsed.headline and "nan" not in parsed.headline.lower()
     _print_table(stored)
     assert "n/a" in capsys.readouterr().out
+
+
+# ---- new labels: token budgets, loki-adaptive, long heatmap row names ---------------------------
+
+
+def budget_task_rows() -> list[dict]:
+    """Dense, Loki and loki-adaptive in both bases, each at k=1/8 and at a 2048-token budget:
+    row names up to 'loki-adaptive (query-aware) d=16, k=2048 tok'."""
+    rows = []
+    for task in ("niah", "niah-word", "niah-uuid", "mv-niah"):
+        rows.append({"method": "full", "d": None, "k": None, "basis": None, "task": task,
+                     "length": 4096, "accuracy": 0.9, "scoring": "exact", "k_budget": None})  # fmt: skip
+        for method in ("loki", "loki-adaptive"):
+            for basis in ("key", "query-aware"):
+                for k, budget in ((0.125, None), (None, 2048)):
+                    rows.append({"method": method, "d": 16, "k": k, "basis": basis, "task": task,
+                                 "length": 4096, "accuracy": 0.98, "k_budget": budget,
+                                 "scoring": "recall" if task == "mv-niah" else "exact"})  # fmt: skip
+    return rows
+
+
+def test_task_heatmap_numbers_stay_inside_their_cells_beside_long_row_names(recwarn):
+    """The long row names of token budgets and loki-adaptive squeezed the cells until their
+    numbers ran into each other ('0.980.900.70'); and the slanted task names overlapped."""
+    from keyspace.reports.validate_figures import task_heatmap
+
+    fig = task_heatmap(budget_task_rows())
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    assert "loki-adaptive (query-aware) d=16, k=2048 tok" in [
+        t.get_text() for t in ax.get_yticklabels()
+    ]
+    (x0, _), (x1, _) = ax.transData.transform([(0, 0), (1, 0)])
+    cell = abs(x1 - x0)
+    for text in ax.texts:
+        assert text.get_window_extent(renderer).width < 0.8 * cell, text.get_text()
+    for tick in ax.get_xticklabels():  # slanted names are parallel strips a cell apart
+        line = tick.get_fontsize() * fig.dpi / 72 * 1.2
+        assert cell * np.sin(np.radians(tick.get_rotation())) >= line, tick.get_text()
+    figure = fig.bbox
+    for label in ax.get_yticklabels():
+        assert label.get_window_extent(renderer).x0 >= figure.x0
+    assert not [w for w in recwarn if "constrained_layout not applied" in str(w.message)]
+    plt.close(fig)
+
+
+def test_loki_adaptive_points_are_named_and_their_basis_is_in_the_legend():
+    """loki-adaptive was drawn small, unlabelled, in the legend as a filled marker while its
+    query-aware points were hollow: two d on one page could not be told apart."""
+    from matplotlib.colors import to_rgb
+
+    from keyspace.reports.validate_figures import MAX_TEXT_LUMINANCE, pareto
+
+    rows = [{"method": "loki-adaptive", "d": d, "k": 0.125, "k_mode": "row", "ppl": ppl,
+             "kv_bytes_fraction": share, "basis": "query-aware", "k_budget": None}
+            for d, ppl, share in ((16, 22.97, 0.25), (32, 22.42, 0.375))]  # fmt: skip
+    rows.append({**rows[0], "d": 16, "k": None, "k_budget": 2048, "kv_bytes_fraction": 0.3,
+                 "ppl": 22.7, "basis": "key"})  # fmt: skip
+    fig = pareto(rows, "row")
+    fig.draw_without_rendering()
+    texts = {t.get_text(): t for t in fig.axes[0].texts}
+    assert "loki-adaptive d=16, k=1/8, query-aware" in texts
+    assert "loki-adaptive d=32, k=1/8, query-aware" in texts
+    assert "loki-adaptive d=16, k=2048 tok, key" in texts
+    for text in texts.values():  # the pale marker colour, darkened to read on white
+        assert (
+            np.dot(to_rgb(text.get_color()), [0.2126, 0.7152, 0.0722]) <= MAX_TEXT_LUMINANCE + 1e-6
+        )
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["loki-adaptive (key basis)", "loki-adaptive (query-aware basis)"]
+    plt.close(fig)
+
+    only = pareto(rows[:2], "row")  # one basis, query-aware: the hollow marker is explained
+    assert [t.get_text() for t in only.legends[0].get_texts()] == [
+        "loki-adaptive (query-aware basis)"
+    ]
+    plt.close(only)
+
+
+def test_a_long_legend_stays_inside_the_figure():
+    from keyspace.reports.validate_figures import pareto
+
+    rows = [{"method": "full", "d": None, "k": None, "k_mode": None, "ppl": 12.74,
+             "kv_bytes_fraction": 1.0, "basis": None}]  # fmt: skip
+    for method in ("loki", "loki-adaptive", "exact-topk", "h2o", "sparq"):
+        for basis in ("key", "query-aware"):
+            rows.append({"method": method, "d": 16, "k": 0.125, "k_mode": "window",
+                         "ppl": 13.0 + len(rows) * 0.3, "kv_bytes_fraction": 0.25,
+                         "basis": basis})  # fmt: skip
+    for width in (8.0, 5.4):
+        fig = pareto(rows, "window", width=width)
+        fig.draw_without_rendering()
+        box = fig.legends[0].get_window_extent(fig.canvas.get_renderer())
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, width
+        plt.close(fig)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, PercentFormatter
 
@@ -31,6 +33,13 @@ TASK_SCALES = (
     ("recall", "magma", "recall of the asked values"),
 )
 K_MODE_TITLES = {"window": "k per window", "row": "k per query row"}
+# Task heatmap: inches a task's cell takes, and a 10-pt tick label's character.
+CELL_IN = 0.6
+TICK_CHAR_IN = 0.065
+# The methods under test: their points are labelled and their legend tells the bases apart.
+LOKI_FAMILY = ("loki", "loki-adaptive")
+# A label colour lighter than this (relative luminance) is darkened to stay legible on white.
+MAX_TEXT_LUMINANCE = 0.45
 
 
 def method_style(method: str, methods: list[str]) -> tuple[str, str]:
@@ -38,6 +47,15 @@ def method_style(method: str, methods: list[str]) -> tuple[str, str]:
     if method in METHODS:
         return METHODS[method].style.color, METHODS[method].style.marker
     return OTHER_COLORS[methods.index(method) % len(OTHER_COLORS)], "X"
+
+
+def text_color(color: str) -> tuple[float, float, float]:
+    """A marker colour made dark enough for 9-pt text on white (loki-adaptive's pale red)."""
+    rgb = np.array(to_rgb(color))
+    luminance = float(rgb @ [0.2126, 0.7152, 0.0722])
+    if luminance <= MAX_TEXT_LUMINANCE:
+        return tuple(rgb)
+    return tuple(rgb * MAX_TEXT_LUMINANCE / luminance)
 
 
 def fraction_label(k: float) -> str:
@@ -124,7 +142,7 @@ def dodge(rows: list[dict], x_of, width: float) -> dict[int, float]:
     return shifts
 
 
-def draw_points(ax, rows, x_of, methods, top, label_methods=("loki",), dodge_width=0.0):
+def draw_points(ax, rows, x_of, methods, top, label_methods=LOKI_FAMILY, dodge_width=0.0):
     """Scatter rows by method and label the methods under test. Rows above `top` sit on the top
     edge. Returns (the labels, to place with `repel`; 'name: value' of each row above `top`)."""
     shifts = dodge(rows, x_of, dodge_width)
@@ -136,7 +154,7 @@ def draw_points(ax, rows, x_of, methods, top, label_methods=("loki",), dodge_wid
             ax.scatter(x, top, color=color, marker=6, s=80, clip_on=False, zorder=3)
             off_scale.append(f"{row['method']} {point_label(row)}: {y:.1f}")
             continue
-        size = {"loki": 90, "full": 160}.get(row["method"], 55)
+        size = 160 if row["method"] == "full" else 90 if row["method"] in LOKI_FAMILY else 55
         if hollow(row):
             ax.scatter(x, y, marker=marker, s=size, facecolor="white", edgecolor=color, lw=1.8,
                        zorder=3)  # fmt: skip
@@ -144,20 +162,36 @@ def draw_points(ax, rows, x_of, methods, top, label_methods=("loki",), dodge_wid
             ax.scatter(x, y, color=color, marker=marker, s=size, edgecolor="white", lw=0.6,
                        zorder=3)  # fmt: skip
         if row["method"] in label_methods:
+            named = row["method"] != "loki"  # the plain method needs no name; a sibling does
             labels.append(
                 ax.annotate(
-                    point_label(row),
+                    f"{row['method']} {point_label(row)}" if named else point_label(row),
                     (x, y),
                     xytext=(7, 0),
                     va="center",
                     textcoords="offset points",
                     fontsize=9,
-                    color=color,
+                    color=text_color(color),
                     zorder=2.5,
                     bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8},
                 )
             )
     return labels, off_scale
+
+
+def legend_columns(names: list[str], width: float) -> int:
+    """The most legend columns that fit across `width` inches, at least one. Matplotlib fills
+    the columns top to bottom, the first len % ncol of them one entry longer; a column is as
+    wide as its longest name (a 10-pt character about 0.075 in) plus a marker and the gaps
+    (about 0.6 in)."""
+    for ncol in range(len(names), 1, -1):
+        rows, long = divmod(len(names), ncol)
+        sizes = [rows + 1] * long + [rows] * (ncol - long)
+        starts = np.cumsum([0, *sizes])
+        columns = [names[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+        if sum(0.6 + 0.075 * max(map(len, c)) for c in columns) <= width:
+            return ncol
+    return 1
 
 
 def method_legend(
@@ -169,7 +203,7 @@ def method_legend(
     for method in methods:
         color, marker = method_style(method, methods)
         label = "dense (full)" if method == "full" else method
-        for basis in (bases or [None]) if method == "loki" else [None]:
+        for basis in (bases or [None]) if method in LOKI_FAMILY else [None]:
             face = "white" if basis == "query-aware" else color
             named = f"{label} ({basis} basis)" if basis else label
             (handle,) = fig.axes[0].plot([], [], ls="", color=color, marker=marker, ms=8,
@@ -178,7 +212,7 @@ def method_legend(
     fig.legend(
         handles=handles,
         loc="outside lower center",
-        ncol=min(len(handles), max(2, int(width / 1.1))),
+        ncol=legend_columns([h.get_label() for h in handles], width),
         frameon=False,
     )
     if key:
@@ -207,7 +241,10 @@ def pareto(rows: list[dict], mode: str | None, width: float = 8.0) -> Figure:
     settings within a few percent of dense stand apart; the upper one holds the rest. A row
     far above them (PCAAttn) sits on the top edge, named in the title with its value.
     """
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "loki", m != "full", m))
+    methods = sorted(
+        {r["method"] for r in rows},
+        key=lambda m: (m not in LOKI_FAMILY, m != "full", m != "loki", m),
+    )
     dense = next((r["ppl"] for r in rows if r["method"] == "full"), None)
     shown = [r for r in rows if r["k_mode"] in (mode, None)]
     own = [r["ppl"] for r in shown if r["k_mode"] == mode] or [r["ppl"] for r in shown]
@@ -251,10 +288,11 @@ def pareto(rows: list[dict], mode: str | None, width: float = 8.0) -> Figure:
         title += "\n" + wrap("▲ off the scale: " + "; ".join(off_scale), width)
     panels[0][0].set_title(title.strip(), fontsize=10)
     present = [m for m in methods if any(r["method"] == m for r in shown)]
-    bases = list(
-        dict.fromkeys(r["basis"] for r in shown if r["method"] == "loki" and r.get("basis"))
+    bases = sorted(  # the paper's key basis first
+        {r["basis"] for r in shown if r["method"] in LOKI_FAMILY and r.get("basis")},
+        key=lambda b: (b != "key", b),
     )
-    bases = bases if len(bases) > 1 else []
+    bases = bases if len(bases) > 1 or bases == ["query-aware"] else []  # hollow: say why
     place_labels(fig, labels, lambda key: method_legend(fig, present, width, key, bases))
     return fig
 
@@ -378,9 +416,16 @@ def task_heatmap(rows: list[dict]) -> Figure:
     ordered = sorted(rows, key=lambda r: (r["method"] != "full", r["method"] != "loki"))
     variants = list(dict.fromkeys(task_variant(r) for r in ordered))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    width = min(MAX_WIDTH_IN, 2.6 + (0.75 * len(tasks) + 0.3) * len(lengths))
+    # the row names ('loki-adaptive (query-aware) d=16, k=2048 tok'), the cells (0.6 in a task,
+    # enough for '0.98' at 9 pt) and the colour bars, each given its room: a fixed width let
+    # long names squeeze the cells until their numbers spilled over each other
+    label_in = max(len(v) for v in variants) * TICK_CHAR_IN
+    panels_in = (CELL_IN * len(tasks) + 0.3) * len(lengths)
+    width = min(MAX_WIDTH_IN, label_in + panels_in + 1.0 * len(TASK_SCALES))
     fig, axes = new_figure(
-        ncols=len(lengths), figsize=(width, 1.9 + 0.32 * len(variants)), layout="constrained"
+        ncols=len(lengths),
+        figsize=(width, 1.9 + 0.32 * len(variants) + 0.06 * max(map(len, tasks))),
+        layout="constrained",
     )
     scoring = {r["task"]: r.get("scoring") or "exact" for r in rows}
     scales = [(name, cmap, label) for name, cmap, label in TASK_SCALES if name in scoring.values()]
@@ -397,7 +442,8 @@ def task_heatmap(rows: list[dict]) -> Figure:
                 yticklabels=variants if i == 0 else False,
             )  # fmt: skip
         ax.set_title(f"{length} tokens")
-        ax.tick_params(axis="x", rotation=30)
+        # slanted to the right and anchored at their tick, so neighbouring names never meet
+        plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
         ax.tick_params(axis="y", rotation=0)
     for mesh, (_, _, label) in zip(axes[0][0].collections, scales, strict=True):
         fig.colorbar(mesh, ax=axes, shrink=0.7, label=label)

@@ -332,11 +332,19 @@ def test_auto_window_follows_max_tokens(tmp_path, given, lengths, note):
 def test_auto_window_note_is_one_stderr_line_and_explicit_window_keeps_its_error(
     tmp_path, monkeypatch
 ):
-    seen = _stopped_collect(monkeypatch)
+    from keyspace.collect.runner import CollectResult
+
+    def finished_collect(config, on_progress=None):
+        return CollectResult(config.out, "complete", 4, 4096, 1.0, "m", 1)
+
+    monkeypatch.setattr("keyspace.collect.runner.collect", finished_collect)
     out = ["collect", "--out", str(tmp_path / "r")]
+    done = CliRunner().invoke(app, [*out, "--max-tokens", "4096"])
+    assert done.exit_code == 0 and done.stderr.splitlines() == [AUTO_NOTE]
+    seen = _stopped_collect(monkeypatch)
+    # A refused run: its Error line alone.
     small = CliRunner().invoke(app, [*out, "--max-tokens", "4096"])
     assert small.exit_code == 2 and small.stderr.splitlines() == [
-        AUTO_NOTE,
         "Error: stop here. Hint: This is a test.",
     ]
     default = CliRunner().invoke(app, out)

@@ -51,11 +51,12 @@ def command(
     from keyspace.collect.runner import collect
 
     cfg = config
-    if cfg.window_note:
-        stderr.print(cfg.window_note, soft_wrap=True)
     result = _run_with_progress(cfg, collect)
-    if result.window_note:  # the corpus was too short for the auto --window's lengths
-        stderr.print(result.window_note, soft_wrap=True)
+    # What the auto --window gave up (a small --max-tokens, or a corpus too short for one window of
+    # each length): said once the run exists, so a refused run prints its Error line alone.
+    for note in (cfg.window_note, result.window_note):
+        if note:
+            stderr.print(note, soft_wrap=True)
     for line in result.repairs:
         stderr.print(f"Repaired: {line}", soft_wrap=True)
     summary = {

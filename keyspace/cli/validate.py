@@ -159,7 +159,9 @@ def command(
 
     if config.picked:
         stderr.print(config.picked, soft_wrap=True, markup=False)
-    doc, paths = validate_into(config, out, log=lambda line: stderr.print(line))
+    doc, paths = validate_into(
+        config, out, log=lambda line: stderr.print(line, soft_wrap=True, markup=False)
+    )
     if as_json:
         print_json(doc)
         return

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_model, write_corpus
+from tiny_models import cut_after_one_chunk, save_tiny_model, write_corpus
 from typer.testing import CliRunner
 
 from keyspace.cli.main import app
@@ -191,23 +191,9 @@ def test_keep_keys_sample_and_none(model_dir, corpus, tmp_path):
 
 def test_resume_after_interrupt_is_identical(model_dir, corpus, tmp_path, monkeypatch):
     whole = collect(_cfg(model_dir, corpus, tmp_path / "whole"))
-    import keyspace.collect.runner as mod
-
-    calls = {"n": 0}
-    real_commit = mod.commit_chunk
-
-    def failing_commit(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(28, "No space left on device")
-        return real_commit(*args)
-
-    monkeypatch.setattr(mod, "commit_chunk", failing_commit)
-    with pytest.raises(KeyspaceError, match="no space left") as err:
-        collect(_cfg(model_dir, corpus, tmp_path / "cut"))
-    assert "Free some space" in err.value.hint and "--resume" in err.value.hint
+    err = cut_after_one_chunk(monkeypatch, _cfg(model_dir, corpus, tmp_path / "cut"))
+    assert "Free some space" in err.hint and "--resume" in err.hint
     assert RunFolder.open(tmp_path / "cut").manifest.state == "partial"
-    monkeypatch.setattr(mod, "commit_chunk", real_commit)
     resumed = collect(_cfg(model_dir, corpus, tmp_path / "cut", resume=True))
     assert resumed.resumed_windows == 3 and resumed.state == "complete"
     _assert_same_run(whole.out, resumed.out)

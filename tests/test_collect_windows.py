@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_model, write_corpus
+from tiny_models import cut_after_one_chunk, save_tiny_model, write_corpus
 from typer.testing import CliRunner
 
 from keyspace.cli.main import app
@@ -183,24 +183,11 @@ def test_one_length_is_todays_run(model_dir, corpus, tmp_path):
 def test_resume_after_interrupt_gives_the_same_mixed_run(
     model_dir, corpus, tmp_path, mixed_run, monkeypatch
 ):
-    import keyspace.collect.runner as mod
-
-    calls = {"n": 0}
-    real_commit = mod.commit_chunk
-
-    def failing_commit(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:  # chunk 0 (windows of 16) committed; chunk 1 (16s and 48s) not
-            raise OSError(28, "No space left on device")
-        return real_commit(*args)
-
-    monkeypatch.setattr(mod, "commit_chunk", failing_commit)
-    with pytest.raises(KeyspaceError, match="no space left") as err:
-        collect(_cfg(model_dir, corpus, tmp_path / "cut"))
-    assert "--window 16+48" in err.value.hint
+    # Chunk 0 (windows of 16) committed; chunk 1 (16s and 48s) not.
+    err = cut_after_one_chunk(monkeypatch, _cfg(model_dir, corpus, tmp_path / "cut"))
+    assert "--window 16+48" in err.hint
     partial = RunFolder.open(tmp_path / "cut")
     assert partial.manifest.state == "partial" and partial.manifest.lengths == LENGTHS
-    monkeypatch.setattr(mod, "commit_chunk", real_commit)
     # A different --window list is refused, like any other argument the run was made with.
     for other in ("48,16", "16", "16,48,32"):
         with pytest.raises(KeyspaceError, match="arguments differ.*window"):
@@ -359,24 +346,6 @@ def test_auto_window_note_is_one_stderr_line_and_explicit_window_keeps_its_error
     )
 
 
-def _cut_after_one_chunk(monkeypatch, cfg: CollectConfig) -> None:
-    """Collect `cfg` until its second chunk's commit fails: a partial run of one chunk."""
-    import keyspace.collect.runner as mod
-
-    real_commit, calls = mod.commit_chunk, {"n": 0}
-
-    def failing_commit(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(28, "No space left on device")
-        return real_commit(*args)
-
-    monkeypatch.setattr(mod, "commit_chunk", failing_commit)
-    with pytest.raises(KeyspaceError, match="no space left"):
-        collect(cfg)
-    monkeypatch.setattr(mod, "commit_chunk", real_commit)
-
-
 def test_resume_without_window_takes_the_runs_own(
     model_dir, corpus, tmp_path, monkeypatch, mixed_run
 ):
@@ -384,11 +353,11 @@ def test_resume_without_window_takes_the_runs_own(
     each resumed with no --window: the same files as an uninterrupted run."""
     one = dict(window=16, max_tokens=96)
     whole = collect(_cfg(model_dir, corpus, tmp_path / "whole", **one)).out
-    _cut_after_one_chunk(monkeypatch, _cfg(model_dir, corpus, tmp_path / "cut16", **one))
+    cut_after_one_chunk(monkeypatch, _cfg(model_dir, corpus, tmp_path / "cut16", **one))
     resumed = _cfg(model_dir, corpus, tmp_path / "cut16", resume=True, window=None, max_tokens=96)
     assert (resumed.window, resumed.window_note) == (16, "")
     assert collect(resumed).resumed_windows == 4
-    _cut_after_one_chunk(monkeypatch, _cfg(model_dir, corpus, tmp_path / "cut-mixed"))
+    cut_after_one_chunk(monkeypatch, _cfg(model_dir, corpus, tmp_path / "cut-mixed"))
     args = ["collect", "--resume", "--model", str(model_dir), "--dataset", str(corpus)]
     args += ["--out", str(tmp_path / "cut-mixed"), "--max-tokens", str(MAX_TOKENS)]
     args += ["--keep-keys", "all", "--shard-windows", "4", "--batch-size", "3", "--json"]

@@ -74,3 +74,26 @@ def save_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **override
 def write_corpus(path: Path, repeats: int = 1) -> Path:
     path.write_text(TEXT * repeats)
     return path
+
+
+def cut_after_one_chunk(monkeypatch, cfg):
+    """Collect `cfg` until its second chunk's commit fails with a full disk: a partial run of one
+    chunk. Returns the error collect raised (its hint says how to resume)."""
+    import pytest
+
+    import keyspace.collect.runner as mod
+    from keyspace.errors import KeyspaceError
+
+    real_commit, calls = mod.commit_chunk, {"n": 0}
+
+    def failing_commit(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_commit(*args)
+
+    monkeypatch.setattr(mod, "commit_chunk", failing_commit)
+    with pytest.raises(KeyspaceError, match="no space left") as err:
+        mod.collect(cfg)
+    monkeypatch.setattr(mod, "commit_chunk", real_commit)
+    return err.value

@@ -333,9 +333,7 @@ def run_sweep(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 def save_result(result: dict, folder: Path) -> None:
     """Write a sweep as bench_decode.json (everything) and bench_decode.md (the table)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "bench_decode.json").write_text(
-        dumps_json(result, indent=2, default=str)
-    )  # NaN: null
+    (folder / "bench_decode.json").write_text(dumps_json(result, indent=2, default=str))
     (folder / "bench_decode.md").write_text(markdown_table(result["rows"]) + "\n")
 
 

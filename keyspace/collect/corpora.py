@@ -252,7 +252,7 @@ def tokenize_windows(
     fell_back = (
         short_corpus_fallback
         and len(lengths) > 1
-        and min(len(ids), max_tokens or len(ids)) // len(lengths) < max(lengths)
+        and _share(len(ids), lengths, max_tokens) < max(lengths)
     )
     if fell_back:
         lengths = lengths[:1]
@@ -294,6 +294,13 @@ def _single_count(spec: str, ids: list, window: int, bos: bool, max_tokens: int 
     return n_windows
 
 
+def _share(corpus_tokens: int, lengths: tuple[int, ...], max_tokens: int | None) -> int:
+    """Tokens each of several window lengths gets: the budget (--max-tokens, capped by the corpus)
+    split equally."""
+    budget = corpus_tokens if max_tokens is None else min(max_tokens, corpus_tokens)
+    return budget // len(lengths)
+
+
 def _mixed_counts(
     spec: str, corpus_tokens: int, lengths: tuple[int, ...], max_tokens: int | None
 ) -> list[int]:
@@ -302,8 +309,7 @@ def _mixed_counts(
     from keyspace.collect.config import check_window_budget
 
     check_window_budget(lengths, max_tokens)
-    budget = corpus_tokens if max_tokens is None else min(max_tokens, corpus_tokens)
-    share = budget // len(lengths)
+    share = _share(corpus_tokens, lengths, max_tokens)
     short = [n for n in lengths if share < n]
     if short:
         raise KeyspaceError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 from matplotlib.colors import to_rgb
@@ -443,7 +442,8 @@ def task_heatmap(rows: list[dict]) -> Figure:
             )  # fmt: skip
         ax.set_title(f"{length} tokens")
         # slanted to the right and anchored at their tick, so neighbouring names never meet
-        plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
+        for label in ax.get_xticklabels():
+            label.set(rotation=40, ha="right", rotation_mode="anchor")
         ax.tick_params(axis="y", rotation=0)
     for mesh, (_, _, label) in zip(axes[0][0].collections, scales, strict=True):
         fig.colorbar(mesh, ax=axes, shrink=0.7, label=label)
